@@ -1,0 +1,249 @@
+"""Which tensors a DeepSeek-V3 checkpoint must hold, and loading them into the reference model.
+
+The expected names and shapes follow from the config alone, so a checkpoint is validated from its
+safetensors headers before any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nextn.errors import NextnError
+from nextn.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# An MTP module's own copies of the embedding and head: optional (transformers and several
+# converters drop them; DeepSeek ships them identical to the trunk's), shared when identical.
+MTP_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+# Router tensors stay fp32 whatever the model dtype (as in transformers and DeepSeek's inference code).
+FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
+
+
+def _mlp(prefix: str, h: int, inner: int) -> dict[str, tuple[int, ...]]:
+    return {
+        f"{prefix}.gate_proj.weight": (inner, h),
+        f"{prefix}.up_proj.weight": (inner, h),
+        f"{prefix}.down_proj.weight": (h, inner),
+    }
+
+
+def block_shapes(cfg: ModelConfig, index: int, prefix: str) -> dict[str, tuple[int, ...]]:
+    """Tensors of one decoder block (attention + dense MLP or MoE) under `prefix`."""
+    h, nh = cfg.hidden_size, cfg.num_attention_heads
+    a = f"{prefix}.self_attn"
+    out: dict[str, tuple[int, ...]] = {
+        f"{prefix}.input_layernorm.weight": (h,),
+        f"{prefix}.post_attention_layernorm.weight": (h,),
+        f"{a}.kv_a_proj_with_mqa.weight": (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h),
+        f"{a}.kv_a_layernorm.weight": (cfg.kv_lora_rank,),
+        f"{a}.kv_b_proj.weight": (nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank),
+        f"{a}.o_proj.weight": (h, nh * cfg.v_head_dim),
+    }
+    if cfg.q_lora_rank is None:
+        out[f"{a}.q_proj.weight"] = (nh * cfg.qk_head_dim, h)
+    else:
+        out[f"{a}.q_a_proj.weight"] = (cfg.q_lora_rank, h)
+        out[f"{a}.q_a_layernorm.weight"] = (cfg.q_lora_rank,)
+        out[f"{a}.q_b_proj.weight"] = (nh * cfg.qk_head_dim, cfg.q_lora_rank)
+    if cfg.is_moe_layer(index):
+        e = cfg.n_routed_experts
+        out[f"{prefix}.mlp.gate.weight"] = (e, h)
+        out[f"{prefix}.mlp.gate.e_score_correction_bias"] = (e,)
+        for j in range(e):
+            out.update(_mlp(f"{prefix}.mlp.experts.{j}", h, cfg.moe_intermediate_size))
+        if cfg.n_shared_experts:
+            out.update(_mlp(f"{prefix}.mlp.shared_experts", h, cfg.moe_intermediate_size * cfg.n_shared_experts))
+    else:
+        out.update(_mlp(f"{prefix}.mlp", h, cfg.intermediate_size))
+    return out
+
+
+def trunk_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    v, h = cfg.vocab_size, cfg.hidden_size
+    out = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (v, h)
+    for i in range(cfg.num_hidden_layers):
+        out.update(block_shapes(cfg, i, f"model.layers.{i}"))
+    return out
+
+
+def mtp_shapes(cfg: ModelConfig, k: int) -> dict[str, tuple[int, ...]]:
+    """Required tensors of MTP module k (its optional embed/head copies are in MTP_SHARED)."""
+    i = cfg.num_hidden_layers + k
+    p, h = f"model.layers.{i}", cfg.hidden_size
+    out = block_shapes(cfg, i, p)
+    out.update({
+        f"{p}.enorm.weight": (h,),
+        f"{p}.hnorm.weight": (h,),
+        f"{p}.eh_proj.weight": (h, 2 * h),
+        f"{p}.shared_head.norm.weight": (h,),
+    })  # fmt: skip
+    return out
+
+
+def mtp_prefix(cfg: ModelConfig, k: int) -> str:
+    return f"model.layers.{cfg.num_hidden_layers + k}."
+
+
+def validate_tensors(cfg: ModelConfig, tensors: dict) -> ModelConfig:
+    """Check names, shapes and FP8 scales against the config; return the config with the MTP depth
+    the checkpoint really carries (a module whose tensors are all absent counts as not shipped)."""
+    present = cfg.num_nextn_predict_layers
+    for k in range(cfg.num_nextn_predict_layers):
+        if not any(n.startswith(mtp_prefix(cfg, k)) for n in tensors):
+            present = k
+            log.warning(
+                "config.json declares %d MTP module(s) but the checkpoint has none from model.layers.%d on",
+                cfg.num_nextn_predict_layers, cfg.num_hidden_layers + k,
+            )  # fmt: skip
+            break
+    cfg = dataclasses.replace(cfg, num_nextn_predict_layers=present)
+
+    expected = trunk_shapes(cfg)
+    optional: dict[str, tuple[int, ...]] = {}
+    if cfg.tie_word_embeddings:
+        optional["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    for k in range(present):
+        expected.update(mtp_shapes(cfg, k))
+        for own in MTP_SHARED:
+            optional[mtp_prefix(cfg, k) + own] = (cfg.vocab_size, cfg.hidden_size)
+
+    for name in sorted(expected):
+        if name not in tensors:
+            raise NextnError(f"missing tensor {name} (expected shape {list(expected[name])})")
+    for name, info in tensors.items():
+        if name.endswith("_scale_inv"):
+            base = name[: -len("_scale_inv")]
+            if base not in tensors or tensors[base].dtype != "F8_E4M3":
+                raise NextnError(f"{info.file}: scale tensor {name} has no FP8 weight {base}")
+            continue
+        shape = expected.get(name, optional.get(name))
+        if shape is None:
+            raise NextnError(f"{info.file}: unexpected tensor {name}")
+        if info.shape != shape:
+            raise NextnError(f"{info.file}: tensor {name} has shape {list(info.shape)}, expected {list(shape)}")
+        if info.dtype == "F8_E4M3":
+            _check_fp8(cfg, name, info, tensors)
+        elif info.dtype not in ("F32", "BF16", "F16"):
+            raise NextnError(f"{info.file}: tensor {name} has dtype {info.dtype}, expected a float type")
+    return cfg
+
+
+def _check_fp8(cfg: ModelConfig, name: str, info, tensors: dict) -> None:
+    if cfg.quant is None:
+        raise NextnError(f"{info.file}: tensor {name} is FP8 but config.json has no quantization_config")
+    if len(info.shape) != 2:
+        raise NextnError(f"{info.file}: FP8 tensor {name} must be 2-D, has shape {list(info.shape)}")
+    scale = tensors.get(name + "_scale_inv")
+    if scale is None:
+        raise NextnError(f"{info.file}: FP8 tensor {name} has no {name}_scale_inv")
+    bn, bk = cfg.quant.block
+    want = (-(-info.shape[0] // bn), -(-info.shape[1] // bk))
+    if scale.shape != want:
+        raise NextnError(f"{scale.file}: tensor {name}_scale_inv has shape {list(scale.shape)}, expected {list(want)}")
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def param_name(cfg: ModelConfig, name: str) -> str:
+    """Checkpoint name -> parameter name in `DeepseekV3` (MTP modules move to `mtp.{k}.`)."""
+    if name.startswith("model.layers."):
+        i = int(name.split(".")[2])
+        if i >= cfg.num_hidden_layers:
+            return f"mtp.{i - cfg.num_hidden_layers}." + name.split(".", 3)[3]
+    return name
+
+
+def _assign(model: nn.Module, path: str, tensor: torch.Tensor) -> None:
+    owner_path, _, attr = path.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    mtp_layers: int | None = None,
+    absorbed: bool = False,
+    on_tensor: Callable[[str], None] | None = None,
+):
+    """Load a checkpoint folder into the reference `DeepseekV3` (eval mode, no grad).
+
+    Tensors already in `dtype` are zero-copy views of the memory-mapped files; others are converted
+    (FP8 dequantized) one at a time, so peak memory stays near one copy of the weights at `dtype`.
+    """
+    from nextn.model.checkpoint import Checkpoint
+    from nextn.model.reference import DeepseekV3, Rotary
+
+    ckpt = Checkpoint(path)
+    cfg = ckpt.config
+    n_mtp = cfg.num_nextn_predict_layers if mtp_layers is None else mtp_layers
+    if n_mtp > cfg.num_nextn_predict_layers:
+        raise NextnError(f"--mtp-layers {n_mtp}: {path} has only {cfg.num_nextn_predict_layers} MTP module(s)")
+    with torch.device("meta"):
+        model = DeepseekV3(cfg, num_mtp=n_mtp, absorbed=absorbed)
+    model.rotary = Rotary(cfg)  # its buffer is computed, not loaded: build it on the CPU
+
+    shared: list[tuple[int, str]] = []  # (k, own name) of MTP embed/head copies to decide on later
+    for _, names in ckpt.names_by_file():
+        for name in names:
+            if name.endswith("_scale_inv"):
+                continue
+            target = param_name(cfg, name)
+            if target.startswith("mtp."):
+                k = int(target.split(".")[1])
+                if k >= n_mtp:
+                    continue
+                own = name[len(mtp_prefix(cfg, k)) :]
+                if own in MTP_SHARED:
+                    shared.append((k, own))
+                    continue
+            want = torch.float32 if name.endswith(FP32_SUFFIXES) else dtype
+            _assign(model, target, ckpt.get(name, want))
+            if on_tensor is not None:
+                on_tensor(name)
+        ckpt.release()  # unconverted tensors keep their shard mapped; the rest of it can go
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+    # MTP embedding/head: one copy when identical to the trunk's (DeepSeek ships duplicates).
+    for module in model.mtp:
+        module.embed_tokens = model.model.embed_tokens
+        module.shared_head.head = model.lm_head
+    for k, own in shared:
+        name, trunk_name = mtp_prefix(cfg, k) + own, MTP_SHARED[own]
+        trunk_name = trunk_name if trunk_name in ckpt.tensors else "model.embed_tokens.weight"
+        if not _same(ckpt, name, trunk_name):
+            log.info("%s differs from %s: MTP module %d keeps its own copy", name, trunk_name, k)
+            weight = ckpt.get(name, dtype)
+            if own.startswith("embed"):
+                model.mtp[k].embed_tokens = nn.Embedding.from_pretrained(weight, freeze=True)
+            else:
+                with torch.device("meta"):
+                    head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+                head.weight = nn.Parameter(weight, requires_grad=False)
+                model.mtp[k].shared_head.head = head
+        if on_tensor is not None:
+            on_tensor(name)
+    ckpt.release()
+
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:  # validation should make this impossible
+        raise NextnError(f"{path}: no data for parameter {leftover[0]}")
+    return model.eval(), cfg
+
+
+def _same(ckpt, a: str, b: str) -> bool:
+    ta, tb = ckpt.raw(a), ckpt.raw(b)
+    if ta.dtype != tb.dtype or ta.shape != tb.shape:
+        return False
+    if a + "_scale_inv" in ckpt.tensors or b + "_scale_inv" in ckpt.tensors:
+        return torch.equal(ckpt.get(a, torch.float32), ckpt.get(b, torch.float32))
+    return torch.equal(ta.view(torch.uint8), tb.view(torch.uint8))

@@ -1,0 +1,40 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/hf_reference.py
+
+from hf_reference import HFSpec, make_hf_checkpoint  # noqa: E402
+
+# The transformers-written checkpoints every exactness test runs over.
+HF_SPECS = {
+    # q_lora, YaRN, dense first layer + MoE, 2 MTP modules, one file, transformers-style config
+    "qlora-yarn-mtp2": HFSpec(),
+    # no q_lora, plain rope, all-MoE trunk, 1 MTP module, sharded, DeepSeek's official config style
+    "noqlora-rope-mtp1-sharded": HFSpec(q_lora=False, yarn=False, mtp=1, first_dense=0, sharded=True, style="official"),
+    # dense trunk, YaRN with mscale != mscale_all_dim, non-interleaved rope, no groups, no top-k renorm
+    "dense-yarnmscale-halfrope": HFSpec(mscale=(1.0, 0.5), interleave=False, mtp=1, first_dense=3, n_group=1,
+                                        norm_topk_prob=False),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="session", params=sorted(HF_SPECS))
+def hf_checkpoint(request, tmp_path_factory) -> Path:
+    """A tiny random checkpoint written by transformers, MTP layers in DeepSeek naming."""
+    path = tmp_path_factory.mktemp(request.param)
+    return make_hf_checkpoint(path, HF_SPECS[request.param])
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random checkpoint written by nextn.testing (2 MTP modules)."""
+    from nextn.testing import tiny_config, write_random_checkpoint
+
+    return write_random_checkpoint(tmp_path_factory.mktemp("tiny"), tiny_config())
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
