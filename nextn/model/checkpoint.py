@@ -105,7 +105,8 @@ class Checkpoint:
         self._maps: dict[Path, np.memmap] = {}
         from nextn.model.weights import validate_tensors  # names/shapes follow from the config
 
-        validate_tensors(self.config, self.tensors)
+        # the config as the checkpoint really is (an MTP depth of 0 when its layers were dropped)
+        self.config = validate_tensors(self.config, self.tensors)
 
     # -- files -----------------------------------------------------------------------------------
     @property
@@ -159,12 +160,46 @@ class Checkpoint:
         return torch.from_numpy(arr).view(torch_dtype)
 
     def get(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """A tensor in `dtype`, FP8 weights dequantized (weight * scale_inv per block)."""
+        """A tensor in `dtype`, FP8 weights dequantized (weight * scale_inv per block).
+
+        A converted tensor is a fresh allocation; the file pages it was read from are dropped right
+        away, so conversion never holds the stored and the converted copy of the whole model at once.
+        """
         t = self.raw(name)
         if t.dtype == torch.float8_e4m3fn:
             scale = self.raw(name + "_scale_inv")
-            return dequantize_fp8(t, scale, self.config.quant.block).to(dtype)
-        return t if t.dtype == dtype else t.to(dtype)
+            out = dequantize_fp8(t, scale, self.config.quant.block, dtype)
+        elif t.dtype == dtype:
+            return t
+        else:
+            out = t.to(dtype)
+        self._drop_pages(self.tensors[name])
+        return out
+
+    def _drop_pages(self, info: TensorInfo) -> None:
+        m = self._maps.get(info.file)
+        if m is None or m._mmap is None:
+            return
+        lo = (info.start // mmap.PAGESIZE + 1) * mmap.PAGESIZE  # whole pages inside this tensor only:
+        hi = info.end // mmap.PAGESIZE * mmap.PAGESIZE  # its neighbours may be zero-copy views
+        if hi > lo:
+            m._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)  # private, never written: re-read on access
+
+    def same_data(self, a: str, b: str) -> bool:
+        """Whether tensors a and b hold identical values (compared on the mapped bytes, nothing copied).
+
+        a's pages are dropped afterwards: it is the candidate duplicate (an MTP module's copy of the
+        embedding or head), which the caller keeps only when it differs.
+        """
+        ta, tb = self.raw(a), self.raw(b)
+        if ta.dtype != tb.dtype or ta.shape != tb.shape:
+            same = False
+        elif a + "_scale_inv" in self.tensors or b + "_scale_inv" in self.tensors:
+            same = torch.equal(self.get(a, torch.float32), self.get(b, torch.float32))
+        else:
+            same = torch.equal(ta.view(torch.uint8), tb.view(torch.uint8))
+        self._drop_pages(self.tensors[a])
+        return same
 
     def release(self) -> None:
         """Drop this reader's own file maps (tensors already handed out keep theirs alive)."""
@@ -184,12 +219,22 @@ class Checkpoint:
         yield from by_file.items()
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """[N, K] e4m3 weight * [ceil(N/bn), ceil(K/bk)] fp32 scales (edge blocks partial) -> [N, K] fp32."""
+def dequantize_fp8(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """[N, K] e4m3 weight * [ceil(N/bn), ceil(K/bk)] fp32 scales (edge blocks partial) -> [N, K] `dtype`.
+
+    The product is taken in fp32 one column block at a time, so the only full-size allocation is the
+    result (large fp32 temporaries would fragment the heap and inflate peak RSS).
+    """
     n, k = weight.shape
     bn, bk = block
-    s = scale_inv.float().repeat_interleave(bn, dim=0)[:n].repeat_interleave(bk, dim=1)[:, :k]  # [N, K]
-    return weight.float() * s
+    out = torch.empty(n, k, dtype=dtype)
+    rows = scale_inv.float().repeat_interleave(bn, dim=0)[:n]  # [N, ceil(K/bk)]
+    for j in range(rows.shape[1]):
+        cols = slice(j * bk, (j + 1) * bk)
+        out[:, cols] = weight[:, cols].float() * rows[:, j : j + 1]  # [N, bk] fp32 -> dtype
+    return out
 
 
 def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:

@@ -220,7 +220,7 @@ def load_model(
     for k, own in shared:
         name, trunk_name = mtp_prefix(cfg, k) + own, MTP_SHARED[own]
         trunk_name = trunk_name if trunk_name in ckpt.tensors else "model.embed_tokens.weight"
-        if not _same(ckpt, name, trunk_name):
+        if not ckpt.same_data(name, trunk_name):
             log.info("%s differs from %s: MTP module %d keeps its own copy", name, trunk_name, k)
             weight = ckpt.get(name, dtype)
             if own.startswith("embed"):
@@ -238,12 +238,3 @@ def load_model(
     if leftover:  # validation should make this impossible
         raise NextnError(f"{path}: no data for parameter {leftover[0]}")
     return model.eval(), cfg
-
-
-def _same(ckpt, a: str, b: str) -> bool:
-    ta, tb = ckpt.raw(a), ckpt.raw(b)
-    if ta.dtype != tb.dtype or ta.shape != tb.shape:
-        return False
-    if a + "_scale_inv" in ckpt.tensors or b + "_scale_inv" in ckpt.tensors:
-        return torch.equal(ckpt.get(a, torch.float32), ckpt.get(b, torch.float32))
-    return torch.equal(ta.view(torch.uint8), tb.view(torch.uint8))

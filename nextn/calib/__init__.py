@@ -1,0 +1,1 @@
+"""Calibration and quantization of exported graphs (not built yet, issue 7)."""

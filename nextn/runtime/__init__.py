@@ -1,0 +1,1 @@
+"""Engines and the draft-and-verify decoder (not built yet, issue 4)."""
