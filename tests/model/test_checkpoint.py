@@ -204,3 +204,20 @@ def test_checkpoint_without_mtp_tensors_has_depth_zero(tmp_path):
     assert Checkpoint(path).config.num_nextn_predict_layers == 0
     with pytest.raises(NextnError, match="has only 0 MTP module"):
         load_model(path, mtp_layers=1)
+
+
+@pytest.mark.parametrize("stored", ["float16", "bfloat16"])
+def test_half_precision_checkpoints(tmp_path, stored):
+    """16-bit weights load exactly (upcast) as fp32, and as themselves without a copy."""
+    path = write_random_checkpoint(tmp_path / stored, tiny_config(), weights=stored)
+    raw = load_file(str(path / "model.safetensors"))
+    name = "model.layers.2.mlp.experts.3.down_proj.weight"
+    assert raw[name].dtype == getattr(torch, stored)
+    as32, _ = load_model(path, dtype=torch.float32)
+    assert torch.equal(as32.get_parameter(name), raw[name].float())
+    assert as32.get_parameter("model.layers.2.mlp.gate.weight").dtype == torch.float32  # router stays fp32
+    native, _ = load_model(path, dtype=getattr(torch, stored))
+    assert torch.equal(native.get_parameter(name), raw[name])
+    logits32 = as32(torch.tensor([[3, 4, 5]]), torch.arange(3)[None]).logits
+    logits16 = native(torch.tensor([[3, 4, 5]]), torch.arange(3)[None]).logits
+    assert (logits16.float() - logits32).abs().max() < 0.25  # same weights, 16-bit activations
