@@ -25,7 +25,8 @@ class _Group(click.Group):
 @click.version_option(package_name="nextn")
 def cli(verbose: bool) -> None:
     """nextn: deploy DeepSeek-V3-style models with their MTP modules as draft models."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("nextn").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def _count(n: int) -> str:
@@ -72,15 +73,91 @@ def format_summary(s: dict) -> str:
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(path: str, as_json: bool) -> None:
-    """Summarize a DeepSeek-V3 checkpoint folder: config, parameters, dtypes, MTP depth, KV-cache size."""
+    """Summarize a checkpoint folder (config, parameters, dtypes, MTP depth, KV-cache size) or an
+    exported artifact (graphs, their inputs and outputs, files, validation)."""
+    from pathlib import Path
+
+    from nextn.export.manifest import MANIFEST
+
+    if (Path(path) / MANIFEST).is_file():
+        from nextn.export.summary import format_artifact, summarize_artifact
+
+        summary = summarize_artifact(path)
+        click.echo(json.dumps(summary, indent=2) if as_json else format_artifact(summary))
+        return
     from nextn.model.summary import summarize_checkpoint
 
     summary = summarize_checkpoint(path)
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Artifact folder to write.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--mtp-layers", type=int, default=None, help="MTP modules to export [default: all].")
+@click.option("--opset", type=int, default=23, show_default=True)
+@click.option("--attention", type=click.Choice(["absorbed", "naive"]), default="absorbed", show_default=True,
+              help="MLA form in the graphs (BENCHMARKS.md measures both).")  # fmt: skip
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+def export(checkpoint: str, out: str, dtype: str, mtp_layers: int | None, opset: int, attention: str, force: bool):
+    """Export the trunk and each MTP module of CHECKPOINT as validated ONNX graphs."""
+    from nextn.export.exporter import ExportOptions, export_checkpoint
+    from nextn.export.summary import format_validation
+
+    opts = ExportOptions(dtype=dtype, mtp_layers=mtp_layers, opset=opset, attention=attention, force=force)
+    with _progress("export") as progress:
+        manifest = export_checkpoint(checkpoint, out, opts, progress)
+    click.echo(format_validation(manifest))
+    w = manifest["weights"]
+    click.echo(f"wrote {out}: {', '.join(manifest['graphs'])}; weights.bin {_bytes(w['bytes'])} "
+               f"({len(w['shared'])} tensor(s) shared between graphs)")  # fmt: skip
+
+
+class _progress:
+    """A rich progress bar on stderr when it is a terminal; a no-op callback otherwise."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.bar = None
+
+    def __enter__(self):
+        import sys
+
+        if not sys.stderr.isatty():
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), console=Console(stderr=True), transient=True)  # fmt: skip
+        self.bar.start()
+        task = self.bar.add_task(self.title, total=None)
+
+        def update(what: str, step: int, total: int) -> None:
+            self.bar.update(task, description=f"{self.title}: {what}", completed=step - 1, total=total)
+
+        return update
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+
 def main() -> None:
-    cli(prog_name="nextn")
+    """Entry point: click's usage errors and NextnError alike end as one line and a non-zero exit."""
+    import sys
+
+    try:
+        cli.main(prog_name="nextn", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        click.echo(f"Error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

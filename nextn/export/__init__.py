@@ -1,1 +1,1 @@
-"""Export: trunk and MTP modules as separate ONNX graphs with KV-cache inputs/outputs (not built yet, issue 3)."""
+"""Export: trunk and each MTP module as separate, validated ONNX graphs sharing one weights file (`nextn export`)."""

@@ -118,9 +118,10 @@ class MLA(nn.Module):
     absorbed:  W_UK is folded into the query and W_UV into the output, so attention runs in the
                R-dim latent space and never expands the cache: cheaper per step when T*nh*(dn+dv) > S*nh*R.
 
-        q_nope [B,S,nh,dn] --einsum W_UK [nh,dn,R]--> q_lat [B,S,nh,R] --.c_kv [B,T,R]--\
-        q_pe   [B,S,nh,D]  -----------------------------------------------.k_pe [B,T,D]--+--> softmax -> p [B,nh,S,T]
-        p . c_kv -> o_lat [B,S,nh,R] --einsum W_UV [nh,dv,R]--> o [B,S,nh,dv] -> o_proj
+        q_nope [B,nh,S,dn] @ W_UK [nh,dn,R] -> q_lat [B,nh,S,R] -\
+                                                                 cat -> [B,nh,S,R+D] @ [c_kv; k_pe]^T [B,1,R+D,T]
+        q_pe   [B,nh,S,D]  ---------------------------------------/      -> softmax -> p [B,nh,S,T]
+        p @ c_kv [B,1,T,R] -> o_lat [B,nh,S,R] @ W_UV^T [nh,R,dv] -> o [B,nh,S,dv] -> o_proj
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -170,11 +171,13 @@ class MLA(nn.Module):
         if absorbed:
             w = self.kv_b_proj.weight.view(nh, dn + dv, r)
             w_uk, w_uv = w[:, :dn], w[:, dn:]  # [nh, dn, R], [nh, dv, R]
-            q_lat = torch.einsum("bshd,hdr->bshr", q_nope, w_uk)  # [B, S, nh, R]
-            scores = torch.einsum("bshr,btr->bhst", q_lat, all_ckv) + torch.einsum("bshd,btd->bhst", q_pe, all_kpe)
-            p = _softmax(scores * cfg.softmax_scale, mask)  # [B, nh, S, T]
-            o_lat = torch.einsum("bhst,btr->bshr", p, all_ckv)  # [B, S, nh, R]
-            o = torch.einsum("bshr,hvr->bshv", o_lat, w_uv)  # [B, S, nh, dv]
+            q_lat = q_nope.transpose(1, 2) @ w_uk  # [B, nh, S, R]
+            # One MQA-style product over the concatenated latent key [c_kv; k_pe] of width R + D.
+            q_cat = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1)  # [B, nh, S, R + D]
+            k_cat = torch.cat([all_ckv, all_kpe], dim=-1)[:, None]  # [B, 1, T, R + D]
+            p = _softmax((q_cat @ k_cat.transpose(-1, -2)) * cfg.softmax_scale, mask)  # [B, nh, S, T]
+            o_lat = p @ all_ckv[:, None]  # [B, nh, S, R]
+            o = (o_lat @ w_uv.transpose(-1, -2)).transpose(1, 2)  # [B, S, nh, dv]
         else:
             t = all_ckv.shape[1]
             kv = self.kv_b_proj(all_ckv).view(b, t, nh, dn + dv)  # [B, T, nh, dn + dv]
@@ -247,13 +250,16 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # [N, H]
         ids, weights = self.gate(flat)  # [N, K], [N, K]
-        out = torch.zeros_like(flat)
-        # Only experts some token picked run, each on its own tokens (in expert order, as transformers sums).
-        for e in ids.unique().tolist():
+        # Each expert runs on the tokens that picked it, in expert order (the order transformers sums
+        # in). Unrolled over all experts with data-dependent token counts, so it exports as is and an
+        # expert nobody picked costs no FLOPs and reads no weights. The sum is kept in fp32 (exact for
+        # fp32 models; for 16-bit ones it rounds once instead of per expert, and ONNX Runtime's CPU
+        # scatter-add has no 16-bit kernel).
+        out = torch.zeros(flat.shape, dtype=torch.float32, device=flat.device)  # [N, H]
+        for e, expert in enumerate(self.experts):
             tok, slot = torch.where(ids == e)  # [n_e], [n_e]
-            y = self.experts[e](flat[tok]) * weights[tok, slot, None]  # [n_e, H] (fp32 product)
-            out.index_add_(0, tok, y.to(out.dtype))
-        out = out.view(shape)
+            out.index_add_(0, tok, expert(flat[tok]) * weights[tok, slot, None])  # [n_e, H] fp32
+        out = out.to(x.dtype).view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

@@ -1,0 +1,211 @@
+"""`nextn export`: a checkpoint folder in, a validated artifact folder out.
+
+    checkpoint ─ load_model (dtype, attention form) ─┬─ TrunkGraph ─ torch.onnx.export ─ trunk.onnx ─┐
+                                                     └─ MtpGraph k ─ torch.onnx.export ─ mtp_k.onnx ─┴─ pack_weights ─ weights.bin
+    validate every graph in ONNX Runtime against the reference ─ manifest.json ─ move into place
+
+Everything is written to a temporary folder beside the output and renamed into place only after
+validation passed, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from nextn.errors import NextnError
+from nextn.export.graphs import MtpGraph, TrunkGraph, dynamic_shapes, example_inputs, mtp_io, trunk_io
+from nextn.export.manifest import FORMAT_VERSION, MANIFEST, sha256_file, tool_versions
+from nextn.export.validate import check_cases, fp32_twin, make_session, reference_cases
+from nextn.export.writer import export_graph, pack_weights
+from nextn.model.checkpoint import Checkpoint
+from nextn.model.weights import load_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+OPSETS = range(18, 24)
+COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    dtype: str = "fp32"  # fp32 | fp16 | bf16
+    mtp_layers: int | None = None  # None: every MTP module the checkpoint has
+    opset: int = 23
+    attention: str = "absorbed"  # absorbed | naive (see BENCHMARKS.md for the measurement behind the default)
+    force: bool = False
+
+
+Progress = Callable[[str, int, int], None]  # (what, step, total steps)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptions, progress: Progress | None = None) -> dict:
+    """Export `checkpoint` to the artifact folder `out`; return the manifest."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    _check_options(opts, out)
+    cfg = Checkpoint(checkpoint).config  # reads headers only: bad checkpoints fail here
+    n_mtp = cfg.num_nextn_predict_layers if opts.mtp_layers is None else opts.mtp_layers
+    if n_mtp > cfg.num_nextn_predict_layers:
+        raise NextnError(f"--mtp-layers {n_mtp}: {checkpoint} has {cfg.num_nextn_predict_layers} MTP module(s)")
+    if cfg.num_nextn_predict_layers == 0:
+        log.warning("%s has no MTP modules: exporting the trunk alone (no drafting possible)", checkpoint)
+
+    graphs = ["trunk"] + [f"mtp_{k}" for k in range(n_mtp)]
+    total = 3 + 2 * len(graphs) + 1
+    step = _Steps(progress, total)
+    step("load checkpoint")
+    dtype = DTYPE_NAMES[opts.dtype]
+    model, cfg = load_model(checkpoint, dtype=DTYPES[opts.dtype], mtp_layers=n_mtp,
+                            absorbed=opts.attention == "absorbed")  # fmt: skip
+    unique_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+    _check_disk(out, unique_bytes, extra=n_mtp * 2 * cfg.vocab_size * cfg.hidden_size * DTYPES[opts.dtype].itemsize)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        t0 = time.perf_counter()
+        io = {}
+        for name in graphs:
+            step(f"export {name}.onnx")
+            if name == "trunk":
+                module, (inputs, outputs), which = TrunkGraph(model), trunk_io(cfg, dtype), "trunk"
+            else:
+                module, (inputs, outputs), which = MtpGraph(model, int(name[4:])), mtp_io(cfg, dtype), "mtp"
+            example = example_inputs(cfg, DTYPES[opts.dtype], which, b=2, s=3, p=4)
+            export_graph(module, example, dynamic_shapes(which, cfg.num_hidden_layers), inputs, outputs,
+                         tmp / f"{name}.onnx", opts.opset)  # fmt: skip
+            io[name] = (inputs, outputs)
+        export_s = time.perf_counter() - t0
+        # Reference outputs first, then release the model: validation never holds the reference's
+        # weights and an ONNX Runtime session's at once. A 16-bit export is checked against its own
+        # weights computed in fp32.
+        step("compute reference outputs")
+        ref = model if opts.dtype == "fp32" else model.float()
+        cases = {name: reference_cases(name, ref, dtype) for name in graphs}
+        del module, ref
+        model = None
+        gc.collect()
+        step("pack shared weights")
+        packed = pack_weights([tmp / f"{g}.onnx" for g in graphs], tmp / "weights.bin")
+        validation = []
+        for name in graphs:
+            step(f"validate {name}.onnx in ONNX Runtime")
+            src = fp32_twin(tmp / f"{name}.onnx") if dtype == "bfloat16" else tmp / f"{name}.onnx"
+            validation += check_cases(make_session(src), cases[name], dtype)
+        bad = [r for r in validation if not r["max_abs"] <= r["bound"]]
+        if bad:
+            r = bad[0]
+            raise NextnError(
+                f"validation failed: {r['graph']} {r['output']} at batch {r['batch']}, new {r['new_tokens']}, "
+                f"past {r['past_len']}: max abs error {r['max_abs']:.3g} > {r['bound']:.3g}; nothing written to {out}"
+            )
+
+        step("write manifest")
+        for f in COPIED:
+            if (checkpoint / f).is_file():
+                shutil.copyfile(checkpoint / f, tmp / f)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": str(checkpoint.resolve()),
+            "dtype": dtype,
+            "opset": opts.opset,
+            "attention": opts.attention,
+            "config": cfg.to_dict() | {"num_nextn_predict_layers": n_mtp},
+            "eos_token_ids": list(cfg.eos_token_ids),
+            "tokenizer": "tokenizer.json" if (tmp / "tokenizer.json").is_file() else None,
+            "graphs": {
+                name: {
+                    "file": f"{name}.onnx",
+                    "inputs": [s.to_dict() for s in io[name][0]],
+                    "outputs": [s.to_dict() for s in io[name][1]],
+                }
+                for name in graphs
+            },
+            "weights": {"file": "weights.bin", "unique_weight_bytes": unique_bytes, **packed},
+            "validation": validation,
+            "export_seconds": round(export_s, 2),
+            "tools": tool_versions(),
+        }
+        manifest["files"] = {
+            f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir()) if f.is_file()
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _move_into_place(tmp, out)
+        return manifest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Steps:
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.total, self.n = progress, total, 0
+
+    def __call__(self, what: str) -> None:
+        self.n += 1
+        log.info("[%d/%d] %s (RSS %s, peak %s)", self.n, self.total, what, *_rss())
+        if self.progress is not None:
+            self.progress(what, self.n, self.total)
+
+
+def _rss() -> tuple[str, str]:
+    """Current and peak resident memory of this process, for the progress log."""
+    found = {}
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                found[line.split(":")[0]] = f"{int(line.split()[1]) / 2**20:.2f} GiB"
+    except OSError:
+        pass
+    return found.get("VmRSS", "?"), found.get("VmHWM", "?")
+
+
+def _check_options(opts: ExportOptions, out: Path) -> None:
+    if opts.dtype not in DTYPES:
+        raise NextnError(f"--dtype {opts.dtype}: choose one of {', '.join(DTYPES)}")
+    if opts.opset not in OPSETS:
+        raise NextnError(f"--opset {opts.opset}: nextn exports opsets {OPSETS.start} to {OPSETS.stop - 1}")
+    if opts.attention not in ("absorbed", "naive"):
+        raise NextnError(f"--attention {opts.attention}: choose absorbed or naive")
+    if opts.mtp_layers is not None and opts.mtp_layers < 0:
+        raise NextnError(f"--mtp-layers {opts.mtp_layers}: must be >= 0")
+    if out.exists() and not out.is_dir():
+        raise NextnError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not opts.force:
+        raise NextnError(f"{out}: folder exists and is not empty (use --force to replace it)")
+
+
+def _check_disk(out: Path, unique_bytes: int, extra: int) -> None:
+    """Before packing, each graph's own .data holds its weights (`extra`: the shared embedding and head
+    once more per MTP graph); packing then writes weights.bin beside them."""
+    need = 2 * unique_bytes + extra + (64 << 20)
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise NextnError(f"{probe}: {free / 2**30:.2f} GiB free, the export needs about {need / 2**30:.2f} GiB")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is an ordinary folder
+    if out.exists():  # --force (or an empty folder): swap, then delete the old one
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

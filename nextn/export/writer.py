@@ -1,0 +1,149 @@
+"""torch -> ONNX for one graph, then all graphs' weights packed into one shared external-data file.
+
+Each graph is exported with `torch.onnx.export(dynamo=True)`, optimized (optimize.py: constant
+folding, rewrites, standard-op fusions) and saved to its own .onnx + .data pair. `pack_weights` then streams every graph's external
+tensors into one `weights.bin`, storing each distinct tensor (by content) once, and points the graphs'
+initializers at it. Tensors of 64 KiB or more are page-aligned so ONNX Runtime can memory-map them:
+sessions of different graphs then share the physical pages of the embedding and head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from onnx.external_data_helper import ExternalDataInfo
+
+from nextn.export.graphs import BATCH, NEW, PAST, TOTAL, TensorSpec
+from nextn.export.optimize import optimize_graph
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+SMALL = 64 * 1024  # below this, 64-byte alignment (padding every small tensor to a page would bloat files)
+
+
+def export_graph(
+    module: torch.nn.Module,
+    example: tuple,
+    dynamic_shapes: tuple,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    path: Path,
+    opset: int,
+) -> None:
+    """Export `module` to `path` (+ `path`.data) with named I/O and readable symbolic dimensions."""
+    with warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            example,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            input_names=[s.name for s in inputs],
+            output_names=[s.name for s in outputs],
+            opset_version=opset,
+            optimize=False,  # our own pipeline below: the stock one has a quadratic rule
+            verbose=False,
+        )
+        optimize_graph(program.model)
+    program.save(str(path), external_data=True)
+    program.release()
+    model = onnx.load(str(path), load_external_data=False)
+    _name_dims(model, inputs, outputs)
+    _strip_debug_metadata(model)
+    onnx.save(model, str(path))
+
+
+def _strip_debug_metadata(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node provenance (FX node text, stack traces): ~85% of the graph file."""
+    for item in [*model.graph.node, *model.graph.value_info, *model.graph.input, *model.graph.output,
+                 *model.graph.initializer]:  # fmt: skip
+        del item.metadata_props[:]
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints progress lines to stdout and warns that torchvision is absent; library
+    code must not print, and nothing here uses torchvision."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        registration.setLevel(level)
+
+
+def _name_dims(model: onnx.ModelProto, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
+    """Replace the exporter's symbols (s10, s43 + s70, ...) by batch / new_tokens / past_len / total_len."""
+    rename: dict[str, str] = {}
+    specs = {s.name: s for s in [*inputs, *outputs]}
+    for value in [*model.graph.input, *model.graph.output]:
+        spec = specs[value.name]
+        for dim, want in zip(value.type.tensor_type.shape.dim, spec.shape):
+            if isinstance(want, str) and dim.HasField("dim_param"):
+                rename.setdefault(dim.dim_param, want)
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+    assert set(rename.values()) <= {BATCH, NEW, PAST, TOTAL}, rename
+
+
+def pack_weights(graphs: list[Path], weights: Path) -> dict:
+    """Move the external tensors of `graphs` into one file, each distinct tensor once.
+
+    Returns {"bytes": size of weights.bin, "tensors": stored, "references": initializers pointing in,
+    "shared": names of tensors used by more than one graph}.
+    """
+    stored: dict[str, tuple[int, int]] = {}  # content digest -> (offset, length)
+    users: dict[str, set[int]] = {}
+    first_name: dict[str, str] = {}
+    references = 0
+    with open(weights, "wb") as out:
+        for gi, path in enumerate(graphs):
+            model = onnx.load(str(path), load_external_data=False)
+            data_dir = path.parent
+            handles: dict[str, object] = {}
+            for tensor in model.graph.initializer:
+                if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                    continue
+                info = ExternalDataInfo(tensor)
+                src = handles.get(info.location)
+                if src is None:
+                    src = handles[info.location] = open(data_dir / info.location, "rb")
+                src.seek(info.offset or 0)
+                blob = src.read(info.length)
+                digest = hashlib.sha256(blob).hexdigest() + f":{tensor.data_type}"
+                if digest not in stored:
+                    align = PAGE if len(blob) >= SMALL else 64
+                    pos = out.tell()
+                    pad = -pos % align
+                    out.write(b"\0" * pad)
+                    stored[digest] = (pos + pad, len(blob))
+                    out.write(blob)
+                    first_name[digest] = tensor.name
+                users.setdefault(digest, set()).add(gi)
+                offset, length = stored[digest]
+                del tensor.external_data[:]
+                for key, value in (("location", weights.name), ("offset", str(offset)), ("length", str(length))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+                references += 1
+            for h in handles.values():
+                h.close()
+            for location in handles:
+                os.remove(data_dir / location)
+            onnx.save(model, str(path))
+        size = out.tell()
+    shared = sorted(first_name[d] for d, g in users.items() if len(g) > 1)
+    return {"bytes": size, "tensors": len(stored), "references": references, "shared": shared}
