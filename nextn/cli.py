@@ -114,6 +114,57 @@ def export(checkpoint: str, out: str, dtype: str, mtp_layers: int | None, opset:
                f"({len(w['shared'])} tensor(s) shared between graphs)")  # fmt: skip
 
 
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--prompt", help="Prompt text (needs the artifact's tokenizer.json).")
+@click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--draft", type=int, default=0, show_default=True, help="Tokens drafted by the MTP modules per step.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--backend", default="ort", show_default=True, help="ort or torch.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--threads", type=int, default=0, help="Intra-op threads (0: the backend's default).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+def run(artifact, prompt, prompt_ids, max_new_tokens, draft, temperature, top_k, top_p, seed, stop, backend,
+        device, threads, as_json):  # fmt: skip
+    """Generate from an exported ARTIFACT: text streams to stdout, stats go to stderr."""
+    import sys
+
+    import nextn
+
+    if (prompt is None) == (prompt_ids is None):
+        raise NextnError("give exactly one of --prompt and --prompt-ids")
+    if prompt_ids is not None:
+        try:
+            prompt = [int(x) for x in prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise NextnError(f"--prompt-ids {prompt_ids!r}: expected comma-separated integers") from None
+    kwargs = dict(max_new_tokens=max_new_tokens, draft=draft, temperature=temperature, top_k=top_k, top_p=top_p,
+                  seed=seed, stop=list(stop) or None)  # fmt: skip
+    with nextn.load(artifact, backend=backend, device=device, threads=threads) as model:
+        if as_json:
+            click.echo(json.dumps(model.generate(prompt, **kwargs).to_dict()))
+            return
+        for piece in model.generate(prompt, stream=True, **kwargs):
+            click.echo(piece.text if model.tokenizer else " ".join(map(str, piece.token_ids)) + " ", nl=False)
+            sys.stdout.flush()
+        click.echo()
+    click.echo(_format_stats(model.last_stats), err=True)
+
+
+def _format_stats(s: dict) -> str:
+    per_pos = ", ".join(f"{a:.2f}" for a in s["accepted_per_position"]) or "-"
+    t = s["time_ms"]
+    return (f"{s['new_tokens']} tokens, TTFT {s['ttft_ms']:.1f} ms, TPOT {s['tpot_ms']:.2f} ms, "
+            f"{s['tokens_per_s']:.1f} tok/s; {s['steps']} verify steps, acceptance per position [{per_pos}], "
+            f"mean acceptance length {s['mean_acceptance_length']:.2f}; time trunk {t['trunk']:.0f} ms, "
+            f"MTP {t['mtp']:.0f} ms, host {t['host']:.0f} ms")  # fmt: skip
+
+
 class _progress:
     """A rich progress bar on stderr when it is a terminal; a no-op callback otherwise."""
 

@@ -38,3 +38,35 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def hf_artifact(hf_checkpoint, tmp_path_factory):
+    """(checkpoint, artifact): each transformers-written checkpoint exported once per session."""
+    from nextn.export.exporter import ExportOptions, export_checkpoint
+
+    out = tmp_path_factory.mktemp("art") / "a"
+    export_checkpoint(hf_checkpoint, out, ExportOptions())
+    return hf_checkpoint, out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory):
+    """A tiny checkpoint (2 MTP modules) with a word-level tokenizer ("w0" .. "w255"), exported."""
+    import json
+
+    from nextn.export.exporter import ExportOptions, export_checkpoint
+    from nextn.testing import tiny_config, write_random_checkpoint
+
+    ckpt = write_random_checkpoint(tmp_path_factory.mktemp("tok") / "c", tiny_config(), seed=11)
+    vocab = {f"w{i}": i for i in range(256)}
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": False},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"},
+    }  # fmt: skip
+    (ckpt / "tokenizer.json").write_text(json.dumps(tokenizer))
+    out = tmp_path_factory.mktemp("tokart") / "a"
+    export_checkpoint(ckpt, out, ExportOptions())
+    return out

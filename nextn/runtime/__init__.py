@@ -1,1 +1,1 @@
-"""Engines and the draft-and-verify decoder (not built yet, issue 4)."""
+"""Engines and the draft-and-verify decoder (`nextn run`, `nextn.load`)."""

@@ -24,13 +24,6 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="session")
-def hf_artifact(hf_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("art") / "a"
-    export_checkpoint(hf_checkpoint, out, ExportOptions())
-    return hf_checkpoint, out
-
-
-@pytest.fixture(scope="session")
 def half_artifacts(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("half")
     for d in ("fp16", "bf16"):

@@ -1,0 +1,272 @@
+"""Draft-and-verify decoding with MTP modules and latent KV caches.
+
+One sequence's state (positions are token indices; the trunk has processed tokens 0..n-1 and token n
+is pending):
+
+    tokens      t_0 ... t_{n-1} t_n                    (prompt + generated; t_n not yet in the trunk)
+    trunk       cache slots 0..n-1, hidden h_i per slot (after the final norm)
+    MTP k       slot i holds (embed(t_{i+k+1}), hidden of depth k-1 at slot i), at position i+k+1;
+                slots below c[k] are exact (true tokens, true hiddens), the rest are provisional
+
+A step:
+    draft   module 0 runs slots [c0, n) with tokens t_{i+1} and trunk hiddens: its last logits give d_1.
+            Module k >= 1 runs slots [c_k, n) with tokens t_{i+k+1}, drafts standing in past t_n, and the
+            hiddens module k-1 just produced: its last logits give d_{k+1}. Past the last module L, L runs
+            again one slot further per draft on its own hidden (vLLM's and TensorRT-LLM's recursion).
+    verify  the trunk runs [t_n, d_1 .. d_K] at positions n .. n+K in one pass: K+1 logit rows.
+    accept  the longest prefix d_1..d_a the target agrees with (sampling.accept_drafts), then one more
+            token from the target: a + 1 new tokens per trunk pass.
+    commit  the trunk keeps slots up to n+a (roll back = a shorter length); MTP module k keeps its
+            exact slots below n-k and recomputes the rest next step.
+
+Caches are preallocated per sequence ([1, max_len, R] and [1, max_len, D] per layer and per module);
+engines get zero-copy views of the filled prefix and return only new entries, written in place.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nextn.errors import NextnError
+from nextn.runtime.engines import Engines
+from nextn.runtime.sampling import SamplingParams, accept_drafts, sample, target_probs
+
+_NP = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}
+
+
+@dataclass
+class Stats:
+    """Per call. Times in milliseconds; acceptance counted per draft position."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    ttft_ms: float = 0.0
+    total_ms: float = 0.0
+    steps: int = 0  # trunk verify passes after prefill
+    drafted: int = 0
+    accepted: int = 0
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+    trunk_ms: float = 0.0
+    mtp_ms: float = 0.0
+
+    @property
+    def tpot_ms(self) -> float:
+        return (self.total_ms - self.ttft_ms) / max(1, self.new_tokens - 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / (self.total_ms / 1e3) if self.total_ms else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per trunk verify step (1 + accepted drafts per step)."""
+        return 1 + self.accepted / self.steps if self.steps else 1.0
+
+    def to_dict(self) -> dict:
+        host = self.total_ms - self.trunk_ms - self.mtp_ms
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "ttft_ms": self.ttft_ms,
+            "tpot_ms": self.tpot_ms,
+            "tokens_per_s": self.tokens_per_s,
+            "steps": self.steps,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "accepted_per_position": [a / d if d else 0.0 for a, d in
+                                      zip(self.accepted_per_position, self.drafted_per_position)],  # fmt: skip
+            "mean_acceptance_length": self.mean_acceptance_length,
+            "time_ms": {"trunk": self.trunk_ms, "mtp": self.mtp_ms, "host": host, "total": self.total_ms},
+        }
+
+
+class Decoder:
+    """Greedy or sampled decoding of one sequence at a time over an artifact's engines."""
+
+    def __init__(self, engines: Engines, prefill_chunk: int = 256):
+        self.engines = engines
+        m = engines.manifest
+        c = m["config"]
+        self.layers, self.n_mtp = c["num_hidden_layers"], c["num_nextn_predict_layers"]
+        self.r, self.d, self.h = c["kv_lora_rank"], c["qk_rope_head_dim"], c["hidden_size"]
+        self.max_positions = c["max_position_embeddings"]
+        self.np = _NP[m["dtype"]]
+        self.prefill_chunk = prefill_chunk
+
+    # -- one engine call, timed -----------------------------------------------------------------
+    def _run(self, name: str, feed: dict, stats: Stats, out: dict | None = None) -> list[np.ndarray]:
+        t = time.perf_counter()
+        out = self.engines[name].run(feed, out)
+        ms = (time.perf_counter() - t) * 1e3
+        if name == "trunk":
+            stats.trunk_ms += ms
+        else:
+            stats.mtp_ms += ms
+        return out
+
+    def _trunk(self, st: _State, tokens: list[int], stats: Stats) -> tuple[np.ndarray, np.ndarray]:
+        """Run the trunk on `tokens` at positions n.. and append them to its cache. -> logits, hidden."""
+        n, s = st.n, len(tokens)
+        feed = {
+            "input_ids": np.asarray([tokens], np.int64),
+            "position_ids": np.arange(n, n + s, dtype=np.int64)[None],
+            "attention_mask": np.ones((1, n + s), np.int64),
+        }
+        into = {}  # the new entries land straight in the preallocated caches
+        for i in range(self.layers):
+            feed[f"past.{i}.c_kv"], feed[f"past.{i}.k_pe"] = st.kv_c[i][:, :n], st.kv_k[i][:, :n]
+            into[f"new.{i}.c_kv"], into[f"new.{i}.k_pe"] = st.kv_c[i][:, n : n + s], st.kv_k[i][:, n : n + s]
+        into["hidden"] = st.hidden[None, n : n + s]
+        out = self._run("trunk", feed, stats, into)
+        logits, hidden = out[0][0], out[1][0]  # [S, V], [S, H]
+        st.n = n + s
+        return logits, hidden
+
+    def _mtp(self, st: _State, k: int, module: int, start: int, tokens: list[int], hidden: np.ndarray,
+             stats: Stats) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Run MTP `module` as depth k on cache slots start.. (tokens and hiddens per slot)."""
+        s = len(tokens)
+        feed = {
+            "input_ids": np.asarray([tokens], np.int64),
+            "hidden": hidden[None].astype(self.np, copy=False),
+            "position_ids": (np.arange(start, start + s, dtype=np.int64) + module + 1)[None],
+            "attention_mask": np.ones((1, start + s), np.int64),
+            "past.c_kv": st.mtp_c[module][:, :start],
+            "past.k_pe": st.mtp_k[module][:, :start],
+        }
+        into = {
+            "new.c_kv": st.mtp_c[module][:, start : start + s],
+            "new.k_pe": st.mtp_k[module][:, start : start + s],
+            "hidden_out": st.mtp_hidden[module][None, start : start + s],
+        }
+        logits, hidden_out, _, _ = self._run(f"mtp_{module}", feed, stats, into)
+        return logits[0], hidden_out[0]
+
+    # -- drafting --------------------------------------------------------------------------------
+    def _draft(self, st: _State, k_total: int, stats: Stats) -> list[int]:
+        n, drafts = st.n, []
+
+        def token(idx: int) -> int:  # t_idx, or the draft standing in for it
+            return st.tokens[idx] if idx <= n else drafts[idx - n - 1]
+
+        last = None
+        for k in range(min(k_total, self.n_mtp)):
+            start = st.mtp_valid[k]
+            src = st.hidden if k == 0 else st.mtp_hidden[k - 1]
+            for a in range(start, n, self.prefill_chunk):  # chunked like prefill (long prompts)
+                b = min(n, a + self.prefill_chunk)
+                logits, out = self._mtp(st, k, k, a, [token(i + k + 1) for i in range(a, b)], src[a:b], stats)
+            drafts.append(int(logits[-1].argmax()))
+            st.mtp_valid[k] = max(0, n - k)  # slots from n-k on used drafted tokens: provisional
+            last = out[-1]
+        module = self.n_mtp - 1
+        for j in range(self.n_mtp, k_total):  # recursion with the last module, one slot further each time
+            slot = n - 1 + (j - module)
+            logits, out = self._mtp(st, j, module, slot, [drafts[j - 1]], last[None], stats)
+            drafts.append(int(logits[-1].argmax()))
+            last = out[-1]
+        return drafts
+
+    # -- generation ------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        draft: int = 0,
+        params: SamplingParams = SamplingParams(),
+        eos_ids: tuple[int, ...] = (),
+        stop=None,  # callable(new_token_ids) -> int | None: cut position if a stop string matched
+        on_tokens=None,  # callable(list[int]) for streaming accepted tokens
+    ) -> tuple[list[int], Stats]:
+        params.check()
+        if not prompt:
+            raise NextnError("empty prompt")
+        if draft < 0:
+            raise NextnError(f"--draft {draft}: must be >= 0")
+        if draft > 0 and self.n_mtp == 0:
+            raise NextnError(f"--draft {draft}: the artifact has no MTP module to draft with (use --draft 0)")
+        if len(prompt) >= self.max_positions:
+            raise NextnError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_positions}")
+        max_new_tokens = min(max_new_tokens, self.max_positions - len(prompt))
+        rng = np.random.default_rng(params.seed)
+        stats = Stats(prompt_tokens=len(prompt), drafted_per_position=[0] * draft, accepted_per_position=[0] * draft)
+        st = _State(self, len(prompt) + max_new_tokens + draft + 2)
+        t0 = time.perf_counter()
+
+        # Prefill in chunks; the last logits give the first new token.
+        st.tokens = list(prompt)
+        for a in range(0, len(prompt), self.prefill_chunk):
+            logits, _ = self._trunk(st, prompt[a : a + self.prefill_chunk], stats)
+        first = int(logits[-1].argmax()) if params.greedy else sample(target_probs(logits[-1:], params)[0], rng)
+        st.tokens.append(first)
+        new = [first]
+        stats.ttft_ms = (time.perf_counter() - t0) * 1e3
+        emitted = self._emit(new, 0, max_new_tokens, eos_ids, stop, on_tokens)
+
+        while not self._done(new, max_new_tokens, eos_ids, stop):
+            k = min(draft, max_new_tokens - len(new))  # never draft past the budget
+            drafts = self._draft(st, k, stats) if k else []
+            n = st.n
+            logits, _ = self._trunk(st, [st.tokens[n], *drafts], stats)  # [K+1, V]
+            a, token = accept_drafts(logits, drafts, params, rng)
+            st.n = n + a + 1  # roll back the rejected drafts' cache slots
+            stats.steps += 1
+            stats.drafted += k
+            stats.accepted += a
+            for i in range(k):
+                stats.drafted_per_position[i] += 1
+                stats.accepted_per_position[i] += i < a
+            step_tokens = [*drafts[:a], token]
+            st.tokens += step_tokens
+            new += step_tokens
+            emitted = self._emit(new, emitted, max_new_tokens, eos_ids, stop, on_tokens)
+
+        new = self._truncate(new, max_new_tokens, eos_ids, stop)
+        stats.new_tokens = len(new)
+        stats.total_ms = (time.perf_counter() - t0) * 1e3
+        return new, stats
+
+    def _emit(self, new, emitted, limit, eos_ids, stop, on_tokens) -> int:
+        """Stream what is final so far (never a token past EOS, a stop string or the budget)."""
+        if on_tokens is None:
+            return emitted
+        final = self._truncate(new, limit, eos_ids, stop)
+        if len(final) > emitted:
+            on_tokens(final[emitted:])
+        return len(final)
+
+    @staticmethod
+    def _truncate(new: list[int], limit: int, eos_ids, stop) -> list[int]:
+        new = new[:limit]
+        for i, t in enumerate(new):
+            if t in eos_ids:
+                new = new[: i + 1]
+                break
+        if stop is not None:
+            cut = stop(new)
+            if cut is not None:
+                new = new[:cut]
+        return new
+
+    def _done(self, new, limit, eos_ids, stop) -> bool:
+        return len(new) >= limit or any(t in eos_ids for t in new) or (stop is not None and stop(new) is not None)
+
+
+class _State:
+    """Preallocated caches of one sequence."""
+
+    def __init__(self, dec: Decoder, max_len: int):
+        z = np.zeros
+        self.kv_c = [z((1, max_len, dec.r), dec.np) for _ in range(dec.layers)]
+        self.kv_k = [z((1, max_len, dec.d), dec.np) for _ in range(dec.layers)]
+        self.hidden = z((max_len, dec.h), dec.np)
+        self.mtp_c = [z((1, max_len, dec.r), dec.np) for _ in range(dec.n_mtp)]
+        self.mtp_k = [z((1, max_len, dec.d), dec.np) for _ in range(dec.n_mtp)]
+        self.mtp_hidden = [z((max_len, dec.h), dec.np) for _ in range(dec.n_mtp)]
+        self.mtp_valid = [0] * dec.n_mtp
+        self.n = 0
+        self.tokens: list[int] = []

@@ -1,0 +1,168 @@
+"""Engines: one exported graph behind a tiny interface, per backend.
+
+    with open_engines(artifact, backend="ort") as engines:
+        logits, hidden, *new_kv = engines["trunk"].run({"input_ids": ..., ...})
+
+Every engine takes and returns numpy arrays named as in the manifest, so the decoder never knows
+which backend runs a graph. Backends:
+  ort    ONNX Runtime on the artifact's graphs (CPUExecutionProvider; CUDA / TensorRT providers when
+         onnxruntime-gpu is installed and device="cuda").
+  torch  the PyTorch reference modules with the same interface, loaded from the checkpoint the artifact
+         was exported from (the manifest's `source`), on CPU or CUDA.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+
+import numpy as np
+
+from nextn.errors import NextnError
+from nextn.export.manifest import read_manifest
+
+BACKENDS = ("ort", "torch")
+DEVICES = ("cpu", "cuda")
+
+
+class Engine(abc.ABC):
+    """One graph: named inputs in, outputs (in the manifest's order) out."""
+
+    def __init__(self, name: str, inputs: list[str], outputs: list[str]):
+        self.name, self.inputs, self.outputs = name, inputs, outputs
+
+    @abc.abstractmethod
+    def run(self, feed: dict[str, np.ndarray], out: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        """Run on `feed`; outputs named in `out` are written into those (contiguous) arrays in place."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class OrtEngine(Engine):
+    def __init__(self, name, inputs, outputs, path: Path, device: str, threads: int):
+        super().__init__(name, inputs, outputs)
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            available = ort.get_available_providers()
+            if "CUDAExecutionProvider" not in available:
+                raise NextnError("--device cuda: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
+            providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+            providers.append("CPUExecutionProvider")
+        self.session = ort.InferenceSession(str(path), so, providers=providers)
+
+    def run(self, feed, out=None):
+        if not out:
+            return self.session.run(None, feed)
+        # IOBinding: inputs are read from the caller's arrays and the bound outputs (the runtime's
+        # cache slices) are written in place, so neither the past nor the new entries are copied.
+        io = self.session.io_binding()
+        for name, array in feed.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in self.outputs:
+            if name in out:
+                a = out[name]
+                assert a.flags.c_contiguous, name
+                io.bind_output(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+            else:
+                io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        values = io.get_outputs()
+        return [out[n] if n in out else v.numpy() for n, v in zip(self.outputs, values)]
+
+    def close(self):
+        self.session = None
+
+
+class TorchEngine(Engine):
+    def __init__(self, name, inputs, outputs, module, device: str, dtype):
+        super().__init__(name, inputs, outputs)
+        self.module, self.device, self.dtype = module, device, dtype
+
+    def run(self, feed, out=None):
+        import torch
+
+        args = []
+        for n in self.inputs:
+            t = torch.from_numpy(np.ascontiguousarray(feed[n])).to(self.device)
+            args.append(t.to(self.dtype) if t.is_floating_point() else t)
+        with torch.inference_mode():
+            if self.name == "trunk":
+                result = self.module(args[0], args[1], args[2], tuple(args[3:]))
+            else:
+                result = self.module(*args)
+        # numpy has no bfloat16: those come back as float32 (the decoder's caches then are float32 too)
+        arrays = [(t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy() for t in result]
+        for i, name in enumerate(self.outputs):
+            if out and name in out:
+                out[name][...] = arrays[i]
+                arrays[i] = out[name]
+        return arrays
+
+
+class Engines(dict):
+    """The artifact's engines by graph name, closed together."""
+
+    def __init__(self, manifest: dict, engines: dict[str, Engine]):
+        super().__init__(engines)
+        self.manifest = manifest
+
+    def close(self) -> None:
+        for e in self.values():
+            e.close()
+
+    def __enter__(self) -> Engines:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_engines(
+    artifact: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0, verify: bool = True
+) -> Engines:
+    """Open every graph of an artifact with one backend. `verify` checks the files' sha256."""
+    if backend not in BACKENDS:
+        raise NextnError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
+    if device not in DEVICES:
+        raise NextnError(f"--device {device}: choose one of {', '.join(DEVICES)}")
+    root = Path(artifact)
+    manifest = read_manifest(root, verify=verify)
+    graphs = manifest["graphs"]
+    io = {n: ([s["name"] for s in g["inputs"]], [s["name"] for s in g["outputs"]]) for n, g in graphs.items()}
+    if backend == "ort":
+        engines = {n: OrtEngine(n, *io[n], root / g["file"], device, threads) for n, g in graphs.items()}
+        return Engines(manifest, engines)
+
+    import torch
+
+    from nextn.export.graphs import MtpGraph, TrunkGraph
+    from nextn.model.weights import load_model
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise NextnError("--device cuda: no CUDA device is available to torch")
+    if threads:
+        torch.set_num_threads(threads)
+    source = Path(manifest["source"])
+    if not (source / "config.json").is_file():
+        raise NextnError(f"--backend torch: the artifact's source checkpoint {source} is not there")
+    dtype = getattr(torch, manifest["dtype"])
+    n_mtp = manifest["config"]["num_nextn_predict_layers"]
+    model, _ = load_model(source, dtype=dtype, mtp_layers=n_mtp, absorbed=manifest["attention"] == "absorbed")
+    model = model.to(device)
+    engines = {"trunk": TorchEngine("trunk", *io["trunk"], TrunkGraph(model), device, dtype)}
+    for k in range(n_mtp):
+        engines[f"mtp_{k}"] = TorchEngine(f"mtp_{k}", *io[f"mtp_{k}"], MtpGraph(model, k), device, dtype)
+    return Engines(manifest, engines)

@@ -1,0 +1,89 @@
+"""Choosing tokens: greedy and sampled, and accepting drafted tokens so that output is unchanged.
+
+Greedy: a draft is accepted iff it is the target's argmax; the first mismatch is replaced by the
+argmax, so the output is token for token that of plain greedy decoding.
+
+Sampling: MTP drafts are argmax tokens, i.e. a point-mass draft distribution q = 1[d]. Rejection
+sampling (Leviathan et al.; vLLM's rejection sampler with draft_prob = 1) accepts d with probability
+min(1, p(d) / q(d)) = p(d); on rejection it samples from the residual (p - q)+ normalized, which is p
+with d removed. Each emitted token then has exactly the target distribution p, the distribution plain
+sampling draws from (after temperature, top-k and top-p).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nextn.errors import NextnError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def check(self) -> None:
+        if not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise NextnError(f"--temperature {self.temperature}: must be a finite number >= 0")
+        if self.top_k < 0:
+            raise NextnError(f"--top-k {self.top_k}: must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise NextnError(f"--top-p {self.top_p}: must be in (0, 1]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """[N, V] logits -> [N, V] float64 probabilities after temperature, top-k and top-p."""
+    z = logits.astype(np.float64) / params.temperature
+    if params.top_k:
+        kth = np.sort(z, axis=-1)[:, -min(params.top_k, z.shape[-1])][:, None]  # [N, 1]
+        z = np.where(z < kth, -np.inf, z)
+    z = z - z.max(-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    if params.top_p < 1:
+        order = np.argsort(-p, axis=-1)  # [N, V]
+        sorted_p = np.take_along_axis(p, order, -1)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        keep_sorted = np.cumsum(sorted_p, -1) - sorted_p < params.top_p
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, -1)
+        p = np.where(keep, p, 0.0)
+        p /= p.sum(-1, keepdims=True)
+    return p
+
+
+def sample(p: np.ndarray, rng: np.random.Generator) -> int:
+    """One token from a [V] distribution (inverse CDF: one uniform draw, reproducible from the seed)."""
+    c = np.cumsum(p)
+    return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
+
+
+def accept_drafts(logits: np.ndarray, drafts: list[int], params: SamplingParams, rng: np.random.Generator
+                  ) -> tuple[int, int]:  # fmt: skip
+    """Verify K drafts against the target's K+1 logit rows [K+1, V].
+
+    Returns (a, token): the first a drafts are accepted and `token` follows them (the correction at the
+    first rejection, or the bonus token after all K).
+    """
+    if params.greedy:
+        target = logits.argmax(-1)  # [K+1]
+        a = 0
+        while a < len(drafts) and drafts[a] == target[a]:
+            a += 1
+        return a, int(target[a])
+    p = target_probs(logits, params)  # [K+1, V]
+    for i, d in enumerate(drafts):
+        if rng.random() < p[i, d]:
+            continue
+        residual = p[i].copy()
+        residual[d] = 0.0
+        return i, sample(residual, rng)
+    return len(drafts), sample(p[len(drafts)], rng)
