@@ -80,7 +80,7 @@ class Model:
         """Generate from one prompt (text or token ids) or a batch of them (a list of prompts).
 
         Greedy when temperature is 0. `draft` = K tokens drafted by the MTP modules per step (0: off).
-        A batch runs its sequences one after another; each result equals running that prompt alone.
+        A batch shares each trunk pass (batch.py); each result equals running that prompt alone.
         """
         params = SamplingParams(temperature, top_k, top_p, seed)
         params.check()
@@ -90,7 +90,11 @@ class Model:
         if batch:
             if stream:
                 raise NextnError("stream=True takes one prompt, not a batch")
-            return [self._one(p, max_new_tokens, draft, params, stop, None) for p in prompt]
+            from nextn.runtime.batch import generate_batch
+
+            out = generate_batch(self.decoder, [self.encode(p) for p in prompt], max_new_tokens, draft, params,
+                                 self.eos_ids, self._stop_fn(stop))  # fmt: skip
+            return [Result(ids, self.decode(ids), stats.to_dict()) for ids, stats in out]
         if stream:
             return self._stream(prompt, max_new_tokens, draft, params, stop)
         return self._one(prompt, max_new_tokens, draft, params, stop, None)

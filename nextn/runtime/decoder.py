@@ -257,12 +257,12 @@ class Decoder:
 
 
 class _State:
-    """Preallocated caches of one sequence."""
+    """Preallocated caches of one sequence (`trunk=False`: its trunk cache lives in a batch, batch.py)."""
 
-    def __init__(self, dec: Decoder, max_len: int):
+    def __init__(self, dec: Decoder, max_len: int, trunk: bool = True):
         z = np.zeros
-        self.kv_c = [z((1, max_len, dec.r), dec.np) for _ in range(dec.layers)]
-        self.kv_k = [z((1, max_len, dec.d), dec.np) for _ in range(dec.layers)]
+        self.kv_c = [z((1, max_len, dec.r), dec.np) for _ in range(dec.layers if trunk else 0)]
+        self.kv_k = [z((1, max_len, dec.d), dec.np) for _ in range(dec.layers if trunk else 0)]
         self.hidden = z((max_len, dec.h), dec.np)
         self.mtp_c = [z((1, max_len, dec.r), dec.np) for _ in range(dec.n_mtp)]
         self.mtp_k = [z((1, max_len, dec.d), dec.np) for _ in range(dec.n_mtp)]

@@ -251,3 +251,33 @@ def test_cli_run_json_and_errors(tiny_artifact, tmp_path):
         r = run(*args)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_ragged_batch_equals_each_sequence_alone(tiny_artifact, monkeypatch):
+    """Different prompt lengths and per-sequence acceptance in one batch: every row is what it is alone."""
+    with nextn.load(tiny_artifact) as model:
+        model.eos_ids = ()
+        prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18, 19], [20]]
+        for k in (0, 2, 3):  # real MTP drafts
+            alone = [model.generate(p, max_new_tokens=16, draft=k).token_ids for p in prompts]
+            assert [r.token_ids for r in model.generate(prompts, max_new_tokens=16, draft=k)] == alone
+        sampled = dict(temperature=0.9, top_p=0.9, seed=4)
+        alone_s = [model.generate(p, max_new_tokens=10, draft=2, **sampled).token_ids for p in prompts]
+        assert [r.token_ids for r in model.generate(prompts, max_new_tokens=10, draft=2, **sampled)] == alone_s
+
+        # Drafts right at some positions only (different per row): forced rejections in a shared pass.
+        truth = {tuple(p): p + a for p, a in zip(prompts, alone)}
+
+        def partly_right(st, k, stats):  # row i drafts right at about (i + 1) / 5 of the positions
+            i, seq = next((i, v) for i, (key, v) in enumerate(truth.items()) if tuple(st.tokens[: len(key)]) == key)
+            n = st.n
+            return [seq[n + 1 + j] if (7 * (n + j) + 3) % 5 <= i and n + 1 + j < len(seq) else 0 for j in range(k)]
+
+        monkeypatch.setattr(model.decoder, "_draft", partly_right)
+        for k in (1, 3):
+            batch = model.generate(prompts, max_new_tokens=16, draft=k)
+            single = [model.generate(p, max_new_tokens=16, draft=k) for p in prompts]
+            assert [r.token_ids for r in batch] == [r.token_ids for r in single] == alone
+            accepted = [r.stats["accepted"] for r in batch]
+            assert accepted == [r.stats["accepted"] for r in single]
+            assert sum(accepted) > 0 and len(set(accepted)) > 1  # rows accepted differently
