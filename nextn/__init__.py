@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 
-def load(artifact, backend: str = "ort", device: str = "cpu", threads: int = 0):
+def load(artifact, backend: str = "ort", device: str = "cpu", threads: int = 0, prepack: bool = False):
     """Open an exported artifact for generation (see nextn.runtime.api.Model.generate)."""
     from nextn.runtime.api import load as _load
 
-    return _load(artifact, backend=backend, device=device, threads=threads)
+    return _load(artifact, backend=backend, device=device, threads=threads, prepack=prepack)

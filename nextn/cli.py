@@ -128,9 +128,10 @@ def export(checkpoint: str, out: str, dtype: str, mtp_layers: int | None, opset:
 @click.option("--backend", default="ort", show_default=True, help="ort or torch.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--threads", type=int, default=0, help="Intra-op threads (0: the backend's default).")
+@click.option("--prepack", is_flag=True, help="ONNX Runtime pre-packs weights per graph: faster, more memory.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def run(artifact, prompt, prompt_ids, max_new_tokens, draft, temperature, top_k, top_p, seed, stop, backend,
-        device, threads, as_json):  # fmt: skip
+        device, threads, prepack, as_json):  # fmt: skip
     """Generate from an exported ARTIFACT: text streams to stdout, stats go to stderr."""
     import sys
 
@@ -145,7 +146,7 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, draft, temperature, top_k,
             raise NextnError(f"--prompt-ids {prompt_ids!r}: expected comma-separated integers") from None
     kwargs = dict(max_new_tokens=max_new_tokens, draft=draft, temperature=temperature, top_k=top_k, top_p=top_p,
                   seed=seed, stop=list(stop) or None)  # fmt: skip
-    with nextn.load(artifact, backend=backend, device=device, threads=threads) as model:
+    with nextn.load(artifact, backend=backend, device=device, threads=threads, prepack=prepack) as model:
         if as_json:
             click.echo(json.dumps(model.generate(prompt, **kwargs).to_dict()))
             return

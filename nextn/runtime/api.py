@@ -39,8 +39,9 @@ class Piece:
 
 
 class Model:
-    def __init__(self, artifact: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0):
-        self.engines = open_engines(artifact, backend=backend, device=device, threads=threads)
+    def __init__(self, artifact: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0,
+                 prepack: bool = False):  # fmt: skip
+        self.engines = open_engines(artifact, backend=backend, device=device, threads=threads, prepack=prepack)
         self.decoder = Decoder(self.engines)
         m = self.engines.manifest
         self.eos_ids = tuple(m["eos_token_ids"])
@@ -154,6 +155,7 @@ class Model:
         self.close()
 
 
-def load(artifact: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0) -> Model:
-    """Open an exported artifact for generation."""
-    return Model(artifact, backend=backend, device=device, threads=threads)
+def load(artifact: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0,
+         prepack: bool = False) -> Model:  # fmt: skip
+    """Open an exported artifact for generation (`prepack`: see engines.SharedWeights)."""
+    return Model(artifact, backend=backend, device=device, threads=threads, prepack=prepack)

@@ -98,9 +98,9 @@ class Decoder:
         self.prefill_chunk = prefill_chunk
 
     # -- one engine call, timed -----------------------------------------------------------------
-    def _run(self, name: str, feed: dict, stats: Stats, out: dict | None = None) -> list[np.ndarray]:
+    def _run(self, name: str, feed: dict, stats: Stats, into: dict | None = None) -> list[np.ndarray]:
         t = time.perf_counter()
-        out = self.engines[name].run(feed, out)
+        out = self.engines[name].run(feed, into)
         ms = (time.perf_counter() - t) * 1e3
         if name == "trunk":
             stats.trunk_ms += ms
@@ -126,9 +126,9 @@ class Decoder:
         st.n = n + s
         return logits, hidden
 
-    def _mtp(self, st: _State, k: int, module: int, start: int, tokens: list[int], hidden: np.ndarray,
+    def _mtp(self, st: _State, module: int, start: int, tokens: list[int], hidden: np.ndarray,
              stats: Stats) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        """Run MTP `module` as depth k on cache slots start.. (tokens and hiddens per slot)."""
+        """Run MTP `module` on its cache slots start.. (one token and one hidden per slot)."""
         s = len(tokens)
         feed = {
             "input_ids": np.asarray([tokens], np.int64),
@@ -159,14 +159,14 @@ class Decoder:
             src = st.hidden if k == 0 else st.mtp_hidden[k - 1]
             for a in range(start, n, self.prefill_chunk):  # chunked like prefill (long prompts)
                 b = min(n, a + self.prefill_chunk)
-                logits, out = self._mtp(st, k, k, a, [token(i + k + 1) for i in range(a, b)], src[a:b], stats)
+                logits, out = self._mtp(st, k, a, [token(i + k + 1) for i in range(a, b)], src[a:b], stats)
             drafts.append(int(logits[-1].argmax()))
             st.mtp_valid[k] = max(0, n - k)  # slots from n-k on used drafted tokens: provisional
             last = out[-1]
         module = self.n_mtp - 1
         for j in range(self.n_mtp, k_total):  # recursion with the last module, one slot further each time
             slot = n - 1 + (j - module)
-            logits, out = self._mtp(st, j, module, slot, [drafts[j - 1]], last[None], stats)
+            logits, out = self._mtp(st, module, slot, [drafts[j - 1]], last[None], stats)
             drafts.append(int(logits[-1].argmax()))
             last = out[-1]
         return drafts

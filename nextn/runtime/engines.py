@@ -45,8 +45,43 @@ class Engine(abc.ABC):
         self.close()
 
 
+class SharedWeights:
+    """weights.bin memory-mapped once for all of an artifact's sessions.
+
+    Every external initializer is handed to ONNX Runtime as an OrtValue over the mapping
+    (`SessionOptions.add_initializer`), so a tensor several graphs use (embedding, head) is in memory
+    once, pages load on first use, and nothing is copied. ONNX Runtime's weight pre-packing would make a
+    private packed copy per session, so it is off unless asked for (`prepack`; BENCHMARKS.md measures both).
+    """
+
+    _NP = {1: np.float32, 10: np.float16, 7: np.int64, 6: np.int32, 9: np.bool_, 2: np.uint8, 3: np.int8}
+
+    def __init__(self, path: Path):
+        # Copy-on-write: pages are shared with the page cache until something writes to them.
+        self.map = np.memmap(path, dtype=np.uint8, mode="c")
+        self.values: dict[tuple[int, int, int], tuple] = {}  # (offset, length, type) -> (array, OrtValue)
+
+    def add_to(self, so, graph: Path) -> None:
+        import onnx
+        import onnxruntime as ort
+        from onnx.external_data_helper import ExternalDataInfo
+
+        model = onnx.load(str(graph), load_external_data=False)
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL or t.data_type not in self._NP:
+                continue  # other types (bf16) are left to ONNX Runtime's own loader
+            info = ExternalDataInfo(t)
+            key = (info.offset, info.length, t.data_type)
+            if key not in self.values:  # the array is kept: the OrtValue only borrows its memory
+                view = self.map[info.offset : info.offset + info.length].view(self._NP[t.data_type])
+                view = view.reshape(tuple(t.dims))
+                self.values[key] = (view, ort.OrtValue.ortvalue_from_numpy(view))
+            so.add_initializer(t.name, self.values[key][1])
+
+
 class OrtEngine(Engine):
-    def __init__(self, name, inputs, outputs, path: Path, device: str, threads: int):
+    def __init__(self, name, inputs, outputs, path: Path, device: str, threads: int,
+                 shared: SharedWeights | None = None, prepack: bool = False):  # fmt: skip
         super().__init__(name, inputs, outputs)
         import onnxruntime as ort
 
@@ -54,6 +89,11 @@ class OrtEngine(Engine):
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = threads
+        if not prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        if shared is not None and device == "cpu":
+            shared.add_to(so, path)
+        self.shared = shared  # the session borrows the mapping's memory: keep it alive as long
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             available = ort.get_available_providers()
@@ -131,9 +171,11 @@ class Engines(dict):
 
 
 def open_engines(
-    artifact: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0, verify: bool = True
+    artifact: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0, verify: bool = True,
+    prepack: bool = False,
 ) -> Engines:
-    """Open every graph of an artifact with one backend. `verify` checks the files' sha256."""
+    """Open every graph of an artifact with one backend. `verify` checks the files' sha256; `prepack`
+    lets ONNX Runtime keep its own pre-packed copy of the weights per session (faster, more memory)."""
     if backend not in BACKENDS:
         raise NextnError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
     if device not in DEVICES:
@@ -143,7 +185,9 @@ def open_engines(
     graphs = manifest["graphs"]
     io = {n: ([s["name"] for s in g["inputs"]], [s["name"] for s in g["outputs"]]) for n, g in graphs.items()}
     if backend == "ort":
-        engines = {n: OrtEngine(n, *io[n], root / g["file"], device, threads) for n, g in graphs.items()}
+        shared = SharedWeights(root / manifest["weights"]["file"])
+        engines = {n: OrtEngine(n, *io[n], root / g["file"], device, threads, shared, prepack)
+                   for n, g in graphs.items()}  # fmt: skip
         return Engines(manifest, engines)
 
     import torch

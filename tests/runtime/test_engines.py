@@ -1,0 +1,44 @@
+"""Engines: one interface per backend, weights mapped once for all sessions, outputs bound in place."""
+
+import gc
+
+import numpy as np
+import pytest
+
+from nextn.runtime.engines import open_engines
+
+pytestmark = pytest.mark.slow
+
+
+def _feed(manifest, b=1, s=2):
+    c = manifest["config"]
+    feed = {"input_ids": np.array([[3, 4]] * b), "position_ids": np.array([[0, 1]] * b),
+            "attention_mask": np.ones((b, s), np.int64)}  # fmt: skip
+    for i in range(c["num_hidden_layers"]):
+        feed[f"past.{i}.c_kv"] = np.zeros((b, 0, c["kv_lora_rank"]), np.float32)
+        feed[f"past.{i}.k_pe"] = np.zeros((b, 0, c["qk_rope_head_dim"]), np.float32)
+    return feed
+
+
+def test_backends_agree_and_bind_outputs_in_place(tiny_artifact):
+    with open_engines(tiny_artifact) as ort_engines, open_engines(tiny_artifact, backend="torch") as torch_engines:
+        gc.collect()  # the sessions borrow the shared mapping: it must outlive open_engines' locals
+        feed = _feed(ort_engines.manifest)
+        a = ort_engines["trunk"].run(feed)
+        b = torch_engines["trunk"].run(feed)
+        assert all(np.abs(x - y).max() < 1e-4 for x, y in zip(a, b))
+        cache = np.full((1, 5, ort_engines.manifest["config"]["kv_lora_rank"]), 7.0, np.float32)
+        out = ort_engines["trunk"].run(feed, {"new.0.c_kv": cache[:, 1:3]})
+        assert out[2].base is not None and np.array_equal(cache[:, 1:3], a[2])  # written into the slice
+        assert (cache[:, [0, 3, 4]] == 7.0).all()  # and nowhere else
+
+
+def test_weights_are_mapped_once_for_all_graphs(tiny_artifact):
+    with open_engines(tiny_artifact) as engines:
+        shared = {id(e.shared) for e in engines.values()}
+        assert len(shared) == 1  # one mapping of weights.bin for every session
+        mapping = engines["trunk"].shared
+        w = engines.manifest["weights"]
+        # one OrtValue per stored tensor, however many graphs reference it
+        assert len(mapping.values) <= w["tensors"] < w["references"]
+        assert all(arr.base is not None for arr, _ in mapping.values.values())  # views, not copies
