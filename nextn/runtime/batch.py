@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 
-from nextn.errors import NextnError
 from nextn.runtime.decoder import Decoder, Stats, _State
 from nextn.runtime.sampling import SamplingParams, accept_drafts, sample, target_probs
 
@@ -34,17 +33,8 @@ def generate_batch(
     eos_ids: tuple[int, ...] = (),
     stop=None,
 ) -> list[tuple[list[int], Stats]]:
-    params.check()
-    if any(not p for p in prompts):
-        raise NextnError("empty prompt in the batch")
-    if draft < 0:
-        raise NextnError(f"--draft {draft}: must be >= 0")
-    if draft > 0 and dec.n_mtp == 0:
-        raise NextnError(f"--draft {draft}: the artifact has no MTP module to draft with (use --draft 0)")
-    longest = max(len(p) for p in prompts)
-    if longest >= dec.max_positions:
-        raise NextnError(f"prompt of {longest} tokens does not fit the context of {dec.max_positions}")
-    b, l0 = len(prompts), longest
+    dec.check(prompts, draft, params)
+    b, l0 = len(prompts), max(len(p) for p in prompts)
     budgets = [min(max_new_tokens, dec.max_positions - len(p)) for p in prompts]
     cap = l0 + max(budgets) * (draft + 1) + 2  # worst case: one token per step, K+1 slots each
     kv_c = [np.zeros((b, cap, dec.r), dec.np) for _ in range(dec.layers)]
@@ -121,13 +111,7 @@ def generate_batch(
             step_tokens = [*drafts[r][:a], tok]
             rows[r].tokens += step_tokens
             new[r] += step_tokens
-            st = stats[r]
-            st.steps += 1
-            st.drafted += k
-            st.accepted += a
-            for i in range(k):
-                st.drafted_per_position[i] += 1
-                st.accepted_per_position[i] += i < a
+            stats[r].record_step(k, a)
             done[r] = dec._done(new[r], budgets[r], eos_ids, stop)
         t += s
 

@@ -53,6 +53,15 @@ class Stats:
     trunk_ms: float = 0.0
     mtp_ms: float = 0.0
 
+    def record_step(self, drafted: int, accepted: int) -> None:
+        """One verify pass that checked `drafted` drafts and accepted the first `accepted`."""
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        for i in range(drafted):
+            self.drafted_per_position[i] += 1
+            self.accepted_per_position[i] += i < accepted
+
     @property
     def tpot_ms(self) -> float:
         return (self.total_ms - self.ttft_ms) / max(1, self.new_tokens - 1)
@@ -172,6 +181,19 @@ class Decoder:
         return drafts
 
     # -- generation ------------------------------------------------------------------------------
+    def check(self, prompts: list[list[int]], draft: int, params: SamplingParams) -> None:
+        """Reject bad requests before any work: one-line errors naming the flag."""
+        params.check()
+        if any(not p for p in prompts):
+            raise NextnError("empty prompt")
+        if draft < 0:
+            raise NextnError(f"--draft {draft}: must be >= 0")
+        if draft > 0 and self.n_mtp == 0:
+            raise NextnError(f"--draft {draft}: the artifact has no MTP module to draft with (use --draft 0)")
+        longest = max(len(p) for p in prompts)
+        if longest >= self.max_positions:
+            raise NextnError(f"prompt of {longest} tokens does not fit the context of {self.max_positions}")
+
     def generate(
         self,
         prompt: list[int],
@@ -182,15 +204,7 @@ class Decoder:
         stop=None,  # callable(new_token_ids) -> int | None: cut position if a stop string matched
         on_tokens=None,  # callable(list[int]) for streaming accepted tokens
     ) -> tuple[list[int], Stats]:
-        params.check()
-        if not prompt:
-            raise NextnError("empty prompt")
-        if draft < 0:
-            raise NextnError(f"--draft {draft}: must be >= 0")
-        if draft > 0 and self.n_mtp == 0:
-            raise NextnError(f"--draft {draft}: the artifact has no MTP module to draft with (use --draft 0)")
-        if len(prompt) >= self.max_positions:
-            raise NextnError(f"prompt of {len(prompt)} tokens does not fit the context of {self.max_positions}")
+        self.check([prompt], draft, params)
         max_new_tokens = min(max_new_tokens, self.max_positions - len(prompt))
         rng = np.random.default_rng(params.seed)
         stats = Stats(prompt_tokens=len(prompt), drafted_per_position=[0] * draft, accepted_per_position=[0] * draft)
@@ -214,12 +228,7 @@ class Decoder:
             logits, _ = self._trunk(st, [st.tokens[n], *drafts], stats)  # [K+1, V]
             a, token = accept_drafts(logits, drafts, params, rng)
             st.n = n + a + 1  # roll back the rejected drafts' cache slots
-            stats.steps += 1
-            stats.drafted += k
-            stats.accepted += a
-            for i in range(k):
-                stats.drafted_per_position[i] += 1
-                stats.accepted_per_position[i] += i < a
+            stats.record_step(k, a)
             step_tokens = [*drafts[:a], token]
             st.tokens += step_tokens
             new += step_tokens
