@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from nextn.model.checkpoint import quantize_fp8
 from nextn.model.config import ModelConfig, QuantConfig, RopeConfig, config_to_hf
-from nextn.model.weights import MTP_SHARED, mtp_prefix, mtp_shapes, trunk_shapes
+from nextn.model.weights import MTP_SHARED, mtp_prefix, mtp_shapes, trunk_shapes, trunk_twin
 
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,9 +116,9 @@ def write_random_checkpoint(
     writer = _ShardWriter(out, shard_bytes)
     for name, shape in names.items():
         src = name  # MTP copies of embedding/head carry the trunk's values, as DeepSeek ships them
-        for own, trunk in MTP_SHARED.items():
+        for own in MTP_SHARED:
             if name.startswith("model.layers.") and name.endswith(own):
-                src = trunk if trunk in names else "model.embed_tokens.weight"
+                src = trunk_twin(own, names)
         t = random_tensor(src, shape, seed)
         if name.endswith(("mlp.gate.weight", "e_score_correction_bias")):
             writer.add(name, t)  # the router stays fp32

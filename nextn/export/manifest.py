@@ -11,6 +11,10 @@ from nextn.errors import NextnError
 from nextn.model.config import ModelConfig
 
 MANIFEST = "manifest.json"
+
+# numpy dtype of the arrays fed to / read from a graph of each export dtype (numpy has no bfloat16:
+# bf16 graphs exchange float32 arrays with the runtime and validation)
+ARRAY_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "float32"}
 FORMAT_VERSION = 1
 
 

@@ -29,6 +29,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from nextn.export.manifest import ARRAY_DTYPES
 from nextn.model.reference import DeepseekV3, LayerKV
 
 # (batch, new tokens, past, ragged): prefill, single-token decode on an empty and a filled cache, a verify-sized
@@ -51,7 +52,6 @@ TOLERANCES = {
     "bfloat16": Tolerance(2e-2, True),  # on the fp32 twin, see above
 }
 
-_NP = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}
 
 
 def make_session(model: str | Path | bytes, threads: int = 0) -> ort.InferenceSession:
@@ -122,7 +122,7 @@ def reference_cases(which: str, ref: DeepseekV3, dtype: str, seed: int = 0) -> l
     Computed before any ONNX Runtime session exists, so the reference model can be released first and
     validation never holds the reference's and the session's weights at once.
     """
-    cast = _NP[dtype]
+    cast = np.dtype(ARRAY_DTYPES[dtype])
     cases = []
     for ci, (b, s, p, ragged) in enumerate(CASES):
         ids, pos, mask = _case_tensors(ref, b, s, p, ragged, seed + ci)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from nextn.model.checkpoint import Checkpoint
-from nextn.model.weights import MTP_SHARED, mtp_prefix
+from nextn.model.weights import MTP_SHARED, mtp_prefix, trunk_twin
 
 _ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -42,11 +42,8 @@ def summarize_checkpoint(path: str | Path) -> dict[str, Any]:
         if layer >= L:
             k = layer - L
             own = name[len(mtp_prefix(cfg, k)) :]
-            trunk_twin = MTP_SHARED.get(own)
-            if trunk_twin is not None:
-                twin = trunk_twin if trunk_twin in ckpt.tensors else "model.embed_tokens.weight"
-                if ckpt.same_data(name, twin):
-                    continue
+            if own in MTP_SHARED and ckpt.same_data(name, trunk_twin(own, ckpt.tensors)):
+                continue
             mtp[k] += info.numel
         else:
             trunk += info.numel

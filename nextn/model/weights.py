@@ -22,6 +22,15 @@ log = logging.getLogger(__name__)
 # An MTP module's own copies of the embedding and head: optional (transformers and several
 # converters drop them; DeepSeek ships them identical to the trunk's), shared when identical.
 MTP_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight", "shared_head.head.weight": "lm_head.weight"}
+
+
+def trunk_twin(own: str, names) -> str:
+    """The trunk tensor an MTP module's own `embed_tokens` / `shared_head.head` copy duplicates
+    (the embedding stands in for lm_head when the head is tied and absent)."""
+    name = MTP_SHARED[own]
+    return name if name in names else "model.embed_tokens.weight"
+
+
 # Router tensors stay fp32 whatever the model dtype (as in transformers and DeepSeek's inference code).
 FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 
@@ -218,8 +227,7 @@ def load_model(
         module.embed_tokens = model.model.embed_tokens
         module.shared_head.head = model.lm_head
     for k, own in shared:
-        name, trunk_name = mtp_prefix(cfg, k) + own, MTP_SHARED[own]
-        trunk_name = trunk_name if trunk_name in ckpt.tensors else "model.embed_tokens.weight"
+        name, trunk_name = mtp_prefix(cfg, k) + own, trunk_twin(own, ckpt.tensors)
         if not ckpt.same_data(name, trunk_name):
             log.info("%s differs from %s: MTP module %d keeps its own copy", name, trunk_name, k)
             weight = ckpt.get(name, dtype)

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nextn.errors import NextnError
+from nextn.export.manifest import ARRAY_DTYPES
 from nextn.runtime.engines import Engines
 from nextn.runtime.sampling import SamplingParams, accept_drafts, sample, target_probs
 
-_NP = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}
 
 
 @dataclass
@@ -103,7 +103,7 @@ class Decoder:
         self.layers, self.n_mtp = c["num_hidden_layers"], c["num_nextn_predict_layers"]
         self.r, self.d, self.h = c["kv_lora_rank"], c["qk_rope_head_dim"], c["hidden_size"]
         self.max_positions = c["max_position_embeddings"]
-        self.np = _NP[m["dtype"]]
+        self.np = np.dtype(ARRAY_DTYPES[m["dtype"]])
         self.prefill_chunk = prefill_chunk
 
     # -- one engine call, timed -----------------------------------------------------------------
