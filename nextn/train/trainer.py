@@ -1,0 +1,238 @@
+"""Joint training of trunk and MTP modules with DeepSeek-V3's objective, on a token stream.
+
+For a window t_0 .. t_{T-1}:
+- trunk: hidden h0_i after the final norm predicts t_{i+1};
+- MTP depth k (0-based): at position i it combines h^k_i (h^0 = trunk hidden, h^{k+1} = depth k's
+  normalized output) with the embedding of t_{i+k+1}, and predicts t_{i+k+2}. Depth k therefore sees
+  T-k-1 positions and has T-k-2 targets, exactly what `DeepseekV3.mtp_forward` computes at inference.
+
+    loss = CE(trunk) + lambda * mean_k CE(depth k)
+
+MoE routing is balanced without an auxiliary loss, as in DeepSeek-V3: after each step every
+expert's `e_score_correction_bias` moves by `bias_update` towards the mean load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nextn.model.config import ModelConfig, RopeConfig, config_to_hf
+from nextn.model.reference import DeepseekV3, Router
+from nextn.model.weights import param_name
+from nextn.testing import checkpoint_names, tiny_config
+
+log = logging.getLogger(__name__)
+
+
+def embedded_config(vocab_size: int = 2048) -> ModelConfig:
+    """The shipped model: 10 trunk layers (2 dense, 8 MoE with 8 routed + 1 shared expert, top-2),
+    MLA with q/kv low-rank projections, 2 MTP modules; ~11M parameters, ~22 MB in bf16."""
+    return ModelConfig(
+        vocab_size=vocab_size, hidden_size=256, intermediate_size=640, moe_intermediate_size=96,
+        num_hidden_layers=10, num_attention_heads=4, q_lora_rank=96, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_nextn_predict_layers=2,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+        first_k_dense_replace=2, routed_scaling_factor=2.5, max_position_embeddings=1024,
+        rope=RopeConfig(theta=10000.0), torch_dtype="bfloat16", bos_token_id=1, eos_token_ids=(0,),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig
+    steps: int
+    batch: int = 16  # windows per step
+    seq_len: int = 256  # tokens per window
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1  # cosine decay down to lr * this
+    warmup: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mtp_lambda: float = 0.3  # DeepSeek-V3: 0.3, then 0.1; the embedded model weights its drafts more (0.5)
+    bias_update: float = 1e-3  # aux-loss-free balancing speed (DeepSeek-V3: 1e-3 over far more steps)
+    seed: int = 0
+    eval_windows: int = 64
+
+
+PRESETS: dict[str, Callable[[int], TrainConfig]] = {
+    "embedded": lambda vocab: TrainConfig(
+        embedded_config(vocab), steps=1200, lr=3e-3, warmup=50, mtp_lambda=0.5, bias_update=1e-2
+    ),
+    "tiny": lambda vocab: TrainConfig(
+        tiny_config(vocab_size=vocab, max_position_embeddings=256), steps=30, batch=4, seq_len=32,
+        lr=3e-3, warmup=5, eval_windows=4,
+    ),
+}
+
+
+# -- model -----------------------------------------------------------------------------------------
+def build_model(cfg: ModelConfig, seed: int) -> DeepseekV3:
+    """fp32 model, GPT-2-style init; MTP modules share the trunk's embedding and head (as in DeepSeek-V3)."""
+    torch.manual_seed(seed)
+    model = DeepseekV3(cfg, absorbed=False)
+    out_proj = ("o_proj.weight", "down_proj.weight")
+    n_blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                p.zero_()
+                p.requires_grad_(False)  # moved by the balancing rule, not by gradients
+            elif p.dim() == 1:
+                p.fill_(1.0)  # RMSNorm weights
+            else:
+                std = 0.02 / math.sqrt(2 * n_blocks) if name.endswith(out_proj) else 0.02
+                p.normal_(0.0, std)
+    for m in model.mtp:
+        m.embed_tokens = model.model.embed_tokens
+        m.shared_head.head = model.lm_head
+    return model
+
+
+def losses(model: DeepseekV3, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """tokens [B, T] -> trunk CE, [CE of MTP depth k for each k]."""
+    b, t = tokens.shape
+    pos = torch.arange(t)[None].expand(b, t)  # [B, T]
+    out = model(tokens, pos)
+    trunk = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+    hidden, mtp = out.hidden, []  # [B, T, H]
+    for k in range(len(model.mtp)):
+        n = t - k - 1  # positions depth k sees
+        o = model.mtp_forward(k, tokens[:, k + 1 :], hidden[:, :n], pos[:, k + 1 :])
+        mtp.append(F.cross_entropy(o.logits[:, : n - 1].flatten(0, 1), tokens[:, k + 2 :].flatten()))
+        hidden = o.hidden  # [B, n, H]
+    return trunk, mtp
+
+
+class _LoadCounter:
+    """Counts how many tokens each router sends to each expert (forward hooks)."""
+
+    def __init__(self, model: nn.Module):
+        self.routers = [m for m in model.modules() if isinstance(m, Router)]
+        self.loads = {id(r): torch.zeros(r.weight.shape[0]) for r in self.routers}
+        self.handles = [r.register_forward_hook(self._hook) for r in self.routers]
+
+    def _hook(self, router, inputs, output) -> None:
+        ids = output[0]  # [N, K]
+        self.loads[id(router)] += torch.bincount(ids.flatten(), minlength=router.weight.shape[0]).float()
+
+    def update_biases(self, speed: float) -> float:
+        """bias += speed * sign(mean load - load); returns the max/mean load ratio seen."""
+        worst = 0.0
+        with torch.no_grad():
+            for r in self.routers:
+                load = self.loads[id(r)]
+                if load.sum() > 0:
+                    r.e_score_correction_bias += speed * torch.sign(load.mean() - load)
+                    worst = max(worst, float(load.max() / load.mean()))
+                load.zero_()
+        return worst
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def windows(stream: np.ndarray, n: int, seq_len: int, rng: np.random.Generator) -> torch.Tensor:
+    """n random windows [n, seq_len] int64 from a token stream."""
+    starts = rng.integers(0, len(stream) - seq_len, size=n)
+    return torch.from_numpy(np.stack([stream[s : s + seq_len] for s in starts]).astype(np.int64))
+
+
+def lr_at(tc: TrainConfig, step: int) -> float:
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    frac = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+@torch.no_grad()
+def evaluate(model: DeepseekV3, batch: torch.Tensor, chunk: int = 8) -> dict:
+    """Mean CE of trunk and each MTP depth over fixed held-out windows [N, T]."""
+    model.eval()
+    sums = None
+    for i in range(0, len(batch), chunk):
+        trunk, mtp = losses(model, batch[i : i + chunk])
+        vals = [float(trunk), *map(float, mtp)]
+        sums = vals if sums is None else [a + b for a, b in zip(sums, vals)]
+    model.train()
+    n = math.ceil(len(batch) / chunk)
+    return {"trunk": sums[0] / n, "mtp": [v / n for v in sums[1:]]}
+
+
+def train(
+    tc: TrainConfig,
+    train_stream: np.ndarray,
+    heldout_stream: np.ndarray,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> tuple[DeepseekV3, dict]:
+    """Train from scratch; returns the model (fp32) and a history with losses and held-out figures."""
+    rng = np.random.default_rng(tc.seed)
+    eval_batch = windows(heldout_stream, tc.eval_windows, tc.seq_len, np.random.default_rng(tc.seed + 1))
+    model = build_model(tc.model, tc.seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.lr, betas=(0.9, 0.95), eps=1e-8,
+    )  # fmt: skip
+    counter = _LoadCounter(model)
+    history: dict = {"steps": [], "start_heldout": evaluate(model, eval_batch)}
+    t0 = time.perf_counter()
+    for step in range(tc.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(tc, step)
+        tokens = windows(train_stream, tc.batch, tc.seq_len, rng)
+        trunk, mtp = losses(model, tokens)
+        loss = trunk + tc.mtp_lambda * torch.stack(mtp).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        imbalance = counter.update_biases(tc.bias_update)
+        row = {"step": step, "loss": loss.item(), "trunk": trunk.item(), "mtp": [m.item() for m in mtp],
+               "max_load": imbalance, "s": time.perf_counter() - t0}  # fmt: skip
+        history["steps"].append(row)
+        if on_step is not None:
+            on_step(step, row)
+    counter.close()
+    history["heldout"] = evaluate(model, eval_batch)
+    history["train_seconds"] = time.perf_counter() - t0
+    model.eval()
+    return model, history
+
+
+# -- saving ----------------------------------------------------------------------------------------
+def save_checkpoint(model: DeepseekV3, out: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """DeepSeek-V3 Hugging Face layout: config.json, generation_config.json, model.safetensors.
+
+    MTP modules go to model.layers.{L+k}; their embedding/head copies are left out (they are the
+    trunk's; readers fall back to it). Routers stay fp32, as DeepSeek ships them.
+    """
+    from safetensors.torch import save_file
+
+    cfg = dataclasses.replace(model.cfg, torch_dtype=str(dtype).removeprefix("torch."))
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name in checkpoint_names(cfg, mtp_copies=False):
+        t = model.get_parameter(param_name(cfg, name)).detach()
+        keep_fp32 = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
+        tensors[name] = t.float().contiguous() if keep_fp32 else t.to(dtype).contiguous()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, "official"), indent=2) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids), "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return out
