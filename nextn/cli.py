@@ -70,14 +70,17 @@ def format_summary(s: dict) -> str:
 
 
 @cli.command()
-@click.argument("path", type=click.Path())
+@click.argument("path", type=click.Path(), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(path: str, as_json: bool) -> None:
+def inspect(path: str | None, as_json: bool) -> None:
     """Summarize a checkpoint folder (config, parameters, dtypes, MTP depth, KV-cache size) or an
-    exported artifact (graphs, their inputs and outputs, files, validation)."""
+    exported artifact (graphs, their inputs and outputs, files, validation). Default: the embedded model."""
     from pathlib import Path
 
+    from nextn.embedded import embedded_checkpoint
     from nextn.export.manifest import MANIFEST
+
+    path = path or str(embedded_checkpoint())
 
     if (Path(path) / MANIFEST).is_file():
         from nextn.export.summary import format_artifact, summarize_artifact
@@ -92,7 +95,7 @@ def inspect(path: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.argument("checkpoint", type=click.Path())
+@click.argument("checkpoint", type=click.Path(), required=False)
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Artifact folder to write.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
 @click.option("--mtp-layers", type=int, default=None, help="MTP modules to export [default: all].")
@@ -100,9 +103,13 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--attention", type=click.Choice(["absorbed", "naive"]), default="absorbed", show_default=True,
               help="MLA form in the graphs (BENCHMARKS.md measures both).")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-def export(checkpoint: str, out: str, dtype: str, mtp_layers: int | None, opset: int, attention: str, force: bool):
-    """Export the trunk and each MTP module of CHECKPOINT as validated ONNX graphs."""
+def export(checkpoint: str | None, out: str, dtype: str, mtp_layers: int | None, opset: int, attention: str,
+           force: bool):  # fmt: skip
+    """Export the trunk and each MTP module of CHECKPOINT (default: the embedded model) as validated ONNX graphs."""
+    from nextn.embedded import embedded_checkpoint
     from nextn.export.exporter import ExportOptions, export_checkpoint
+
+    checkpoint = checkpoint or str(embedded_checkpoint())
     from nextn.export.summary import format_validation
 
     opts = ExportOptions(dtype=dtype, mtp_layers=mtp_layers, opset=opset, attention=attention, force=force)
@@ -115,7 +122,7 @@ def export(checkpoint: str, out: str, dtype: str, mtp_layers: int | None, opset:
 
 
 @cli.command()
-@click.argument("artifact", type=click.Path())
+@click.argument("artifact", type=click.Path(), required=False)
 @click.option("--prompt", help="Prompt text (needs the artifact's tokenizer.json).")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
@@ -132,7 +139,8 @@ def export(checkpoint: str, out: str, dtype: str, mtp_layers: int | None, opset:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def run(artifact, prompt, prompt_ids, max_new_tokens, draft, temperature, top_k, top_p, seed, stop, backend,
         device, threads, prepack, as_json):  # fmt: skip
-    """Generate from an exported ARTIFACT: text streams to stdout, stats go to stderr."""
+    """Generate from an exported ARTIFACT (default: the embedded model, exported on first use): text
+    streams to stdout, stats go to stderr."""
     import sys
 
     import nextn
@@ -144,6 +152,7 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, draft, temperature, top_k,
             prompt = [int(x) for x in prompt_ids.split(",") if x.strip()]
         except ValueError:
             raise NextnError(f"--prompt-ids {prompt_ids!r}: expected comma-separated integers") from None
+    artifact = artifact or _embedded_artifact()
     kwargs = dict(max_new_tokens=max_new_tokens, draft=draft, temperature=temperature, top_k=top_k, top_p=top_p,
                   seed=seed, stop=list(stop) or None)  # fmt: skip
     with nextn.load(artifact, backend=backend, device=device, threads=threads, prepack=prepack) as model:
@@ -164,6 +173,143 @@ def _format_stats(s: dict) -> str:
             f"{s['tokens_per_s']:.1f} tok/s; {s['steps']} verify steps, acceptance per position [{per_pos}], "
             f"mean acceptance length {s['mean_acceptance_length']:.2f}; time trunk {t['trunk']:.0f} ms, "
             f"MTP {t['mtp']:.0f} ms, host {t['host']:.0f} ms")  # fmt: skip
+
+
+def _int_list(flag: str, value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise NextnError(f"{flag} {value!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not out:
+        raise NextnError(f"{flag}: give at least one value")
+    return out
+
+
+def _name_list(flag: str, value: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    out = tuple(x.strip() for x in value.split(",") if x.strip() and x.strip() != "none")
+    bad = [x for x in out if x not in allowed]
+    if bad:
+        raise NextnError(f"{flag} {bad[0]!r}: expected one of {', '.join(allowed)}")
+    return out
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(), required=False)
+@click.option("--draft", "drafts", default="0,1,2,3", show_default=True, help="Draft depths K to measure.")
+@click.option("--batch", "batches", default="1", show_default=True, help="Batch sizes to measure.")
+@click.option("--prompt-len", type=int, default=64, show_default=True)
+@click.option("--gen-len", type=int, default=128, show_default=True)
+@click.option("--prompts", "prompts_file", type=click.Path(), default=None,
+              help="Prompts: text (one per line) or .jsonl [default: held-out Python stdlib files].")
+@click.option("--backend", "backends", default="ort", show_default=True, help="ort, torch, or both: ort,torch.")
+@click.option("--baseline", "baselines", default="auto", show_default=True,
+              help="transformers (eager generate, use_mtp off and on), none, or auto: transformers when installed.")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per configuration.")
+@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--threads", type=int, default=1, show_default=True, help="Intra-op threads, for every backend.")
+@click.option("--json", "json_out", type=click.Path(), default=None, help="Write every raw figure to this file.")
+@click.option("--plot", "plot_out", type=click.Path(), default=None, help="Write a PNG plot to this file.")
+@click.option("--sweep", "sweep", default=None,
+              help="Instead: the model-size sweep over these sizes (tiny,10m,30m,70m,270m,1b), projected with "
+                   "ARTIFACT's acceptance.")  # fmt: skip
+@click.option("--sweep-dir", type=click.Path(), default=None,
+              help="Where the sweep keeps its checkpoints and exports [default: the cache folder].")
+def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends, baselines, repeats, warmup,
+          threads, json_out, plot_out, sweep, sweep_dir):  # fmt: skip
+    """Latency per token of ARTIFACT (default: the embedded model) at each draft depth, with baselines."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    if sweep:
+        from nextn.bench.report import write_json, write_sweep_plot
+        from nextn.bench.sweep import run_sweep, sweep_table
+        from nextn.embedded import cache_root
+
+        artifact = artifact or _embedded_artifact()
+        root = Path(sweep_dir) if sweep_dir else cache_root() / "sweep"
+        with _progress("sweep") as progress:
+            doc = run_sweep([s.strip() for s in sweep.split(",") if s.strip()], root, Path(artifact),
+                            past=prompt_len, max_draft=max(_int_list("--draft", drafts)), threads=threads,
+                            progress=progress)  # fmt: skip
+        if json_out:
+            write_json(doc, Path(json_out))
+        if plot_out:
+            write_sweep_plot(doc, Path(plot_out))
+        Console(width=200).print(sweep_table(doc))
+        return
+
+    from nextn.bench.latency import BenchConfig
+    from nextn.bench.report import ratio_lines, results_table, write_json, write_plot
+    from nextn.bench.run import run_bench
+
+    if baselines == "auto":
+        import importlib.util
+
+        baselines = "transformers" if importlib.util.find_spec("transformers") else "none"
+        if baselines == "none":
+            click.echo("note: transformers is not installed, so no baseline is measured", err=True)
+    cfg = BenchConfig(drafts=_int_list("--draft", drafts), batches=_int_list("--batch", batches),
+                      prompt_len=prompt_len, gen_len=gen_len, backends=_name_list("--backend", backends, ("ort", "torch")),
+                      baselines=_name_list("--baseline", baselines, ("transformers",)), warmup=warmup, repeats=repeats,
+                      threads=threads)  # fmt: skip
+    if not cfg.backends:
+        raise NextnError("--backend: give at least one of ort, torch")
+    artifact = artifact or _embedded_artifact()
+    with _progress("bench") as progress:
+        doc = run_bench(artifact, cfg, Path(prompts_file) if prompts_file else None, progress)
+    if json_out:
+        write_json(doc, Path(json_out))
+    if plot_out:
+        write_plot(doc, Path(plot_out))
+    console = Console(width=160)
+    console.print(results_table(doc))
+    for line in ratio_lines(doc):
+        click.echo(line)
+    for what, path in (("JSON", json_out), ("plot", plot_out)):
+        if path:
+            click.echo(f"wrote {what} {path}")
+
+
+def _embedded_artifact() -> str:
+    from nextn.embedded import embedded_artifact
+
+    with _progress("export the embedded model (once)") as progress:
+        return str(embedded_artifact(progress))
+
+
+@cli.command()
+@click.option("--prompt", default=None, help="Prompt text [default: the start of a Python function].")
+@click.option("--max-new-tokens", type=int, default=160, show_default=True)
+@click.option("--draft", type=int, default=3, show_default=True, help="Tokens drafted per step in the drafting run.")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per mode (the median is shown).")
+@click.option("--threads", type=int, default=1, show_default=True, help="Intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def demo(prompt, max_new_tokens, draft, repeats, threads, as_json):
+    """Export the embedded model (cached), generate with drafting off and on, show acceptance and speedup."""
+    from nextn.demo import DEFAULT_PROMPT, run_demo
+
+    with _progress("demo") as progress:
+        r = run_demo(prompt or DEFAULT_PROMPT, max_new_tokens, draft, repeats, threads, progress)
+    if as_json:
+        click.echo(json.dumps(r.to_dict()))
+        return
+    p, d = r.plain, r.drafted
+    per_pos = ", ".join(f"{a:.0%}" for a in d["accepted_per_position"])
+    click.echo(f"artifact: {r.artifact}")
+    click.echo("--- prompt ---")
+    click.echo(r.prompt.rstrip("\n"))
+    click.echo("--- greedy continuation " + ("(identical with and without drafting) ---" if r.identical
+                                           else "(DIFFERS between the two runs: please report) ---"))  # fmt: skip
+    click.echo(r.text)
+    click.echo("---")
+    click.echo(f"drafting off:      {p['tokens_per_s']:8.1f} tok/s  TPOT {p['tpot_ms']:.2f} ms  "
+               f"({p['new_tokens']} tokens, median of {repeats} runs)")  # fmt: skip
+    click.echo(f"drafting K={r.draft}:      {d['tokens_per_s']:8.1f} tok/s  TPOT {d['tpot_ms']:.2f} ms  "
+               f"acceptance per position [{per_pos}], mean acceptance length {d['mean_acceptance_length']:.2f}")  # fmt: skip
+    click.echo(f"speedup (TPOT):    {r.speedup:.2f}x")
+    if not r.identical:
+        raise NextnError("drafting changed the greedy output")
 
 
 class _progress:

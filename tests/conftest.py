@@ -70,3 +70,21 @@ def tiny_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokart") / "a"
     export_checkpoint(ckpt, out, ExportOptions())
     return out
+
+
+@pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory):
+    """NEXTN_CACHE pointed at a session folder, and the embedded model exported into it once."""
+    import os
+
+    from nextn.embedded import embedded_artifact
+
+    old = os.environ.get("NEXTN_CACHE")
+    os.environ["NEXTN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        yield embedded_artifact()
+    finally:
+        if old is None:
+            os.environ.pop("NEXTN_CACHE", None)
+        else:
+            os.environ["NEXTN_CACHE"] = old

@@ -111,7 +111,7 @@ def generate_batch(
             step_tokens = [*drafts[r][:a], tok]
             rows[r].tokens += step_tokens
             new[r] += step_tokens
-            stats[r].record_step(k, a)
+            stats[r].record_step(k, a, (time.perf_counter() - t0) * 1e3)
             done[r] = dec._done(new[r], budgets[r], eos_ids, stop)
         t += s
 

@@ -52,9 +52,14 @@ class Stats:
     accepted_per_position: list[int] = field(default_factory=list)
     trunk_ms: float = 0.0
     mtp_ms: float = 0.0
+    step_end_ms: list[float] = field(default_factory=list)  # since the call started, per verify step
+    step_tokens: list[int] = field(default_factory=list)  # tokens emitted by each verify step
 
-    def record_step(self, drafted: int, accepted: int) -> None:
-        """One verify pass that checked `drafted` drafts and accepted the first `accepted`."""
+    def record_step(self, drafted: int, accepted: int, end_ms: float) -> None:
+        """One verify pass, ending `end_ms` after the call started, that checked `drafted` drafts and
+        accepted the first `accepted` (so it emitted accepted + 1 tokens)."""
+        self.step_end_ms.append(end_ms)
+        self.step_tokens.append(accepted + 1)
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
@@ -86,10 +91,14 @@ class Stats:
             "steps": self.steps,
             "drafted": self.drafted,
             "accepted": self.accepted,
+            "drafted_per_position": list(self.drafted_per_position),
             "accepted_per_position": [a / d if d else 0.0 for a, d in
                                       zip(self.accepted_per_position, self.drafted_per_position)],  # fmt: skip
             "mean_acceptance_length": self.mean_acceptance_length,
             "time_ms": {"trunk": self.trunk_ms, "mtp": self.mtp_ms, "host": host, "total": self.total_ms},
+            # per verify step: its duration and the tokens it emitted (per-token latency = ms / tokens)
+            "step_ms": np.diff([self.ttft_ms, *self.step_end_ms]).tolist(),
+            "step_tokens": list(self.step_tokens),
         }
 
 
@@ -228,7 +237,7 @@ class Decoder:
             logits, _ = self._trunk(st, [st.tokens[n], *drafts], stats)  # [K+1, V]
             a, token = accept_drafts(logits, drafts, params, rng)
             st.n = n + a + 1  # roll back the rejected drafts' cache slots
-            stats.record_step(k, a)
+            stats.record_step(k, a, (time.perf_counter() - t0) * 1e3)
             step_tokens = [*drafts[:a], token]
             st.tokens += step_tokens
             new += step_tokens

@@ -1,0 +1,150 @@
+"""nextn's own runs: every (backend, batch, K) on the same prompts, warm-up then repeated runs.
+
+EOS is ignored so every run generates exactly `gen_len` tokens (runs of different lengths are not
+comparable). Per-token latency samples come from each verify step: a step of `ms` that emitted `n`
+tokens contributes n samples of ms / n, so drafting shows up in the percentiles as it does to a reader
+of the stream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from nextn.errors import NextnError
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    drafts: tuple[int, ...] = (0, 1, 2, 3)
+    batches: tuple[int, ...] = (1,)
+    prompt_len: int = 64
+    gen_len: int = 128
+    backends: tuple[str, ...] = ("ort",)
+    baselines: tuple[str, ...] = ()  # "transformers"
+    warmup: int = 1
+    repeats: int = 5
+    threads: int = 1
+
+
+def percentiles(values) -> dict:
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0:
+        return {"median": None, "p90": None, "p99": None, "mean": None, "n": 0}
+    return {"median": float(np.median(v)), "p90": float(np.percentile(v, 90)), "p99": float(np.percentile(v, 99)),
+            "mean": float(v.mean()), "n": int(v.size)}  # fmt: skip
+
+
+# -- prompts ---------------------------------------------------------------------------------------
+def load_prompts(path: Path | None, tokenizer, vocab: int, prompt_len: int, n: int) -> list[list[int]]:
+    """Prompts as token ids, each at most `prompt_len` tokens.
+
+    FILE: .jsonl ({"prompt": text} or {"token_ids": [...]} per line), or text with one prompt per line
+    ("\\n" inside a line is a newline). Default: the first `prompt_len` tokens of the Python standard
+    library's held-out files (the embedded model never trained on them), or seeded random ids when the
+    artifact has no tokenizer.
+    """
+    if path is not None:
+        prompts = _prompts_from_file(Path(path), tokenizer)
+    elif tokenizer is not None:
+        from nextn.train.corpus import read_text, stdlib_corpus
+
+        prompts = []
+        for f in stdlib_corpus().heldout:
+            ids = tokenizer.encode(read_text(f)).ids
+            if len(ids) >= prompt_len:
+                prompts.append(ids[:prompt_len])
+            if len(prompts) == n:
+                break
+    else:
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(2, vocab, size=prompt_len).tolist() for _ in range(n)]
+    prompts = [p[:prompt_len] for p in prompts if p]
+    if not prompts:
+        raise NextnError(f"--prompts {path}: no prompts in the file")
+    bad = [(i, t) for i, p in enumerate(prompts) for t in p if not 0 <= t < vocab]
+    if bad:
+        raise NextnError(f"--prompts {path}: prompt {bad[0][0]} has token id {bad[0][1]} outside [0, {vocab})")
+    return prompts
+
+
+def _prompts_from_file(path: Path, tokenizer) -> list[list[int]]:
+    if not path.is_file():
+        raise NextnError(f"--prompts {path}: no such file")
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NextnError(f"--prompts {path}:{i}: not JSON ({e.msg})") from None
+            if isinstance(rec, dict) and isinstance(rec.get("token_ids"), list):
+                out.append([int(t) for t in rec["token_ids"]])
+                continue
+            if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str)):
+                raise NextnError(f'--prompts {path}:{i}: expected {{"prompt": text}} or {{"token_ids": [...]}}')
+            text = rec["prompt"]
+        else:
+            text = line.replace("\\n", "\n")
+        if tokenizer is None:
+            raise NextnError(f"--prompts {path}: text prompts need the artifact's tokenizer.json (use token_ids)")
+        out.append(tokenizer.encode(text).ids)
+    return out
+
+
+# -- runs ------------------------------------------------------------------------------------------
+def batch_of(prompts: list[list[int]], run: int, batch: int) -> list[list[int]]:
+    """The prompts of run `run`: consecutive, wrapping around, so runs cycle through the set."""
+    return [prompts[(run * batch + j) % len(prompts)] for j in range(batch)]
+
+
+def measure(model, prompts: list[list[int]], batch: int, draft: int, cfg: BenchConfig, tick=None) -> dict:
+    """Warm-up + repeated generations at one (batch, K); returns raw figures and their summaries."""
+    runs = []
+    for i in range(cfg.warmup + cfg.repeats):
+        group = batch_of(prompts, i, batch)
+        res = model.generate(group if batch > 1 else group[0], max_new_tokens=cfg.gen_len, draft=draft)
+        rows = res if isinstance(res, list) else [res]
+        if i >= cfg.warmup:
+            runs.append([r.stats for r in rows])
+        if tick:
+            tick()
+    return summarize(runs, draft)
+
+
+def summarize(runs: list[list[dict]], draft: int) -> dict:
+    """runs: per run, the stats of each batch row (see runtime.decoder.Stats.to_dict)."""
+    token_lat, drafted, accepted = [], np.zeros(draft), np.zeros(draft)
+    steps = acc = 0
+    for rows in runs:
+        for s in rows:
+            for ms, n in zip(s["step_ms"], s["step_tokens"]):
+                token_lat += [ms / n] * n
+            steps += s["steps"]
+            acc += s["accepted"]
+            for i, d in enumerate(s["drafted_per_position"][:draft]):
+                drafted[i] += d
+                accepted[i] += round(s["accepted_per_position"][i] * d)
+    total_ms = [rows[0]["time_ms"]["total"] for rows in runs]
+    new_tokens = [sum(s["new_tokens"] for s in rows) for rows in runs]
+    host = sum(s["time_ms"]["host"] for rows in runs for s in rows[:1])
+    return {
+        "ttft_ms": percentiles(rows[0]["ttft_ms"] for rows in runs),
+        "tpot_ms": percentiles(np.mean([s["tpot_ms"] for s in rows]) for rows in runs),
+        "token_latency_ms": percentiles(token_lat),
+        "tokens_per_s": percentiles(n / (ms / 1e3) for n, ms in zip(new_tokens, total_ms)),
+        "ms_per_token": percentiles(ms / (n / len(rows)) for ms, n, rows in zip(total_ms, new_tokens, runs)),
+        "mean_acceptance_length": 1 + acc / steps if steps else 1.0,
+        "accepted_per_position": [float(a / d) if d else 0.0 for a, d in zip(accepted, drafted)],
+        "drafted_per_position": drafted.astype(int).tolist(),
+        "host_fraction": host / sum(total_ms) if total_ms else 0.0,
+        "runs": runs,
+    }

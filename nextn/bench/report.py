@@ -1,0 +1,129 @@
+"""The terminal table, the JSON document and the PNG plot of a benchmark result."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def _f(x, fmt: str = "{:.2f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def results_table(doc: dict):
+    from rich.table import Table
+
+    m = doc["machine"]
+    t = Table(title=f"nextn bench: {Path(doc['artifact']).name} ({doc['dtype']}) on {m['cpu']}, "
+                    f"{m['threads_used']} thread(s) of {m['cores']} cores")  # fmt: skip
+    for col in ("backend", "batch", "K", "TTFT ms", "TPOT ms", "token ms p50/p90/p99", "tok/s", "accept len",
+                "accept per position", "vs K=0"):  # fmt: skip
+        t.add_column(col, justify="left" if col in ("backend", "accept per position") else "right")
+    for r in doc["results"]:
+        lat = r["token_latency_ms"]
+        per_pos = " ".join(f"{a:.2f}" for a in r.get("accepted_per_position", [])) or "-"
+        t.add_row(
+            r["backend"], str(r["batch"]), str(r["draft"]), _f(r["ttft_ms"]["median"]), _f(r["tpot_ms"]["median"], "{:.3f}"),
+            f"{_f(lat['median'], '{:.3f}')}/{_f(lat['p90'], '{:.3f}')}/{_f(lat['p99'], '{:.3f}')}",
+            _f(r["tokens_per_s"]["median"], "{:.1f}"), _f(r.get("mean_acceptance_length")), per_pos,
+            _f(r.get("speedup_vs_k0"), "{:.2f}x"),
+        )  # fmt: skip
+    return t
+
+
+def ratio_lines(doc: dict) -> list[str]:
+    lines = []
+    for q in doc["ratios"]:
+        s = (f"{q['backend']} batch {q['batch']}: best K={q['best_draft']} is {q['best_speedup_vs_k0']:.2f}x "
+             f"faster per token than K=0")  # fmt: skip
+        if "vs_transformers" in q:
+            s += f"; K=0 is {q['vs_transformers']:.2f}x faster than transformers generate"
+        if "vs_transformers_mtp" in q:
+            s += f"; K={q['best_draft']} is {q['vs_transformers_mtp']:.2f}x faster than generate(use_mtp=True)"
+        lines.append(s + " (TPOT medians)")
+    return lines
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename: never a half-written output."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(doc: dict, path: Path) -> None:
+    write_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def write_plot(doc: dict, path: Path) -> None:
+    """Per-token latency (TPOT) and tokens/s against K, one line per (backend, batch); baselines dashed."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[tuple[str, int], list[dict]] = {}
+    for r in doc["results"]:
+        series.setdefault((r["backend"], r["batch"]), []).append(r)
+    for (backend, batch), rows in series.items():
+        rows = sorted(rows, key=lambda r: r["draft"])
+        ks = [r["draft"] for r in rows]
+        label = f"{backend}, batch {batch}"
+        style = dict(marker="o") if not backend.startswith("transformers") else dict(marker="s", linestyle="--")
+        ax1.plot(ks, [r["tpot_ms"]["median"] for r in rows], label=label, **style)
+        ax2.plot(ks, [r["tokens_per_s"]["median"] for r in rows], label=label, **style)
+    from matplotlib.ticker import MaxNLocator
+
+    ax1.set(xlabel="draft tokens per step (K)", ylabel="per-token latency, TPOT median (ms)", yscale="log")
+    ax2.set(xlabel="draft tokens per step (K)", ylabel="tokens/s (median)", yscale="log")
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2.legend(fontsize=8)
+    fig.suptitle(f"{Path(doc['artifact']).name}: {doc['machine']['cpu']}, {doc['machine']['threads_used']} thread(s)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+def write_sweep_plot(doc: dict, path: Path) -> None:
+    """Projected speedup against model size, one line per K; verify and MTP cost beside it."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc["rows"] if r["size"] != "embedded"]
+    params = [r["parameters"]["total"] / 1e6 for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for k in sorted({k for r in rows for k in r["projected_speedup"]}, key=int):
+        ax1.plot(params, [r["projected_speedup"][k] for r in rows], marker="o", label=f"K={k}")
+        ax2.plot(params, [r["verify_cost"][k] for r in rows], marker="o", label=f"verify {int(k) + 1} tokens / 1")
+    ax2.plot(params, [r["mtp_cost"] for r in rows], marker="s", linestyle="--", label="MTP module / trunk")
+    ax1.set(xscale="log", xlabel="parameters (M)", ylabel="projected speedup over K=0")
+    ax2.set(xscale="log", xlabel="parameters (M)", ylabel="cost relative to a 1-token trunk step")
+    for ax in (ax1, ax2):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"model-size sweep: {doc['machine']['cpu']}, {doc['machine']['threads_used']} thread(s)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())

@@ -1,0 +1,111 @@
+"""One benchmark run: nextn at every (backend, batch, K) and the baselines, on the same prompts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from nextn.bench.latency import BenchConfig, Progress, load_prompts, measure
+from nextn.bench.machine import machine_info
+from nextn.errors import NextnError
+
+log = logging.getLogger(__name__)
+
+
+def run_bench(artifact: str | Path, cfg: BenchConfig, prompts_file: Path | None = None,
+              progress: Progress | None = None) -> dict:  # fmt: skip
+    import torch
+
+    import nextn
+    from nextn.export.manifest import read_manifest
+
+    artifact = Path(artifact)
+    manifest = read_manifest(artifact, verify=False)
+    n_mtp = manifest["config"]["num_nextn_predict_layers"]
+    if max(cfg.drafts) > 0 and n_mtp == 0:
+        raise NextnError(f"--draft {max(cfg.drafts)}: {artifact} has no MTP module")
+    if min(cfg.drafts) < 0 or min(cfg.batches) < 1 or cfg.repeats < 1 or cfg.gen_len < 2 or cfg.prompt_len < 1:
+        raise NextnError("--draft must be >= 0; --batch, --repeats, --prompt-len >= 1; --gen-len >= 2")
+    total = len(cfg.backends) * len(cfg.batches) * len(cfg.drafts) * (cfg.warmup + cfg.repeats)
+    if "transformers" in cfg.baselines:
+        total += (len(cfg.batches) + (n_mtp > 0)) * (cfg.warmup + cfg.repeats)
+    done = [0]
+
+    def tick(what: str):
+        def f():
+            done[0] += 1
+            if progress:
+                progress(what, done[0], total)
+
+        return f
+
+    torch.set_num_threads(cfg.threads)  # the transformers baseline and the torch backend
+    results: list[dict] = []
+    prompts = None
+    t0 = time.perf_counter()
+    for backend in cfg.backends:
+        with nextn.load(artifact, backend=backend, threads=cfg.threads) as model:
+            model.eos_ids = ()  # every run generates exactly gen_len tokens
+            if prompts is None:
+                prompts = load_prompts(prompts_file, model.tokenizer, manifest["config"]["vocab_size"],
+                                       cfg.prompt_len, max(4, max(cfg.batches) * 2))  # fmt: skip
+            for batch in cfg.batches:
+                for k in cfg.drafts:
+                    r = measure(model, prompts, batch, k, cfg, tick(f"{backend} batch {batch} K={k}"))
+                    results.append({"backend": backend, "batch": batch, "draft": k, **r})
+
+    if "transformers" in cfg.baselines:
+        from nextn.bench.baselines import load_transformers, measure_transformers
+
+        hf, hf_mtp = load_transformers(Path(manifest["source"]))
+        for batch in cfg.batches:
+            r = measure_transformers(hf, prompts, batch, False, cfg, tick(f"transformers batch {batch}"))
+            results.append({"backend": "transformers", "batch": batch, "draft": 0, **r})
+        if hf_mtp:  # transformers' MTP decoding runs batch 1 only
+            r = measure_transformers(hf, prompts, 1, True, cfg, tick("transformers use_mtp"))
+            results.append({"backend": "transformers+mtp", "batch": 1, "draft": hf_mtp, **r})
+
+    _speedups(results)
+    return {
+        "artifact": str(artifact),
+        "checkpoint": manifest.get("source"),
+        "dtype": manifest["dtype"],
+        "machine": machine_info(cfg.threads),
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.__dict__.items()},
+        "prompts": {"source": str(prompts_file) if prompts_file else "default", "count": len(prompts),
+                    "lengths": [len(p) for p in prompts]},  # fmt: skip
+        "eos": "ignored (every run generates gen_len tokens)",
+        "results": results,
+        "ratios": _ratios(results),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _speedups(results: list[dict]) -> None:
+    """speedup_vs_k0: median TPOT at K = 0 over median TPOT at this K, same backend and batch."""
+    base = {(r["backend"], r["batch"]): r["tpot_ms"]["median"] for r in results if r["draft"] == 0}
+    for r in results:
+        b = base.get((r["backend"], r["batch"]))
+        r["speedup_vs_k0"] = b / r["tpot_ms"]["median"] if b else None
+
+
+def _ratios(results: list[dict]) -> list[dict]:
+    """Each nextn backend against the baselines, per batch: plain vs plain, best K vs transformers' MTP."""
+    out = []
+    find = {(r["backend"], r["batch"], r["draft"]): r for r in results}
+    for r in results:
+        if r["backend"] in ("transformers", "transformers+mtp") or r["draft"] != 0:
+            continue
+        b = r["batch"]
+        best = min((x for x in results if x["backend"] == r["backend"] and x["batch"] == b),
+                   key=lambda x: x["tpot_ms"]["median"])  # fmt: skip
+        out.append({"backend": r["backend"], "batch": b, "best_draft": best["draft"],
+                    "best_speedup_vs_k0": best["speedup_vs_k0"]})  # fmt: skip
+        hf = find.get(("transformers", b, 0))
+        if hf:
+            out[-1]["vs_transformers"] = hf["tpot_ms"]["median"] / r["tpot_ms"]["median"]
+        mtp = next((x for x in results if x["backend"] == "transformers+mtp" and x["batch"] == b), None)
+        if mtp:
+            out[-1]["vs_transformers_mtp"] = mtp["tpot_ms"]["median"] / best["tpot_ms"]["median"]
+    return out

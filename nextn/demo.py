@@ -1,0 +1,77 @@
+"""`nextn demo`: the whole pipeline on the embedded model in one call.
+
+Export (cached), then the same greedy generation with drafting off and on: the tokens must be
+identical (lossless), the drafting run shows per-position acceptance and the speedup. Each mode runs
+`repeats` times after a warm-up and the median run is reported, because single runs on a shared
+2-core machine are noisy.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+DEFAULT_PROMPT = '''import os
+
+
+def list_python_files(root):
+    """Return the paths of all Python files under root."""
+'''
+
+
+@dataclass
+class DemoResult:
+    artifact: str
+    prompt: str
+    text: str  # the generated continuation (same in both modes)
+    identical: bool  # drafting changed no token
+    draft: int
+    plain: dict  # stats of the median run without drafting
+    drafted: dict  # stats of the median run with drafting
+
+    @property
+    def speedup(self) -> float:
+        return self.plain["tpot_ms"] / self.drafted["tpot_ms"]
+
+    def to_dict(self) -> dict:
+        return {"artifact": self.artifact, "prompt": self.prompt, "text": self.text, "identical": self.identical,
+                "draft": self.draft, "speedup": self.speedup, "plain": self.plain, "drafted": self.drafted}  # fmt: skip
+
+
+def run_demo(
+    prompt: str = DEFAULT_PROMPT,
+    max_new_tokens: int = 160,
+    draft: int = 3,
+    repeats: int = 5,
+    threads: int = 1,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> DemoResult:
+    import nextn
+    from nextn.embedded import embedded_artifact
+    from nextn.errors import NextnError
+
+    if draft < 1 or repeats < 1 or max_new_tokens < 1:
+        raise NextnError("--draft, --repeats and --max-new-tokens must be at least 1")
+
+    artifact = embedded_artifact(progress)
+    with nextn.load(artifact, threads=threads) as model:
+        if progress:
+            progress("generate", 1, 2 * repeats + 1)
+        model.generate(prompt, max_new_tokens=16, draft=draft)  # warm-up: first-run allocations
+        runs: dict[int, list] = {0: [], draft: []}
+        i = 1
+        for _ in range(repeats):
+            for k in runs:  # interleaved, so drift on the machine hits both modes alike
+                i += 1
+                if progress:
+                    progress(f"generate (draft {k})", i, 2 * repeats + 1)
+                runs[k].append(model.generate(prompt, max_new_tokens=max_new_tokens, draft=k))
+    plain, drafted = (_median_run(runs[0]), _median_run(runs[draft]))
+    identical = all(r.token_ids == runs[0][0].token_ids for k in runs for r in runs[k])
+    return DemoResult(str(artifact), prompt, plain.text or "", identical, draft, plain.stats, drafted.stats)
+
+
+def _median_run(results: list):
+    tpot = statistics.median_low(r.stats["tpot_ms"] for r in results)
+    return next(r for r in results if r.stats["tpot_ms"] == tpot)

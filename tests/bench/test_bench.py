@@ -1,0 +1,114 @@
+"""nextn bench: the summaries are computed exactly, the JSON/table/plot come out, a tiny run finishes.
+No timing assertions: figures are whatever this machine gives."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from nextn.bench.latency import batch_of, load_prompts, percentiles, summarize
+from nextn.bench.sweep import SIZES, decode_read_bytes, project
+from nextn.cli import cli
+from nextn.errors import NextnError
+
+
+def _stats(step_ms, step_tokens, drafted_pp, accepted_rate_pp, total=100.0, ttft=10.0):
+    return {"step_ms": step_ms, "step_tokens": step_tokens, "steps": len(step_ms), "accepted": sum(step_tokens) - len(step_ms),
+            "drafted_per_position": drafted_pp, "accepted_per_position": accepted_rate_pp, "ttft_ms": ttft,
+            "tpot_ms": (total - ttft) / (sum(step_tokens)), "new_tokens": sum(step_tokens) + 1,
+            "time_ms": {"total": total, "host": 5.0}}  # fmt: skip
+
+
+def test_summarize_counts_tokens_and_acceptance_exactly():
+    # two steps of K=2: the first accepted both drafts (3 tokens in 6 ms), the second none (1 token in 4 ms)
+    s = _stats([6.0, 4.0], [3, 1], [2, 2], [0.5, 0.5])
+    out = summarize([[s]], draft=2)
+    assert out["token_latency_ms"]["n"] == 4
+    assert out["token_latency_ms"]["median"] == pytest.approx(2.0)  # samples 2, 2, 2, 4
+    assert out["token_latency_ms"]["p99"] == pytest.approx(np.percentile([2, 2, 2, 4], 99))
+    assert out["mean_acceptance_length"] == pytest.approx(2.0)  # 4 tokens / 2 steps
+    assert out["accepted_per_position"] == [0.5, 0.5] and out["drafted_per_position"] == [2, 2]
+    assert out["tokens_per_s"]["median"] == pytest.approx(5 / 0.1)
+    assert out["host_fraction"] == pytest.approx(0.05)
+
+
+def test_percentiles_and_batches():
+    assert percentiles([]) == {"median": None, "p90": None, "p99": None, "mean": None, "n": 0}
+    assert percentiles([1, 2, 3])["median"] == 2
+    assert batch_of([[1], [2], [3]], 1, 2) == [[3], [1]]  # run 1 of batch 2 wraps around
+
+
+def test_projection_formula():
+    costs = {"verify_cost": {1: 1.1, 2: 1.2}, "mtp_cost": 0.1}
+    assert project(costs, {1: 1.8, 2: 2.4}) == pytest.approx({1: 1.8 / 1.2, 2: 2.4 / 1.4})
+
+
+def test_decode_read_bytes_counts_only_the_chosen_experts():
+    cfg = SIZES["tiny"]()
+    from nextn.model.weights import trunk_shapes
+
+    shapes = trunk_shapes(cfg)
+    expert = sum(np.prod(s) for n, s in shapes.items() if ".mlp.experts." in n)
+    dense = sum(np.prod(s) for n, s in shapes.items() if ".mlp.experts." not in n and "embed_tokens" not in n)
+    want = 4 * (dense + expert * cfg.num_experts_per_tok / cfg.n_routed_experts + cfg.hidden_size)
+    assert decode_read_bytes(cfg) == int(want)
+
+
+def test_prompt_files(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"token_ids": [5, 6, 7, 8, 9]}\n\n{"token_ids": [3]}\n')
+    assert load_prompts(tmp_path / "p.jsonl", None, 256, 4, 2) == [[5, 6, 7, 8], [3]]
+    (tmp_path / "bad.jsonl").write_text('{"token_ids": [300]}\n')
+    with pytest.raises(NextnError, match="outside"):
+        load_prompts(tmp_path / "bad.jsonl", None, 256, 4, 2)
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(NextnError, match="no prompts"):
+        load_prompts(tmp_path / "empty.txt", None, 256, 4, 2)
+    (tmp_path / "x.txt").write_text("hello\n")
+    with pytest.raises(NextnError, match="tokenizer"):
+        load_prompts(tmp_path / "x.txt", None, 256, 4, 2)
+
+
+def test_bench_cli_writes_json_table_and_plot(tiny_artifact, tmp_path):
+    out, plot = tmp_path / "b.json", tmp_path / "b.png"
+    r = CliRunner().invoke(cli, ["bench", str(tiny_artifact), "--draft", "0,1,2", "--batch", "1,2", "--repeats", "2",
+                                 "--gen-len", "6", "--prompt-len", "5", "--json", str(out), "--plot", str(plot)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "TPOT ms" in r.output and "faster than transformers generate" in r.output
+    doc = json.loads(out.read_text())
+    assert {"cpu", "cores", "threads_used", "versions"} <= doc["machine"].keys()
+    assert doc["machine"]["versions"]["onnxruntime"]
+    rows = {(x["backend"], x["batch"], x["draft"]) for x in doc["results"]}
+    assert {("ort", b, k) for b in (1, 2) for k in (0, 1, 2)} <= rows
+    assert ("transformers", 1, 0) in rows and ("transformers+mtp", 1, 2) in rows
+    for x in doc["results"]:
+        assert len(x["runs"]) == 2
+        for key in ("ttft_ms", "tpot_ms", "token_latency_ms", "tokens_per_s"):
+            assert {"median", "p90", "p99"} <= x[key].keys() and x[key]["median"] > 0
+        if x["backend"] == "ort":
+            assert x["speedup_vs_k0"] > 0 and len(x["accepted_per_position"]) == x["draft"]
+            assert all(sum(s["new_tokens"] for s in run) == 6 * x["batch"] for run in x["runs"])  # EOS ignored
+    ratio = next(q for q in doc["ratios"] if q["backend"] == "ort" and q["batch"] == 1)
+    assert ratio["vs_transformers"] > 0 and ratio["vs_transformers_mtp"] > 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_bad_flags(tiny_artifact):
+    r = CliRunner().invoke(cli, ["bench", str(tiny_artifact), "--draft", "0,x"])
+    assert r.exit_code == 1 and "--draft" in r.output
+    r = CliRunner().invoke(cli, ["bench", str(tiny_artifact), "--backend", "tensorrt"])
+    assert r.exit_code == 1 and "--backend 'tensorrt'" in r.output
+
+
+@pytest.mark.slow
+def test_sweep_tiny(tiny_artifact, tmp_path):
+    out = tmp_path / "s.json"
+    r = CliRunner().invoke(cli, ["bench", str(tiny_artifact), "--sweep", "tiny", "--sweep-dir", str(tmp_path / "sw"),
+                                 "--draft", "0,1,2", "--json", str(out), "--plot", str(tmp_path / "s.png")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    emb, tiny = doc["rows"]
+    assert emb["size"] == "embedded" and set(emb["measured_speedup"]) == {"1", "2"}
+    assert tiny["size"] == "tiny" and tiny["vs_floor"] > 0 and set(tiny["verify_cost"]) == {"1", "2"}
+    assert doc["copy_bandwidth_gb_s"] > 0
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,77 @@
+"""The shipped model: loads in transformers with the same greedy tokens as nextn, keeps its acceptance,
+and `nextn demo` runs end to end."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from nextn.bench.baselines import load_transformers
+from nextn.bench.latency import load_prompts
+from nextn.cli import cli
+from nextn.embedded import embedded_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def heldout(embedded_cache):
+    import nextn
+
+    with nextn.load(embedded_cache) as m:
+        return load_prompts(None, m.tokenizer, m.engines.manifest["config"]["vocab_size"], 48, 3)
+
+
+def test_inspect_defaults_to_the_embedded_model():
+    r = CliRunner().invoke(cli, ["inspect", "--json"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output)
+    assert s["mtp_depth"] >= 2 and s["config"]["num_hidden_layers"] >= 8 and s["tokenizer"]
+    assert sum(f.stat().st_size for f in embedded_checkpoint().iterdir()) <= 25 * 2**20
+
+
+def test_greedy_tokens_equal_transformers(embedded_cache, heldout):
+    import nextn
+
+    hf, n_mtp = load_transformers(embedded_checkpoint())
+    assert n_mtp >= 2
+    with nextn.load(embedded_cache) as model:
+        model.eos_ids = ()
+        for prompt in heldout:
+            ids = torch.tensor([prompt])
+            with torch.inference_mode():
+                want = hf.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[0, len(prompt):].tolist()  # fmt: skip
+                want_mtp = hf.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False, eos_token_id=None,
+                                       pad_token_id=0, use_mtp=True)[0, len(prompt):].tolist()  # fmt: skip
+            assert want_mtp == want
+            for k in (0, 2, 4):
+                assert model.generate(prompt, max_new_tokens=40, draft=k).token_ids == want, f"K={k}"
+        batch = model.generate(heldout, max_new_tokens=24, draft=2)
+        assert [r.token_ids for r in batch] == [model.generate(p, max_new_tokens=24).token_ids for p in heldout]
+
+
+def test_drafts_are_accepted(embedded_cache, heldout):
+    """The trained MTP modules agree with the trunk far beyond chance (a regression guard on the shipped
+    weights; BENCHMARKS.md has the full figures)."""
+    import nextn
+
+    with nextn.load(embedded_cache) as model:
+        model.eos_ids = ()
+        drafted = accepted = 0
+        for p in heldout:
+            s = model.generate(p, max_new_tokens=64, draft=1).stats
+            drafted, accepted = drafted + s["drafted"], accepted + s["accepted"]
+    assert accepted / drafted >= 0.6
+
+
+def test_demo_end_to_end(embedded_cache):
+    r = CliRunner().invoke(cli, ["demo", "--repeats", "1", "--max-new-tokens", "24", "--draft", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["identical"] and d["artifact"] == str(embedded_cache)
+    assert d["plain"]["new_tokens"] == d["drafted"]["new_tokens"] > 0
+    assert len(d["drafted"]["accepted_per_position"]) == 2 and d["speedup"] > 0
+    r = CliRunner().invoke(cli, ["demo", "--repeats", "1", "--max-new-tokens", "8"])
+    assert r.exit_code == 0 and "speedup" in r.output and "identical with and without drafting" in r.output
