@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 
-def load(artifact, backend: str = "ort", device: str = "cpu", threads: int = 0, prepack: bool = False):
+def load(artifact, backend: str = "ort", device: str = "cpu", threads: int = 0, prepack: bool | None = None):
     """Open an exported artifact for generation (see nextn.runtime.api.Model.generate)."""
     from nextn.runtime.api import load as _load
 

@@ -135,7 +135,9 @@ def export(checkpoint: str | None, out: str, dtype: str, mtp_layers: int | None,
 @click.option("--backend", default="ort", show_default=True, help="ort or torch.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--threads", type=int, default=0, help="Intra-op threads (0: the backend's default).")
-@click.option("--prepack", is_flag=True, help="ONNX Runtime pre-packs weights per graph: faster, more memory.")
+@click.option("--prepack/--no-prepack", default=None,
+              help="ONNX Runtime pre-packs weights per graph: faster, more memory [default: when the weights take "
+                   "at most 1/8 of RAM].")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def run(artifact, prompt, prompt_ids, max_new_tokens, draft, temperature, top_k, top_p, seed, stop, backend,
         device, threads, prepack, as_json):  # fmt: skip

@@ -49,7 +49,7 @@ def run_bench(artifact: str | Path, cfg: BenchConfig, prompts_file: Path | None 
             model.eos_ids = ()  # every run generates exactly gen_len tokens
             if prompts is None:
                 prompts = load_prompts(prompts_file, model.tokenizer, manifest["config"]["vocab_size"],
-                                       cfg.prompt_len, max(4, max(cfg.batches) * 2))  # fmt: skip
+                                       cfg.prompt_len, max(8, max(cfg.batches) * (cfg.warmup + cfg.repeats)))  # fmt: skip
             for batch in cfg.batches:
                 for k in cfg.drafts:
                     r = measure(model, prompts, batch, k, cfg, tick(f"{backend} batch {batch} K={k}"))

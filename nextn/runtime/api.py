@@ -40,7 +40,7 @@ class Piece:
 
 class Model:
     def __init__(self, artifact: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0,
-                 prepack: bool = False):  # fmt: skip
+                 prepack: bool | None = None):  # fmt: skip
         self.engines = open_engines(artifact, backend=backend, device=device, threads=threads, prepack=prepack)
         self.decoder = Decoder(self.engines)
         m = self.engines.manifest
@@ -156,6 +156,6 @@ class Model:
 
 
 def load(artifact: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0,
-         prepack: bool = False) -> Model:  # fmt: skip
+         prepack: bool | None = None) -> Model:  # fmt: skip
     """Open an exported artifact for generation (`prepack`: see engines.SharedWeights)."""
     return Model(artifact, backend=backend, device=device, threads=threads, prepack=prepack)

@@ -170,12 +170,25 @@ class Engines(dict):
         self.close()
 
 
+# Pre-packing keeps a second, per-session copy of the weights: worth it (BENCHMARKS.md: up to 1.4x per
+# decode step on small models) while that copy is a small share of the machine's memory.
+PREPACK_MAX_RAM_FRACTION = 1 / 8
+
+
+def auto_prepack(weight_bytes: int) -> bool:
+    import os
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return weight_bytes <= ram * PREPACK_MAX_RAM_FRACTION
+
+
 def open_engines(
     artifact: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0, verify: bool = True,
-    prepack: bool = False,
+    prepack: bool | None = None,
 ) -> Engines:
     """Open every graph of an artifact with one backend. `verify` checks the files' sha256; `prepack`
-    lets ONNX Runtime keep its own pre-packed copy of the weights per session (faster, more memory)."""
+    lets ONNX Runtime keep its own pre-packed copy of the weights per session (faster, more memory);
+    None (auto): pre-pack when the weights take at most PREPACK_MAX_RAM_FRACTION of physical memory."""
     if backend not in BACKENDS:
         raise NextnError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
     if device not in DEVICES:
@@ -185,6 +198,8 @@ def open_engines(
     graphs = manifest["graphs"]
     io = {n: ([s["name"] for s in g["inputs"]], [s["name"] for s in g["outputs"]]) for n, g in graphs.items()}
     if backend == "ort":
+        if prepack is None:
+            prepack = auto_prepack(manifest["weights"]["bytes"])
         shared = SharedWeights(root / manifest["weights"]["file"])
         engines = {n: OrtEngine(n, *io[n], root / g["file"], device, threads, shared, prepack)
                    for n, g in graphs.items()}  # fmt: skip

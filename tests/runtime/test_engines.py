@@ -42,3 +42,10 @@ def test_weights_are_mapped_once_for_all_graphs(tiny_artifact):
         # one OrtValue per stored tensor, however many graphs reference it
         assert len(mapping.values) <= w["tensors"] < w["references"]
         assert all(arr.base is not None for arr, _ in mapping.values.values())  # views, not copies
+
+
+def test_prepacking_is_automatic_for_weights_that_are_a_small_share_of_memory():
+    from nextn.runtime.engines import auto_prepack
+
+    assert auto_prepack(40 << 20)  # the embedded model
+    assert not auto_prepack(1 << 50)
