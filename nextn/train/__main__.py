@@ -1,7 +1,13 @@
-"""python -m nextn.train OUT [--preset embedded|tiny] [--steps N] [--seed S] [--vocab V]"""
+"""python -m nextn.train OUT [--preset embedded|tiny] [--steps N] [--distill-steps N] [--from CKPT] [--seed S]
+
+Stage 1 trains trunk and MTP modules jointly (DeepSeek-V3's objective) and saves them; stage 2 reloads
+the saved weights and distills the trunk's predictions into the MTP modules (trunk frozen). `--from CKPT`
+runs stage 2 alone on a stage-1 checkpoint, which is exactly what the full run does after stage 1.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -12,22 +18,34 @@ from pathlib import Path
 import click
 
 
+def _bar(title: str, total: int):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(title), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                   disable=not sys.stderr.isatty())  # fmt: skip
+    return bar, bar.add_task("", total=total)
+
+
 @click.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--preset", type=click.Choice(["embedded", "tiny"]), default="embedded", show_default=True)
-@click.option("--steps", type=int, default=None, help="Override the preset's number of steps.")
+@click.option("--steps", type=int, default=None, help="Override the preset's stage-1 steps.")
+@click.option("--distill-steps", type=int, default=None, help="Override the preset's stage-2 steps (0: none).")
+@click.option("--from", "from_ckpt", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Skip stage 1: distill the MTP modules of this stage-1 checkpoint.")
 @click.option("--vocab", type=int, default=2048, show_default=True, help="BPE vocabulary size.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-files", type=int, default=None, help="Use only the first N training files (tests).")
-def main(out: Path, preset: str, steps: int | None, vocab: int, seed: int, max_files: int | None) -> None:
+def main(out: Path, preset: str, steps: int | None, distill_steps: int | None, from_ckpt: Path | None, vocab: int,
+         seed: int, max_files: int | None) -> None:  # fmt: skip
     """Train a DeepSeek-V3-style model with MTP modules on the Python standard library; write it to OUT."""
-    import dataclasses
-
+    import numpy as np
     import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from nextn.model.weights import load_model
     from nextn.train.corpus import BOS, EOS, encode_files, stdlib_corpus, train_tokenizer
-    from nextn.train.trainer import PRESETS, save_checkpoint, train
+    from nextn.train.trainer import PRESETS, distill_mtp, evaluate, save_checkpoint, train, windows
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(seed)
@@ -35,41 +53,70 @@ def main(out: Path, preset: str, steps: int | None, vocab: int, seed: int, max_f
     files = corpus.train[:max_files] if max_files else corpus.train
     heldout = corpus.heldout[: max(2, max_files // 10)] if max_files else corpus.heldout
     click.echo(f"corpus: {len(files)} training files, {len(heldout)} held out, from {corpus.root}", err=True)
-    tok = train_tokenizer(files, vocab)
+    if from_ckpt is not None:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(from_ckpt / "tokenizer.json"))
+        summary = json.loads((from_ckpt / "training.json").read_text())
+    else:
+        tok = train_tokenizer(files, vocab)
     train_stream, heldout_stream = encode_files(tok, files), encode_files(tok, heldout)
     click.echo(f"tokens: {len(train_stream):,} train, {len(heldout_stream):,} held out", err=True)
 
     tc = PRESETS[preset](tok.get_vocab_size())
-    tc = dataclasses.replace(tc, seed=seed, steps=steps if steps is not None else tc.steps)
-    with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=None, disable=not sys.stderr.isatty()) as bar:  # fmt: skip
-        task = bar.add_task("", total=tc.steps)
-
-        def on_step(step: int, row: dict) -> None:
-            bar.update(task, advance=1, description=f"loss {row['trunk']:.3f} mtp {[round(m, 3) for m in row['mtp']]}")
-            if not sys.stderr.isatty() and (step % 50 == 0 or step == tc.steps - 1):
-                click.echo(f"step {step} {json.dumps(row)}", err=True)
-
-        model, history = train(tc, train_stream, heldout_stream, on_step)
-
+    tc = dataclasses.replace(tc, seed=seed, steps=tc.steps if steps is None else steps,
+                             distill_steps=tc.distill_steps if distill_steps is None else distill_steps)  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".nextn-train-", dir=out.parent))
     try:
-        save_checkpoint(model, tmp)
+        if from_ckpt is None:
+            bar, task = _bar("stage 1: trunk + MTP", tc.steps)
+            with bar:
+
+                def on_step(step: int, row: dict) -> None:
+                    bar.update(task, advance=1, description=f"loss {row['trunk']:.3f} mtp {[round(m, 3) for m in row['mtp']]}")
+                    if not sys.stderr.isatty() and (step % 50 == 0 or step == tc.steps - 1):
+                        click.echo(f"step {step} {json.dumps(row)}", err=True)
+
+                model, history = train(tc, train_stream, heldout_stream, on_step)
+            save_checkpoint(model, tmp)
+            summary = {
+                "command": "python -m nextn.train " + " ".join(sys.argv[1:]),
+                "corpus": {"root": str(corpus.root), "python": sys.version.split()[0], "train_files": len(files),
+                           "heldout_files": len(heldout), "train_tokens": int(len(train_stream)),
+                           "heldout_tokens": int(len(heldout_stream))},
+                "train": {k: v for k, v in dataclasses.asdict(tc).items() if k != "model"},
+                "heldout_loss": history["heldout"], "initial_heldout_loss": history["start_heldout"],
+                "final_train_loss": history["steps"][-1], "train_seconds": round(history["train_seconds"], 1),
+                "torch": torch.__version__,
+            }  # fmt: skip
+        else:
+            for f in ("config.json", "generation_config.json", "model.safetensors"):
+                shutil.copyfile(from_ckpt / f, tmp / f)
+
+        if tc.distill_steps:
+            # Stage 2 always starts from the saved (bf16) stage-1 weights, so `--from` reproduces it.
+            model, _ = load_model(tmp)
+            eval_batch = windows(heldout_stream, tc.eval_windows, tc.seq_len, np.random.default_rng(tc.seed + 1))
+            bar, task = _bar("stage 2: distill MTP", tc.distill_steps)
+            with bar:
+
+                def on_distill(step: int, row: dict) -> None:
+                    bar.update(task, advance=1, description=f"vs trunk {[round(m, 3) for m in row['mtp_vs_trunk']]}")
+                    if not sys.stderr.isatty() and (step % 50 == 0 or step == tc.distill_steps - 1):
+                        click.echo(f"distill {step} {json.dumps(row)}", err=True)
+
+                dist = distill_mtp(model, train_stream, tc.distill_steps, tc.batch, tc.seq_len, tc.distill_lr, tc.seed,
+                                   on_distill)  # fmt: skip
+            save_checkpoint(model, tmp)
+            summary["distill"] = {
+                "command": "python -m nextn.train " + " ".join(sys.argv[1:]), "steps": tc.distill_steps,
+                "lr": tc.distill_lr, "final_mtp_vs_trunk_ce": dist["steps"][-1]["mtp_vs_trunk"],
+                "heldout_loss": evaluate(model, eval_batch), "train_seconds": round(dist["train_seconds"], 1),
+            }  # fmt: skip
         tok.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": BOS}, indent=2) + "\n")
-        summary = {
-            "command": "python -m nextn.train " + " ".join(sys.argv[1:]),
-            "corpus": {"root": str(corpus.root), "python": sys.version.split()[0], "train_files": len(files),
-                       "heldout_files": len(heldout), "train_tokens": int(len(train_stream)),
-                       "heldout_tokens": int(len(heldout_stream))},
-            "train": {k: v for k, v in dataclasses.asdict(tc).items() if k != "model"},
-            "heldout_loss": history["heldout"], "initial_heldout_loss": history["start_heldout"],
-            "final_train_loss": history["steps"][-1], "train_seconds": round(history["train_seconds"], 1),
-            "torch": torch.__version__,
-        }  # fmt: skip
         (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -77,7 +124,7 @@ def main(out: Path, preset: str, steps: int | None, vocab: int, seed: int, max_f
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    click.echo(json.dumps({"heldout_loss": history["heldout"], "train_seconds": round(history["train_seconds"], 1)}))
+    click.echo(json.dumps({"heldout_loss": summary["heldout_loss"], "distill": summary.get("distill")}))
 
 
 if __name__ == "__main__":

@@ -64,15 +64,17 @@ class TrainConfig:
     bias_update: float = 1e-3  # aux-loss-free balancing speed (DeepSeek-V3: 1e-3 over far more steps)
     seed: int = 0
     eval_windows: int = 64
+    distill_steps: int = 0  # stage 2 (distill_mtp), run on the saved stage-1 weights
+    distill_lr: float = 1e-3
 
 
 PRESETS: dict[str, Callable[[int], TrainConfig]] = {
     "embedded": lambda vocab: TrainConfig(
-        embedded_config(vocab), steps=1200, lr=3e-3, warmup=50, mtp_lambda=0.5, bias_update=1e-2
+        embedded_config(vocab), steps=1200, lr=3e-3, warmup=50, mtp_lambda=0.5, bias_update=1e-2, distill_steps=300
     ),
     "tiny": lambda vocab: TrainConfig(
         tiny_config(vocab_size=vocab, max_position_embeddings=256), steps=30, batch=4, seq_len=32,
-        lr=3e-3, warmup=5, eval_windows=4,
+        lr=3e-3, warmup=5, eval_windows=4, distill_steps=5,
     ),
 }
 
@@ -236,3 +238,67 @@ def save_checkpoint(model: DeepseekV3, out: Path, dtype: torch.dtype = torch.bfl
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": list(cfg.eos_token_ids), "do_sample": False}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out
+
+
+# -- stage 2: self-distillation of the MTP modules ----------------------------------------------------
+def distill_mtp(
+    model: DeepseekV3,
+    stream: np.ndarray,
+    steps: int,
+    batch: int = 16,
+    seq_len: int = 256,
+    lr: float = 1e-3,
+    seed: int = 0,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train the MTP modules towards the trunk's own next-token distribution; the trunk (and the shared
+    embedding and head) stay frozen, so the model's greedy output does not change.
+
+    Depth k at position i predicts token i+k+2; the trunk's distribution for that token, given the same
+    true prefix, is its output at position i+k+1. Drafts are accepted when they match the trunk, not the
+    corpus, so this is the quantity acceptance measures (Medusa-2's and EAGLE's self-distillation).
+    """
+    shared = {model.model.embed_tokens.weight.data_ptr(), model.lm_head.weight.data_ptr()}
+    params = []
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.mtp:
+        for name, p in m.named_parameters():
+            if p.data_ptr() not in shared and not name.endswith("e_score_correction_bias"):
+                p.requires_grad_(True)
+                params.append(p)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = np.random.default_rng(seed + 2)
+    tc = TrainConfig(model.cfg, steps=steps, lr=lr, warmup=0, min_lr_ratio=0.1)
+    history: dict = {"steps": []}
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(tc, step)
+        tokens = windows(stream, batch, seq_len, rng)
+        b, t = tokens.shape
+        pos = torch.arange(t)[None].expand(b, t)
+        with torch.no_grad():
+            out = model(tokens, pos)
+            target = F.softmax(out.logits.float(), dim=-1)  # [B, T, V]
+        hidden, mtp = out.hidden, []
+        for k in range(len(model.mtp)):
+            n = t - k - 1
+            o = model.mtp_forward(k, tokens[:, k + 1 :], hidden[:, :n], pos[:, k + 1 :])
+            mtp.append(F.cross_entropy(o.logits.flatten(0, 1), target[:, k + 1 :].flatten(0, 1)))
+            hidden = o.hidden
+        loss = torch.stack(mtp).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        row = {"step": step, "mtp_vs_trunk": [m.item() for m in mtp], "s": time.perf_counter() - t0}
+        history["steps"].append(row)
+        if on_step is not None:
+            on_step(step, row)
+    for p in params:
+        p.requires_grad_(False)
+    model.eval()
+    history["train_seconds"] = time.perf_counter() - t0
+    return history

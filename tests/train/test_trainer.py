@@ -1,6 +1,7 @@
 """Training code: the objective is DeepSeek-V3's (checked against transformers' MtpModel), loss falls
 in a few steps, and the saved checkpoint loads in transformers with the same logits."""
 
+import json
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from hf_reference import load_hf
 from nextn.model.weights import load_model
 from nextn.train.corpus import encode_files, stdlib_corpus, train_tokenizer
-from nextn.train.trainer import PRESETS, build_model, losses, save_checkpoint, train
+from nextn.train.trainer import PRESETS, build_model, distill_mtp, losses, save_checkpoint, train
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,33 @@ def test_training_lowers_loss_and_checkpoint_loads_in_transformers(streams, tmp_
     with torch.no_grad():
         assert torch.equal(loaded(tokens, torch.arange(40)[None]).logits, model(tokens, torch.arange(40)[None]).logits)
 
+    # Stage 2 moves the MTP modules towards the trunk and nothing else.
+    before = {n: p.detach().clone() for n, p in loaded.named_parameters()}
+    trunk_logits = loaded(tokens, torch.arange(40)[None]).logits.detach()
+    start = _mtp_vs_trunk(loaded, tokens)
+    distill_mtp(loaded, train_stream, steps=12, batch=4, seq_len=32, lr=3e-3)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, torch.arange(40)[None]).logits, trunk_logits)
+    changed = {n for n, p in loaded.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith("mtp.") for n in changed)
+    assert not any("embed_tokens" in n or "shared_head.head" in n for n in changed)
+    assert _mtp_vs_trunk(loaded, tokens) < start
+
+
+@torch.no_grad()
+def _mtp_vs_trunk(model, tokens):
+    """Cross-entropy of each depth's drafts against the trunk's distribution, summed over depths."""
+    t = tokens.shape[1]
+    pos = torch.arange(t)[None]
+    out = model(tokens, pos)
+    target, hidden, total = F.softmax(out.logits, -1), out.hidden, 0.0
+    for k in range(len(model.mtp)):
+        n = t - k - 1
+        o = model.mtp_forward(k, tokens[:, k + 1 :], hidden[:, :n], pos[:, k + 1 :])
+        total += F.cross_entropy(o.logits[0], target[0, k + 1 :]).item()
+        hidden = o.hidden
+    return total
+
 
 def test_mtp_modules_share_embedding_and_head():
     from nextn.testing import tiny_config
@@ -81,3 +109,26 @@ def test_mtp_modules_share_embedding_and_head():
     names = {n for n, _ in model.named_parameters()}
     assert not any(n.startswith("mtp.") and ("embed_tokens" in n or "shared_head.head" in n) for n in names)
     assert math.isclose(model.lm_head.weight.std().item(), 0.02, rel_tol=0.2)
+
+
+@pytest.mark.slow
+def test_train_command_both_stages_and_from(tmp_path):
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from nextn.train.__main__ import main
+
+    args = ["--preset", "tiny", "--max-files", "12", "--vocab", "300", "--steps", "3"]
+    r = CliRunner().invoke(main, [str(tmp_path / "a"), *args, "--distill-steps", "0"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, [str(tmp_path / "b"), *args, "--distill-steps", "2", "--from", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    info_a = json.loads((tmp_path / "a" / "training.json").read_text())
+    info_b = json.loads((tmp_path / "b" / "training.json").read_text())
+    assert info_b["distill"]["steps"] == 2 and "distill" not in info_a
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    layers = 3  # tiny preset: MTP modules at model.layers.3 and .4
+    trunk = [n for n in a if not any(n.startswith(f"model.layers.{layers + k}.") for k in range(2))]
+    assert all(torch.equal(a[n], b[n]) for n in trunk)
+    assert any(not torch.equal(a[n], b[n]) for n in a if n.startswith(f"model.layers.{layers}."))
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(p.name for p in (tmp_path / "a").iterdir())
