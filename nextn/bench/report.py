@@ -64,16 +64,33 @@ def write_json(doc: dict, path: Path) -> None:
     write_atomic(path, (json.dumps(doc, indent=1) + "\n").encode())
 
 
-def write_plot(doc: dict, path: Path) -> None:
-    """Per-token latency (TPOT) and tokens/s against K, one line per (backend, batch); baselines dashed."""
-    import io
-
+def _figure():
+    """A two-panel figure on the file-only backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    return fig, axes
+
+
+def _save(fig, path: Path, title: str) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+def write_plot(doc: dict, path: Path) -> None:
+    """Per-token latency (TPOT) and tokens/s against K, one line per (backend, batch); baselines dashed."""
+    fig, (ax1, ax2) = _figure()
     series: dict[tuple[str, int], list[dict]] = {}
     for r in doc["results"]:
         series.setdefault((r["backend"], r["batch"]), []).append(r)
@@ -92,26 +109,14 @@ def write_plot(doc: dict, path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.legend(fontsize=8)
-    fig.suptitle(f"{Path(doc['artifact']).name}: {doc['machine']['cpu']}, {doc['machine']['threads_used']} thread(s)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    _save(fig, path, f"{Path(doc['artifact']).name}: {doc['machine']['cpu']}, {doc['machine']['threads_used']} thread(s)")
 
 
 def write_sweep_plot(doc: dict, path: Path) -> None:
     """Projected speedup against model size, one line per K; verify and MTP cost beside it."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in doc["rows"] if r["size"] != "embedded"]
     params = [r["parameters"]["total"] / 1e6 for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax1, ax2) = _figure()
     for k in sorted({k for r in rows for k in r["projected_speedup"]}, key=int):
         ax1.plot(params, [r["projected_speedup"][k] for r in rows], marker="o", label=f"K={k}")
         ax2.plot(params, [r["verify_cost"][k] for r in rows], marker="o", label=f"verify {int(k) + 1} tokens / 1")
@@ -121,9 +126,4 @@ def write_sweep_plot(doc: dict, path: Path) -> None:
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"model-size sweep: {doc['machine']['cpu']}, {doc['machine']['threads_used']} thread(s)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, buf.getvalue())
+    _save(fig, path, f"model-size sweep: {doc['machine']['cpu']}, {doc['machine']['threads_used']} thread(s)")
