@@ -143,9 +143,10 @@ def prepare(name: str, root: Path, progress=None) -> Path:
 
 def embedded_acceptance(artifact: Path, max_draft: int, prompt_len: int, gen_len: int, n_prompts: int,
                         threads: int, tick=None) -> dict:  # fmt: skip
-    """Mean acceptance length L(K) and measured TPOT per K on a trained artifact, held-out prompts."""
+    """Mean acceptance length L(K), acceptance per position and median TPOT per K on a trained artifact,
+    one run per held-out prompt (summarized as `nextn bench` summarizes its runs)."""
     import nextn
-    from nextn.bench.latency import load_prompts
+    from nextn.bench.latency import load_prompts, summarize
 
     out = {"mean_acceptance_length": {}, "tpot_ms": {}, "accepted_per_position": {}}
     with nextn.load(artifact, threads=threads) as model:
@@ -154,30 +155,26 @@ def embedded_acceptance(artifact: Path, max_draft: int, prompt_len: int, gen_len
                                n_prompts)  # fmt: skip
         model.generate(prompts[0], max_new_tokens=8, draft=1)  # warm-up
         for k in range(max_draft + 1):
-            steps = acc = 0
-            tpots, drafted, accepted = [], np.zeros(k), np.zeros(k)
+            runs = []
             for p in prompts:
-                s = model.generate(p, max_new_tokens=gen_len, draft=k).stats
-                steps, acc = steps + s["steps"], acc + s["accepted"]
-                tpots.append(s["tpot_ms"])
-                drafted += s["drafted_per_position"]
-                accepted += np.asarray(s["accepted_per_position"]) * s["drafted_per_position"]
+                runs.append([model.generate(p, max_new_tokens=gen_len, draft=k).stats])
                 if tick:
                     tick()
-            out["mean_acceptance_length"][k] = 1 + acc / steps
-            out["tpot_ms"][k] = statistics.median(tpots)
-            out["accepted_per_position"][k] = (accepted / np.maximum(drafted, 1)).tolist()
+            s = summarize(runs, k)
+            out["mean_acceptance_length"][k] = s["mean_acceptance_length"]
+            out["tpot_ms"][k] = s["tpot_ms"]["median"]
+            out["accepted_per_position"][k] = s["accepted_per_position"]
     return out
 
 
 def plain_tpot(artifact: Path, prompt_len: int, gen_len: int, threads: int) -> float:
     """Median TPOT of plain greedy decoding (K = 0, EOS ignored) from a random prompt."""
     import nextn
+    from nextn.bench.latency import load_prompts
 
     with nextn.load(artifact, threads=threads) as model:
         model.eos_ids = ()
-        vocab = model.engines.manifest["config"]["vocab_size"]
-        prompt = np.random.default_rng(0).integers(2, vocab, size=prompt_len).tolist()
+        prompt = load_prompts(None, None, model.engines.manifest["config"]["vocab_size"], prompt_len, 1)[0]
         model.generate(prompt, max_new_tokens=4)
         return statistics.median(model.generate(prompt, max_new_tokens=gen_len).stats["tpot_ms"] for _ in range(3))
 
