@@ -18,13 +18,23 @@ from pathlib import Path
 import click
 
 
-def _bar(title: str, total: int):
+def _bar(title: str, total: int, tag: str, describe):
+    """A rich progress bar on a terminal (a JSON line every 50 steps otherwise) and its per-step callback;
+    `describe(row)` is the bar's text for a step's record."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    tty = sys.stderr.isatty()
     bar = Progress(TextColumn(title), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                   disable=not sys.stderr.isatty())  # fmt: skip
-    return bar, bar.add_task("", total=total)
+                   disable=not tty)  # fmt: skip
+    task = bar.add_task("", total=total)
+
+    def on_step(step: int, row: dict) -> None:
+        bar.update(task, advance=1, description=describe(row))
+        if not tty and (step % 50 == 0 or step == total - 1):
+            click.echo(f"{tag} {step} {json.dumps(row)}", err=True)
+
+    return bar, on_step
 
 
 @click.command()
@@ -40,12 +50,11 @@ def _bar(title: str, total: int):
 def main(out: Path, preset: str, steps: int | None, distill_steps: int | None, from_ckpt: Path | None, vocab: int,
          seed: int, max_files: int | None) -> None:  # fmt: skip
     """Train a DeepSeek-V3-style model with MTP modules on the Python standard library; write it to OUT."""
-    import numpy as np
     import torch
 
     from nextn.model.weights import load_model
     from nextn.train.corpus import BOS, EOS, encode_files, stdlib_corpus, train_tokenizer
-    from nextn.train.trainer import PRESETS, distill_mtp, evaluate, save_checkpoint, train, windows
+    from nextn.train.trainer import PRESETS, distill_mtp, evaluate, heldout_windows, save_checkpoint, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(seed)
@@ -70,14 +79,9 @@ def main(out: Path, preset: str, steps: int | None, distill_steps: int | None, f
     tmp = Path(tempfile.mkdtemp(prefix=".nextn-train-", dir=out.parent))
     try:
         if from_ckpt is None:
-            bar, task = _bar("stage 1: trunk + MTP", tc.steps)
+            bar, on_step = _bar("stage 1: trunk + MTP", tc.steps, "step",
+                                lambda row: f"loss {row['trunk']:.3f} mtp {[round(m, 3) for m in row['mtp']]}")
             with bar:
-
-                def on_step(step: int, row: dict) -> None:
-                    bar.update(task, advance=1, description=f"loss {row['trunk']:.3f} mtp {[round(m, 3) for m in row['mtp']]}")
-                    if not sys.stderr.isatty() and (step % 50 == 0 or step == tc.steps - 1):
-                        click.echo(f"step {step} {json.dumps(row)}", err=True)
-
                 model, history = train(tc, train_stream, heldout_stream, on_step)
             save_checkpoint(model, tmp)
             summary = {
@@ -97,22 +101,16 @@ def main(out: Path, preset: str, steps: int | None, distill_steps: int | None, f
         if tc.distill_steps:
             # Stage 2 always starts from the saved (bf16) stage-1 weights, so `--from` reproduces it.
             model, _ = load_model(tmp)
-            eval_batch = windows(heldout_stream, tc.eval_windows, tc.seq_len, np.random.default_rng(tc.seed + 1))
-            bar, task = _bar("stage 2: distill MTP", tc.distill_steps)
+            bar, on_distill = _bar("stage 2: distill MTP", tc.distill_steps, "distill",
+                                   lambda row: f"vs trunk {[round(m, 3) for m in row['mtp_vs_trunk']]}")
             with bar:
-
-                def on_distill(step: int, row: dict) -> None:
-                    bar.update(task, advance=1, description=f"vs trunk {[round(m, 3) for m in row['mtp_vs_trunk']]}")
-                    if not sys.stderr.isatty() and (step % 50 == 0 or step == tc.distill_steps - 1):
-                        click.echo(f"distill {step} {json.dumps(row)}", err=True)
-
                 dist = distill_mtp(model, train_stream, tc.distill_steps, tc.batch, tc.seq_len, tc.distill_lr, tc.seed,
                                    on_distill)  # fmt: skip
             save_checkpoint(model, tmp)
             summary["distill"] = {
                 "command": "python -m nextn.train " + " ".join(sys.argv[1:]), "steps": tc.distill_steps,
                 "lr": tc.distill_lr, "final_mtp_vs_trunk_ce": dist["steps"][-1]["mtp_vs_trunk"],
-                "heldout_loss": evaluate(model, eval_batch), "train_seconds": round(dist["train_seconds"], 1),
+                "heldout_loss": evaluate(model, heldout_windows(tc, heldout_stream)), "train_seconds": round(dist["train_seconds"], 1),
             }  # fmt: skip
         tok.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(

@@ -152,23 +152,30 @@ def windows(stream: np.ndarray, n: int, seq_len: int, rng: np.random.Generator) 
     return torch.from_numpy(np.stack([stream[s : s + seq_len] for s in starts]).astype(np.int64))
 
 
-def lr_at(tc: TrainConfig, step: int) -> float:
-    if step < tc.warmup:
-        return tc.lr * (step + 1) / tc.warmup
-    frac = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
-    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+def cosine_lr(step: int, steps: int, lr: float, warmup: int = 0, min_ratio: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay from lr to lr * min_ratio."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def heldout_windows(tc: TrainConfig, stream: np.ndarray) -> torch.Tensor:
+    """The fixed held-out windows every evaluation of a run uses [eval_windows, seq_len]."""
+    return windows(stream, tc.eval_windows, tc.seq_len, np.random.default_rng(tc.seed + 1))
 
 
 @torch.no_grad()
 def evaluate(model: DeepseekV3, batch: torch.Tensor, chunk: int = 8) -> dict:
     """Mean CE of trunk and each MTP depth over fixed held-out windows [N, T]."""
+    was_training = model.training
     model.eval()
     sums = None
     for i in range(0, len(batch), chunk):
         trunk, mtp = losses(model, batch[i : i + chunk])
         vals = [float(trunk), *map(float, mtp)]
         sums = vals if sums is None else [a + b for a, b in zip(sums, vals)]
-    model.train()
+    model.train(was_training)
     n = math.ceil(len(batch) / chunk)
     return {"trunk": sums[0] / n, "mtp": [v / n for v in sums[1:]]}
 
@@ -181,7 +188,7 @@ def train(
 ) -> tuple[DeepseekV3, dict]:
     """Train from scratch; returns the model (fp32) and a history with losses and held-out figures."""
     rng = np.random.default_rng(tc.seed)
-    eval_batch = windows(heldout_stream, tc.eval_windows, tc.seq_len, np.random.default_rng(tc.seed + 1))
+    eval_batch = heldout_windows(tc, heldout_stream)
     model = build_model(tc.model, tc.seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -196,7 +203,7 @@ def train(
     t0 = time.perf_counter()
     for step in range(tc.steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(tc, step)
+            g["lr"] = cosine_lr(step, tc.steps, tc.lr, tc.warmup, tc.min_lr_ratio)
         tokens = windows(train_stream, tc.batch, tc.seq_len, rng)
         trunk, mtp = losses(model, tokens)
         loss = trunk + tc.mtp_lambda * torch.stack(mtp).mean()
@@ -269,13 +276,12 @@ def distill_mtp(
                 params.append(p)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = np.random.default_rng(seed + 2)
-    tc = TrainConfig(model.cfg, steps=steps, lr=lr, warmup=0, min_lr_ratio=0.1)
     history: dict = {"steps": []}
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(tc, step)
+            g["lr"] = cosine_lr(step, steps, lr)
         tokens = windows(stream, batch, seq_len, rng)
         b, t = tokens.shape
         pos = torch.arange(t)[None].expand(b, t)
