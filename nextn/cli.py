@@ -223,8 +223,10 @@ def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends
 
     from rich.console import Console
 
+    from nextn.bench.report import write_json
+
     if sweep:
-        from nextn.bench.report import write_json, write_sweep_plot
+        from nextn.bench.report import write_sweep_plot as write_plot
         from nextn.bench.sweep import run_sweep, sweep_table
         from nextn.embedded import cache_root
 
@@ -234,39 +236,36 @@ def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends
             doc = run_sweep([s.strip() for s in sweep.split(",") if s.strip()], root, Path(artifact),
                             past=prompt_len, max_draft=max(_int_list("--draft", drafts)), threads=threads,
                             progress=progress)  # fmt: skip
-        if json_out:
-            write_json(doc, Path(json_out))
-        if plot_out:
-            write_sweep_plot(doc, Path(plot_out))
-        Console(width=200).print(sweep_table(doc))
-        return
+        table, lines, width = sweep_table(doc), [], 200
+    else:
+        from nextn.bench.latency import BenchConfig
+        from nextn.bench.report import ratio_lines, results_table, write_plot
+        from nextn.bench.run import run_bench
 
-    from nextn.bench.latency import BenchConfig
-    from nextn.bench.report import ratio_lines, results_table, write_json, write_plot
-    from nextn.bench.run import run_bench
+        if baselines == "auto":
+            import importlib.util
 
-    if baselines == "auto":
-        import importlib.util
+            baselines = "transformers" if importlib.util.find_spec("transformers") else "none"
+            if baselines == "none":
+                click.echo("note: transformers is not installed, so no baseline is measured", err=True)
+        cfg = BenchConfig(drafts=_int_list("--draft", drafts), batches=_int_list("--batch", batches),
+                          prompt_len=prompt_len, gen_len=gen_len,
+                          backends=_name_list("--backend", backends, ("ort", "torch")),
+                          baselines=_name_list("--baseline", baselines, ("transformers",)), warmup=warmup,
+                          repeats=repeats, threads=threads)  # fmt: skip
+        if not cfg.backends:
+            raise NextnError("--backend: give at least one of ort, torch")
+        artifact = artifact or _embedded_artifact()
+        with _progress("bench") as progress:
+            doc = run_bench(artifact, cfg, Path(prompts_file) if prompts_file else None, progress)
+        table, lines, width = results_table(doc), ratio_lines(doc), 160
 
-        baselines = "transformers" if importlib.util.find_spec("transformers") else "none"
-        if baselines == "none":
-            click.echo("note: transformers is not installed, so no baseline is measured", err=True)
-    cfg = BenchConfig(drafts=_int_list("--draft", drafts), batches=_int_list("--batch", batches),
-                      prompt_len=prompt_len, gen_len=gen_len, backends=_name_list("--backend", backends, ("ort", "torch")),
-                      baselines=_name_list("--baseline", baselines, ("transformers",)), warmup=warmup, repeats=repeats,
-                      threads=threads)  # fmt: skip
-    if not cfg.backends:
-        raise NextnError("--backend: give at least one of ort, torch")
-    artifact = artifact or _embedded_artifact()
-    with _progress("bench") as progress:
-        doc = run_bench(artifact, cfg, Path(prompts_file) if prompts_file else None, progress)
     if json_out:
         write_json(doc, Path(json_out))
     if plot_out:
         write_plot(doc, Path(plot_out))
-    console = Console(width=160)
-    console.print(results_table(doc))
-    for line in ratio_lines(doc):
+    Console(width=width).print(table)
+    for line in lines:
         click.echo(line)
     for what, path in (("JSON", json_out), ("plot", plot_out)):
         if path:
