@@ -272,6 +272,55 @@ def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends
             click.echo(f"wrote {what} {path}")
 
 
+@cli.command()
+@click.argument("artifact", type=click.Path(), required=False)
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Quantized artifact folder to write.")
+@click.option("--data", multiple=True, type=click.Path(),
+              help="Calibration file, repeatable: text (one prompt per line), .jsonl ({\"text\"} or "
+                   "{\"token_ids\"}) or .ids (token ids per line) [default for the embedded model: its stdlib "
+                   "training split].")  # fmt: skip
+@click.option("--eval", "eval_data", multiple=True, type=click.Path(),
+              help="Evaluation file(s) for the report [default: every 5th --data sequence, held out].")
+@click.option("--scheme", default="int4", show_default=True, type=click.Choice(["int8", "fp8", "int4"]),
+              help="Trunk scheme.")
+@click.option("--mtp-scheme", default=None, type=click.Choice(["int8", "fp8", "int4", "fp32"]),
+              help="MTP graphs' scheme [default: as --scheme].")
+@click.option("--method", default="minmax", show_default=True, type=click.Choice(["minmax", "entropy", "percentile"]),
+              help="Activation ranges (int8, fp8).")
+@click.option("--weight-method", default="gptq", show_default=True, type=click.Choice(["rtn", "gptq"]),
+              help="int4 weights: round-to-nearest or GPTQ on the calibration data.")
+@click.option("--block-size", type=int, default=32, show_default=True, help="int4: input channels per scale.")
+@click.option("--head-bits", type=int, default=8, show_default=True, help="int4: bits of the output head (4 or 8).")
+@click.option("--samples", type=int, default=32, show_default=True, help="Calibration sequences.")
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence (longer are cut).")
+@click.option("--eval-samples", type=int, default=8, show_default=True, help="Evaluation sequences.")
+@click.option("--min-top1", type=float, default=0.9, show_default=True,
+              help="Refuse to write the artifact when the trunk's top-1 agreement with fp32 is lower.")
+@click.option("--percentile", type=float, default=99.99, show_default=True, help="For --method percentile.")
+@click.option("--threads", type=int, default=1, show_default=True, help="Intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the quality report as JSON.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+def calibrate(artifact, out, data, eval_data, scheme, mtp_scheme, method, weight_method, block_size, head_bits,
+              samples, seq_len, eval_samples, min_top1, percentile, threads, as_json, force):  # fmt: skip
+    """Quantize an fp32 ARTIFACT (default: the embedded model) with calibration data; print a quality report."""
+    from pathlib import Path
+
+    from nextn.calib.calibrate import CalibOptions, calibrate_artifact
+    from nextn.calib.report import format_report
+
+    opts = CalibOptions(scheme=scheme, mtp_scheme=mtp_scheme, method=method, weight_method=weight_method,
+                        block_size=block_size, head_bits=head_bits, samples=samples, seq_len=seq_len,
+                        eval_samples=eval_samples, min_top1=min_top1, percentile=percentile, threads=threads,
+                        force=force)  # fmt: skip
+    artifact = artifact or _embedded_artifact()
+    with _progress("calibrate") as progress:
+        manifest = calibrate_artifact(artifact, out, [Path(d) for d in data], [Path(e) for e in eval_data], opts,
+                                      progress)  # fmt: skip
+    rep = manifest["quantization"]["report"]
+    click.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
+    click.echo(f"wrote {out}", err=as_json)
+
+
 def _embedded_artifact() -> str:
     from nextn.embedded import embedded_artifact
 

@@ -1,1 +1,1 @@
-"""Calibration and quantization of exported graphs (not built yet, issue 7)."""
+"""Calibration and quantization of exported graphs: `nextn calibrate` (calibrate.py is the entry)."""

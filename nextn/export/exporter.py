@@ -142,7 +142,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
             f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir()) if f.is_file()
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)
         return manifest
     finally:
         if tmp.exists():
@@ -181,9 +181,14 @@ def _check_options(opts: ExportOptions, out: Path) -> None:
         raise NextnError(f"--attention {opts.attention}: choose absorbed or naive")
     if opts.mtp_layers is not None and opts.mtp_layers < 0:
         raise NextnError(f"--mtp-layers {opts.mtp_layers}: must be >= 0")
+    check_output(out, opts.force)
+
+
+def check_output(out: Path, force: bool) -> None:
+    """An output folder may be new, empty, or replaced with --force: anything else is refused up front."""
     if out.exists() and not out.is_dir():
         raise NextnError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not opts.force:
+    if out.is_dir() and any(out.iterdir()) and not force:
         raise NextnError(f"{out}: folder exists and is not empty (use --force to replace it)")
 
 
@@ -199,7 +204,7 @@ def _check_disk(out: Path, unique_bytes: int, extra: int) -> None:
         raise NextnError(f"{probe}: {free / 2**30:.2f} GiB free, the export needs about {need / 2**30:.2f} GiB")
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def move_into_place(tmp: Path, out: Path) -> None:
     tmp.chmod(0o755)  # mkdtemp makes it private; an artifact is an ordinary folder
     if out.exists():  # --force (or an empty folder): swap, then delete the old one
         old = out.with_name(f".{out.name}.old")

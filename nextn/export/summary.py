@@ -32,6 +32,23 @@ def summarize_artifact(path: str | Path) -> dict[str, Any]:
         "eos_token_ids": m["eos_token_ids"],
         "tokenizer": m["tokenizer"],
         "tools": m["tools"],
+        "quantization": quantization_summary(m),
+    }
+
+
+def quantization_summary(m: dict) -> dict | None:
+    """Scheme per graph and the headline figures of the quality report; None for an unquantized artifact."""
+    q = m.get("quantization")
+    if not q:
+        return None
+    rep = q.get("report") or {}
+    trunk = rep.get("trunk") or {}
+    return {
+        "graphs": {g: d["scheme"] for g, d in q["graphs"].items()},
+        "details": q["graphs"],
+        "top1_agreement": trunk.get("top1_agreement"),
+        "kl_mean": trunk.get("kl_mean"),
+        "source_artifact": q.get("source_artifact"),
     }
 
 
@@ -61,6 +78,14 @@ def _shape(spec: dict) -> str:
     return "[" + ", ".join(str(d) for d in spec["shape"]) + "]"
 
 
+def _scheme(d: dict) -> str:
+    if d["scheme"] == "int4":
+        return f"int4 (MatMulNBits, block {d['block_size']}, head {d['head_bits']}-bit, {d['linears']} linears)"
+    if d["scheme"] in ("int8", "fp8"):
+        return f"{d['scheme']} Q/DQ ({d['method']}, {d['linears']} linears)"
+    return d["scheme"]
+
+
 def format_artifact(s: dict) -> str:
     from nextn.cli import _bytes
 
@@ -80,6 +105,12 @@ def format_artifact(s: dict) -> str:
                 if not spec["name"].startswith(("past.0.", "new.0.", "past.c_kv", "past.k_pe", "new.c_kv", "new.k_pe")):
                     continue  # one layer's cache stands for all
             lines.append(f"  {direction} {spec['name']:<16} {spec['dtype']:<8} {_shape(spec)}")
-    lines.append("validation  " + "; ".join(f"{r['graph']} {r['output']} {r['max_abs']:.1e}" for r in s["validation"]))
+    q = s.get("quantization")
+    if q:
+        schemes = ", ".join(f"{g} {_scheme(d)}" for g, d in q["details"].items())
+        lines.append(f"quantized   {schemes}; trunk top-1 agreement with fp32 {q['top1_agreement']:.4f}, "
+                     f"KL {q['kl_mean']:.2e} (quality_report.json)")  # fmt: skip
+    else:
+        lines.append("validation  " + "; ".join(f"{r['graph']} {r['output']} {r['max_abs']:.1e}" for r in s["validation"]))
     lines.append(f"tokenizer   {s['tokenizer'] or 'none'}; EOS ids {s['eos_token_ids']}")
     return "\n".join(lines)

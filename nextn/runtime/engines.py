@@ -205,6 +205,9 @@ def open_engines(
                    for n, g in graphs.items()}  # fmt: skip
         return Engines(manifest, engines)
 
+    if manifest.get("quantization"):
+        raise NextnError(f"--backend torch: {root} is a quantized artifact; the torch backend runs the fp32 "
+                         "reference weights (use --backend ort)")  # fmt: skip
     import torch
 
     from nextn.export.graphs import MtpGraph, TrunkGraph

@@ -1,0 +1,320 @@
+"""`nextn calibrate`: an fp32 artifact and calibration data in, a quantized artifact and its report out.
+
+    fp32 artifact ─ find linears per graph (rewrite.py)
+                  ─ probe graphs on the calibration sequences, real caches, decode + verify shapes (observe.py)
+                  ─ int8 / fp8: Q/DQ with calibrated activation ranges      ┐
+                    int4: MatMulNBits, round-to-nearest or GPTQ (gptq.py)    ┴─ pack_weights ─ manifest
+                  ─ quality report against the fp32 artifact (report.py) ─ refuse under the top-1 threshold
+                  ─ move into place
+
+The trunk and the MTP graphs may take different schemes (`mtp_scheme`): a cheaper draft can only lower
+acceptance, never change output, because the trunk verifies every drafted token. As with export,
+everything is written to a temporary folder beside the output and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from nextn.calib import data as calib_data
+from nextn.calib import observe, report
+from nextn.calib.gptq import gptq
+from nextn.calib.rewrite import apply_nbits, apply_qdq, find_linears, quantize_rtn, weight_kn
+from nextn.errors import NextnError
+from nextn.export.exporter import COPIED, check_output, move_into_place
+from nextn.export.manifest import MANIFEST, read_manifest, sha256_file, tool_versions
+from nextn.export.writer import pack_weights
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("int8", "fp8", "int4")
+METHODS = ("minmax", "entropy", "percentile")
+WEIGHT_METHODS = ("rtn", "gptq")
+BLOCK_SIZES = (16, 32, 64, 128)
+REPORT = "quality_report.json"  # the report, also kept in the manifest under quantization.report
+HESSIAN_RAM_FRACTION = 1 / 4  # GPTQ's per-input Hessians may take at most this share of physical memory
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class CalibOptions:
+    scheme: str = "int4"  # trunk: int8 | fp8 | int4
+    mtp_scheme: str | None = None  # MTP graphs: a scheme or "fp32"; None: as the trunk
+    method: str = "minmax"  # activation ranges for int8 / fp8
+    weight_method: str = "gptq"  # int4 weights: rtn | gptq
+    block_size: int = 32  # int4: input channels per scale
+    head_bits: int = 8  # int4 scheme: bits of the output head (4 or 8)
+    samples: int = 32  # calibration sequences
+    seq_len: int = 256  # tokens per sequence (longer ones are cut)
+    eval_samples: int = 8  # evaluation sequences of the report
+    min_top1: float = 0.9  # refuse to write an artifact whose trunk top-1 agreement is below this
+    percentile: float = 99.99  # for method "percentile"
+    threads: int = 1  # ONNX Runtime intra-op threads (probes and report)
+    decode_report: bool = True  # the report's greedy runs (acceptance, speed)
+    force: bool = False
+
+
+def check_options(o: CalibOptions) -> None:
+    if o.scheme not in SCHEMES:
+        raise NextnError(f"--scheme {o.scheme}: choose one of {', '.join(SCHEMES)}")
+    if o.mtp_scheme is not None and o.mtp_scheme not in (*SCHEMES, "fp32"):
+        raise NextnError(f"--mtp-scheme {o.mtp_scheme}: choose one of {', '.join(SCHEMES)}, fp32")
+    if o.method not in METHODS:
+        raise NextnError(f"--method {o.method}: choose one of {', '.join(METHODS)}")
+    if o.weight_method not in WEIGHT_METHODS:
+        raise NextnError(f"--weight-method {o.weight_method}: choose one of {', '.join(WEIGHT_METHODS)}")
+    if o.block_size not in BLOCK_SIZES:
+        raise NextnError(f"--block-size {o.block_size}: choose one of {', '.join(map(str, BLOCK_SIZES))}")
+    if o.head_bits not in (4, 8):
+        raise NextnError(f"--head-bits {o.head_bits}: choose 4 or 8")
+    if not 0.0 <= o.min_top1 <= 1.0:
+        raise NextnError(f"--min-top1 {o.min_top1}: must be in [0, 1]")
+    if not 50.0 < o.percentile <= 100.0:
+        raise NextnError(f"--percentile {o.percentile}: must be in (50, 100]")
+    if o.eval_samples < 1:
+        raise NextnError(f"--eval-samples {o.eval_samples}: must be >= 1")
+
+
+def _schemes(manifest: dict, o: CalibOptions) -> dict[str, str]:
+    mtp = o.mtp_scheme or o.scheme
+    return {name: (o.scheme if name == "trunk" else mtp) for name in manifest["graphs"]}
+
+
+def calibrate_artifact(
+    artifact: str | Path, out: str | Path, data: list[Path], eval_data: list[Path], opts: CalibOptions,
+    progress: Progress | None = None,
+) -> dict:  # fmt: skip
+    """Quantize `artifact` into `out`; return the new manifest (its "quantization" holds the report)."""
+    root, out = Path(artifact), Path(out)
+    check_options(opts)
+    check_output(out, opts.force)
+    if out.resolve() == root.resolve():
+        raise NextnError(f"-o {out}: is the artifact being calibrated; choose another folder")
+    manifest = read_manifest(root, verify=True)
+    if manifest.get("quantization"):
+        raise NextnError(f"{root}: already quantized ({_scheme_text(manifest)}); calibrate its fp32 artifact")
+    if manifest["dtype"] != "float32":
+        raise NextnError(f"{root}: a {manifest['dtype']} artifact; calibration starts from an fp32 export")
+    cfg = manifest["config"]
+    tokenizer = None
+    if manifest.get("tokenizer"):
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(root / manifest["tokenizer"]))
+    seq_len = min(opts.seq_len, cfg["max_position_embeddings"] - 1)
+    cal, ev = calib_data.calibration_and_eval(data, eval_data, tokenizer, cfg["vocab_size"], opts.samples, seq_len,
+                                              opts.eval_samples)  # fmt: skip
+    schemes = _schemes(manifest, opts)
+    graphs = {name: onnx.load(str(root / g["file"]), load_external_data=False)
+              for name, g in manifest["graphs"].items()}  # fmt: skip
+    linears = {name: find_linears(m) for name, m in graphs.items()}
+    del graphs
+
+    passes = _passes(schemes, opts)
+    n_decode = len(ev.ids) if opts.decode_report else 0
+    step = _Steps(progress, passes * len(cal.ids) + len(schemes) + 2 + 1 + n_decode)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        stats = _observe(root, manifest, schemes, linears, cal.ids, opts, passes, step, tmp / "probe")
+        shutil.rmtree(tmp / "probe", ignore_errors=True)
+        t0 = time.perf_counter()
+        kept: list[dict] = []
+        details = {}
+        for name, g in manifest["graphs"].items():
+            step(f"quantize {g['file']} ({schemes[name]})")
+            details[name] = _quantize_graph(root / g["file"], tmp / g["file"], schemes[name], linears[name],
+                                            stats.get(name, {}), opts, kept, name)  # fmt: skip
+        step("pack weights")
+        packed = pack_weights([tmp / g["file"] for g in manifest["graphs"].values()], tmp / "weights.bin")
+        for f in COPIED:
+            if (root / f).is_file():
+                shutil.copyfile(root / f, tmp / f)
+        new = {k: v for k, v in manifest.items() if k not in ("files", "validation")}
+        new["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        new["weights"] = {"file": "weights.bin", "unique_weight_bytes": packed["bytes"], **packed}
+        new["validation"] = []  # the quality report below replaces the fp32 export's checks
+        new["tools"] = tool_versions()
+        new["quantization"] = {
+            "graphs": details,
+            "options": asdict(opts),
+            "source_artifact": str(root.resolve()),
+            "quantize_seconds": round(time.perf_counter() - t0, 2),
+        }
+        _write_manifest(tmp, new)
+
+        step("quality report: agreement")
+        rep = _report(root, manifest, tmp, new, cal, ev, opts, schemes, kept, step)
+        new["quantization"]["report"] = rep
+        (tmp / REPORT).write_text(json.dumps(rep, indent=2))
+        _write_manifest(tmp, new)
+        if rep["trunk"]["top1_agreement"] < opts.min_top1:
+            raise NextnError(
+                f"trunk top-1 agreement {rep['trunk']['top1_agreement']:.4f} is under --min-top1 {opts.min_top1:g} "
+                f"({schemes['trunk']}, {ev.source}): nothing written to {out}; try another --scheme or --method, "
+                "more --samples, or lower --min-top1"
+            )
+        move_into_place(tmp, out)
+        return new
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _passes(schemes: dict[str, str], opts: CalibOptions) -> int:
+    act = any(s in ("int8", "fp8") for s in schemes.values())
+    gptq = any(s == "int4" for s in schemes.values()) and opts.weight_method == "gptq"
+    if not act and not gptq:
+        return 0
+    return 2 if act and opts.method != "minmax" else 1
+
+
+def _probed(scheme: str, lins, opts: CalibOptions) -> tuple[list[str], bool]:
+    """Activations a graph's probe reports, and whether they need Hessians."""
+    if scheme in ("int8", "fp8"):
+        return sorted({lin.x for lin in lins}), False
+    if scheme == "int4" and opts.weight_method == "gptq":
+        return sorted({lin.x for lin in lins}), True
+    return [], False
+
+
+def _observe(root, manifest, schemes, linears, sequences, opts, passes, step,
+             scratch: Path) -> dict[str, dict[str, observe.TensorStats]]:  # fmt: skip
+    if not passes:
+        return {}
+    from nextn.runtime.engines import SharedWeights
+
+    shared = SharedWeights(root / manifest["weights"]["file"])
+    probes, stats, hess = {}, {}, {}
+    hessian_bytes = 0
+    for name, g in manifest["graphs"].items():
+        lins, _ = linears[name]
+        probed, need_h = _probed(schemes[name], lins, opts)
+        if name == "trunk" or probed:  # the trunk always runs: the MTP graphs need its hidden states
+            probes[name] = observe.open_probe(name, root / g["file"], probed, shared, scratch, opts.threads)
+            stats[name] = {p: observe.TensorStats() for p in probed}
+            hess[name] = need_h
+            if need_h:
+                k = {lin.x: lin.k for lin in lins}
+                hessian_bytes += sum(8 * k[p] ** 2 for p in probed)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if hessian_bytes > ram * HESSIAN_RAM_FRACTION:
+        raise NextnError(f"--weight-method gptq: the Hessians need {hessian_bytes / 2**30:.1f} GiB (over 1/4 of RAM); "
+                         "use --weight-method rtn")  # fmt: skip
+
+    def ranges(graph, arrays):
+        for p, x in arrays.items():
+            stats[graph][p].update_range(x, hess[graph])
+
+    def hists(graph, arrays):
+        if schemes[graph] in ("int8", "fp8"):
+            for p, x in arrays.items():
+                stats[graph][p].update_hist(x)
+
+    observe.drive(probes, manifest["config"], sequences, ranges, lambda: step("calibrate: ranges"))
+    if passes == 2:
+        observe.drive(probes, manifest["config"], sequences, hists, lambda: step("calibrate: histograms"))
+    return stats
+
+
+def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts: CalibOptions,
+                    kept: list[dict], graph: str) -> dict:  # fmt: skip
+    lins, routers = found
+    model = onnx.load(str(src), load_external_data=True)
+    detail: dict = {"scheme": scheme, "linears": 0, "routers_float": len(routers)}
+    if scheme in ("int8", "fp8"):
+        amax, use = {}, []
+        for lin in lins:
+            s = stats[lin.x]
+            reason = ("no calibration token reached it" if s.rows == 0 else "non-finite activations" if not s.finite
+                      else "activation always zero" if s.amax <= 0 else None)  # fmt: skip
+            if reason:
+                kept.append({"graph": graph, "node": lin.node, "reason": reason})
+                continue
+            amax[lin.x] = observe.calibrated_amax(s, opts.method, opts.percentile)
+            use.append(lin)
+        apply_qdq(model, use, amax, scheme)
+        ranges = np.asarray(list(amax.values()) or [0.0])
+        detail |= {"linears": len(use), "activations": len(amax), "method": opts.method,
+                   "activation_amax": {"min": float(ranges.min()), "median": float(np.median(ranges)),
+                                       "max": float(ranges.max())}}  # fmt: skip
+    elif scheme == "int4":
+        weights, methods = {}, {"rtn": 0, "gptq": 0}
+        for lin in lins:
+            w = weight_kn(model, lin)
+            s = stats.get(lin.x)
+            bits = opts.head_bits if lin.head else 4
+            if opts.weight_method == "gptq" and s is not None and s.rows and s.finite:
+                weights[lin.node] = (lin, gptq(w, s.hessian, opts.block_size, bits))
+                methods["gptq"] += 1
+            else:  # rtn asked for, or GPTQ without calibration rows (an expert no token was routed to)
+                weights[lin.node] = (lin, quantize_rtn(w, opts.block_size, bits))
+                methods["rtn"] += 1
+        apply_nbits(model, weights)
+        detail |= {"linears": len(weights), "block_size": opts.block_size, "head_bits": opts.head_bits,
+                   "weights": methods}  # fmt: skip
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{dst.name}.data", size_threshold=1024)  # fmt: skip
+    return detail
+
+
+def _report(root, manifest, tmp, new, cal, ev, opts, schemes, kept, step) -> dict:
+    from nextn.runtime.engines import open_engines
+
+    with open_engines(root, threads=opts.threads) as base, open_engines(tmp, threads=opts.threads) as quant:
+        trunk = report.agreement(base, quant, ev.ids, manifest["config"])
+        draft = manifest["config"]["num_nextn_predict_layers"]
+        dec = None
+        if opts.decode_report:
+            dec = report.decoding(base, quant, ev.ids, draft, lambda: step("quality report: decoding"))
+    fp32_bytes, q_bytes = report.artifact_bytes(root, manifest), report.artifact_bytes(tmp, new)
+    return {
+        "scheme": {"trunk": schemes["trunk"], "mtp": next((s for g, s in schemes.items() if g != "trunk"), "none")},
+        "method": opts.method,
+        "weight_method": opts.weight_method,
+        "block_size": opts.block_size,
+        "threshold": opts.min_top1,
+        "calibration": {"sequences": len(cal.ids), "tokens": cal.tokens, "source": cal.source},
+        "evaluation": {"sequences": len(ev.ids), "tokens": ev.tokens, "source": ev.source},
+        "trunk": trunk,
+        "decoding": dec,
+        "size": {"fp32_bytes": fp32_bytes, "bytes": q_bytes, "ratio": fp32_bytes / q_bytes},
+        "kept_float": kept,
+        "passed": trunk["top1_agreement"] >= opts.min_top1,
+    }
+
+
+def _write_manifest(tmp: Path, manifest: dict) -> None:
+    manifest["files"] = {
+        f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        for f in sorted(tmp.iterdir()) if f.is_file() and f.name != MANIFEST
+    }  # fmt: skip
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _scheme_text(manifest: dict) -> str:
+    q = manifest["quantization"]["graphs"]
+    return ", ".join(f"{g} {d['scheme']}" for g, d in q.items())
+
+
+class _Steps:
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.total, self.n = progress, total, 0
+
+    def __call__(self, what: str) -> None:
+        self.n += 1
+        log.info("[%d/%d] %s", self.n, self.total, what)
+        if self.progress is not None:
+            self.progress(what, self.n, self.total)

@@ -1,0 +1,251 @@
+"""Graph rewrites: which matrix multiplications get quantized, and the quantized forms they become.
+
+A *linear* is a MatMul(x, W[K, N]) or Gemm(x, W[N, K], transB=1) whose weight is an initializer. The
+MoE router (a linear whose output only feeds Sigmoid or Softmax) is never one: its scores pick experts, and
+a flipped top-k choice moves the output by O(1). Softmax, residual adds, norms, the mask and the
+attention score/value products (no constant weight) stay in float.
+
+int8 / fp8 (static Q/DQ, the explicit-quantization form TensorRT consumes; ONNX Runtime CPU fuses the
+int8 form into MatMulIntegerToFloat):
+
+        x ─ QuantizeLinear(s_x, 0) ─ DequantizeLinear(s_x, 0) ─┐        one Q/DQ pair per activation,
+                                                              MatMul ─ y   shared by every linear reading it
+        W_q[K, N] ─ DequantizeLinear(s_w, 0, axis=1) ─────────┘
+    int8: symmetric, s_x = amax / 127 per tensor (calibrated), s_w = max|W[:, n]| / 127 per output channel.
+    fp8:  float8 e4m3fn, s_x = amax / 448 per tensor, s_w = max|W| / 448 per tensor (TensorRT's FP8 GEMMs
+          take per-tensor scales).
+
+int4 (weight-only, ONNX Runtime contrib op, for CPU decoding):
+
+        x ─ MatMulNBits(B[N, K/bs, bs/2] uint8, scales[N * K/bs], zero_points) ─ y
+    asymmetric 4-bit per block of `bs` input channels, round-to-nearest or GPTQ (gptq.py); accuracy_level
+    4 lets ONNX Runtime multiply in int8 (activations quantized per block on the fly). The output head
+    takes 8 bits by default (same op, bits=8): it is the one linear whose error lands on the logits
+    unmixed, and 4 bits there cost the embedded model ~2 points of top-1 agreement (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+INT8_MAX = 127.0
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class Linear:
+    node: str  # node name (unique in the graph)
+    op: str  # "MatMul" | "Gemm"
+    x: str  # activation input
+    w: str  # weight initializer
+    k: int  # input features
+    n: int  # output features
+    transposed: bool  # Gemm transB=1: the weight is stored [N, K]
+    head: bool = False  # produces a graph output (the logits)
+
+
+def find_linears(model: onnx.ModelProto) -> tuple[list[Linear], list[str]]:
+    """The graph's quantizable linears, and the names of the router linears left in float."""
+    inits = {t.name: t for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    found, routers = [], []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        w = inits[node.input[1]]
+        if len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gemm":
+            plain = attrs.get("alpha", 1.0) == 1.0 and not attrs.get("transA", 0) and len(node.input) == 2
+            if not plain or not attrs.get("transB", 0):
+                continue
+        users = consumers.get(node.output[0], [])
+        if users and all(c.op_type in ("Sigmoid", "Softmax") for c in users):  # SiLU's Sigmoid has a Mul beside it
+            routers.append(node.name)
+            continue
+        transposed = node.op_type == "Gemm"
+        n, k = w.dims if transposed else w.dims[::-1]
+        found.append(Linear(node.name, node.op_type, node.input[0], w.name, int(k), int(n), transposed,
+                            head=node.output[0] in outputs))  # fmt: skip
+    return found, routers
+
+
+def weight_kn(model: onnx.ModelProto, lin: Linear) -> np.ndarray:
+    """The weight as [K, N] float32 (the graph's tensors must be loaded)."""
+    t = next(t for t in model.graph.initializer if t.name == lin.w)
+    w = numpy_helper.to_array(t).astype(np.float32, copy=False)
+    return np.ascontiguousarray(w.T) if lin.transposed else w
+
+
+# -- int8 / fp8 --------------------------------------------------------------------------------------
+def quantize_weight_qdq(w: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """W [K, N] -> (W_q, scale): int8 per output channel [N], or fp8 e4m3fn per tensor (scalar)."""
+    if fmt == "int8":
+        amax = np.abs(w).max(axis=0)  # [N]
+        scale = np.where(amax > 0, amax / INT8_MAX, 1.0).astype(np.float32)
+        return np.clip(np.rint(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8), scale
+    amax = float(np.abs(w).max())
+    scale = np.float32(amax / FP8_MAX if amax > 0 else 1.0)
+    return (w / scale).astype(ml_dtypes.float8_e4m3fn), np.asarray(scale, np.float32)
+
+
+def activation_scale(amax: float, fmt: str) -> np.float32:
+    return np.float32(amax / (INT8_MAX if fmt == "int8" else FP8_MAX))
+
+
+def _activation_zero(fmt: str) -> np.ndarray:
+    """int8 activations travel as uint8 with zero point 128: the same 255-level symmetric grid as int8
+    with zero point 0 (q_u8 = q_s8 + 128 exactly), and the form ONNX Runtime's CPU kernels fuse
+    (MatMulIntegerToFloat); with int8 activations it leaves most MatMuls as float DQ + MatMul."""
+    return np.asarray(128, np.uint8) if fmt == "int8" else _zero(fmt, ())
+
+
+def _zero(fmt: str, shape: tuple[int, ...]) -> np.ndarray:
+    return np.zeros(shape, np.int8 if fmt == "int8" else ml_dtypes.float8_e4m3fn)
+
+
+def apply_qdq(model: onnx.ModelProto, linears: list[Linear], act_amax: dict[str, float], fmt: str) -> None:
+    """Rewrite `linears` (each with a calibrated activation in `act_amax`) into the Q/DQ form, in place."""
+    by_node = {lin.node: lin for lin in linears}
+    inits = {t.name: t for t in model.graph.initializer}
+    new_inits: list[onnx.TensorProto] = []
+    act_done: dict[str, str] = {}  # activation -> its dequantized name
+    nodes = []
+    for node in model.graph.node:
+        lin = by_node.get(node.name)
+        if lin is None:
+            nodes.append(node)
+            continue
+        if lin.x not in act_done:
+            base = _safe(lin.x)
+            new_inits += [numpy_helper.from_array(np.asarray(activation_scale(act_amax[lin.x], fmt)), f"{base}_scale"),
+                          numpy_helper.from_array(_activation_zero(fmt), f"{base}_zero")]  # fmt: skip
+            nodes += [
+                helper.make_node("QuantizeLinear", [lin.x, f"{base}_scale", f"{base}_zero"], [f"{base}_q"],
+                                 name=f"{base}_QuantizeLinear"),  # fmt: skip
+                helper.make_node("DequantizeLinear", [f"{base}_q", f"{base}_scale", f"{base}_zero"], [f"{base}_dq"],
+                                 name=f"{base}_DequantizeLinear"),  # fmt: skip
+            ]
+            act_done[lin.x] = f"{base}_dq"
+        wq, ws = quantize_weight_qdq(weight_kn(model, lin), fmt)
+        wb = _safe(lin.node)
+        new_inits += [numpy_helper.from_array(wq, f"{wb}_w_q"), numpy_helper.from_array(ws, f"{wb}_w_scale"),
+                      numpy_helper.from_array(_zero(fmt, ws.shape), f"{wb}_w_zero")]  # fmt: skip
+        axis = {"axis": 1} if ws.ndim == 1 else {}
+        nodes += [
+            helper.make_node("DequantizeLinear", [f"{wb}_w_q", f"{wb}_w_scale", f"{wb}_w_zero"], [f"{wb}_w_dq"],
+                             name=f"{wb}_w_DequantizeLinear", **axis),  # fmt: skip
+            helper.make_node("MatMul", [act_done[lin.x], f"{wb}_w_dq"], list(node.output), name=node.name),
+        ]
+    _replace(model, nodes, new_inits, inits)
+
+
+# -- int4 --------------------------------------------------------------------------------------------
+@dataclass
+class BlockWeight:
+    """Asymmetric blockwise weight of `bits` bits: q [K, N] in 0..2^bits-1, scale and zero [K/bs, N]."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    block_size: int
+    bits: int = 4
+
+    def dequantize(self) -> np.ndarray:
+        rows = np.arange(self.q.shape[0]) // self.block_size
+        return (self.q.astype(np.float32) - self.zero[rows]) * self.scale[rows]
+
+
+def block_params(w: np.ndarray, bits: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of asymmetric blocks: w [..., bs, N] -> ([..., N], [..., N]).
+    The range always holds 0, so zero weights stay exact."""
+    top = 2**bits - 1
+    lo = np.minimum(w.min(axis=-2), 0.0)
+    hi = np.maximum(w.max(axis=-2), 0.0)
+    scale = (hi - lo) / top
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    zero = np.clip(np.rint(-lo / scale), 0, top).astype(np.float32)
+    return scale, zero
+
+
+def quantize_rtn(w: np.ndarray, block_size: int, bits: int = 4) -> BlockWeight:
+    """Round to nearest: W [K, N] -> BlockWeight."""
+    k, n = w.shape
+    pad = -k % block_size
+    wp = np.concatenate([w, np.zeros((pad, n), np.float32)]) if pad else w
+    blocks = wp.reshape(-1, block_size, n)  # [K/bs, bs, N]
+    scale, zero = block_params(blocks, bits)
+    q = np.clip(np.rint(blocks / scale[:, None]) + zero[:, None], 0, 2**bits - 1).astype(np.uint8)
+    return BlockWeight(q.reshape(-1, n)[:k], scale, zero, block_size, bits)
+
+
+def pack_matmulnbits(w: BlockWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ONNX Runtime's MatMulNBits layout: B [N, n_blocks, bs * bits / 8] (4 bits: element 2j in the low
+    nibble), scales [N * n_blocks], zero_points [N * ceil(n_blocks * bits / 8)] (4 bits: two per byte, low
+    nibble first)."""
+    k, n = w.q.shape
+    bs = w.block_size
+    nb = -(-k // bs)
+    q = np.empty((nb * bs, n), np.uint8)
+    q[:k] = w.q
+    q[k:] = w.zero[-1].astype(np.uint8)  # padding rows: never read (K is an attribute)
+    q = q.T.reshape(n, nb, bs)  # [N, n_blocks, bs]
+    zero = w.zero.T.astype(np.uint8)  # [N, n_blocks]
+    if w.bits == 8:
+        return np.ascontiguousarray(q), np.ascontiguousarray(w.scale.T).reshape(-1), zero.reshape(-1)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    if nb % 2:
+        zero = np.concatenate([zero, np.zeros((n, 1), np.uint8)], axis=1)
+    zp = zero[:, 0::2] | (zero[:, 1::2] << 4)
+    return np.ascontiguousarray(packed), np.ascontiguousarray(w.scale.T).reshape(-1), zp.reshape(-1)
+
+
+def apply_nbits(model: onnx.ModelProto, weights: dict[str, tuple[Linear, BlockWeight]], accuracy_level: int = 4) -> None:
+    """Replace each linear (by node name) with MatMulNBits over its packed blockwise weight, in place."""
+    inits = {t.name: t for t in model.graph.initializer}
+    new_inits, nodes = [], []
+    for node in model.graph.node:
+        if node.name not in weights:
+            nodes.append(node)
+            continue
+        lin, w = weights[node.name]
+        b, scales, zp = pack_matmulnbits(w)
+        base = _safe(node.name)
+        new_inits += [numpy_helper.from_array(b, f"{base}_B{w.bits}"), numpy_helper.from_array(scales, f"{base}_scales"),
+                      numpy_helper.from_array(zp, f"{base}_zero_points")]  # fmt: skip
+        nodes.append(helper.make_node(
+            "MatMulNBits", [lin.x, f"{base}_B{w.bits}", f"{base}_scales", f"{base}_zero_points"], list(node.output),
+            name=node.name, domain=MS_DOMAIN, K=lin.k, N=lin.n, bits=w.bits, block_size=w.block_size,
+            accuracy_level=accuracy_level,
+        ))  # fmt: skip
+    _replace(model, nodes, new_inits, inits)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+def _safe(name: str) -> str:
+    return name.replace("/", "_").replace(":", "_")
+
+
+def _replace(model: onnx.ModelProto, nodes: list, new_inits: list, inits: dict) -> None:
+    """Install the new node list and initializers; drop initializers no node reads any more."""
+    used = {i for n in nodes for i in n.input} | {o.name for o in model.graph.output}
+    keep = [t for t in inits.values() if t.name in used]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep + new_inits)
+    # shapes of rewritten values are re-inferred by the runtime; stale entries would only mislead
+    del model.graph.value_info[:]

@@ -1,0 +1,142 @@
+"""`nextn calibrate` end to end on the tiny artifact: each scheme, the report, the refusal, bad data."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+import nextn
+from nextn.calib.calibrate import REPORT, CalibOptions, calibrate_artifact
+from nextn.errors import NextnError
+from nextn.export.manifest import read_manifest
+
+FAST = dict(samples=6, seq_len=24, eval_samples=2, min_top1=0.0)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """Text in the tiny tokenizer's words (w0 .. w255), one prompt per line."""
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "calib.txt"
+    path.write_text("\n".join(" ".join(f"w{t}" for t in rng.integers(2, 256, 24)) for _ in range(10)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module", params=["int8", "fp8", "int4"])
+def calibrated(request, tiny_artifact, data_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / request.param
+    manifest = calibrate_artifact(tiny_artifact, out, [data_file], [], CalibOptions(scheme=request.param, **FAST))
+    return request.param, out, manifest
+
+
+def test_artifact_loads_runs_and_its_scales_are_finite_and_used(calibrated, tiny_artifact):
+    scheme, out, manifest = calibrated
+    assert read_manifest(out, verify=True)["quantization"]["graphs"]["trunk"]["scheme"] == scheme
+    for name, g in manifest["graphs"].items():
+        model = onnx.load(str(out / g["file"]))  # weights read from weights.bin
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        ops = [n.op_type for n in model.graph.node]
+        quant_nodes = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear", "MatMulNBits")]
+        assert quant_nodes, f"{name}: nothing quantized"
+        for n in quant_nodes:  # each node's scale is a finite, positive initializer
+            scale = inits[n.input[2] if n.op_type == "MatMulNBits" else n.input[1]].astype(np.float32)
+            assert np.isfinite(scale).all() and (scale > 0).all(), (name, n.name)
+        if scheme == "int4":
+            assert "MatMulNBits" in ops and "QuantizeLinear" not in ops
+        else:
+            assert ops.count("QuantizeLinear") > 0
+            dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+            assert all(any(d.output[0] in m.input for m in model.graph.node) for d in dq)  # every DQ feeds a node
+    with nextn.load(out) as model:  # runs, drafting included, under the runtime as any artifact
+        r = model.generate([5, 6, 7, 8], max_new_tokens=12, draft=2)
+        assert len(r.token_ids) == 12
+        plain = model.generate([5, 6, 7, 8], max_new_tokens=12, draft=0)
+        assert plain.token_ids == r.token_ids  # lossless against its own trunk
+
+
+def test_the_quantization_changes_outputs_but_stays_close(calibrated):
+    scheme, out, manifest = calibrated
+    t = manifest["quantization"]["report"]["trunk"]
+    # > 0: the quantized graphs really differ from fp32; small: they compute the same function. A random
+    # model's near-uniform logits make top-1 agreement a coin flip, so it is not asserted here; 4-bit
+    # blocks of tiny random weights cost KL ~0.1 (int8, fp8: ~0.01).
+    assert 0 < t["kl_mean"] < {"int8": 0.05, "fp8": 0.05, "int4": 0.3}[scheme], t
+
+
+def test_report_fields(calibrated):
+    scheme, out, manifest = calibrated
+    rep = json.loads((out / REPORT).read_text())
+    assert rep == manifest["quantization"]["report"]
+    assert rep["scheme"] == {"trunk": scheme, "mtp": scheme}
+    assert set(rep["trunk"]) >= {"top1_agreement", "kl_mean", "perplexity_fp32", "perplexity", "positions"}
+    d = rep["decoding"]
+    for who in ("fp32", "quantized"):
+        assert set(d[who]) == {"K=0", "K=2"}
+        assert len(d[who]["K=2"]["accepted_per_position"]) == 2
+        assert d[who]["K=0"]["tokens_per_s"] > 0
+    assert rep["size"]["bytes"] < rep["size"]["fp32_bytes"]
+    assert rep["calibration"]["sequences"] == 6 and rep["evaluation"]["sequences"] == 2
+    assert rep["passed"] is True
+
+
+def test_mtp_graphs_may_keep_fp32(tiny_artifact, data_file, tmp_path):
+    m = calibrate_artifact(tiny_artifact, tmp_path / "q", [data_file], [],
+                           CalibOptions(scheme="int4", mtp_scheme="fp32", weight_method="rtn", **FAST))  # fmt: skip
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "mtp_0.onnx"), load_external_data=False).graph.node}
+    assert "MatMulNBits" not in ops
+    assert m["quantization"]["report"]["scheme"] == {"trunk": "int4", "mtp": "fp32"}
+
+
+def test_refuses_under_the_threshold_and_writes_nothing(tiny_artifact, data_file, tmp_path):
+    opts = CalibOptions(scheme="int4", weight_method="rtn", **{**FAST, "min_top1": 1.0})
+    with pytest.raises(NextnError, match=r"top-1 agreement 0\.\d+ is under --min-top1 1"):
+        calibrate_artifact(tiny_artifact, tmp_path / "q", [data_file], [], opts)
+    assert list(tmp_path.iterdir()) == []  # no artifact, no temporary folder
+
+
+@pytest.mark.parametrize(
+    "name, text, match",
+    [
+        ("empty.txt", "\n\n", "no sequence of 2 or more tokens"),
+        ("ids.ids", "3 4 999\n", "token id 999 is outside the model's vocabulary"),
+        ("bad.ids", "3 x 4\n", "expected token ids"),
+        ("bad.jsonl", '{"foo": 1}\n', 'expected {"text"'),
+        ("neg.jsonl", '{"token_ids": [1, -2, 3]}\n', "token id -2 is outside"),
+    ],
+)
+def test_bad_calibration_data_is_a_clear_error(tiny_artifact, tmp_path, name, text, match):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(NextnError, match=match) as e:
+        calibrate_artifact(tiny_artifact, tmp_path / "q", [path], [], CalibOptions(**FAST))
+    assert str(path) in str(e.value)
+    assert not (tmp_path / "q").exists()
+
+
+def test_an_already_quantized_artifact_or_torch_backend_is_refused(calibrated, data_file, tmp_path):
+    scheme, out, _ = calibrated
+    with pytest.raises(NextnError, match="already quantized"):
+        calibrate_artifact(out, tmp_path / "again", [data_file], [], CalibOptions(**FAST))
+    with pytest.raises(NextnError, match="--backend torch: .* quantized"):
+        nextn.load(out, backend="torch")
+
+
+def test_cli_calibrate_inspect_and_bad_input(tiny_artifact, data_file, tmp_path):
+    out = tmp_path / "q"
+    cmd = [sys.executable, "-m", "nextn.cli"]
+    r = subprocess.run([*cmd, "calibrate", str(tiny_artifact), "--data", str(data_file), "--scheme", "int8",
+                        "--samples", "4", "--seq-len", "16", "--eval-samples", "2", "--min-top1", "0", "-o", str(out)],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "top-1 agreement" in r.stdout and f"wrote {out}" in r.stdout
+    r = subprocess.run([*cmd, "inspect", str(out)], capture_output=True, text=True)
+    assert "quantized   trunk int8 Q/DQ (minmax" in r.stdout, r.stdout
+    bad = tmp_path / "bad.ids"
+    bad.write_text("1 2 100000\n")
+    r = subprocess.run([*cmd, "calibrate", str(tiny_artifact), "--data", str(bad), "-o", str(tmp_path / "x")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "100000" in r.stderr and str(bad) in r.stderr
