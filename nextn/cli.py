@@ -216,8 +216,9 @@ def _name_list(flag: str, value: str, allowed: tuple[str, ...]) -> tuple[str, ..
                    "ARTIFACT's acceptance.")  # fmt: skip
 @click.option("--sweep-dir", type=click.Path(), default=None,
               help="Where the sweep keeps its checkpoints and exports [default: the cache folder].")
+@click.option("--quant", default="", help="With --sweep: also quantize each size (int8,int4,fp8) and time its decoding.")
 def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends, baselines, repeats, warmup,
-          threads, json_out, plot_out, sweep, sweep_dir):  # fmt: skip
+          threads, json_out, plot_out, sweep, sweep_dir, quant):  # fmt: skip
     """Latency per token of ARTIFACT (default: the embedded model) at each draft depth, with baselines."""
     from pathlib import Path
 
@@ -235,12 +236,17 @@ def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends
         with _progress("sweep") as progress:
             doc = run_sweep([s.strip() for s in sweep.split(",") if s.strip()], root, Path(artifact),
                             past=prompt_len, max_draft=max(_int_list("--draft", drafts)), threads=threads,
+                            schemes=_name_list("--quant", quant, ("int8", "fp8", "int4")),
                             progress=progress)  # fmt: skip
         table, lines, width = sweep_table(doc), [], 200
     else:
         from nextn.bench.latency import BenchConfig
         from nextn.bench.report import ratio_lines, results_table, write_plot
         from nextn.bench.run import run_bench
+
+        if quant:
+            raise NextnError("--quant: only with --sweep (a quantized artifact is benchmarked like any other: "
+                             "nextn bench ARTIFACT)")  # fmt: skip
 
         if baselines == "auto":
             import importlib.util

@@ -75,3 +75,16 @@ def test_demo_end_to_end(embedded_cache):
     assert len(d["drafted"]["accepted_per_position"]) == 2 and d["speedup"] > 0
     r = CliRunner().invoke(cli, ["demo", "--repeats", "1", "--max-new-tokens", "8"])
     assert r.exit_code == 0 and "speedup" in r.output and "identical with and without drafting" in r.output
+
+
+@pytest.mark.slow
+def test_int4_keeps_the_trunk_top1_and_the_drafts(embedded_cache, tmp_path):
+    """Issue 7's quality target on the embedded model, with `nextn calibrate`'s defaults (int4 GPTQ on the
+    stdlib training split, evaluated on held-out files): trunk top-1 agreement >= 0.95."""
+    from nextn.calib.calibrate import CalibOptions, calibrate_artifact
+
+    m = calibrate_artifact(embedded_cache, tmp_path / "int4", [], [], CalibOptions(decode_report=False))
+    rep = m["quantization"]["report"]
+    assert rep["scheme"] == {"trunk": "int4", "mtp": "int4"}
+    assert rep["trunk"]["top1_agreement"] >= 0.95, rep["trunk"]
+    assert rep["trunk"]["perplexity"] < 1.02 * rep["trunk"]["perplexity_fp32"], rep["trunk"]

@@ -20,6 +20,11 @@ check: its projected speedup is set against its measured one.
 The largest size's plain-decoding TPOT is also compared with the memory-bandwidth floor: the weight
 bytes one decode step must read (all dense weights, the shared experts and the k routed experts
 a token picks in each MoE layer, the head, one embedding row) over the measured copy bandwidth.
+
+With `schemes` (int8, int4, fp8) each size is also quantized by `nextn calibrate` (cached beside its
+export; calibration on seeded random token ids, int4 weights round-to-nearest: the weights are random,
+so only speed means anything) and its plain-decoding TPOT is measured in the same run as the fp32 one,
+alternating between the artifacts: speedup = fp32 TPOT / quantized TPOT.
 """
 
 from __future__ import annotations
@@ -141,6 +146,33 @@ def prepare(name: str, root: Path, progress=None) -> Path:
     return art
 
 
+def prepare_quantized(name: str, scheme: str, fp32: Path, root: Path) -> Path:
+    """The `scheme` artifact of sweep size `name` (written once, then reused)."""
+    from nextn.calib.calibrate import CalibOptions, calibrate_artifact
+    from nextn.export.manifest import MANIFEST
+
+    art = root / f"{name}-{scheme}"
+    if (art / MANIFEST).is_file():
+        return art
+    vocab = SIZES[name]().vocab_size
+    data = root / f"{name}-calib.ids"
+    rng = np.random.default_rng(0)
+    data.write_text("\n".join(" ".join(map(str, rng.integers(2, vocab, 48))) for _ in range(6)) + "\n")
+    opts = CalibOptions(scheme=scheme, weight_method="rtn", samples=4, seq_len=48, eval_samples=1, min_top1=0.0,
+                        decode_report=False, force=True)  # fmt: skip
+    calibrate_artifact(fp32, art, [data], [], opts)
+    return art
+
+
+def quantized_tpot(artifacts: dict[str, Path], prompt_len: int, gen_len: int, threads: int, rounds: int = 2) -> dict:
+    """Plain-decoding TPOT of each artifact (best of `rounds`, measured alternately) -> {scheme: ms}."""
+    best = {k: math.inf for k in artifacts}
+    for _ in range(rounds):
+        for k, art in artifacts.items():
+            best[k] = min(best[k], plain_tpot(art, prompt_len, gen_len, threads))
+    return best
+
+
 def embedded_acceptance(artifact: Path, max_draft: int, prompt_len: int, gen_len: int, n_prompts: int,
                         threads: int, tick=None) -> dict:  # fmt: skip
     """Mean acceptance length L(K), acceptance per position and median TPOT per K on a trained artifact,
@@ -180,7 +212,8 @@ def plain_tpot(artifact: Path, prompt_len: int, gen_len: int, threads: int) -> f
 
 
 def run_sweep(sizes: list[str], root: Path, embedded: Path, past: int = 64, max_draft: int = 4, threads: int = 1,
-              repeats: int = 20, gen_len: int = 64, n_prompts: int = 8, progress=None) -> dict:  # fmt: skip
+              repeats: int = 20, gen_len: int = 64, n_prompts: int = 8, schemes: tuple[str, ...] = (),
+              progress=None) -> dict:  # fmt: skip
     from nextn.bench.machine import copy_bandwidth, machine_info
     from nextn.errors import NextnError
     from nextn.export.manifest import read_manifest
@@ -188,8 +221,11 @@ def run_sweep(sizes: list[str], root: Path, embedded: Path, past: int = 64, max_
     bad = [s for s in sizes if s not in SIZES]
     if bad:
         raise NextnError(f"--sweep {bad[0]!r}: sizes are {', '.join(SIZES)}")
+    bad = [s for s in schemes if s not in ("int8", "fp8", "int4")]
+    if bad:
+        raise NextnError(f"--quant {bad[0]!r}: schemes are int8, fp8, int4")
     root.mkdir(parents=True, exist_ok=True)
-    total = len(sizes) * 2 + (max_draft + 1) * n_prompts + 1
+    total = len(sizes) * (2 + 2 * len(schemes)) + (max_draft + 1) * n_prompts + 1
     done = [0]
 
     def tick(what="measure"):
@@ -219,6 +255,17 @@ def run_sweep(sizes: list[str], root: Path, embedded: Path, past: int = 64, max_
                      "plain_tpot_ms": tpot, "decode_read_bytes": read, "bandwidth_floor_ms": read / bandwidth * 1e3,
                      "vs_floor": tpot / (read / bandwidth * 1e3)})  # fmt: skip
         tick(f"{name}: measure")
+        if schemes:
+            arts = {"fp32": art}
+            for scheme in schemes:
+                arts[scheme] = prepare_quantized(name, scheme, art, root)
+                tick(f"{name}: quantize {scheme}")
+            q = quantized_tpot(arts, past, min(gen_len, 32), threads)
+            rows[-1]["quantized"] = {k: {"tpot_ms": q[k], "speedup": q["fp32"] / q[k],
+                                         "weights_bytes": read_manifest(a, verify=False)["weights"]["bytes"]}
+                                     for k, a in arts.items()}  # fmt: skip
+            for _ in schemes:
+                tick(f"{name}: measure quantized")
     return {
         "machine": machine_info(threads),
         "copy_bandwidth_gb_s": bandwidth / 1e9,
@@ -235,14 +282,17 @@ def sweep_table(doc: dict):
     ks = sorted({k for r in doc["rows"] for k in r["projected_speedup"]})
     t = Table(title=f"model-size sweep: past {doc['past']}, copy bandwidth {doc['copy_bandwidth_gb_s']:.1f} GB/s, "
                     f"{doc['machine']['threads_used']} thread(s)")  # fmt: skip
+    schemes = [k for k in next((r["quantized"] for r in doc["rows"] if "quantized" in r), {}) if k != "fp32"]
     for col in ["size", "params", "trunk ms (1 tok)", *[f"verify K={k}" for k in ks], "MTP/trunk",
-                *[f"proj. K={k}" for k in ks], "TPOT / floor"]:  # fmt: skip
+                *[f"proj. K={k}" for k in ks], "TPOT / floor", *[f"{s} TPOT (x fp32)" for s in schemes]]:  # fmt: skip
         t.add_column(col, justify="right")
     for r in doc["rows"]:
         proj = [f"{r['projected_speedup'][k]:.2f}x" for k in ks]
         if "measured_speedup" in r:
             proj = [f"{p} (meas. {r['measured_speedup'][k]:.2f}x)" for p, k in zip(proj, ks)]
         floor = f"{r['plain_tpot_ms']:.2f} / {r['bandwidth_floor_ms']:.2f} ms = {r['vs_floor']:.2f}x" if "vs_floor" in r else "-"
+        quant = [f"{r['quantized'][s]['tpot_ms']:.2f} ms ({r['quantized'][s]['speedup']:.2f}x)" if "quantized" in r
+                 else "-" for s in schemes]  # fmt: skip
         t.add_row(r["size"], f"{r['parameters']['total'] / 1e6:.1f}M", f"{r['trunk_ms']:.3f}",
-                  *[f"{r['verify_cost'][k]:.2f}" for k in ks], f"{r['mtp_cost']:.2f}", *proj, floor)  # fmt: skip
+                  *[f"{r['verify_cost'][k]:.2f}" for k in ks], f"{r['mtp_cost']:.2f}", *proj, floor, *quant)  # fmt: skip
     return t

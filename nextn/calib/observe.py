@@ -16,8 +16,6 @@ activation updates its statistics:
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,10 +85,12 @@ def open_probe(graph: str, path: Path, probed: list[str], shared: SharedWeights,
                threads: int) -> Probe:  # fmt: skip
     """A session of the graph at `path` that also returns the `probed` activations.
 
-    ONNX Runtime checks external-data paths against the model's folder (symlinks resolved) even for
-    weights it is handed in memory, so the probe graph is saved in `scratch` beside a hard link to the
-    artifact's weights file (a copy when the link cannot be made); the weights themselves come from
-    the shared mapping."""
+    Every weight comes from the shared mapping (`SessionOptions.add_initializer`). ONNX Runtime still
+    checks that external-data files exist inside the model's folder (symlinks resolved), so the probe
+    graph is saved in `scratch` beside a sparse placeholder of the weights file's size: no bytes copied,
+    none read. Graph optimizations are off in a probe: ONNX Runtime's constant folding reads the weights
+    it folds (the absorbed-attention slices of kv_b_proj) from the file, not from the handed-over values,
+    and would fold the placeholder's zeros (tests/calib checks probe outputs against the engine's)."""
     import onnxruntime as ort
 
     model = onnx.load(str(path), load_external_data=False)
@@ -103,15 +103,16 @@ def open_probe(graph: str, path: Path, probed: list[str], shared: SharedWeights,
     scratch.mkdir(parents=True, exist_ok=True)
     for t in model.graph.initializer:
         if t.data_location == onnx.TensorProto.EXTERNAL:
+            if t.data_type not in SharedWeights._NP:
+                raise ValueError(f"{path}: initializer {t.name} has data type {t.data_type}, not calibratable")
             name = ExternalDataInfo(t).location
             if not (scratch / name).exists():
-                try:
-                    os.link(path.parent / name, scratch / name)
-                except OSError:
-                    shutil.copyfile(path.parent / name, scratch / name)
+                with open(scratch / name, "wb") as f:
+                    f.truncate((path.parent / name).stat().st_size)
     onnx.save(model, str(scratch / f"probe_{path.name}"))
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
     shared.add_to(so, path)

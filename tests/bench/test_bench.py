@@ -98,17 +98,25 @@ def test_bench_bad_flags(tiny_artifact):
     assert r.exit_code == 1 and "--draft" in r.output
     r = CliRunner().invoke(cli, ["bench", str(tiny_artifact), "--backend", "tensorrt"])
     assert r.exit_code == 1 and "--backend 'tensorrt'" in r.output
+    r = CliRunner().invoke(cli, ["bench", str(tiny_artifact), "--quant", "int4"])
+    assert r.exit_code == 1 and "--quant: only with --sweep" in r.output
 
 
 @pytest.mark.slow
 def test_sweep_tiny(tiny_artifact, tmp_path):
     out = tmp_path / "s.json"
     r = CliRunner().invoke(cli, ["bench", str(tiny_artifact), "--sweep", "tiny", "--sweep-dir", str(tmp_path / "sw"),
-                                 "--draft", "0,1,2", "--json", str(out), "--plot", str(tmp_path / "s.png")])  # fmt: skip
+                                 "--draft", "0,1,2", "--quant", "int4,int8", "--json", str(out),
+                                 "--plot", str(tmp_path / "s.png")])  # fmt: skip
     assert r.exit_code == 0, r.output
+    assert "int4 TPOT (x fp32)" in r.output
     doc = json.loads(out.read_text())
     emb, tiny = doc["rows"]
     assert emb["size"] == "embedded" and set(emb["measured_speedup"]) == {"1", "2"}
     assert tiny["size"] == "tiny" and tiny["vs_floor"] > 0 and set(tiny["verify_cost"]) == {"1", "2"}
     assert doc["copy_bandwidth_gb_s"] > 0
+    q = tiny["quantized"]
+    assert set(q) == {"fp32", "int4", "int8"} and q["fp32"]["speedup"] == 1.0
+    assert all(v["tpot_ms"] > 0 for v in q.values())
+    assert q["int4"]["weights_bytes"] < q["fp32"]["weights_bytes"]
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"

@@ -129,3 +129,27 @@ def test_chunks_cover_the_sequence_in_decode_and_verify_shapes():
     assert c[0] == (0, 10) and c[-1][1] == 20
     assert all(a == b for (_, a), (b, _) in zip(c, c[1:]))
     assert {b - a for a, b in c[1:-1]} == {1, 4}
+
+
+@pytest.mark.slow
+def test_a_probe_computes_what_the_engine_computes(embedded_cache, tmp_path):
+    """Probes read every weight from the shared mapping: their outputs must be the artifact's own. (The
+    embedded model: its kv_b_proj slices are large enough that ONNX Runtime's constant folding reads them
+    from the file, which a probe only has as a placeholder.)"""
+    artifact = embedded_cache
+    from nextn.calib.observe import open_probe
+    from nextn.export.manifest import read_manifest
+    from nextn.runtime.engines import SharedWeights, open_engines
+
+    cfg = read_manifest(artifact)["config"]
+    feed = {"input_ids": np.array([[5, 6, 7, 8]]), "position_ids": np.arange(4)[None],
+            "attention_mask": np.ones((1, 4), np.int64)}  # fmt: skip
+    for i in range(cfg["num_hidden_layers"]):
+        feed[f"past.{i}.c_kv"] = np.zeros((1, 0, cfg["kv_lora_rank"]), np.float32)
+        feed[f"past.{i}.k_pe"] = np.zeros((1, 0, cfg["qk_rope_head_dim"]), np.float32)
+    shared = SharedWeights(artifact / "weights.bin")
+    probe = open_probe("trunk", artifact / "trunk.onnx", [], shared, tmp_path, threads=1)
+    got = probe.session.run(["logits"], feed)[0]
+    with open_engines(artifact) as engines:
+        want = engines["trunk"].run(feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
