@@ -8,7 +8,6 @@ of the stream.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,59 +44,22 @@ def percentiles(values) -> dict:
 def load_prompts(path: Path | None, tokenizer, vocab: int, prompt_len: int, n: int) -> list[list[int]]:
     """Prompts as token ids, each at most `prompt_len` tokens.
 
-    FILE: .jsonl ({"prompt": text} or {"token_ids": [...]} per line), or text with one prompt per line
-    ("\\n" inside a line is a newline). Default: the first `prompt_len` tokens of the Python standard
-    library's held-out files (the embedded model never trained on them), or seeded random ids when the
-    artifact has no tokenizer.
+    FILE: any format of nextn/prompts.py (text with one prompt per line, .jsonl, .ids). Default: the first
+    `prompt_len` tokens of the Python standard library's held-out files (the embedded model never trained
+    on them), or seeded random ids when the artifact has no tokenizer.
     """
-    if path is not None:
-        prompts = _prompts_from_file(Path(path), tokenizer)
-    elif tokenizer is not None:
-        from nextn.train.corpus import read_text, stdlib_corpus
+    from nextn.prompts import read_sequences, stdlib_sequences
 
-        prompts = []
-        for f in stdlib_corpus().heldout:
-            ids = tokenizer.encode(read_text(f)).ids
-            if len(ids) >= prompt_len:
-                prompts.append(ids[:prompt_len])
-            if len(prompts) == n:
-                break
+    if path is not None:
+        return read_sequences([Path(path)], tokenizer, vocab, prompt_len, "--prompts")
+    if tokenizer is not None:
+        prompts = stdlib_sequences(tokenizer, "heldout", n, prompt_len)
     else:
         rng = np.random.default_rng(0)
         prompts = [rng.integers(2, vocab, size=prompt_len).tolist() for _ in range(n)]
-    prompts = [p[:prompt_len] for p in prompts if p]
     if not prompts:
-        raise NextnError(f"--prompts {path}: no prompts in the file")
-    bad = [(i, t) for i, p in enumerate(prompts) for t in p if not 0 <= t < vocab]
-    if bad:
-        raise NextnError(f"--prompts {path}: prompt {bad[0][0]} has token id {bad[0][1]} outside [0, {vocab})")
+        raise NextnError(f"--prompt-len {prompt_len}: no held-out stdlib file is that long; give --prompts")
     return prompts
-
-
-def _prompts_from_file(path: Path, tokenizer) -> list[list[int]]:
-    if not path.is_file():
-        raise NextnError(f"--prompts {path}: no such file")
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NextnError(f"--prompts {path}:{i}: not JSON ({e.msg})") from None
-            if isinstance(rec, dict) and isinstance(rec.get("token_ids"), list):
-                out.append([int(t) for t in rec["token_ids"]])
-                continue
-            if not (isinstance(rec, dict) and isinstance(rec.get("prompt"), str)):
-                raise NextnError(f'--prompts {path}:{i}: expected {{"prompt": text}} or {{"token_ids": [...]}}')
-            text = rec["prompt"]
-        else:
-            text = line.replace("\\n", "\n")
-        if tokenizer is None:
-            raise NextnError(f"--prompts {path}: text prompts need the artifact's tokenizer.json (use token_ids)")
-        out.append(tokenizer.encode(text).ids)
-    return out
 
 
 # -- runs ------------------------------------------------------------------------------------------

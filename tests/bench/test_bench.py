@@ -62,7 +62,7 @@ def test_prompt_files(tmp_path):
     with pytest.raises(NextnError, match="outside"):
         load_prompts(tmp_path / "bad.jsonl", None, 256, 4, 2)
     (tmp_path / "empty.txt").write_text("\n")
-    with pytest.raises(NextnError, match="no prompts"):
+    with pytest.raises(NextnError, match="no sequence of 1 or more tokens"):
         load_prompts(tmp_path / "empty.txt", None, 256, 4, 2)
     (tmp_path / "x.txt").write_text("hello\n")
     with pytest.raises(NextnError, match="tokenizer"):
