@@ -17,7 +17,7 @@ activation updates its statistics:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +78,7 @@ class Probe:
     session: object
     outputs: list[str]  # the graph's own outputs
     probed: list[str]
-    hessian: set[str] = field(default_factory=set)
+    shared: SharedWeights  # the session borrows the mapping's memory: keep it alive as long
 
 
 def open_probe(graph: str, path: Path, probed: list[str], shared: SharedWeights, scratch: Path,
@@ -117,7 +117,7 @@ def open_probe(graph: str, path: Path, probed: list[str], shared: SharedWeights,
         so.intra_op_num_threads = threads
     shared.add_to(so, path)
     session = ort.InferenceSession(str(scratch / f"probe_{path.name}"), so, providers=["CPUExecutionProvider"])
-    return Probe(graph, session, own, list(probed))
+    return Probe(graph, session, own, list(probed), shared)
 
 
 Visit = Callable[[str, dict[str, np.ndarray]], None]  # (graph, probed arrays)

@@ -153,3 +153,27 @@ def test_a_probe_computes_what_the_engine_computes(embedded_cache, tmp_path):
     with open_engines(artifact) as engines:
         want = engines["trunk"].run(feed)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_probe_keeps_its_weights_mapping_alive(tiny_artifact, tmp_path):
+    """The session borrows the mapping's memory: a probe must hold it even when the caller does not.
+    (In a subprocess: the failure this guards against is a segfault.)"""
+    import subprocess
+    import sys
+
+    code = f"""
+import gc, numpy as np
+from pathlib import Path
+from nextn.calib.observe import open_probe
+from nextn.runtime.engines import SharedWeights
+art = Path({str(tiny_artifact)!r})
+probe = open_probe("trunk", art / "trunk.onnx", [], SharedWeights(art / "weights.bin"), Path({str(tmp_path)!r}), 1)
+gc.collect()
+np.zeros(1 << 24).sum()  # reuse freed memory
+feed = {{"input_ids": np.array([[5, 6]]), "position_ids": np.arange(2)[None], "attention_mask": np.ones((1, 2), np.int64)}}
+for i in range(3):
+    feed[f"past.{{i}}.c_kv"] = np.zeros((1, 0, 32), np.float32); feed[f"past.{{i}}.k_pe"] = np.zeros((1, 0, 8), np.float32)
+print(float(np.abs(probe.session.run(["logits"], feed)[0]).max()))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, (r.returncode, r.stderr[-500:])
