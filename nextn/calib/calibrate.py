@@ -124,7 +124,7 @@ def calibrate_artifact(
 
     passes = _passes(schemes, opts)
     n_decode = len(ev.ids) if opts.decode_report else 0
-    step = _Steps(progress, passes * len(cal.ids) + len(schemes) + 2 + 1 + n_decode)
+    step = _Steps(progress, passes * len(cal.ids) + len(schemes) + 2 + n_decode)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
