@@ -283,8 +283,8 @@ def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Quantized artifact folder to write.")
 @click.option("--data", multiple=True, type=click.Path(),
               help="Calibration file, repeatable: text (one prompt per line), .jsonl ({\"text\"} or "
-                   "{\"token_ids\"}) or .ids (token ids per line) [default for the embedded model: its stdlib "
-                   "training split].")  # fmt: skip
+                   "{\"token_ids\"}) or .ids (token ids per line) [default, for an artifact with a tokenizer: the "
+                   "Python stdlib's training split, the embedded model's own corpus].")  # fmt: skip
 @click.option("--eval", "eval_data", multiple=True, type=click.Path(),
               help="Evaluation file(s) for the report [default: every 5th --data sequence, held out].")
 @click.option("--scheme", default="int4", show_default=True, type=click.Choice(["int8", "fp8", "int4"]),

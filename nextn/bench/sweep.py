@@ -153,7 +153,11 @@ def prepare_quantized(name: str, scheme: str, fp32: Path, root: Path) -> Path:
 
     art = root / f"{name}-{scheme}"
     if (art / MANIFEST).is_file():
-        return art
+        from nextn.export.manifest import read_manifest
+
+        source = read_manifest(fp32, verify=False)["files"]["weights.bin"]["sha256"]
+        if read_manifest(art, verify=False)["quantization"].get("source_weights_sha256") == source:
+            return art  # quantized from this very export
     vocab = SIZES[name]().vocab_size
     data = root / f"{name}-calib.ids"
     rng = np.random.default_rng(0)

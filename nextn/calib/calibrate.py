@@ -99,14 +99,19 @@ def calibrate_artifact(
     """Quantize `artifact` into `out`; return the new manifest (its "quantization" holds the report)."""
     root, out = Path(artifact), Path(out)
     check_options(opts)
+    src, dst = root.resolve(), out.resolve()
+    if dst == src or dst in src.parents or src in dst.parents:
+        raise NextnError(f"-o {out}: is, holds or lies inside the artifact being calibrated ({root}); choose another folder")
     check_output(out, opts.force)
-    if out.resolve() == root.resolve():
-        raise NextnError(f"-o {out}: is the artifact being calibrated; choose another folder")
     manifest = read_manifest(root, verify=True)
     if manifest.get("quantization"):
         raise NextnError(f"{root}: already quantized ({_scheme_text(manifest)}); calibrate its fp32 artifact")
     if manifest["dtype"] != "float32":
         raise NextnError(f"{root}: a {manifest['dtype']} artifact; calibration starts from an fp32 export")
+    schemes = _schemes(manifest, opts)
+    if "fp8" in schemes.values() and manifest["opset"] < 19:
+        raise NextnError(f"--scheme fp8: float8 Q/DQ needs opset >= 19; {root} is opset {manifest['opset']} "
+                         "(re-export with --opset 23)")  # fmt: skip
     cfg = manifest["config"]
     tokenizer = None
     if manifest.get("tokenizer"):
@@ -116,7 +121,6 @@ def calibrate_artifact(
     seq_len = min(opts.seq_len, cfg["max_position_embeddings"] - 1)
     cal, ev = calib_data.calibration_and_eval(data, eval_data, tokenizer, cfg["vocab_size"], opts.samples, seq_len,
                                               opts.eval_samples)  # fmt: skip
-    schemes = _schemes(manifest, opts)
     graphs = {name: onnx.load(str(root / g["file"]), load_external_data=False)
               for name, g in manifest["graphs"].items()}  # fmt: skip
     linears = {name: find_linears(m) for name, m in graphs.items()}
@@ -151,6 +155,7 @@ def calibrate_artifact(
             "graphs": details,
             "options": asdict(opts),
             "source_artifact": str(root.resolve()),
+            "source_weights_sha256": manifest["files"][manifest["weights"]["file"]]["sha256"],
             "quantize_seconds": round(time.perf_counter() - t0, 2),
         }
         _write_manifest(tmp, new)
@@ -256,12 +261,17 @@ def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts:
             w = weight_kn(model, lin)
             s = stats.get(lin.x)
             bits = opts.head_bits if lin.head else 4
+            q = None
             if opts.weight_method == "gptq" and s is not None and s.rows and s.finite:
-                weights[lin.node] = (lin, gptq(w, s.hessian, opts.block_size, bits))
-                methods["gptq"] += 1
-            else:  # rtn asked for, or GPTQ without calibration rows (an expert no token was routed to)
-                weights[lin.node] = (lin, quantize_rtn(w, opts.block_size, bits))
+                try:
+                    q = gptq(w, s.hessian, opts.block_size, bits)
+                    methods["gptq"] += 1
+                except np.linalg.LinAlgError:  # a Hessian damping could not make positive definite
+                    log.warning("%s/%s: GPTQ's Hessian is singular; round-to-nearest instead", graph, lin.node)
+            if q is None:  # rtn asked for, GPTQ without calibration rows (an expert no token reached), or failed
+                q = quantize_rtn(w, opts.block_size, bits)
                 methods["rtn"] += 1
+            weights[lin.node] = (lin, q)
         apply_nbits(model, weights)
         detail |= {"linears": len(weights), "block_size": opts.block_size, "head_bits": opts.head_bits,
                    "weights": methods}  # fmt: skip

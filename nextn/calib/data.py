@@ -29,8 +29,8 @@ def calibration_and_eval(
 ) -> tuple[Sequences, Sequences]:  # fmt: skip
     """(calibration, evaluation) sequences.
 
-    Evaluation: `eval_data` when given; else every fifth sequence of `data` is held out (when there are
-    at least two); with no data at all, the stdlib splits (the embedded model's own corpus).
+    Evaluation: `eval_data` when given; else every fifth sequence of `data` is held out (the last one
+    when there are two to four; with one, it is evaluated on itself); with no data at all, the stdlib splits (the embedded model's own corpus).
     """
     if samples < 1:
         raise NextnError(f"--samples {samples}: must be >= 1")
@@ -38,8 +38,10 @@ def calibration_and_eval(
         raise NextnError(f"--seq-len {seq_len}: must be >= 2")
     if data:
         seqs = read_sequences(data, tokenizer, vocab, seq_len, "--data", min_tokens=2)  # 2: one next-token pair
-        held = [s for i, s in enumerate(seqs) if i % 5 == 4] if len(seqs) >= 2 and not eval_data else []
-        calib = [s for i, s in enumerate(seqs) if not (held and i % 5 == 4)][:samples]
+        # every 5th sequence held out (the last one when there are 2 to 4)
+        held_idx = (set(range(4, len(seqs), 5)) or {len(seqs) - 1}) if len(seqs) >= 2 and not eval_data else set()
+        held = [s for i, s in enumerate(seqs) if i in held_idx]
+        calib = [s for i, s in enumerate(seqs) if i not in held_idx][:samples]
         names = ", ".join(str(p) for p in data)
         cal = Sequences(calib, names)
         if eval_data:

@@ -66,7 +66,8 @@ class TensorStats:
     def update_hist(self, x: np.ndarray) -> None:
         if x.size == 0 or self.amax <= 0 or not self.finite:
             return
-        counts, _ = np.histogram(np.abs(x), bins=BINS, range=(0.0, self.amax))
+        # clipped to amax: a value a hair above pass 1's maximum (threaded reductions) still counts
+        counts, _ = np.histogram(np.minimum(np.abs(x), self.amax), bins=BINS, range=(0.0, self.amax))
         self.hist = counts if self.hist is None else self.hist + counts
 
 
@@ -169,7 +170,8 @@ def _call(probe: Probe, feed: dict, visit: Visit) -> dict[str, np.ndarray]:
 # -- activation ranges from the statistics -----------------------------------------------------------
 def calibrated_amax(stats: TensorStats, method: str, percentile: float = 99.99, levels: int = 128) -> float:
     """The clipping range of one activation: minmax (the observed |x| max), percentile (of |x|), or
-    entropy (TensorRT's: the threshold whose `levels`-level quantized histogram is closest in KL)."""
+    entropy (TensorRT's: the threshold whose `levels`-level quantized histogram is closest in KL). Entropy
+    assumes int8's evenly spaced levels; for fp8 it is the same search, not one fitted to e4m3's grid."""
     if method == "minmax" or stats.hist is None:
         return stats.amax
     width = stats.amax / BINS

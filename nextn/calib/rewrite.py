@@ -122,13 +122,16 @@ def apply_qdq(model: onnx.ModelProto, linears: list[Linear], act_amax: dict[str,
     new_inits: list[onnx.TensorProto] = []
     act_done: dict[str, str] = {}  # activation -> its dequantized name
     nodes = []
+    fresh = _fresh(model)
+    act_sfx = ("_scale", "_zero", "_q", "_dq", "_QuantizeLinear", "_DequantizeLinear")
+    w_sfx = ("_w_q", "_w_scale", "_w_zero", "_w_dq", "_w_DequantizeLinear")
     for node in model.graph.node:
         lin = by_node.get(node.name)
         if lin is None:
             nodes.append(node)
             continue
         if lin.x not in act_done:
-            base = _safe(lin.x)
+            base = fresh(lin.x, act_sfx)
             new_inits += [numpy_helper.from_array(np.asarray(activation_scale(act_amax[lin.x], fmt)), f"{base}_scale"),
                           numpy_helper.from_array(_activation_zero(fmt), f"{base}_zero")]  # fmt: skip
             nodes += [
@@ -139,7 +142,7 @@ def apply_qdq(model: onnx.ModelProto, linears: list[Linear], act_amax: dict[str,
             ]
             act_done[lin.x] = f"{base}_dq"
         wq, ws = quantize_weight_qdq(weight_kn(model, lin), fmt)
-        wb = _safe(lin.node)
+        wb = fresh(lin.node, w_sfx)
         new_inits += [numpy_helper.from_array(wq, f"{wb}_w_q"), numpy_helper.from_array(ws, f"{wb}_w_scale"),
                       numpy_helper.from_array(_zero(fmt, ws.shape), f"{wb}_w_zero")]  # fmt: skip
         axis = {"axis": 1} if ws.ndim == 1 else {}
@@ -215,13 +218,14 @@ def apply_nbits(model: onnx.ModelProto, weights: dict[str, tuple[Linear, BlockWe
     """Replace each linear (by node name) with MatMulNBits over its packed blockwise weight, in place."""
     inits = {t.name: t for t in model.graph.initializer}
     new_inits, nodes = [], []
+    fresh = _fresh(model)
     for node in model.graph.node:
         if node.name not in weights:
             nodes.append(node)
             continue
         lin, w = weights[node.name]
         b, scales, zp = pack_matmulnbits(w)
-        base = _safe(node.name)
+        base = fresh(node.name, (f"_B{w.bits}", "_scales", "_zero_points"))
         new_inits += [numpy_helper.from_array(b, f"{base}_B{w.bits}"), numpy_helper.from_array(scales, f"{base}_scales"),
                       numpy_helper.from_array(zp, f"{base}_zero_points")]  # fmt: skip
         nodes.append(helper.make_node(
@@ -237,6 +241,22 @@ def apply_nbits(model: onnx.ModelProto, weights: dict[str, tuple[Linear, BlockWe
 # -- helpers -----------------------------------------------------------------------------------------
 def _safe(name: str) -> str:
     return name.replace("/", "_").replace(":", "_")
+
+
+def _fresh(model: onnx.ModelProto):
+    """A namer for new tensors: `_safe(name)`, suffixed until it clashes with no name in the graph."""
+    taken = {t.name for t in model.graph.initializer} | {i.name for i in model.graph.input}
+    taken |= {o for n in model.graph.node for o in n.output} | {n.name for n in model.graph.node}
+
+    def base(name: str, suffixes: tuple[str, ...]) -> str:
+        b, i = _safe(name), 0
+        while any(f"{b}{sfx}" in taken for sfx in suffixes):
+            i += 1
+            b = f"{_safe(name)}_{i}"
+        taken.update(f"{b}{sfx}" for sfx in suffixes)
+        return b
+
+    return base
 
 
 def _replace(model: onnx.ModelProto, nodes: list, new_inits: list, inits: dict) -> None:

@@ -120,3 +120,27 @@ def test_sweep_tiny(tiny_artifact, tmp_path):
     assert all(v["tpot_ms"] > 0 for v in q.values())
     assert q["int4"]["weights_bytes"] < q["fp32"]["weights_bytes"]
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_requantizes_when_its_export_changed(tmp_path, monkeypatch):
+    """A cached quantized sweep artifact is reused only when it was made from the current fp32 export."""
+    import nextn.calib.calibrate as calibrate
+    from nextn.bench.sweep import prepare_quantized
+
+    def artifact(path, meta):
+        path.mkdir()
+        (path / "weights.bin").write_bytes(b"w")
+        files = {"weights.bin": {"bytes": 1, "sha256": "x"}}
+        (path / "manifest.json").write_text(json.dumps({"format_version": 1, "files": files, **meta}))
+
+    fp32, quant = tmp_path / "tiny-onnx", tmp_path / "tiny-int4"
+    artifact(fp32, {})
+    artifact(quant, {"quantization": {"source_weights_sha256": "x"}})
+    calls = []
+    monkeypatch.setattr(calibrate, "calibrate_artifact", lambda *a, **k: calls.append(a))
+    assert prepare_quantized("tiny", "int4", fp32, tmp_path) == quant and calls == []
+    m = json.loads((fp32 / "manifest.json").read_text())
+    m["files"]["weights.bin"]["sha256"] = "y"  # the export was rebuilt
+    (fp32 / "manifest.json").write_text(json.dumps(m))
+    prepare_quantized("tiny", "int4", fp32, tmp_path)
+    assert len(calls) == 1

@@ -1,6 +1,7 @@
 """`nextn calibrate` end to end on the tiny artifact: each scheme, the report, the refusal, bad data."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -140,3 +141,45 @@ def test_cli_calibrate_inspect_and_bad_input(tiny_artifact, data_file, tmp_path)
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "100000" in r.stderr and str(bad) in r.stderr
+
+
+def test_fp8_needs_opset_19(tiny_artifact, data_file, tmp_path):
+    art = tmp_path / "op18"
+    shutil.copytree(tiny_artifact, art)
+    m = json.loads((art / "manifest.json").read_text())
+    m["opset"] = 18
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(NextnError, match="--scheme fp8: float8 Q/DQ needs opset >= 19"):
+        calibrate_artifact(art, tmp_path / "q", [data_file], [], CalibOptions(scheme="fp8", **FAST))
+
+
+def test_output_may_not_be_or_hold_the_artifact(tiny_artifact, data_file, tmp_path):
+    art = tmp_path / "models" / "fp32"
+    shutil.copytree(tiny_artifact, art)
+    for out in (art, art / "int4", tmp_path / "models"):
+        with pytest.raises(NextnError, match="is, holds or lies inside the artifact"):
+            calibrate_artifact(art, out, [data_file], [], CalibOptions(force=True, **FAST))
+    assert read_manifest(art, verify=True)  # untouched
+
+
+def test_a_few_sequences_still_hold_one_out(tmp_path):
+    from nextn.calib.data import calibration_and_eval
+
+    path = tmp_path / "d.ids"
+    path.write_text("1 2 3\n4 5 6\n7 8 9\n")
+    cal, ev = calibration_and_eval([path], [], None, 256, 32, 16, 8)
+    assert cal.ids == [[1, 2, 3], [4, 5, 6]] and ev.ids == [[7, 8, 9]]
+    assert "not calibrated on" in ev.source
+
+
+def test_gptq_failure_falls_back_to_round_to_nearest(tiny_artifact, data_file, tmp_path, monkeypatch):
+    import nextn.calib.calibrate as calibrate
+
+    def singular(*a, **k):
+        raise np.linalg.LinAlgError("not positive definite")
+
+    monkeypatch.setattr(calibrate, "gptq", singular)
+    m = calibrate_artifact(tiny_artifact, tmp_path / "q", [data_file], [],
+                           CalibOptions(scheme="int4", **{**FAST, "eval_samples": 1}, decode_report=False))  # fmt: skip
+    trunk = m["quantization"]["graphs"]["trunk"]
+    assert trunk["weights"] == {"gptq": 0, "rtn": trunk["linears"]}

@@ -33,7 +33,7 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("k", [64, 48])  # 48: a last block of padding
+@pytest.mark.parametrize("k", [64, 48, 80])  # 48: a last block of padding; 80: an odd number of blocks
 def test_matmulnbits_layout_is_the_dequantized_weight(bits, k):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((k, 5)).astype(np.float32)
@@ -122,6 +122,13 @@ def test_activation_range_methods():
     assert calibrated_amax(s, "minmax") == pytest.approx(40.0)
     assert 3.0 < calibrated_amax(s, "percentile", 99.99) < 6.0
     assert 2.5 < calibrated_amax(s, "entropy") < 10.0
+
+
+def test_histogram_keeps_values_a_hair_above_pass_one_max():
+    s = TensorStats()
+    s.update_range(np.array([[1.0, -2.0]], np.float32), hessian=False)
+    s.update_hist(np.array([1.0, 2.0000002], np.float32))  # a threaded reduction may round up
+    assert s.hist.sum() == 2 and s.hist[-1] == 1
 
 
 def test_chunks_cover_the_sequence_in_decode_and_verify_shapes():
