@@ -20,11 +20,10 @@ from onnx import helper, numpy_helper
 from tokenizers import Tokenizer
 
 from nextn.calib import observe, report
-from nextn.calib.calibrate import _write_manifest
 from nextn.calib.data import calibration_and_eval
 from nextn.calib.rewrite import Linear, apply_qdq, find_linears
 from nextn.embedded import embedded_artifact
-from nextn.export.manifest import read_manifest
+from nextn.export.manifest import read_manifest, write_manifest
 from nextn.export.writer import pack_weights
 from nextn.runtime.engines import SharedWeights, open_engines
 
@@ -74,7 +73,7 @@ def main(variant: str) -> None:
                                 location=f"{name}.onnx.data")  # fmt: skip
         pack_weights(files, out / "weights.bin")
         shutil.copy(root / "tokenizer.json", out / "tokenizer.json")
-        _write_manifest(out, dict(manifest))
+        write_manifest(out, dict(manifest))
         with open_engines(root) as base, open_engines(out) as quant:
             r = report.agreement(base, quant, ev.ids, manifest["config"])
         print(f"{variant}: {len(used)} linears, {len(amax)} activations Q/DQ'd: top-1 {r['top1_agreement']:.4f}, "

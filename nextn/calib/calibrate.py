@@ -32,8 +32,8 @@ from nextn.calib import observe, report
 from nextn.calib.gptq import gptq
 from nextn.calib.rewrite import apply_nbits, apply_qdq, find_linears, quantize_rtn, weight_kn
 from nextn.errors import NextnError
-from nextn.export.exporter import COPIED, check_output, move_into_place
-from nextn.export.manifest import MANIFEST, read_manifest, sha256_file, tool_versions
+from nextn.export.exporter import COPIED, Steps, check_output, move_into_place
+from nextn.export.manifest import read_manifest, tool_versions, write_manifest
 from nextn.export.writer import pack_weights
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def calibrate_artifact(
 
     passes = _passes(schemes, opts)
     n_decode = len(ev.ids) if opts.decode_report else 0
-    step = _Steps(progress, passes * len(cal.ids) + len(schemes) + 2 + n_decode)
+    step = Steps(progress, passes * len(cal.ids) + len(schemes) + 2 + n_decode)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -158,13 +158,13 @@ def calibrate_artifact(
             "source_weights_sha256": manifest["files"][manifest["weights"]["file"]]["sha256"],
             "quantize_seconds": round(time.perf_counter() - t0, 2),
         }
-        _write_manifest(tmp, new)
+        write_manifest(tmp, new)  # the report's engines open the artifact through it
 
         step("quality report: agreement")
         rep = _report(root, manifest, tmp, new, cal, ev, opts, schemes, kept, step)
         new["quantization"]["report"] = rep
         (tmp / REPORT).write_text(json.dumps(rep, indent=2))
-        _write_manifest(tmp, new)
+        write_manifest(tmp, new, hashed=new["files"])  # only the report file is new
         if rep["trunk"]["top1_agreement"] < opts.min_top1:
             raise NextnError(
                 f"trunk top-1 agreement {rep['trunk']['top1_agreement']:.4f} is under --min-top1 {opts.min_top1:g} "
@@ -283,13 +283,15 @@ def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts:
 def _report(root, manifest, tmp, new, cal, ev, opts, schemes, kept, step) -> dict:
     from nextn.runtime.engines import open_engines
 
-    with open_engines(root, threads=opts.threads) as base, open_engines(tmp, threads=opts.threads) as quant:
+    # no second sha256 pass: `root` was verified on entry and `tmp` was written by this process
+    with open_engines(root, threads=opts.threads, verify=False) as base, \
+            open_engines(tmp, threads=opts.threads, verify=False) as quant:  # fmt: skip
         trunk = report.agreement(base, quant, ev.ids, manifest["config"])
         draft = manifest["config"]["num_nextn_predict_layers"]
         dec = None
         if opts.decode_report:
             dec = report.decoding(base, quant, ev.ids, draft, lambda: step("quality report: decoding"))
-    fp32_bytes, q_bytes = report.artifact_bytes(root, manifest), report.artifact_bytes(tmp, new)
+    fp32_bytes, q_bytes = report.artifact_bytes(manifest), report.artifact_bytes(new)
     return {
         "scheme": {"trunk": schemes["trunk"], "mtp": next((s for g, s in schemes.items() if g != "trunk"), "none")},
         "method": opts.method,
@@ -306,25 +308,6 @@ def _report(root, manifest, tmp, new, cal, ev, opts, schemes, kept, step) -> dic
     }
 
 
-def _write_manifest(tmp: Path, manifest: dict) -> None:
-    manifest["files"] = {
-        f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-        for f in sorted(tmp.iterdir()) if f.is_file() and f.name != MANIFEST
-    }  # fmt: skip
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-
-
 def _scheme_text(manifest: dict) -> str:
     q = manifest["quantization"]["graphs"]
     return ", ".join(f"{g} {d['scheme']}" for g, d in q.items())
-
-
-class _Steps:
-    def __init__(self, progress: Progress | None, total: int):
-        self.progress, self.total, self.n = progress, total, 0
-
-    def __call__(self, what: str) -> None:
-        self.n += 1
-        log.info("[%d/%d] %s", self.n, self.total, what)
-        if self.progress is not None:
-            self.progress(what, self.n, self.total)

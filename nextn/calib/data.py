@@ -30,36 +30,34 @@ def calibration_and_eval(
     """(calibration, evaluation) sequences.
 
     Evaluation: `eval_data` when given; else every fifth sequence of `data` is held out (the last one
-    when there are two to four; with one, it is evaluated on itself); with no data at all, the stdlib splits (the embedded model's own corpus).
+    when there are two to four; with one, it is evaluated on itself); with no data at all, the stdlib
+    splits (the embedded model's own corpus).
     """
     if samples < 1:
         raise NextnError(f"--samples {samples}: must be >= 1")
     if seq_len < 2:
         raise NextnError(f"--seq-len {seq_len}: must be >= 2")
+    ev = None
     if data:
         seqs = read_sequences(data, tokenizer, vocab, seq_len, "--data", min_tokens=2)  # 2: one next-token pair
         # every 5th sequence held out (the last one when there are 2 to 4)
         held_idx = (set(range(4, len(seqs), 5)) or {len(seqs) - 1}) if len(seqs) >= 2 and not eval_data else set()
-        held = [s for i, s in enumerate(seqs) if i in held_idx]
-        calib = [s for i, s in enumerate(seqs) if i not in held_idx][:samples]
         names = ", ".join(str(p) for p in data)
-        cal = Sequences(calib, names)
-        if eval_data:
-            ev = Sequences(read_sequences(eval_data, tokenizer, vocab, seq_len, "--eval", min_tokens=2)[:eval_samples],
-                           ", ".join(str(p) for p in eval_data))  # fmt: skip
-        elif held:
+        cal = Sequences([s for i, s in enumerate(seqs) if i not in held_idx][:samples], names)
+        held = [s for i, s in enumerate(seqs) if i in held_idx]
+        if held:
             ev = Sequences(held[:eval_samples], f"every 5th sequence of {names} (not calibrated on)")
-        else:
-            ev = Sequences(calib[:eval_samples], f"{names} (the calibration data itself: only one sequence)")
-        return cal, ev
-    if tokenizer is None:
-        raise NextnError("--data: this artifact has no tokenizer, give calibration token ids (.ids or jsonl)")
-    cal = Sequences(stdlib_sequences(tokenizer, "train", samples, seq_len), "Python stdlib, training split")
+        elif not eval_data:
+            ev = Sequences(cal.ids[:eval_samples], f"{names} (the calibration data itself: only one sequence)")
+    else:
+        if tokenizer is None:
+            raise NextnError("--data: this artifact has no tokenizer, give calibration token ids (.ids or jsonl)")
+        cal = Sequences(stdlib_sequences(tokenizer, "train", samples, seq_len), "Python stdlib, training split")
+        if not eval_data:
+            ev = Sequences(stdlib_sequences(tokenizer, "heldout", eval_samples, seq_len), "Python stdlib, held-out split")
+        if not cal.ids or (ev is not None and not ev.ids):
+            raise NextnError("--data: no stdlib file is long enough for --seq-len; give calibration data")
     if eval_data:
         ev = Sequences(read_sequences(eval_data, tokenizer, vocab, seq_len, "--eval", min_tokens=2)[:eval_samples],
                        ", ".join(str(p) for p in eval_data))  # fmt: skip
-    else:
-        ev = Sequences(stdlib_sequences(tokenizer, "heldout", eval_samples, seq_len), "Python stdlib, held-out split")
-    if not cal.ids or not ev.ids:
-        raise NextnError("--data: no stdlib file is long enough for --seq-len; give calibration data")
     return cal, ev

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 
@@ -93,7 +92,7 @@ def decoding(base, quant, sequences: list[list[int]], draft: int, tick: Callable
     return out
 
 
-def artifact_bytes(root: Path, manifest: dict) -> int:
+def artifact_bytes(manifest: dict) -> int:
     return sum(f["bytes"] for f in manifest["files"].values())
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ import torch
 
 from nextn.errors import NextnError
 from nextn.export.graphs import MtpGraph, TrunkGraph, dynamic_shapes, example_inputs, mtp_io, trunk_io
-from nextn.export.manifest import FORMAT_VERSION, MANIFEST, sha256_file, tool_versions
+from nextn.export.manifest import FORMAT_VERSION, tool_versions, write_manifest
 from nextn.export.validate import check_cases, fp32_twin, make_session, reference_cases
 from nextn.export.writer import export_graph, pack_weights
 from nextn.model.checkpoint import Checkpoint
@@ -63,7 +62,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
 
     graphs = ["trunk"] + [f"mtp_{k}" for k in range(n_mtp)]
     total = 3 + 2 * len(graphs) + 1
-    step = _Steps(progress, total)
+    step = Steps(progress, total)
     step("load checkpoint")
     dtype = DTYPE_NAMES[opts.dtype]
     model, cfg = load_model(checkpoint, dtype=DTYPES[opts.dtype], mtp_layers=n_mtp,
@@ -138,10 +137,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
             "export_seconds": round(export_s, 2),
             "tools": tool_versions(),
         }
-        manifest["files"] = {
-            f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(tmp.iterdir()) if f.is_file()
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        write_manifest(tmp, manifest)
         move_into_place(tmp, out)
         return manifest
     finally:
@@ -149,7 +145,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-class _Steps:
+class Steps:
+    """Numbered progress steps: logged (with memory use) and passed to an optional progress callback."""
+
     def __init__(self, progress: Progress | None, total: int):
         self.progress, self.total, self.n = progress, total, 0
 

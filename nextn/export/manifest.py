@@ -46,6 +46,17 @@ def tool_versions() -> dict[str, str]:
     }
 
 
+def write_manifest(folder: Path, manifest: dict[str, Any], hashed: dict[str, dict] | None = None) -> None:
+    """Record every file of `folder` (size, sha256) in `manifest["files"]` and write manifest.json there.
+    `hashed`: entries already computed for files that have not changed since, reused instead of re-read."""
+    hashed = hashed or {}
+    manifest["files"] = {
+        f.name: hashed.get(f.name) or {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+        for f in sorted(Path(folder).iterdir()) if f.is_file() and f.name != MANIFEST
+    }  # fmt: skip
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
 def read_manifest(artifact: str | Path, verify: bool = False) -> dict[str, Any]:
     """Load an artifact's manifest; with `verify`, check every file's size and sha256."""
     root = Path(artifact)
