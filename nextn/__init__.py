@@ -1,6 +1,6 @@
 """nextn: deploy DeepSeek-V3-style models with their MTP modules as draft models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def load(artifact, backend: str = "ort", device: str = "cpu", threads: int = 0, prepack: bool | None = None):

@@ -102,9 +102,12 @@ def inspect(path: str | None, as_json: bool) -> None:
 @click.option("--opset", type=int, default=23, show_default=True)
 @click.option("--attention", type=click.Choice(["absorbed", "naive"]), default="absorbed", show_default=True,
               help="MLA form in the graphs (BENCHMARKS.md measures both).")  # fmt: skip
+@click.option("--moe", type=click.Choice(["auto", "fused", "sparse"]), default="auto", show_default=True,
+              help="Routed experts as ONNX Runtime's fused MoE op, or standard ONNX ops per expert (for other "
+                   "runtimes); auto: fused where the checkpoint allows it.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 def export(checkpoint: str | None, out: str, dtype: str, mtp_layers: int | None, opset: int, attention: str,
-           force: bool):  # fmt: skip
+           moe: str, force: bool):  # fmt: skip
     """Export the trunk and each MTP module of CHECKPOINT (default: the embedded model) as validated ONNX graphs."""
     from nextn.embedded import embedded_checkpoint
     from nextn.export.exporter import ExportOptions, export_checkpoint
@@ -112,7 +115,7 @@ def export(checkpoint: str | None, out: str, dtype: str, mtp_layers: int | None,
     checkpoint = checkpoint or str(embedded_checkpoint())
     from nextn.export.summary import format_validation
 
-    opts = ExportOptions(dtype=dtype, mtp_layers=mtp_layers, opset=opset, attention=attention, force=force)
+    opts = ExportOptions(dtype=dtype, mtp_layers=mtp_layers, opset=opset, attention=attention, moe=moe, force=force)
     with _progress("export") as progress:
         manifest = export_checkpoint(checkpoint, out, opts, progress)
     click.echo(format_validation(manifest))

@@ -131,14 +131,15 @@ def project(costs: dict, acceptance_length: dict[int, float]) -> dict[int, float
 
 
 def prepare(name: str, root: Path, progress=None) -> Path:
-    """The exported artifact of sweep size `name` under `root` (written once, then reused)."""
+    """The exported artifact of sweep size `name` under `root` (written once by this nextn version, then reused)."""
+    import nextn
     from nextn.export.exporter import ExportOptions, export_checkpoint
-    from nextn.export.manifest import MANIFEST
+    from nextn.export.manifest import MANIFEST, read_manifest
     from nextn.testing import write_random_checkpoint
 
     art = root / f"{name}-onnx"
-    if (art / MANIFEST).is_file():
-        return art
+    if (art / MANIFEST).is_file() and read_manifest(art, verify=False)["tools"].get("nextn") == nextn.__version__:
+        return art  # an older version's export may have other graph forms: those are re-exported
     ckpt = root / f"{name}-ckpt"
     if not (ckpt / "config.json").is_file():
         write_random_checkpoint(ckpt, SIZES[name](), seed=0, shard_bytes=2**30)

@@ -29,8 +29,9 @@ import onnx
 
 from nextn.calib import data as calib_data
 from nextn.calib import observe, report
+from nextn.calib import experts as fused
 from nextn.calib.gptq import gptq
-from nextn.calib.rewrite import apply_nbits, apply_qdq, find_linears, quantize_rtn, weight_kn
+from nextn.calib.rewrite import apply_nbits, apply_qdq, apply_qmoe, find_experts, find_linears, quantize_rtn, weight_kn
 from nextn.errors import NextnError
 from nextn.export.exporter import COPIED, Steps, check_output, move_into_place
 from nextn.export.manifest import read_manifest, tool_versions, write_manifest
@@ -124,6 +125,7 @@ def calibrate_artifact(
     graphs = {name: onnx.load(str(root / g["file"]), load_external_data=False)
               for name, g in manifest["graphs"].items()}  # fmt: skip
     linears = {name: find_linears(m) for name, m in graphs.items()}
+    moes = {name: find_experts(m) for name, m in graphs.items()}
     del graphs
 
     passes = _passes(schemes, opts)
@@ -132,7 +134,8 @@ def calibrate_artifact(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        stats = _observe(root, manifest, schemes, linears, cal.ids, opts, passes, step, tmp / "probe")
+        stats, expert_stats = _observe(root, manifest, schemes, linears, moes, cal.ids, opts, passes, step,
+                                       tmp / "probe")  # fmt: skip
         shutil.rmtree(tmp / "probe", ignore_errors=True)
         t0 = time.perf_counter()
         kept: list[dict] = []
@@ -140,7 +143,8 @@ def calibrate_artifact(
         for name, g in manifest["graphs"].items():
             step(f"quantize {g['file']} ({schemes[name]})")
             details[name] = _quantize_graph(root / g["file"], tmp / g["file"], schemes[name], linears[name],
-                                            stats.get(name, {}), opts, kept, name)  # fmt: skip
+                                            stats.get(name, {}), opts, kept, name, moes[name],
+                                            expert_stats.get(name, {}))  # fmt: skip
         step("pack weights")
         packed = pack_weights([tmp / g["file"] for g in manifest["graphs"].values()], tmp / "weights.bin")
         for f in COPIED:
@@ -195,22 +199,33 @@ def _probed(scheme: str, lins, opts: CalibOptions) -> tuple[list[str], bool]:
     return [], False
 
 
-def _observe(root, manifest, schemes, linears, sequences, opts, passes, step,
-             scratch: Path) -> dict[str, dict[str, observe.TensorStats]]:  # fmt: skip
+def _expert_hessians(scheme: str, moes, opts: CalibOptions) -> list:
+    """The fused MoE nodes of a graph whose experts GPTQ quantizes (they need per-expert Hessians)."""
+    if opts.weight_method != "gptq" or fused.expert_bits(scheme) != 4:
+        return []
+    return [ex for ex in moes if fused.unsupported(ex, opts.block_size) is None]
+
+
+def _observe(root, manifest, schemes, linears, moes, sequences, opts, passes, step, scratch: Path):
+    """Activation statistics per graph ({activation: TensorStats}) and per fused MoE node (ExpertStats)."""
     if not passes:
-        return {}
+        return {}, {}
     from nextn.runtime.engines import SharedWeights
 
     shared = SharedWeights(root / manifest["weights"]["file"])
-    probes, stats, hess = {}, {}, {}
+    probes, stats, hess, experts = {}, {}, {}, {}
     hessian_bytes = 0
     for name, g in manifest["graphs"].items():
         lins, _ = linears[name]
         probed, need_h = _probed(schemes[name], lins, opts)
-        if name == "trunk" or probed:  # the trunk always runs: the MTP graphs need its hidden states
-            probes[name] = observe.open_probe(name, root / g["file"], probed, shared, scratch, opts.threads)
+        exps = _expert_hessians(schemes[name], moes[name], opts)
+        extra = sorted({t for ex in exps for t in (ex.x, ex.probs)} - set(probed))
+        if name == "trunk" or probed or exps:  # the trunk always runs: the MTP graphs need its hidden states
+            probes[name] = observe.open_probe(name, root / g["file"], probed + extra, shared, scratch, opts.threads)
             stats[name] = {p: observe.TensorStats() for p in probed}
             hess[name] = need_h
+            experts[name] = {ex.node: fused.ExpertStats(ex, fused.read_weights(root / g["file"], ex)[0]) for ex in exps}
+            hessian_bytes += sum(fused.ExpertStats.nbytes(ex) for ex in exps)
             if need_h:
                 k = {lin.x: lin.k for lin in lins}
                 hessian_bytes += sum(8 * k[p] ** 2 for p in probed)
@@ -220,22 +235,24 @@ def _observe(root, manifest, schemes, linears, sequences, opts, passes, step,
                          "use --weight-method rtn")  # fmt: skip
 
     def ranges(graph, arrays):
-        for p, x in arrays.items():
-            stats[graph][p].update_range(x, hess[graph])
+        for p, s in stats[graph].items():
+            s.update_range(arrays[p], hess[graph])
+        for es in experts[graph].values():
+            es.update(arrays[es.ex.x], arrays[es.ex.probs])
 
     def hists(graph, arrays):
         if schemes[graph] in ("int8", "fp8"):
-            for p, x in arrays.items():
-                stats[graph][p].update_hist(x)
+            for p, s in stats[graph].items():
+                s.update_hist(arrays[p])
 
     observe.drive(probes, manifest["config"], sequences, ranges, lambda: step("calibrate: ranges"))
     if passes == 2:
         observe.drive(probes, manifest["config"], sequences, hists, lambda: step("calibrate: histograms"))
-    return stats
+    return stats, experts
 
 
 def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts: CalibOptions,
-                    kept: list[dict], graph: str) -> dict:  # fmt: skip
+                    kept: list[dict], graph: str, moes: list, expert_stats: dict) -> dict:  # fmt: skip
     lins, routers = found
     model = onnx.load(str(src), load_external_data=True)
     detail: dict = {"scheme": scheme, "linears": 0, "routers_float": len(routers)}
@@ -275,9 +292,28 @@ def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts:
         apply_nbits(model, weights)
         detail |= {"linears": len(weights), "block_size": opts.block_size, "head_bits": opts.head_bits,
                    "weights": methods}  # fmt: skip
+    if moes:
+        detail["experts"] = _quantize_experts(model, scheme, moes, expert_stats, opts, kept, graph)
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=f"{dst.name}.data", size_threshold=1024)  # fmt: skip
     return detail
+
+
+def _quantize_experts(model, scheme: str, moes: list, expert_stats: dict, opts: CalibOptions, kept: list[dict],
+                      graph: str) -> dict:  # fmt: skip
+    """Fused MoE nodes -> QMoE (experts.py); those QMoE cannot take stay float and are listed in `kept`."""
+    bits = fused.expert_bits(scheme)
+    inits = {t.name: t for t in model.graph.initializer}
+    todo, methods = {}, {"rtn": 0, "gptq": 0}
+    for ex in moes:
+        reason = fused.unsupported(ex, opts.block_size) if bits else f"{scheme}: no CPU QMoE kernel for it"
+        if reason:
+            kept.append({"graph": graph, "node": ex.node, "reason": f"fused MoE experts: {reason}"})
+            continue
+        w13, w2 = (onnx.numpy_helper.to_array(inits[n]).astype(np.float32, copy=False) for n in (ex.w13, ex.w2))
+        todo[ex.node] = fused.quantize_experts(w13, w2, expert_stats.get(ex.node), opts.block_size, bits, methods)
+    apply_qmoe(model, todo)
+    return {"moe_layers": len(todo), "bits": bits, "weights": methods}
 
 
 def _report(root, manifest, tmp, new, cal, ev, opts, schemes, kept, step) -> dict:

@@ -1,7 +1,7 @@
 """Graph rewrites: which matrix multiplications get quantized, and the quantized forms they become.
 
 A *linear* is a MatMul(x, W[K, N]) or Gemm(x, W[N, K], transB=1) whose weight is an initializer. The
-MoE router (a linear whose output only feeds Sigmoid or Softmax) is never one: its scores pick experts, and
+MoE router (a linear whose output only feeds Sigmoid, Softmax or MoEGroupRouter) is never one: its scores pick experts, and
 a flipped top-k choice moves the output by O(1). Softmax, residual adds, norms, the mask and the
 attention score/value products (no constant weight) stay in float.
 
@@ -22,6 +22,13 @@ int4 (weight-only, ONNX Runtime contrib op, for CPU decoding):
     4 lets ONNX Runtime multiply in int8 (activations quantized per block on the fly). The output head
     takes 8 bits by default (same op, bits=8): it is the one linear whose error lands on the logits
     unmixed, and 4 bits there cost the embedded model ~2 points of top-1 agreement (BENCHMARKS.md).
+
+Fused MoE experts (export --moe fused; experts.py computes their weights):
+
+        MoE(x, router_probs, w13, w2) ─► QMoE(x, router_probs, fc1 [E, 2I, H*bits/8] + scales + zero points,
+                                              fc2 [E, H, I*bits/8] + scales + zero points)
+    per expert the bytes of MatMulNBits (rows = output channels, K packed), stacked over experts; routing and
+    SwiGLU attributes carry over.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from onnx import helper, numpy_helper
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 INT8_MAX = 127.0
 MS_DOMAIN = "com.microsoft"
+ROUTER_OPS = ("Sigmoid", "Softmax", "MoEGroupRouter")
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,7 @@ def find_linears(model: onnx.ModelProto) -> tuple[list[Linear], list[str]]:
             if not plain or not attrs.get("transB", 0):
                 continue
         users = consumers.get(node.output[0], [])
-        if users and all(c.op_type in ("Sigmoid", "Softmax") for c in users):  # SiLU's Sigmoid has a Mul beside it
+        if users and all(c.op_type in ROUTER_OPS for c in users):  # SiLU's Sigmoid has a Mul beside it
             routers.append(node.name)
             continue
         transposed = node.op_type == "Gemm"
@@ -236,6 +244,71 @@ def apply_nbits(model: onnx.ModelProto, weights: dict[str, tuple[Linear, BlockWe
     _replace(model, nodes, new_inits, inits)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+# -- fused MoE experts (export --moe fused) -----------------------------------------------------------
+@dataclass(frozen=True)
+class Experts:
+    """One com.microsoft.MoE node: routed experts stacked, fc1 = gate/up interleaved, fc2 = down."""
+
+    node: str
+    x: str  # input [N, H]
+    probs: str  # router_probs [N, E]: finite at the picked experts
+    w13: str  # [E, 2I, H]
+    w2: str  # [E, H, I]
+    n_experts: int
+    hidden: int
+    inter: int
+
+
+def find_experts(model: onnx.ModelProto) -> list[Experts]:
+    inits = {t.name: t for t in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type != "MoE" or node.domain != MS_DOMAIN:
+            continue
+        w13, w2 = inits[node.input[2]], inits[node.input[4]]
+        e, h, i = (int(d) for d in w2.dims)
+        found.append(Experts(node.name, node.input[0], node.input[1], w13.name, w2.name, e, h, i))
+    return found
+
+
+def pack_qmoe(weights: list[BlockWeight]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """QMoE's raw layout from one BlockWeight per expert (W [K, N]): weights [E, N, K * bits / 8], scales
+    [E, N, K / bs], zero points [E, N, ceil(K / bs * bits / 8)]; per expert the bytes of MatMulNBits."""
+    packed = [pack_matmulnbits(w) for w in weights]
+    k, n = weights[0].q.shape
+    return (np.stack([b.reshape(n, -1) for b, _, _ in packed]), np.stack([s.reshape(n, -1) for _, s, _ in packed]),
+            np.stack([z.reshape(n, -1) for _, _, z in packed]))  # fmt: skip
+
+
+def apply_qmoe(model: onnx.ModelProto, experts: dict[str, tuple[list[BlockWeight], list[BlockWeight]]],
+               accuracy_level: int = 4) -> None:  # fmt: skip
+    """Replace each MoE node (by name) with QMoE over its experts' (fc1, fc2) blockwise weights, in place.
+    Every other input and attribute (routing, SwiGLU layout) carries over."""
+    inits = {t.name: t for t in model.graph.initializer}
+    new_inits, nodes = [], []
+    fresh = _fresh(model)
+    for node in model.graph.node:
+        if node.name not in experts:
+            nodes.append(node)
+            continue
+        fc1, fc2 = experts[node.name]
+        bits, bs = fc1[0].bits, fc1[0].block_size
+        names = []
+        for which, ws in (("fc1", fc1), ("fc2", fc2)):
+            base = fresh(f"{node.name}_{which}", ("_q", "_scales", "_zero_points"))
+            for arr, sfx in zip(pack_qmoe(ws), ("_q", "_scales", "_zero_points")):
+                new_inits.append(numpy_helper.from_array(arr, f"{base}{sfx}"))
+            names.append(base)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        nodes.append(helper.make_node(
+            "QMoE", [node.input[0], node.input[1], f"{names[0]}_q", f"{names[0]}_scales", "", f"{names[1]}_q",
+                     f"{names[1]}_scales", "", "", "", "", f"{names[0]}_zero_points", f"{names[1]}_zero_points"],
+            list(node.output), name=node.name, domain=MS_DOMAIN, **attrs, expert_weight_bits=bits, block_size=bs,
+            accuracy_level=accuracy_level,
+        ))  # fmt: skip
+    _replace(model, nodes, new_inits, inits)
 
 
 # -- helpers -----------------------------------------------------------------------------------------

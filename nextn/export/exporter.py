@@ -10,6 +10,7 @@ validation passed, so a failed export leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from nextn.errors import NextnError
+from nextn.export import fused_moe, fused_rope
 from nextn.export.graphs import MtpGraph, TrunkGraph, dynamic_shapes, example_inputs, mtp_io, trunk_io
 from nextn.export.manifest import FORMAT_VERSION, tool_versions, write_manifest
 from nextn.export.validate import check_cases, fp32_twin, make_session, reference_cases
@@ -43,6 +45,7 @@ class ExportOptions:
     mtp_layers: int | None = None  # None: every MTP module the checkpoint has
     opset: int = 23
     attention: str = "absorbed"  # absorbed | naive (see BENCHMARKS.md for the measurement behind the default)
+    moe: str = "auto"  # auto | fused | sparse (fused_moe.py; auto: fused where the config allows it)
     force: bool = False
 
 
@@ -60,6 +63,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     if cfg.num_nextn_predict_layers == 0:
         log.warning("%s has no MTP modules: exporting the trunk alone (no drafting possible)", checkpoint)
 
+    moe = fused_moe.resolve_moe_form(opts.moe, cfg)
     graphs = ["trunk"] + [f"mtp_{k}" for k in range(n_mtp)]
     total = 3 + 2 * len(graphs) + 1
     step = Steps(progress, total)
@@ -75,16 +79,24 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     try:
         t0 = time.perf_counter()
         io = {}
-        for name in graphs:
-            step(f"export {name}.onnx")
-            if name == "trunk":
-                module, (inputs, outputs), which = TrunkGraph(model), trunk_io(cfg, dtype), "trunk"
-            else:
-                module, (inputs, outputs), which = MtpGraph(model, int(name[4:])), mtp_io(cfg, dtype), "mtp"
-            example = example_inputs(cfg, DTYPES[opts.dtype], which, b=2, s=3, p=4)
-            export_graph(module, example, dynamic_shapes(which, cfg.num_hidden_layers), inputs, outputs,
-                         tmp / f"{name}.onnx", opts.opset)  # fmt: skip
-            io[name] = (inputs, outputs)
+        with contextlib.ExitStack() as fused:  # export-only forms of the MoE and rotary (validated below)
+            translations = {}
+            if moe == "fused":
+                fused.enter_context(fused_moe.fused_experts(model))
+                translations |= fused_moe.onnx_translations()
+            if opts.opset >= fused_rope.ROPE_OPSET:
+                fused.enter_context(fused_rope.fused_rope(model))
+                translations |= fused_rope.onnx_translations()
+            for name in graphs:
+                step(f"export {name}.onnx")
+                if name == "trunk":
+                    module, (inputs, outputs), which = TrunkGraph(model), trunk_io(cfg, dtype), "trunk"
+                else:
+                    module, (inputs, outputs), which = MtpGraph(model, int(name[4:])), mtp_io(cfg, dtype), "mtp"
+                example = example_inputs(cfg, DTYPES[opts.dtype], which, b=2, s=3, p=4)
+                export_graph(module, example, dynamic_shapes(which, cfg.num_hidden_layers), inputs, outputs,
+                             tmp / f"{name}.onnx", opts.opset, translations)  # fmt: skip
+                io[name] = (inputs, outputs)
         export_s = time.perf_counter() - t0
         # Reference outputs first, then release the model: validation never holds the reference's
         # weights and an ONNX Runtime session's at once. A 16-bit export is checked against its own
@@ -121,6 +133,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
             "dtype": dtype,
             "opset": opts.opset,
             "attention": opts.attention,
+            "moe": moe,
             "config": cfg.to_dict() | {"num_nextn_predict_layers": n_mtp},
             "eos_token_ids": list(cfg.eos_token_ids),
             "tokenizer": "tokenizer.json" if (tmp / "tokenizer.json").is_file() else None,

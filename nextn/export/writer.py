@@ -38,8 +38,10 @@ def export_graph(
     outputs: list[TensorSpec],
     path: Path,
     opset: int,
+    translations: dict | None = None,
 ) -> None:
-    """Export `module` to `path` (+ `path`.data) with named I/O and readable symbolic dimensions."""
+    """Export `module` to `path` (+ `path`.data) with named I/O and readable symbolic dimensions;
+    `translations` maps custom torch ops to their ONNX form (fused_moe.py)."""
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -50,6 +52,7 @@ def export_graph(
             input_names=[s.name for s in inputs],
             output_names=[s.name for s in outputs],
             opset_version=opset,
+            custom_translation_table=translations,
             optimize=False,  # our own pipeline below: the stock one has a quadratic rule
             verbose=False,
         )

@@ -220,21 +220,28 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> expert ids [N, K] int64, weights [N, K] fp32."""
-        cfg = self.cfg
-        n, e, g = x.shape[0], cfg.n_routed_experts, cfg.n_group
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E]
-        choice = scores + self.e_score_correction_bias
-        if g > 1:
-            per_group = choice.view(n, g, e // g)  # [N, G, E/G]
-            group_scores = per_group.topk(min(2, e // g), dim=-1).values.sum(-1)  # [N, G]
-            keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, 1.0)
-            keep = keep.bool()[:, :, None].expand(n, g, e // g).reshape(n, e)  # [N, E]
-            choice = choice.masked_fill(~keep, float("-inf"))
-        ids = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # [N, K]
-        weights = scores.gather(1, ids)  # [N, K]
-        if cfg.norm_topk_prob:
-            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return ids, weights * cfg.routed_scaling_factor
+        c = self.cfg
+        return route(x, self.weight, self.e_score_correction_bias, c.num_experts_per_tok, c.n_group, c.topk_group,
+                     c.norm_topk_prob, c.routed_scaling_factor)  # fmt: skip
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+          norm: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """DeepSeek-V3's noaux_tc routing: x [N, H], weight [E, H], bias [E] -> ids [N, top_k], weights [N, top_k] fp32."""
+    n, e, g = x.shape[0], weight.shape[0], n_group
+    scores = F.linear(x.float(), weight.float()).sigmoid()  # [N, E]
+    choice = scores + bias
+    if g > 1:
+        per_group = choice.view(n, g, e // g)  # [N, G, E/G]
+        group_scores = per_group.topk(min(2, e // g), dim=-1).values.sum(-1)  # [N, G]
+        keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_group, dim=-1).indices, 1.0)
+        keep = keep.bool()[:, :, None].expand(n, g, e // g).reshape(n, e)  # [N, E]
+        choice = choice.masked_fill(~keep, float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices  # [N, K]
+    weights = scores.gather(1, ids)  # [N, K]
+    if norm:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return ids, weights * scale
 
 
 class MoE(nn.Module):

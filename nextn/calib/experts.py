@@ -1,0 +1,111 @@
+"""Fused MoE experts (`nextn export --moe fused`): their calibration statistics and QMoE weights.
+
+A fused MoE node hides its experts' matrix products, so the probe reports what feeds them instead: the
+node's input x [N, H] and router_probs [N, E] (finite exactly at the experts a token picked). Expert e's
+fc1 (gate/up) input is then the rows of x that picked e, and its fc2 (down) input is silu(gate) * up of
+those rows, recomputed here from the fp32 weights:
+
+    x [N, H] ─ rows where router_probs[:, e] is finite ─ x_e [n_e, H] ─────────────── H1_e += x_e^T x_e
+                                                           └ x_e @ w13[e]^T ─ silu(gate) * up ─ a_e [n_e, I] ─ H2_e += a_e^T a_e
+
+Each expert's fc1 [2I, H] and fc2 [H, I] are then quantized like any linear (GPTQ with its own Hessian,
+or round-to-nearest; an expert no calibration token picked falls back to round-to-nearest) and packed
+into ONNX Runtime's QMoE: the same routing and SwiGLU, int4 or int8 blockwise weights, int8 activations
+inside the kernel (accuracy_level 4, as MatMulNBits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
+
+from nextn.calib.gptq import gptq
+from nextn.calib.rewrite import BlockWeight, Experts, quantize_rtn
+
+
+def expert_bits(scheme: str) -> int | None:
+    """Bits of the fused experts' weights per scheme: int4 -> 4, int8 -> 8 (weight-only; QMoE quantizes
+    activations itself), fp8 -> None (ONNX Runtime's CPU QMoE has no fp8 kernel: the experts stay float)."""
+    return {"int4": 4, "int8": 8}.get(scheme)
+
+
+def unsupported(ex: Experts, block_size: int) -> str | None:
+    """Why QMoE cannot take these experts at `block_size`, or None."""
+    if ex.hidden % block_size or ex.inter % block_size:
+        return f"QMoE needs hidden {ex.hidden} and expert width {ex.inter} divisible by --block-size {block_size}"
+    return None
+
+
+def read_weights(graph: Path, ex: Experts) -> tuple[np.ndarray, np.ndarray]:
+    """The experts' fp32 weights from the artifact: w13 [E, 2I, H] (gate/up interleaved), w2 [E, H, I]."""
+    model = onnx.load(str(graph), load_external_data=False)
+    out = {}
+    for t in model.graph.initializer:
+        if t.name in (ex.w13, ex.w2):
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                load_external_data_for_tensor(t, str(graph.parent))
+            out[t.name] = numpy_helper.to_array(t).astype(np.float32, copy=False)
+    return out[ex.w13], out[ex.w2]
+
+
+@dataclass
+class ExpertStats:
+    """Per expert: calibration rows seen and the Hessians of its fc1 and fc2 inputs (float64)."""
+
+    ex: Experts
+    w13: np.ndarray  # [E, 2I, H]
+    rows: np.ndarray = field(init=False)  # [E]
+    h1: list = field(init=False)  # E x [H, H] or None
+    h2: list = field(init=False)  # E x [I, I] or None
+
+    def __post_init__(self):
+        self.rows = np.zeros(self.ex.n_experts, np.int64)
+        self.h1 = [None] * self.ex.n_experts
+        self.h2 = [None] * self.ex.n_experts
+
+    def update(self, x: np.ndarray, probs: np.ndarray) -> None:
+        x2 = x.reshape(-1, self.ex.hidden)  # [N, H]
+        picked = np.isfinite(probs.reshape(-1, self.ex.n_experts))  # [N, E]
+        if not np.isfinite(x2).all():
+            return
+        for e in range(self.ex.n_experts):
+            xe = x2[picked[:, e]]  # [n_e, H]
+            if not len(xe):
+                continue
+            g = xe @ self.w13[e].T  # [n_e, 2I]
+            a = (g[:, 0::2] / (1 + np.exp(-g[:, 0::2])) * g[:, 1::2]).astype(np.float64)  # [n_e, I]
+            xd = xe.astype(np.float64)
+            self.rows[e] += len(xe)
+            self.h1[e] = xd.T @ xd if self.h1[e] is None else self.h1[e] + xd.T @ xd
+            self.h2[e] = a.T @ a if self.h2[e] is None else self.h2[e] + a.T @ a
+
+    @staticmethod
+    def nbytes(ex: Experts) -> int:
+        return 8 * ex.n_experts * (ex.hidden**2 + ex.inter**2)
+
+
+def quantize_experts(w13: np.ndarray, w2: np.ndarray, stats: ExpertStats | None, block_size: int, bits: int,
+                     methods: dict[str, int]) -> tuple[list[BlockWeight], list[BlockWeight]]:  # fmt: skip
+    """Every expert's fc1 (W [H, 2I]) and fc2 (W [I, H]) as BlockWeights: GPTQ where `stats` saw the expert,
+    else round-to-nearest; `methods` counts which (per matrix)."""
+    fc1, fc2 = [], []
+    for e in range(w13.shape[0]):
+        h1, h2 = (stats.h1[e], stats.h2[e]) if stats is not None else (None, None)
+        for w, h, out in ((w13[e].T, h1, fc1), (w2[e].T, h2, fc2)):
+            q = None
+            if h is not None:
+                try:
+                    q = gptq(np.ascontiguousarray(w), h, block_size, bits)
+                    methods["gptq"] += 1
+                except np.linalg.LinAlgError:
+                    q = None
+            if q is None:
+                q = quantize_rtn(np.ascontiguousarray(w), block_size, bits)
+                methods["rtn"] += 1
+            out.append(q)
+    return fc1, fc2
