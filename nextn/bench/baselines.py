@@ -54,35 +54,33 @@ class _Clock:
         pass
 
 
-def measure_transformers(model, prompts, batch: int, use_mtp: bool, cfg: BenchConfig, tick=None) -> dict:
+def transformers_run(model, prompts, batch: int, use_mtp: bool, cfg: BenchConfig, run: int) -> dict:
+    """Greedy generation number `run` with transformers' eager generate (use_mtp: its MTP decoding)."""
     import torch
 
-    runs = []
-    for i in range(cfg.warmup + cfg.repeats):
-        ids = torch.tensor(batch_of(prompts, i, batch))  # equal-length prompts: no padding needed
-        clock = _Clock()
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=cfg.gen_len, min_new_tokens=cfg.gen_len, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0, use_mtp=use_mtp or None,
-                                 streamer=clock)  # fmt: skip
-        total = (time.perf_counter() - t0) * 1e3
-        new = out.shape[1] - ids.shape[1]
-        marks = clock.marks[1:]  # the first put is the prompt
-        ttft = (marks[0][0] - t0) * 1e3 if marks else total
-        step_ms = [(b[0] - a[0]) * 1e3 for a, b in zip(marks, marks[1:])]
-        step_tokens = [n for _, n in marks[1:]]
-        if i >= cfg.warmup:
-            runs.append({"total_ms": total, "ttft_ms": ttft, "new_tokens": new, "step_ms": step_ms,
-                         "step_tokens": step_tokens, "token_ids": out[0, ids.shape[1]:].tolist()})  # fmt: skip
-        if tick:
-            tick()
+    ids = torch.tensor(batch_of(prompts, run, batch))  # equal-length prompts: no padding needed
+    clock = _Clock()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=cfg.gen_len, min_new_tokens=cfg.gen_len, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, use_mtp=use_mtp or None, streamer=clock)  # fmt: skip
+    total = (time.perf_counter() - t0) * 1e3
+    new = out.shape[1] - ids.shape[1]
+    marks = clock.marks[1:]  # the first put is the prompt
+    ttft = (marks[0][0] - t0) * 1e3 if marks else total
+    step_ms = [(b[0] - a[0]) * 1e3 for a, b in zip(marks, marks[1:])]
+    step_tokens = [n for _, n in marks[1:]]
+    return {"total_ms": total, "ttft_ms": ttft, "new_tokens": new, "step_ms": step_ms, "step_tokens": step_tokens,
+            "token_ids": out[0, ids.shape[1]:].tolist(), "batch": batch}  # fmt: skip
+
+
+def summarize_transformers(runs: list[dict]) -> dict:
     token_lat = [ms / n for r in runs for ms, n in zip(r["step_ms"], r["step_tokens"]) for _ in range(n)]
     return {
         "ttft_ms": percentiles(r["ttft_ms"] for r in runs),
         "tpot_ms": percentiles((r["total_ms"] - r["ttft_ms"]) / max(1, r["new_tokens"] - 1) for r in runs),
         "token_latency_ms": percentiles(token_lat),
-        "tokens_per_s": percentiles(batch * r["new_tokens"] / (r["total_ms"] / 1e3) for r in runs),
+        "tokens_per_s": percentiles(r["batch"] * r["new_tokens"] / (r["total_ms"] / 1e3) for r in runs),
         "ms_per_token": percentiles(r["total_ms"] / r["new_tokens"] for r in runs),
         "runs": runs,
     }

@@ -68,18 +68,11 @@ def batch_of(prompts: list[list[int]], run: int, batch: int) -> list[list[int]]:
     return [prompts[(run * batch + j) % len(prompts)] for j in range(batch)]
 
 
-def measure(model, prompts: list[list[int]], batch: int, draft: int, cfg: BenchConfig, tick=None) -> dict:
-    """Warm-up + repeated generations at one (batch, K); returns raw figures and their summaries."""
-    runs = []
-    for i in range(cfg.warmup + cfg.repeats):
-        group = batch_of(prompts, i, batch)
-        res = model.generate(group if batch > 1 else group[0], max_new_tokens=cfg.gen_len, draft=draft)
-        rows = res if isinstance(res, list) else [res]
-        if i >= cfg.warmup:
-            runs.append([r.stats for r in rows])
-        if tick:
-            tick()
-    return summarize(runs, draft)
+def one_run(model, prompts: list[list[int]], batch: int, draft: int, cfg: BenchConfig, run: int) -> list[dict]:
+    """Generation number `run` at one (batch, K): the stats of each batch row."""
+    group = batch_of(prompts, run, batch)
+    res = model.generate(group if batch > 1 else group[0], max_new_tokens=cfg.gen_len, draft=draft)
+    return [r.stats for r in (res if isinstance(res, list) else [res])]
 
 
 def summarize(runs: list[list[dict]], draft: int) -> dict:

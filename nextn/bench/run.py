@@ -1,12 +1,16 @@
-"""One benchmark run: nextn at every (backend, batch, K) and the baselines, on the same prompts."""
+"""One benchmark run: nextn at every (backend, batch, K) and the baselines, on the same prompts, round by round."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from nextn.bench.latency import BenchConfig, Progress, load_prompts, measure
+from nextn.bench.latency import BenchConfig, Progress, load_prompts
 from nextn.bench.machine import machine_info
 from nextn.errors import NextnError
 
@@ -27,44 +31,51 @@ def run_bench(artifact: str | Path, cfg: BenchConfig, prompts_file: Path | None 
         raise NextnError(f"--draft {max(cfg.drafts)}: {artifact} has no MTP module")
     if min(cfg.drafts) < 0 or min(cfg.batches) < 1 or cfg.repeats < 1 or cfg.gen_len < 2 or cfg.prompt_len < 1:
         raise NextnError("--draft must be >= 0; --batch, --repeats, --prompt-len >= 1; --gen-len >= 2")
-    total = len(cfg.backends) * len(cfg.batches) * len(cfg.drafts) * (cfg.warmup + cfg.repeats)
-    if "transformers" in cfg.baselines:
-        total += (len(cfg.batches) + (n_mtp > 0)) * (cfg.warmup + cfg.repeats)
     done = [0]
 
-    def tick(what: str):
-        def f():
-            done[0] += 1
-            if progress:
-                progress(what, done[0], total)
-
-        return f
-
     torch.set_num_threads(cfg.threads)  # the transformers baseline and the torch backend
-    results: list[dict] = []
-    prompts = None
+    from nextn.bench.latency import one_run, summarize
+
     t0 = time.perf_counter()
-    for backend in cfg.backends:
-        with nextn.load(artifact, backend=backend, threads=cfg.threads) as model:
+    with contextlib.ExitStack() as stack:
+        rows: list[_Row] = []
+        prompts = None
+        for backend in cfg.backends:
+            model = stack.enter_context(nextn.load(artifact, backend=backend, threads=cfg.threads))
             model.eos_ids = ()  # every run generates exactly gen_len tokens
             if prompts is None:
                 prompts = load_prompts(prompts_file, model.tokenizer, manifest["config"]["vocab_size"],
                                        cfg.prompt_len, max(8, max(cfg.batches) * (cfg.warmup + cfg.repeats)))  # fmt: skip
             for batch in cfg.batches:
                 for k in cfg.drafts:
-                    r = measure(model, prompts, batch, k, cfg, tick(f"{backend} batch {batch} K={k}"))
-                    results.append({"backend": backend, "batch": batch, "draft": k, **r})
+                    rows.append(_Row({"backend": backend, "batch": batch, "draft": k},
+                                     functools.partial(one_run, model, prompts, batch, k, cfg),
+                                     functools.partial(summarize, draft=k)))  # fmt: skip
+        if "transformers" in cfg.baselines:
+            from nextn.bench.baselines import load_transformers, summarize_transformers, transformers_run
 
-    if "transformers" in cfg.baselines:
-        from nextn.bench.baselines import load_transformers, measure_transformers
-
-        hf, hf_mtp = load_transformers(Path(manifest["source"]))
-        for batch in cfg.batches:
-            r = measure_transformers(hf, prompts, batch, False, cfg, tick(f"transformers batch {batch}"))
-            results.append({"backend": "transformers", "batch": batch, "draft": 0, **r})
-        if hf_mtp:  # transformers' MTP decoding runs batch 1 only
-            r = measure_transformers(hf, prompts, 1, True, cfg, tick("transformers use_mtp"))
-            results.append({"backend": "transformers+mtp", "batch": 1, "draft": hf_mtp, **r})
+            hf, hf_mtp = load_transformers(Path(manifest["source"]))
+            for batch in cfg.batches:
+                rows.append(_Row({"backend": "transformers", "batch": batch, "draft": 0},
+                                 functools.partial(transformers_run, hf, prompts, batch, False, cfg),
+                                 summarize_transformers))  # fmt: skip
+            if hf_mtp:  # transformers' MTP decoding runs batch 1 only
+                rows.append(_Row({"backend": "transformers+mtp", "batch": 1, "draft": hf_mtp},
+                                 functools.partial(transformers_run, hf, prompts, 1, True, cfg),
+                                 summarize_transformers))  # fmt: skip
+        total = len(rows) * (cfg.warmup + cfg.repeats)
+        # Round by round: every row runs once per round, so this VM's bursts of noise land on all rows
+        # (and on both sides of every ratio) alike instead of on whichever row ran during them.
+        for i in range(cfg.warmup + cfg.repeats):
+            for row in rows:
+                out = row.run(run=i)
+                if i >= cfg.warmup:
+                    row.runs.append(out)
+                done[0] += 1
+                if progress:
+                    progress(f"round {i + 1}: {row.label['backend']} batch {row.label['batch']} "
+                             f"K={row.label['draft']}", done[0], total)  # fmt: skip
+        results = [{**row.label, **row.summarize(row.runs)} for row in rows]
 
     _speedups(results)
     return {
@@ -80,6 +91,16 @@ def run_bench(artifact: str | Path, cfg: BenchConfig, prompts_file: Path | None 
         "ratios": _ratios(results),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+@dataclass
+class _Row:
+    """One table row: its label, one generation (by run number) and the summary of its runs."""
+
+    label: dict
+    run: Callable
+    summarize: Callable
+    runs: list = field(default_factory=list)
 
 
 def _speedups(results: list[dict]) -> None:

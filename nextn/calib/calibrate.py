@@ -224,7 +224,8 @@ def _observe(root, manifest, schemes, linears, moes, sequences, opts, passes, st
             probes[name] = observe.open_probe(name, root / g["file"], probed + extra, shared, scratch, opts.threads)
             stats[name] = {p: observe.TensorStats() for p in probed}
             hess[name] = need_h
-            experts[name] = {ex.node: fused.ExpertStats(ex, fused.read_weights(root / g["file"], ex)[0]) for ex in exps}
+            w13 = fused.read_w13(root / g["file"], exps)
+            experts[name] = {ex.node: fused.ExpertStats(ex, w13[ex.w13]) for ex in exps}
             hessian_bytes += sum(fused.ExpertStats.nbytes(ex) for ex in exps)
             if need_h:
                 k = {lin.x: lin.k for lin in lins}
@@ -292,7 +293,7 @@ def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts:
         apply_nbits(model, weights)
         detail |= {"linears": len(weights), "block_size": opts.block_size, "head_bits": opts.head_bits,
                    "weights": methods}  # fmt: skip
-    if moes:
+    if moes and scheme in SCHEMES:  # an "fp32" MTP graph keeps everything float, experts included
         detail["experts"] = _quantize_experts(model, scheme, moes, expert_stats, opts, kept, graph)
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=f"{dst.name}.data", size_threshold=1024)  # fmt: skip

@@ -16,6 +16,7 @@ inside the kernel (accuracy_level 4, as MatMulNBits).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from onnx.external_data_helper import load_external_data_for_tensor
 
 from nextn.calib.gptq import gptq
 from nextn.calib.rewrite import BlockWeight, Experts, quantize_rtn
+
+log = logging.getLogger(__name__)
 
 
 def expert_bits(scheme: str) -> int | None:
@@ -41,16 +44,17 @@ def unsupported(ex: Experts, block_size: int) -> str | None:
     return None
 
 
-def read_weights(graph: Path, ex: Experts) -> tuple[np.ndarray, np.ndarray]:
-    """The experts' fp32 weights from the artifact: w13 [E, 2I, H] (gate/up interleaved), w2 [E, H, I]."""
+def read_w13(graph: Path, moes: list[Experts]) -> dict[str, np.ndarray]:
+    """The fc1 weights w13 [E, 2I, H] (gate/up interleaved) of `moes`, fp32, read once from the artifact."""
+    want = {ex.w13 for ex in moes}
     model = onnx.load(str(graph), load_external_data=False)
     out = {}
     for t in model.graph.initializer:
-        if t.name in (ex.w13, ex.w2):
+        if t.name in want:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 load_external_data_for_tensor(t, str(graph.parent))
             out[t.name] = numpy_helper.to_array(t).astype(np.float32, copy=False)
-    return out[ex.w13], out[ex.w2]
+    return out
 
 
 @dataclass
@@ -86,7 +90,8 @@ class ExpertStats:
 
     @staticmethod
     def nbytes(ex: Experts) -> int:
-        return 8 * ex.n_experts * (ex.hidden**2 + ex.inter**2)
+        """Memory held while observing: the float64 Hessians and the fp32 w13 the fc2 inputs are computed from."""
+        return ex.n_experts * (8 * (ex.hidden**2 + ex.inter**2) + 4 * 2 * ex.inter * ex.hidden)
 
 
 def quantize_experts(w13: np.ndarray, w2: np.ndarray, stats: ExpertStats | None, block_size: int, bits: int,
@@ -102,7 +107,8 @@ def quantize_experts(w13: np.ndarray, w2: np.ndarray, stats: ExpertStats | None,
                 try:
                     q = gptq(np.ascontiguousarray(w), h, block_size, bits)
                     methods["gptq"] += 1
-                except np.linalg.LinAlgError:
+                except np.linalg.LinAlgError:  # a Hessian damping could not make positive definite
+                    log.warning("expert %d: GPTQ's Hessian is singular; round-to-nearest instead", e)
                     q = None
             if q is None:
                 q = quantize_rtn(np.ascontiguousarray(w), block_size, bits)

@@ -124,6 +124,6 @@ def format_report(r: dict) -> str:
     z = r["size"]
     lines.append(f"size        {z['fp32_bytes'] / 2**20:.1f} MiB -> {z['bytes'] / 2**20:.1f} MiB ({z['ratio']:.2f}x smaller)")
     if r["kept_float"]:
-        lines.append(f"kept float  {len(r['kept_float'])} linear(s): " + "; ".join(
+        lines.append(f"kept float  {len(r['kept_float'])} linear(s) / fused MoE node(s): " + "; ".join(
             f"{x['graph']}/{x['node']} ({x['reason']})" for x in r["kept_float"][:4]) + (" ..." if len(r["kept_float"]) > 4 else ""))  # fmt: skip
     return "\n".join(lines)

@@ -63,7 +63,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     if cfg.num_nextn_predict_layers == 0:
         log.warning("%s has no MTP modules: exporting the trunk alone (no drafting possible)", checkpoint)
 
-    moe = fused_moe.resolve_moe_form(opts.moe, cfg)
+    moe = fused_moe.resolve_moe_form(opts.moe, cfg, DTYPE_NAMES.get(opts.dtype, opts.dtype))
     graphs = ["trunk"] + [f"mtp_{k}" for k in range(n_mtp)]
     total = 3 + 2 * len(graphs) + 1
     step = Steps(progress, total)

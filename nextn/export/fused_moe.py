@@ -37,16 +37,23 @@ from nextn.model.reference import MoE, route
 MOE_FORMS = ("auto", "fused", "sparse")
 
 
-def resolve_moe_form(requested: str, cfg: ModelConfig) -> str:
-    """auto -> fused where the config allows it, else sparse."""
+def resolve_moe_form(requested: str, cfg: ModelConfig, dtype: str = "float32") -> str:
+    """auto -> fused where the config (and dtype) allow it, else sparse."""
     if requested not in MOE_FORMS:
         raise NextnError(f"--moe {requested}: choose one of {', '.join(MOE_FORMS)}")
     if requested == "sparse":
         return "sparse"
+    why = None
     if not cfg.norm_topk_prob:  # MoE's softmax always renormalizes the picked experts' weights
-        if requested == "fused":
-            raise NextnError("--moe fused: this checkpoint has norm_topk_prob = false, which the fused MoE op "
-                             "cannot express (use --moe sparse)")  # fmt: skip
+        why = "this checkpoint has norm_topk_prob = false, which the fused MoE op cannot express"
+    elif cfg.n_group > 1 and cfg.num_experts_per_tok > cfg.topk_group * (cfg.n_routed_experts // cfg.n_group):
+        why = (f"top {cfg.num_experts_per_tok} experts cannot come from {cfg.topk_group} group(s) of "
+               f"{cfg.n_routed_experts // cfg.n_group} (MoEGroupRouter refuses it)")  # fmt: skip
+    if why and requested == "fused":
+        raise NextnError(f"--moe fused: {why} (use --moe sparse)")
+    if why or (requested == "auto" and dtype == "bfloat16"):
+        # bf16: MoE takes router_probs in bf16, whose 8-bit mantissa moves the routing weights by ~1-2%
+        # (measured); the per-expert form keeps them in fp32. (ONNX Runtime's CPU has no bf16 MoE either.)
         return "sparse"
     return "fused"
 
@@ -109,8 +116,9 @@ def onnx_translations() -> dict:
         # in the activations' dtype.
         wide = x if x.dtype == ir.DataType.FLOAT else op.Cast(x, to=ir.DataType.FLOAT)
         logits = op.MatMul(wide, router_wt)  # [N, E]
-        probs = router_op(logits, bias, top_k=top_k, n_group=n_group, topk_group=topk_group, group_topk=2,
-                          router_sentinel=float("-inf"))  # fmt: skip
+        # One group means no group limit (the reference skips it): MoEGroupRouter wants topk_group 1 then.
+        probs = router_op(logits, bias, top_k=top_k, n_group=n_group, topk_group=topk_group if n_group > 1 else 1,
+                          group_topk=2, router_sentinel=float("-inf"))  # fmt: skip
         if x.dtype != ir.DataType.FLOAT:
             probs = op.Cast(probs, to=x.dtype)
         y = moe_op(x, probs, w13, None, w2, k=top_k, activation_type="swiglu", swiglu_fusion=1,

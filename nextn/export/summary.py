@@ -17,6 +17,7 @@ def summarize_artifact(path: str | Path) -> dict[str, Any]:
         "dtype": m["dtype"],
         "opset": m["opset"],
         "attention": m["attention"],
+        "moe": m.get("moe", "sparse"),  # artifacts of nextn < 0.2 have only the per-expert form
         "mtp_depth": cfg["num_nextn_predict_layers"],
         "model": {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size", "kv_lora_rank",
                                        "qk_rope_head_dim", "n_routed_experts")},  # fmt: skip
@@ -90,7 +91,7 @@ def format_artifact(s: dict) -> str:
     from nextn.cli import _bytes
 
     lines = [
-        f"artifact    {s['path']}  ({s['dtype']}, opset {s['opset']}, MLA {s['attention']}, "
+        f"artifact    {s['path']}  ({s['dtype']}, opset {s['opset']}, MLA {s['attention']}, MoE {s['moe']}, "
         f"{_bytes(s['total_bytes'])} in {len(s['files'])} files)",
         f"model       {s['model']['num_hidden_layers']} layers, hidden {s['model']['hidden_size']}, "
         f"vocab {s['model']['vocab_size']}, MTP depth {s['mtp_depth']}",

@@ -144,3 +144,21 @@ def test_sweep_requantizes_when_its_export_changed(tmp_path, monkeypatch):
     (fp32 / "manifest.json").write_text(json.dumps(m))
     prepare_quantized("tiny", "int4", fp32, tmp_path)
     assert len(calls) == 1
+
+
+def test_sweep_reexports_an_older_versions_artifact(tmp_path, monkeypatch):
+    """A sweep export is reused only when this nextn version wrote it (newer versions change graph forms)."""
+    import nextn
+    import nextn.export.exporter as exporter
+    from nextn.bench.sweep import prepare
+
+    art = tmp_path / "tiny-onnx"
+    art.mkdir()
+    (tmp_path / "tiny-ckpt").mkdir()
+    (tmp_path / "tiny-ckpt" / "config.json").write_text("{}")  # present: prepare does not write a checkpoint
+    calls = []
+    monkeypatch.setattr(exporter, "export_checkpoint", lambda *a, **k: calls.append(a))
+    for version, exported in ((nextn.__version__, 0), ("0.1.0", 1)):
+        (art / "manifest.json").write_text(json.dumps({"format_version": 1, "files": {}, "tools": {"nextn": version}}))
+        assert prepare("tiny", tmp_path) == art
+        assert len(calls) == exported

@@ -87,8 +87,11 @@ def test_mtp_graphs_may_keep_fp32(tiny_artifact, data_file, tmp_path):
     m = calibrate_artifact(tiny_artifact, tmp_path / "q", [data_file], [],
                            CalibOptions(scheme="int4", mtp_scheme="fp32", weight_method="rtn", **FAST))  # fmt: skip
     ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "mtp_0.onnx"), load_external_data=False).graph.node}
-    assert "MatMulNBits" not in ops
+    assert "MatMulNBits" not in ops and "QMoE" not in ops and "MoE" in ops
     assert m["quantization"]["report"]["scheme"] == {"trunk": "int4", "mtp": "fp32"}
+    trunk_ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "trunk.onnx"), load_external_data=False).graph.node}
+    assert "QMoE" in trunk_ops and "MoE" not in trunk_ops  # the trunk's fused experts are quantized
+    assert m["quantization"]["report"]["kept_float"] == []  # fp32 by choice is not "kept float"
 
 
 def test_refuses_under_the_threshold_and_writes_nothing(tiny_artifact, data_file, tmp_path):

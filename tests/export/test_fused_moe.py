@@ -70,6 +70,24 @@ def test_form_resolution():
         resolve_moe_form("fused", plain)
     with pytest.raises(NextnError, match="--moe dense"):
         resolve_moe_form("dense", plain)
+    # top_k larger than the experts topk_group groups hold: MoEGroupRouter refuses it, the reference does not
+    crowded = tiny_config(num_experts_per_tok=6, n_group=4, topk_group=2)  # 2 groups x 2 experts < 6
+    assert resolve_moe_form("auto", crowded) == "sparse"
+    with pytest.raises(NextnError, match="--moe fused: top 6 experts"):
+        resolve_moe_form("fused", crowded)
+    # bf16 router_probs would move the routing weights by ~1-2%: auto keeps bf16 exports per expert
+    assert resolve_moe_form("auto", tiny_config(), "bfloat16") == "sparse"
+    assert resolve_moe_form("auto", tiny_config(), "float16") == "fused"
+
+
+def test_one_group_exports_fused_and_validates(tmp_path):
+    """n_group = 1 means no group limit whatever topk_group says (the reference skips it); MoEGroupRouter
+    refused topk_group > n_group at run time before the fix."""
+    from nextn.testing import write_random_checkpoint
+
+    ckpt = write_random_checkpoint(tmp_path / "c", tiny_config(n_group=1, topk_group=2, num_nextn_predict_layers=0))
+    m = export_checkpoint(ckpt, tmp_path / "a", ExportOptions())  # validation runs the fused graph
+    assert m["moe"] == "fused" and all(r["max_abs"] <= r["bound"] for r in m["validation"])
 
 
 @pytest.fixture(scope="module")
