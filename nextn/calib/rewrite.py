@@ -224,26 +224,20 @@ def pack_matmulnbits(w: BlockWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def apply_nbits(model: onnx.ModelProto, weights: dict[str, tuple[Linear, BlockWeight]], accuracy_level: int = 4) -> None:
     """Replace each linear (by node name) with MatMulNBits over its packed blockwise weight, in place."""
-    inits = {t.name: t for t in model.graph.initializer}
-    new_inits, nodes = [], []
-    fresh = _fresh(model)
-    for node in model.graph.node:
-        if node.name not in weights:
-            nodes.append(node)
-            continue
+
+    def build(node, fresh):
         lin, w = weights[node.name]
         b, scales, zp = pack_matmulnbits(w)
         base = fresh(node.name, (f"_B{w.bits}", "_scales", "_zero_points"))
-        new_inits += [numpy_helper.from_array(b, f"{base}_B{w.bits}"), numpy_helper.from_array(scales, f"{base}_scales"),
-                      numpy_helper.from_array(zp, f"{base}_zero_points")]  # fmt: skip
-        nodes.append(helper.make_node(
+        inits = [numpy_helper.from_array(b, f"{base}_B{w.bits}"), numpy_helper.from_array(scales, f"{base}_scales"),
+                 numpy_helper.from_array(zp, f"{base}_zero_points")]  # fmt: skip
+        return helper.make_node(
             "MatMulNBits", [lin.x, f"{base}_B{w.bits}", f"{base}_scales", f"{base}_zero_points"], list(node.output),
             name=node.name, domain=MS_DOMAIN, K=lin.k, N=lin.n, bits=w.bits, block_size=w.block_size,
             accuracy_level=accuracy_level,
-        ))  # fmt: skip
-    _replace(model, nodes, new_inits, inits)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+        ), inits  # fmt: skip
+
+    _substitute(model, set(weights), build)
 
 
 # -- fused MoE experts (export --moe fused) -----------------------------------------------------------
@@ -286,29 +280,24 @@ def apply_qmoe(model: onnx.ModelProto, experts: dict[str, tuple[list[BlockWeight
                accuracy_level: int = 4) -> None:  # fmt: skip
     """Replace each MoE node (by name) with QMoE over its experts' (fc1, fc2) blockwise weights, in place.
     Every other input and attribute (routing, SwiGLU layout) carries over."""
-    inits = {t.name: t for t in model.graph.initializer}
-    new_inits, nodes = [], []
-    fresh = _fresh(model)
-    for node in model.graph.node:
-        if node.name not in experts:
-            nodes.append(node)
-            continue
+
+    def build(node, fresh):
         fc1, fc2 = experts[node.name]
-        bits, bs = fc1[0].bits, fc1[0].block_size
-        names = []
+        inits, names = [], []
         for which, ws in (("fc1", fc1), ("fc2", fc2)):
             base = fresh(f"{node.name}_{which}", ("_q", "_scales", "_zero_points"))
-            for arr, sfx in zip(pack_qmoe(ws), ("_q", "_scales", "_zero_points")):
-                new_inits.append(numpy_helper.from_array(arr, f"{base}{sfx}"))
+            inits += [numpy_helper.from_array(arr, f"{base}{sfx}")
+                      for arr, sfx in zip(pack_qmoe(ws), ("_q", "_scales", "_zero_points"))]  # fmt: skip
             names.append(base)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        nodes.append(helper.make_node(
+        return helper.make_node(
             "QMoE", [node.input[0], node.input[1], f"{names[0]}_q", f"{names[0]}_scales", "", f"{names[1]}_q",
                      f"{names[1]}_scales", "", "", "", "", f"{names[0]}_zero_points", f"{names[1]}_zero_points"],
-            list(node.output), name=node.name, domain=MS_DOMAIN, **attrs, expert_weight_bits=bits, block_size=bs,
-            accuracy_level=accuracy_level,
-        ))  # fmt: skip
-    _replace(model, nodes, new_inits, inits)
+            list(node.output), name=node.name, domain=MS_DOMAIN, **attrs, expert_weight_bits=fc1[0].bits,
+            block_size=fc1[0].block_size, accuracy_level=accuracy_level,
+        ), inits  # fmt: skip
+
+    _substitute(model, set(experts), build)
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -330,6 +319,24 @@ def _fresh(model: onnx.ModelProto):
         return b
 
     return base
+
+
+def _substitute(model: onnx.ModelProto, names: set[str], build) -> None:
+    """Replace the nodes named in `names` by `build(node, fresh) -> (new node, its new initializers)`, in
+    place; initializers no node reads any more are dropped; the com.microsoft opset is imported."""
+    inits = {t.name: t for t in model.graph.initializer}
+    new_inits, nodes = [], []
+    fresh = _fresh(model)
+    for node in model.graph.node:
+        if node.name not in names:
+            nodes.append(node)
+            continue
+        new, more = build(node, fresh)
+        nodes.append(new)
+        new_inits += more
+    _replace(model, nodes, new_inits, inits)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
 def _replace(model: onnx.ModelProto, nodes: list, new_inits: list, inits: dict) -> None:
