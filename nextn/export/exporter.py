@@ -70,7 +70,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     step("load checkpoint")
     dtype = DTYPE_NAMES[opts.dtype]
     model, cfg = load_model(checkpoint, dtype=DTYPES[opts.dtype], mtp_layers=n_mtp,
-                            absorbed=opts.attention == "absorbed")  # fmt: skip
+                            absorbed=opts.attention == "absorbed", stack_experts=moe == "fused")  # fmt: skip
     unique_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
     _check_disk(out, unique_bytes, extra=n_mtp * 2 * cfg.vocab_size * cfg.hidden_size * DTYPES[opts.dtype].itemsize)
 

@@ -139,22 +139,29 @@ def _fused_forward(self: MoE, x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def fused_experts(model: torch.nn.Module):
-    """Inside, every MoE of `model` (trunk and MTP modules) runs as one nextn::fused_moe on stacked copies
-    of its expert weights; on exit the modules are as before."""
+    """Inside, every MoE of `model` (trunk and MTP modules) runs as one nextn::fused_moe on stacked expert
+    weights; on exit the modules are as before. Stacks the loader made (`load_model(stack_experts=True)`:
+    the experts' parameters are views of them, one copy in memory) are used as they are; otherwise they
+    are built here, a second copy of the experts for the duration."""
     moes = [m for m in model.modules() if isinstance(m, MoE)]
+    built = []
     try:
         for m in moes:
-            gate = torch.stack([e.gate_proj.weight.detach() for e in m.experts])  # [E, I, H]
-            up = torch.stack([e.up_proj.weight.detach() for e in m.experts])  # [E, I, H]
-            w13 = torch.stack([gate, up], dim=2).flatten(1, 2)  # [E, 2I, H]: gate_0, up_0, gate_1, ...
-            m.register_buffer("fused_w13", w13, persistent=False)
-            m.register_buffer("fused_w2", torch.stack([e.down_proj.weight.detach() for e in m.experts]),
-                              persistent=False)  # [E, H, I]  # fmt: skip
+            if "fused_w13" not in m._buffers:
+                gate = torch.stack([e.gate_proj.weight.detach() for e in m.experts])  # [E, I, H]
+                up = torch.stack([e.up_proj.weight.detach() for e in m.experts])  # [E, I, H]
+                w13 = torch.stack([gate, up], dim=2).flatten(1, 2)  # [E, 2I, H]: gate_0, up_0, gate_1, ...
+                m.register_buffer("fused_w13", w13, persistent=False)
+                m.register_buffer("fused_w2", torch.stack([e.down_proj.weight.detach() for e in m.experts]),
+                                  persistent=False)  # [E, H, I]  # fmt: skip
+                built.append(m)
             m.register_buffer("fused_router_wt", m.gate.weight.detach().t().contiguous(), persistent=False)  # [H, E]
             m.forward = types.MethodType(_fused_forward, m)
         yield
     finally:
         for m in moes:
             m.__dict__.pop("forward", None)
-            for name in ("fused_w13", "fused_w2", "fused_router_wt"):
-                m._buffers.pop(name, None)
+            m._buffers.pop("fused_router_wt", None)
+        for m in built:
+            m._buffers.pop("fused_w13", None)
+            m._buffers.pop("fused_w2", None)

@@ -176,6 +176,10 @@ class Checkpoint:
         self._drop_pages(self.tensors[name])
         return out
 
+    def drop_pages(self, name: str) -> None:
+        """Drop the mapped file pages of tensor `name` (its data was copied elsewhere; views re-read them)."""
+        self._drop_pages(self.tensors[name])
+
     def _drop_pages(self, info: TensorInfo) -> None:
         m = self._maps.get(info.file)
         if m is None or m._mmap is None:

@@ -176,17 +176,43 @@ def _assign(model: nn.Module, path: str, tensor: torch.Tensor) -> None:
     setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
 
 
+def _expert_slot(model: nn.Module, cfg, target: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """The view of its MoE's stacked tensor that routed expert weight `target` lives in, else None.
+    `...mlp.experts.{e}.{gate,up,down}_proj.weight`: gate/up -> fused_w13[e, 0::2 / 1::2], down -> fused_w2[e]."""
+    from nextn.model.reference import MoE
+
+    head, sep, tail = target.partition(".mlp.experts.")
+    if not sep:
+        return None
+    moe = model.get_submodule(head + ".mlp")
+    if not isinstance(moe, MoE):
+        return None
+    e, proj = int(tail.split(".")[0]), tail.split(".")[1]
+    if "fused_w13" not in moe._buffers:
+        n, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        moe.register_buffer("fused_w13", torch.empty(n, 2 * i, h, dtype=dtype, device="cpu"), persistent=False)
+        moe.register_buffer("fused_w2", torch.empty(n, h, i, dtype=dtype, device="cpu"), persistent=False)
+    if proj == "down_proj":
+        return moe.fused_w2[e]
+    return moe.fused_w13[e, 0::2] if proj == "gate_proj" else moe.fused_w13[e, 1::2]
+
+
 def load_model(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     mtp_layers: int | None = None,
     absorbed: bool = False,
     on_tensor: Callable[[str], None] | None = None,
+    stack_experts: bool = False,
 ):
     """Load a checkpoint folder into the reference `DeepseekV3` (eval mode, no grad).
 
     Tensors already in `dtype` are zero-copy views of the memory-mapped files; others are converted
     (FP8 dequantized) one at a time, so peak memory stays near one copy of the weights at `dtype`.
+    `stack_experts` (for the fused MoE export): every MoE's routed expert weights are copied into two
+    stacked tensors, `fused_w13` [E, 2I, H] (gate/up rows interleaved) and `fused_w2` [E, H, I], buffers
+    of the MoE module, and each expert's parameters become views of them; the file pages are dropped as
+    each tensor is copied, so the stacks are the only copy.
     """
     from nextn.model.checkpoint import Checkpoint
     from nextn.model.reference import DeepseekV3, Rotary
@@ -215,7 +241,13 @@ def load_model(
                     shared.append((k, own))
                     continue
             want = torch.float32 if name.endswith(FP32_SUFFIXES) else dtype
-            _assign(model, target, ckpt.get(name, want))
+            slot = _expert_slot(model, cfg, target, want) if stack_experts else None
+            if slot is not None:
+                slot.copy_(ckpt.get(name, want))
+                ckpt.drop_pages(name)
+                _assign(model, target, slot)
+            else:
+                _assign(model, target, ckpt.get(name, want))
             if on_tensor is not None:
                 on_tensor(name)
         ckpt.release()  # unconverted tensors keep their shard mapped; the rest of it can go

@@ -221,3 +221,25 @@ def test_half_precision_checkpoints(tmp_path, stored):
     logits32 = as32(torch.tensor([[3, 4, 5]]), torch.arange(3)[None]).logits
     logits16 = native(torch.tensor([[3, 4, 5]]), torch.arange(3)[None]).logits
     assert (logits16.float() - logits32).abs().max() < 0.25  # same weights, 16-bit activations
+
+
+def test_stacked_experts_are_the_only_copy_and_change_nothing(tiny_checkpoint):
+    """load_model(stack_experts=True) (the fused MoE export): expert weights live in the MoE's stacks,
+    gate/up interleaved, and the model computes exactly what the per-expert load does."""
+    from nextn.model.reference import MoE
+
+    plain, cfg = load_model(tiny_checkpoint)
+    stacked, _ = load_model(tiny_checkpoint, stack_experts=True)
+    moe = next(m for m in stacked.modules() if isinstance(m, MoE))
+    w13, w2 = moe.fused_w13, moe.fused_w2
+    assert w13.shape == (cfg.n_routed_experts, 2 * cfg.moe_intermediate_size, cfg.hidden_size)
+    for e, expert in enumerate(moe.experts):
+        assert expert.gate_proj.weight.data_ptr() == w13[e, 0].data_ptr()  # views, not copies
+        assert expert.up_proj.weight.data_ptr() == w13[e, 1].data_ptr()
+        assert expert.down_proj.weight.data_ptr() == w2[e].data_ptr()
+    for (n, a), (_, b) in zip(plain.state_dict().items(), stacked.state_dict().items()):
+        assert torch.equal(a, b), n
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    pos = torch.arange(6)[None].expand(2, 6)
+    with torch.no_grad():
+        assert torch.equal(plain(ids, pos).logits, stacked(ids, pos).logits)
