@@ -148,13 +148,11 @@ def fused_experts(model: torch.nn.Module):
     try:
         for m in moes:
             if "fused_w13" not in m._buffers:
-                gate = torch.stack([e.gate_proj.weight.detach() for e in m.experts])  # [E, I, H]
-                up = torch.stack([e.up_proj.weight.detach() for e in m.experts])  # [E, I, H]
-                w13 = torch.stack([gate, up], dim=2).flatten(1, 2)  # [E, 2I, H]: gate_0, up_0, gate_1, ...
-                m.register_buffer("fused_w13", w13, persistent=False)
-                m.register_buffer("fused_w2", torch.stack([e.down_proj.weight.detach() for e in m.experts]),
-                                  persistent=False)  # [E, H, I]  # fmt: skip
-                built.append(m)
+                built.append(m)  # before allocating, so a failure below still removes the stacks
+                for e, expert in enumerate(m.experts):
+                    for proj in ("gate_proj", "up_proj", "down_proj"):
+                        w = getattr(expert, proj).weight
+                        m.stacked_slot(e, proj, w.dtype).copy_(w.detach())
             m.register_buffer("fused_router_wt", m.gate.weight.detach().t().contiguous(), persistent=False)  # [H, E]
             m.forward = types.MethodType(_fused_forward, m)
         yield

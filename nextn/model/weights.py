@@ -176,9 +176,9 @@ def _assign(model: nn.Module, path: str, tensor: torch.Tensor) -> None:
     setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
 
 
-def _expert_slot(model: nn.Module, cfg, target: str, dtype: torch.dtype) -> torch.Tensor | None:
-    """The view of its MoE's stacked tensor that routed expert weight `target` lives in, else None.
-    `...mlp.experts.{e}.{gate,up,down}_proj.weight`: gate/up -> fused_w13[e, 0::2 / 1::2], down -> fused_w2[e]."""
+def _expert_slot(model: nn.Module, target: str, dtype: torch.dtype) -> torch.Tensor | None:
+    """The view of its MoE's stacked tensors (`MoE.stacked_slot`) that routed expert weight `target`
+    (`...mlp.experts.{e}.{gate,up,down}_proj.weight`) lives in, else None."""
     from nextn.model.reference import MoE
 
     head, sep, tail = target.partition(".mlp.experts.")
@@ -187,14 +187,8 @@ def _expert_slot(model: nn.Module, cfg, target: str, dtype: torch.dtype) -> torc
     moe = model.get_submodule(head + ".mlp")
     if not isinstance(moe, MoE):
         return None
-    e, proj = int(tail.split(".")[0]), tail.split(".")[1]
-    if "fused_w13" not in moe._buffers:
-        n, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-        moe.register_buffer("fused_w13", torch.empty(n, 2 * i, h, dtype=dtype, device="cpu"), persistent=False)
-        moe.register_buffer("fused_w2", torch.empty(n, h, i, dtype=dtype, device="cpu"), persistent=False)
-    if proj == "down_proj":
-        return moe.fused_w2[e]
-    return moe.fused_w13[e, 0::2] if proj == "gate_proj" else moe.fused_w13[e, 1::2]
+    e, proj = tail.split(".")[:2]
+    return moe.stacked_slot(int(e), proj, dtype)
 
 
 def load_model(
@@ -241,7 +235,7 @@ def load_model(
                     shared.append((k, own))
                     continue
             want = torch.float32 if name.endswith(FP32_SUFFIXES) else dtype
-            slot = _expert_slot(model, cfg, target, want) if stack_experts else None
+            slot = _expert_slot(model, target, want) if stack_experts else None
             if slot is not None:
                 slot.copy_(ckpt.get(name, want))
                 ckpt.drop_pages(name)
