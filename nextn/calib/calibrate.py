@@ -224,8 +224,8 @@ def _observe(root, manifest, schemes, linears, moes, sequences, opts, passes, st
             probes[name] = observe.open_probe(name, root / g["file"], probed + extra, shared, scratch, opts.threads)
             stats[name] = {p: observe.TensorStats() for p in probed}
             hess[name] = need_h
-            w13 = fused.read_w13(root / g["file"], exps)
-            experts[name] = {ex.node: fused.ExpertStats(ex, w13[ex.w13]) for ex in exps}
+            arrays = shared.arrays(root / g["file"]) if exps else {}  # the probe mapped them: no second read
+            experts[name] = {ex.node: fused.ExpertStats(ex, arrays[ex.w13]) for ex in exps}
             hessian_bytes += sum(fused.ExpertStats.nbytes(ex) for ex in exps)
             if need_h:
                 k = {lin.x: lin.k for lin in lins}

@@ -18,12 +18,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
-from onnx.external_data_helper import load_external_data_for_tensor
 
 from nextn.calib.gptq import gptq
 from nextn.calib.rewrite import BlockWeight, Experts, quantize_rtn
@@ -42,19 +38,6 @@ def unsupported(ex: Experts, block_size: int) -> str | None:
     if ex.hidden % block_size or ex.inter % block_size:
         return f"QMoE needs hidden {ex.hidden} and expert width {ex.inter} divisible by --block-size {block_size}"
     return None
-
-
-def read_w13(graph: Path, moes: list[Experts]) -> dict[str, np.ndarray]:
-    """The fc1 weights w13 [E, 2I, H] (gate/up interleaved) of `moes`, fp32, read once from the artifact."""
-    want = {ex.w13 for ex in moes}
-    model = onnx.load(str(graph), load_external_data=False)
-    out = {}
-    for t in model.graph.initializer:
-        if t.name in want:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                load_external_data_for_tensor(t, str(graph.parent))
-            out[t.name] = numpy_helper.to_array(t).astype(np.float32, copy=False)
-    return out
 
 
 @dataclass

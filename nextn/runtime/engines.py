@@ -62,11 +62,21 @@ class SharedWeights:
         self.values: dict[tuple[int, int, int], tuple] = {}  # (offset, length, type) -> (array, OrtValue)
 
     def add_to(self, so, graph: Path) -> None:
+        for name, (_, value) in self._entries(graph).items():
+            so.add_initializer(name, value)
+
+    def arrays(self, graph: Path) -> dict[str, np.ndarray]:
+        """The graph's external initializers by name: views of the mapping (copy-on-write, nothing read yet)."""
+        return {name: view for name, (view, _) in self._entries(graph).items()}
+
+    def _entries(self, graph: Path) -> dict[str, tuple]:
+        """name -> (view of the mapping, OrtValue over it) for each external initializer of `graph`."""
         import onnx
         import onnxruntime as ort
         from onnx.external_data_helper import ExternalDataInfo
 
         model = onnx.load(str(graph), load_external_data=False)
+        out = {}
         for t in model.graph.initializer:
             if t.data_location != onnx.TensorProto.EXTERNAL or t.data_type not in self._NP:
                 continue  # other types (bf16) are left to ONNX Runtime's own loader
@@ -76,7 +86,8 @@ class SharedWeights:
                 view = self.map[info.offset : info.offset + info.length].view(self._NP[t.data_type])
                 view = view.reshape(tuple(t.dims))
                 self.values[key] = (view, ort.OrtValue.ortvalue_from_numpy(view))
-            so.add_initializer(t.name, self.values[key][1])
+            out[t.name] = self.values[key]
+        return out
 
 
 class OrtEngine(Engine):
