@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from nextn.bench.latency import BenchConfig, Progress, load_prompts
+from nextn.bench.latency import BenchConfig, Progress, load_prompts, one_run, summarize
 from nextn.bench.machine import machine_info
 from nextn.errors import NextnError
 
@@ -31,11 +31,7 @@ def run_bench(artifact: str | Path, cfg: BenchConfig, prompts_file: Path | None 
         raise NextnError(f"--draft {max(cfg.drafts)}: {artifact} has no MTP module")
     if min(cfg.drafts) < 0 or min(cfg.batches) < 1 or cfg.repeats < 1 or cfg.gen_len < 2 or cfg.prompt_len < 1:
         raise NextnError("--draft must be >= 0; --batch, --repeats, --prompt-len >= 1; --gen-len >= 2")
-    done = [0]
-
     torch.set_num_threads(cfg.threads)  # the transformers baseline and the torch backend
-    from nextn.bench.latency import one_run, summarize
-
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         rows: list[_Row] = []
@@ -67,14 +63,13 @@ def run_bench(artifact: str | Path, cfg: BenchConfig, prompts_file: Path | None 
         # Round by round: every row runs once per round, so this VM's bursts of noise land on all rows
         # (and on both sides of every ratio) alike instead of on whichever row ran during them.
         for i in range(cfg.warmup + cfg.repeats):
-            for row in rows:
+            for j, row in enumerate(rows):
                 out = row.run(run=i)
                 if i >= cfg.warmup:
                     row.runs.append(out)
-                done[0] += 1
                 if progress:
                     progress(f"round {i + 1}: {row.label['backend']} batch {row.label['batch']} "
-                             f"K={row.label['draft']}", done[0], total)  # fmt: skip
+                             f"K={row.label['draft']}", i * len(rows) + j + 1, total)  # fmt: skip
         results = [{**row.label, **row.summarize(row.runs)} for row in rows]
 
     _speedups(results)

@@ -63,12 +63,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     if cfg.num_nextn_predict_layers == 0:
         log.warning("%s has no MTP modules: exporting the trunk alone (no drafting possible)", checkpoint)
 
-    moe = fused_moe.resolve_moe_form(opts.moe, cfg, DTYPE_NAMES.get(opts.dtype, opts.dtype))
+    dtype = DTYPE_NAMES[opts.dtype]  # checked by _check_options
+    moe = fused_moe.resolve_moe_form(opts.moe, cfg, dtype)
     graphs = ["trunk"] + [f"mtp_{k}" for k in range(n_mtp)]
     total = 3 + 2 * len(graphs) + 1
     step = Steps(progress, total)
     step("load checkpoint")
-    dtype = DTYPE_NAMES[opts.dtype]
     model, cfg = load_model(checkpoint, dtype=DTYPES[opts.dtype], mtp_layers=n_mtp,
                             absorbed=opts.attention == "absorbed", stack_experts=moe == "fused")  # fmt: skip
     unique_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
