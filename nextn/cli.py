@@ -129,7 +129,14 @@ def export(checkpoint: str | None, out: str, dtype: str, mtp_layers: int | None,
 @click.option("--prompt", help="Prompt text (needs the artifact's tokenizer.json).")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--draft", type=int, default=0, show_default=True, help="Tokens drafted by the MTP modules per step.")
+@click.option("--draft", default="auto", show_default=True,
+              help="Tokens drafted by the MTP modules per step: auto (chosen before each step from measured costs and "
+                   "acceptance; 0 where drafting does not pay) or a fixed K (0: off).")  # fmt: skip
+@click.option("--accept", default="exact", show_default=True, type=click.Choice(["exact", "relaxed"]),
+              help="relaxed: LOSSY, greedy only; also accept a draft in the target's top --relaxed-top tokens within "
+                   "--relaxed-delta of its top log-probability (TensorRT-LLM's rule).")  # fmt: skip
+@click.option("--relaxed-top", type=int, default=None, help="With --accept relaxed: top N (default 3).")
+@click.option("--relaxed-delta", type=float, default=None, help="With --accept relaxed: log-prob margin (default 0.5).")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -142,8 +149,8 @@ def export(checkpoint: str | None, out: str, dtype: str, mtp_layers: int | None,
               help="ONNX Runtime pre-packs weights per graph: faster, more memory [default: when the weights take "
                    "at most 1/8 of RAM].")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-def run(artifact, prompt, prompt_ids, max_new_tokens, draft, temperature, top_k, top_p, seed, stop, backend,
-        device, threads, prepack, as_json):  # fmt: skip
+def run(artifact, prompt, prompt_ids, max_new_tokens, draft, accept, relaxed_top, relaxed_delta, temperature, top_k,
+        top_p, seed, stop, backend, device, threads, prepack, as_json):  # fmt: skip
     """Generate from an exported ARTIFACT (default: the embedded model, exported on first use): text
     streams to stdout, stats go to stderr."""
     import sys
@@ -158,8 +165,9 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, draft, temperature, top_k,
         except ValueError:
             raise NextnError(f"--prompt-ids {prompt_ids!r}: expected comma-separated integers") from None
     artifact = artifact or _embedded_artifact()
-    kwargs = dict(max_new_tokens=max_new_tokens, draft=draft, temperature=temperature, top_k=top_k, top_p=top_p,
-                  seed=seed, stop=list(stop) or None)  # fmt: skip
+    kwargs = dict(max_new_tokens=max_new_tokens, draft=parse_draft("--draft", draft), temperature=temperature,
+                  top_k=top_k, top_p=top_p, seed=seed, stop=list(stop) or None,
+                  **accept_options(accept, relaxed_top, relaxed_delta))  # fmt: skip
     with nextn.load(artifact, backend=backend, device=device, threads=threads, prepack=prepack) as model:
         if as_json:
             click.echo(json.dumps(model.generate(prompt, **kwargs).to_dict()))
@@ -171,13 +179,45 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, draft, temperature, top_k,
     click.echo(_format_stats(model.last_stats), err=True)
 
 
+def parse_draft(flag: str, value: str) -> int | str:
+    """"auto" or an integer K >= 0."""
+    if str(value).strip() == "auto":
+        return "auto"
+    try:
+        k = int(value)
+    except ValueError:
+        raise NextnError(f"{flag} {value!r}: expected auto or an integer >= 0") from None
+    if k < 0:
+        raise NextnError(f"{flag} {k}: must be >= 0")
+    return k
+
+
+def accept_options(accept: str, relaxed_top: int | None, relaxed_delta: float | None) -> dict:
+    """generate() keywords of --accept; the relaxed knobs without --accept relaxed are refused (lossy)."""
+    if accept != "relaxed":
+        if relaxed_top is not None or relaxed_delta is not None:
+            raise NextnError("--relaxed-top/--relaxed-delta: relaxed acceptance is lossy; ask for it with "
+                             "--accept relaxed")  # fmt: skip
+        return {}
+    return {"accept": "relaxed", "relaxed_top": 3 if relaxed_top is None else relaxed_top,
+            "relaxed_delta": 0.5 if relaxed_delta is None else relaxed_delta}  # fmt: skip
+
+
 def _format_stats(s: dict) -> str:
     per_pos = ", ".join(f"{a:.2f}" for a in s["accepted_per_position"]) or "-"
     t = s["time_ms"]
-    return (f"{s['new_tokens']} tokens, TTFT {s['ttft_ms']:.1f} ms, TPOT {s['tpot_ms']:.2f} ms, "
+    line = (f"{s['new_tokens']} tokens, TTFT {s['ttft_ms']:.1f} ms, TPOT {s['tpot_ms']:.2f} ms, "
             f"{s['tokens_per_s']:.1f} tok/s; {s['steps']} verify steps, acceptance per position [{per_pos}], "
             f"mean acceptance length {s['mean_acceptance_length']:.2f}; time trunk {t['trunk']:.0f} ms, "
             f"MTP {t['mtp']:.0f} ms, host {t['host']:.0f} ms")  # fmt: skip
+    if s.get("draft") == "auto":
+        hist = " ".join(f"K={k}:{n}" for k, n in s["draft_histogram"].items())
+        line += f"; draft auto, steps per K [{hist}]"
+        if s.get("predicted_gain") and s.get("measured_gain"):
+            line += f", predicted gain {s['predicted_gain']:.2f}x, measured {s['measured_gain']:.2f}x (vs modelled K=0)"
+    if s.get("acceptance", "exact") != "exact":
+        line += f"; acceptance {s['acceptance']}: output may differ from plain greedy decoding"
+    return line
 
 
 def _int_list(flag: str, value: str) -> tuple[int, ...]:
@@ -340,7 +380,8 @@ def _embedded_artifact() -> str:
 @cli.command()
 @click.option("--prompt", default=None, help="Prompt text [default: the start of a Python function].")
 @click.option("--max-new-tokens", type=int, default=160, show_default=True)
-@click.option("--draft", type=int, default=3, show_default=True, help="Tokens drafted per step in the drafting run.")
+@click.option("--draft", default="auto", show_default=True,
+              help="The drafting run: auto (K chosen per step) or a fixed K >= 1.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per mode (the median is shown).")
 @click.option("--threads", type=int, default=1, show_default=True, help="Intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -349,7 +390,7 @@ def demo(prompt, max_new_tokens, draft, repeats, threads, as_json):
     from nextn.demo import DEFAULT_PROMPT, run_demo
 
     with _progress("demo") as progress:
-        r = run_demo(prompt or DEFAULT_PROMPT, max_new_tokens, draft, repeats, threads, progress)
+        r = run_demo(prompt or DEFAULT_PROMPT, max_new_tokens, parse_draft("--draft", draft), repeats, threads, progress)
     if as_json:
         click.echo(json.dumps(r.to_dict()))
         return
@@ -364,8 +405,12 @@ def demo(prompt, max_new_tokens, draft, repeats, threads, as_json):
     click.echo("---")
     click.echo(f"drafting off:      {p['tokens_per_s']:8.1f} tok/s  TPOT {p['tpot_ms']:.2f} ms  "
                f"({p['new_tokens']} tokens, median of {repeats} runs)")  # fmt: skip
-    click.echo(f"drafting K={r.draft}:      {d['tokens_per_s']:8.1f} tok/s  TPOT {d['tpot_ms']:.2f} ms  "
+    label = f"drafting {'auto' if r.draft == 'auto' else f'K={r.draft}'}:"
+    click.echo(f"{label:<19}{d['tokens_per_s']:8.1f} tok/s  TPOT {d['tpot_ms']:.2f} ms  "
                f"acceptance per position [{per_pos}], mean acceptance length {d['mean_acceptance_length']:.2f}")  # fmt: skip
+    if r.draft == "auto":
+        hist = ", ".join(f"K={k}: {n}" for k, n in d["draft_histogram"].items())
+        click.echo(f"                   steps per K chosen [{hist}]")
     click.echo(f"speedup (TPOT):    {r.speedup:.2f}x")
     if not r.identical:
         raise NextnError("drafting changed the greedy output")

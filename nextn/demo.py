@@ -26,7 +26,7 @@ class DemoResult:
     prompt: str
     text: str  # the generated continuation (same in both modes)
     identical: bool  # drafting changed no token
-    draft: int
+    draft: int | str  # "auto" or a fixed K
     plain: dict  # stats of the median run without drafting
     drafted: dict  # stats of the median run with drafting
 
@@ -42,7 +42,7 @@ class DemoResult:
 def run_demo(
     prompt: str = DEFAULT_PROMPT,
     max_new_tokens: int = 160,
-    draft: int = 3,
+    draft: int | str = "auto",
     repeats: int = 5,
     threads: int = 1,
     progress: Callable[[str, int, int], None] | None = None,
@@ -51,15 +51,16 @@ def run_demo(
     from nextn.embedded import embedded_artifact
     from nextn.errors import NextnError
 
-    if draft < 1 or repeats < 1 or max_new_tokens < 1:
-        raise NextnError("--draft, --repeats and --max-new-tokens must be at least 1")
+    if (draft != "auto" and draft < 1) or repeats < 1 or max_new_tokens < 1:
+        raise NextnError("--draft (auto or a K), --repeats and --max-new-tokens must be at least 1")
 
     artifact = embedded_artifact(progress)
     with nextn.load(artifact, threads=threads) as model:
         if progress:
             progress("generate", 1, 2 * repeats + 1)
-        model.generate(prompt, max_new_tokens=16, draft=draft)  # warm-up: first-run allocations
-        runs: dict[int, list] = {0: [], draft: []}
+        # warm-up: first-run allocations, and for auto the step-cost calibration (once per artifact and machine)
+        model.generate(prompt, max_new_tokens=16, draft=draft)
+        runs: dict = {0: [], draft: []}
         i = 1
         for _ in range(repeats):
             for k in runs:  # interleaved, so drift on the machine hits both modes alike

@@ -40,6 +40,20 @@ def _deterministic():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """draft="auto" saves step costs under the cache folder: keep the tests' out of the user's."""
+    import os
+
+    old = os.environ.get("NEXTN_CACHE")
+    os.environ["NEXTN_CACHE"] = str(tmp_path_factory.mktemp("nextn-cache"))
+    yield
+    if old is None:
+        os.environ.pop("NEXTN_CACHE", None)
+    else:
+        os.environ["NEXTN_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def hf_artifact(hf_checkpoint, tmp_path_factory):
     """(checkpoint, artifact): each transformers-written checkpoint exported once per session."""

@@ -2,7 +2,7 @@
 
     import nextn
     with nextn.load("artifact", backend="ort") as model:
-        result = model.generate("def fib(n):", max_new_tokens=64, draft=2)
+        result = model.generate("def fib(n):", max_new_tokens=64)      # draft="auto": K chosen per step
         print(result.text, result.stats["mean_acceptance_length"])
         for piece in model.generate("import os", max_new_tokens=32, draft=2, stream=True):
             print(piece.text, end="")
@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nextn.errors import NextnError
-from nextn.runtime.decoder import Decoder
+from nextn.runtime.decoder import AUTO, Decoder
 from nextn.runtime.engines import open_engines
-from nextn.runtime.sampling import SamplingParams
+from nextn.runtime.sampling import AcceptRule, SamplingParams
+
+ACCEPT_MODES = ("exact", "relaxed")
 
 
 @dataclass
@@ -70,21 +72,31 @@ class Model:
         self,
         prompt: str | list[int] | list[str] | list[list[int]],
         max_new_tokens: int = 64,
-        draft: int = 0,
+        draft: int | str = AUTO,
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
         stop: list[str] | None = None,
         stream: bool = False,
+        accept: str = "exact",
+        relaxed_top: int = 1,
+        relaxed_delta: float = 0.0,
     ) -> Result | list[Result] | Iterator[Piece]:
         """Generate from one prompt (text or token ids) or a batch of them (a list of prompts).
 
-        Greedy when temperature is 0. `draft` = K tokens drafted by the MTP modules per step (0: off).
-        A batch shares each trunk pass (batch.py); each result equals running that prompt alone.
+        Greedy when temperature is 0. `draft`: "auto" (the default: before each step a controller picks
+        the K that maximizes expected tokens per ms from measured costs and acceptance, 0 where drafting
+        does not pay) or a fixed K tokens drafted by the MTP modules per step (0: off). Every K is
+        lossless. A batch shares each trunk pass (batch.py); each result equals running that prompt alone
+        (greedy; sampled rows draw alike at a fixed K). `accept="relaxed"` (greedy only, lossy, opt-in)
+        also accepts a draft in the target's `relaxed_top` tokens within `relaxed_delta` of its top log-prob.
         """
         params = SamplingParams(temperature, top_k, top_p, seed)
         params.check()
+        if accept not in ACCEPT_MODES:
+            raise NextnError(f"--accept {accept!r}: choose one of {', '.join(ACCEPT_MODES)}")
+        rule = AcceptRule(accept == "relaxed", relaxed_top, relaxed_delta)
         if max_new_tokens < 1:
             raise NextnError(f"max_new_tokens {max_new_tokens}: must be >= 1")
         batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
@@ -94,11 +106,11 @@ class Model:
             from nextn.runtime.batch import generate_batch
 
             out = generate_batch(self.decoder, [self.encode(p) for p in prompt], max_new_tokens, draft, params,
-                                 self.eos_ids, self._stop_fn(stop))  # fmt: skip
+                                 self.eos_ids, self._stop_fn(stop), rule)  # fmt: skip
             return [Result(ids, self.decode(ids), stats.to_dict()) for ids, stats in out]
         if stream:
-            return self._stream(prompt, max_new_tokens, draft, params, stop)
-        return self._one(prompt, max_new_tokens, draft, params, stop, None)
+            return self._stream(prompt, max_new_tokens, draft, params, stop, rule)
+        return self._one(prompt, max_new_tokens, draft, params, stop, None, rule)
 
     def _stop_fn(self, stop: list[str] | None):
         if not stop:
@@ -117,13 +129,13 @@ class Model:
 
         return cut
 
-    def _one(self, prompt, max_new_tokens, draft, params, stop, on_tokens) -> Result:
+    def _one(self, prompt, max_new_tokens, draft, params, stop, on_tokens, rule) -> Result:
         ids, stats = self.decoder.generate(self.encode(prompt), max_new_tokens, draft, params, self.eos_ids,
-                                           self._stop_fn(stop), on_tokens)  # fmt: skip
+                                           self._stop_fn(stop), on_tokens, rule)  # fmt: skip
         self.last_stats = stats.to_dict()
         return Result(ids, self.decode(ids), self.last_stats)
 
-    def _stream(self, prompt, max_new_tokens, draft, params, stop) -> Iterator[Piece]:
+    def _stream(self, prompt, max_new_tokens, draft, params, stop, rule) -> Iterator[Piece]:
         # The decoder calls back per step; a thread-free generator needs the pieces collected per step.
         import queue
         import threading
@@ -133,7 +145,7 @@ class Model:
 
         def work():
             try:
-                self._one(prompt, max_new_tokens, draft, params, stop, lambda ids: q.put(ids))
+                self._one(prompt, max_new_tokens, draft, params, stop, lambda ids: q.put(ids), rule)
             except BaseException as e:  # surfaced in the consumer
                 error.append(e)
             finally:
@@ -146,6 +158,7 @@ class Model:
             raise error[0]
 
     def close(self) -> None:
+        self.decoder.close()  # saves the refined step costs for the next process
         self.engines.close()
 
     def __enter__(self) -> Model:

@@ -20,29 +20,31 @@ import time
 
 import numpy as np
 
-from nextn.runtime.decoder import Decoder, Stats, _State
-from nextn.runtime.sampling import SamplingParams, accept_drafts, sample, target_probs
+from nextn.runtime.decoder import AUTO, Decoder, Stats, _State
+from nextn.runtime.sampling import AcceptRule, SamplingParams, accept_drafts, sample, target_probs
 
 
 def generate_batch(
     dec: Decoder,
     prompts: list[list[int]],
     max_new_tokens: int,
-    draft: int = 0,
+    draft: int | str = AUTO,
     params: SamplingParams = SamplingParams(),
     eos_ids: tuple[int, ...] = (),
     stop=None,
+    accept: AcceptRule = AcceptRule(),
 ) -> list[tuple[list[int], Stats]]:
-    dec.check(prompts, draft, params)
+    dec.check(prompts, draft, params, accept)
     b, l0 = len(prompts), max(len(p) for p in prompts)
+    depth = dec.depth(draft)
+    ctrl = dec.controller(b) if draft == AUTO and depth else None  # one K per shared pass, per-row acceptance
     budgets = [min(max_new_tokens, dec.max_positions - len(p)) for p in prompts]
-    cap = l0 + max(budgets) * (draft + 1) + 2  # worst case: one token per step, K+1 slots each
+    cap = l0 + max(budgets) * (depth + 1) + 2  # worst case: one token per step, K+1 slots each
     kv_c = [np.zeros((b, cap, dec.r), dec.np) for _ in range(dec.layers)]
     kv_k = [np.zeros((b, cap, dec.d), dec.np) for _ in range(dec.layers)]
     valid = np.zeros((b, cap), np.int64)
-    rows = [_State(dec, len(p) + budgets[i] + draft + 2, trunk=False) for i, p in enumerate(prompts)]
-    stats = [Stats(prompt_tokens=len(p), drafted_per_position=[0] * draft, accepted_per_position=[0] * draft)
-             for p in prompts]  # fmt: skip
+    rows = [_State(dec, len(p) + budgets[i] + depth + 2, trunk=False) for i, p in enumerate(prompts)]
+    stats = [dec.new_stats(len(p), draft, accept) for p in prompts]
     rngs = [np.random.default_rng(params.seed) for _ in prompts]
     t0 = time.perf_counter()
 
@@ -75,6 +77,7 @@ def generate_batch(
             lo = max(a, l0 - len(p))
             rows[r].hidden[lo - (l0 - len(p)) : e - (l0 - len(p))] = hidden[r, lo - a : e - a]
     t = l0
+    prefill_trunk_ms = stats[0].trunk_ms
     new: list[list[int]] = []
     for r, p in enumerate(prompts):
         rows[r].tokens, rows[r].n = list(p), len(p)
@@ -86,9 +89,13 @@ def generate_batch(
 
     done = [dec._done(new[r], budgets[r], eos_ids, stop) for r in range(b)]
     while not all(done):
+        active = [r for r in range(b) if not done[r]]
+        left = max(budgets[r] - len(new[r]) for r in active)
+        step_k = dec.choose(ctrl, [stats[r] for r in active], left, active) if ctrl else depth
+        start, before = time.perf_counter(), (stats[0].trunk_ms, sum(s.draft_ms for s in stats))
         drafts = [[] for _ in range(b)]
-        for r in range(b):
-            k = 0 if done[r] else min(draft, budgets[r] - len(new[r]))
+        for r in active:
+            k = min(step_k, budgets[r] - len(new[r]))
             if k:
                 drafts[r] = dec._draft(rows[r], k, stats[r])
         s = 1 + max(len(d) for d in drafts)
@@ -103,7 +110,7 @@ def generate_batch(
             if done[r]:
                 continue
             k = len(drafts[r])
-            a, tok = accept_drafts(logits[r, : k + 1], drafts[r], params, rngs[r])
+            a, tok = accept_drafts(logits[r, : k + 1], drafts[r], params, rngs[r], accept)
             valid[r, t + a + 1 : t + s] = 0  # rejected drafts stay behind as masked slots
             n = rows[r].n
             rows[r].hidden[n : n + a + 1] = hidden[r, : a + 1]
@@ -112,7 +119,12 @@ def generate_batch(
             rows[r].tokens += step_tokens
             new[r] += step_tokens
             stats[r].record_step(k, a, (time.perf_counter() - t0) * 1e3)
+            if ctrl:
+                ctrl.rows[r].observe(k, a)
             done[r] = dec._done(new[r], budgets[r], eos_ids, stop)
+        if ctrl:
+            dec.observe_step(b, s, sum(len(d) for d in drafts), start, stats[0].trunk_ms - before[0],
+                             sum(x.draft_ms for x in stats) - before[1])  # fmt: skip
         t += s
 
     total = (time.perf_counter() - t0) * 1e3
@@ -120,5 +132,6 @@ def generate_batch(
     for r in range(b):
         ids_r = dec._truncate(new[r], budgets[r], eos_ids, stop)
         stats[r].new_tokens, stats[r].total_ms = len(ids_r), total
+        stats[r].decode_trunk_ms = stats[r].trunk_ms - prefill_trunk_ms
         results.append((ids_r, stats[r]))
     return results

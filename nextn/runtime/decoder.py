@@ -32,8 +32,12 @@ import numpy as np
 
 from nextn.errors import NextnError
 from nextn.export.manifest import ARRAY_DTYPES
+from nextn.runtime.controller import AcceptanceCounts, Choice, DraftController, SequenceAcceptance
+from nextn.runtime.costs import CALIB_PROMPT, CostModel, cost_cache_file
 from nextn.runtime.engines import Engines
-from nextn.runtime.sampling import SamplingParams, accept_drafts, sample, target_probs
+from nextn.runtime.sampling import AcceptRule, SamplingParams, accept_drafts, sample, target_probs
+
+AUTO = "auto"
 
 
 
@@ -51,15 +55,26 @@ class Stats:
     drafted_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
     trunk_ms: float = 0.0
+    decode_trunk_ms: float = 0.0  # trunk time after prefill (verify passes only)
     mtp_ms: float = 0.0
+    draft_ms: float = 0.0  # wall time of drafting (MTP calls and the Python around them)
     step_end_ms: list[float] = field(default_factory=list)  # since the call started, per verify step
     step_tokens: list[int] = field(default_factory=list)  # tokens emitted by each verify step
+    step_draft: list[int] = field(default_factory=list)  # K of each verify step
+    draft: str = "0"  # what was asked: "auto" or a fixed K
+    acceptance: str = "exact"  # or "relaxed (lossy ...)"
+    # draft="auto": the controller's expectations summed over steps, and the K = 0 step it compared against
+    predicted_tokens: float = 0.0
+    predicted_ms: float = 0.0
+    plain_step_ms: float = 0.0
+    probes: int = 0
 
     def record_step(self, drafted: int, accepted: int, end_ms: float) -> None:
         """One verify pass, ending `end_ms` after the call started, that checked `drafted` drafts and
         accepted the first `accepted` (so it emitted accepted + 1 tokens)."""
         self.step_end_ms.append(end_ms)
         self.step_tokens.append(accepted + 1)
+        self.step_draft.append(drafted)
         self.steps += 1
         self.drafted += drafted
         self.accepted += accepted
@@ -80,8 +95,29 @@ class Stats:
         """Tokens emitted per trunk verify step (1 + accepted drafts per step)."""
         return 1 + self.accepted / self.steps if self.steps else 1.0
 
+    def record_choice(self, choice: Choice, rows: int) -> None:
+        """The controller's expectation for one step, this row's share of it."""
+        self.predicted_tokens += choice.expected_tokens / rows
+        self.predicted_ms += choice.expected_ms
+        self.plain_step_ms += choice.plain_ms
+        self.probes += choice.probe
+
+    def gains(self) -> dict:
+        """draft="auto": tokens per ms the controller expected and what the steps achieved, each relative
+        to the cost model's K = 0 step (one token per step)."""
+        if not self.predicted_ms or not self.steps:
+            return {}
+        plain = self.plain_step_ms / self.steps
+        steps_ms = np.diff([self.ttft_ms, *self.step_end_ms]).sum()
+        return {"predicted_gain": float(self.predicted_tokens / self.predicted_ms * plain),
+                "measured_gain": float(sum(self.step_tokens) / steps_ms * plain) if steps_ms > 0 else None,
+                "probe_steps": self.probes}  # fmt: skip
+
     def to_dict(self) -> dict:
         host = self.total_ms - self.trunk_ms - self.mtp_ms
+        histogram: dict[str, int] = {}
+        for k in self.step_draft:
+            histogram[str(k)] = histogram.get(str(k), 0) + 1
         return {
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
@@ -99,13 +135,18 @@ class Stats:
             # per verify step: its duration and the tokens it emitted (per-token latency = ms / tokens)
             "step_ms": np.diff([self.ttft_ms, *self.step_end_ms]).tolist(),
             "step_tokens": list(self.step_tokens),
+            "step_draft": list(self.step_draft),
+            "draft": self.draft,
+            "draft_histogram": dict(sorted(histogram.items(), key=lambda kv: int(kv[0]))),
+            "acceptance": self.acceptance,
+            **self.gains(),
         }
 
 
 class Decoder:
     """Greedy or sampled decoding of one sequence at a time over an artifact's engines."""
 
-    def __init__(self, engines: Engines, prefill_chunk: int = 256):
+    def __init__(self, engines: Engines, prefill_chunk: int = 256, max_draft: int | None = None):
         self.engines = engines
         m = engines.manifest
         c = m["config"]
@@ -114,6 +155,59 @@ class Decoder:
         self.max_positions = c["max_position_embeddings"]
         self.np = np.dtype(ARRAY_DTYPES[m["dtype"]])
         self.prefill_chunk = prefill_chunk
+        # draft="auto" looks at K = 0 .. max_draft: every module once, then two recursions with the last one
+        self.max_draft = (self.n_mtp + 2 if self.n_mtp else 0) if max_draft is None else max_draft
+        self._costs: CostModel | None = None
+        self._acceptance: AcceptanceCounts | None = None
+
+    # -- draft="auto": the controller's costs and artifact-wide acceptance ------------------------
+    def depth(self, draft: int | str) -> int:
+        """The most drafts one step may take."""
+        return self.max_draft if draft == AUTO else int(draft)
+
+    def costs(self) -> CostModel:
+        if self._costs is None:
+            cache = cost_cache_file(self.engines) if self.engines.setup is not None else None
+            self._costs = CostModel(self._timing_run, self.max_draft + 1, cache)
+        return self._costs
+
+    def _timing_run(self, b: int, k: int, steps: int) -> list[Stats]:
+        """`steps` decode steps at a fixed K for b random prompts (costs.calibrate)."""
+        rng = np.random.default_rng(b * 1000 + k)
+        vocab = self.engines.manifest["config"]["vocab_size"]
+        prompts = [rng.integers(0, vocab, CALIB_PROMPT).tolist() for _ in range(b)]
+        n = steps * (k + 1) + 1  # at least `steps` steps whatever is accepted
+        if b == 1:
+            return [self.generate(prompts[0], n, draft=k)[1]]
+        from nextn.runtime.batch import generate_batch
+
+        return [s for _, s in generate_batch(self, prompts, n, draft=k)]
+
+    def acceptance_prior(self) -> AcceptanceCounts:
+        """Every sequence's observations on this artifact, seeded from a cached earlier run or the
+        artifact's quantization report; empty when neither exists (the first steps then explore)."""
+        if self._acceptance is None:
+            saved = self.costs().acceptance
+            if saved and len(saved.get("trials", [])) == self.max_draft:
+                self._acceptance = AcceptanceCounts(np.asarray(saved["trials"], float), np.asarray(saved["hits"], float))
+            else:
+                rates = report_acceptance(self.engines.manifest)
+                self._acceptance = (AcceptanceCounts.from_rates(rates, self.max_draft) if rates
+                                    else AcceptanceCounts.empty(self.max_draft))  # fmt: skip
+        return self._acceptance
+
+    def controller(self, rows: int) -> DraftController:
+        prior = self.acceptance_prior()
+        return DraftController(self.costs(), [SequenceAcceptance(prior) for _ in range(rows)], self.max_draft)
+
+    def close(self) -> None:
+        """Save the refined step costs and the artifact-wide acceptance for the next process."""
+        if self._costs is not None:
+            if self._acceptance is not None:
+                a = self._acceptance
+                self._costs.acceptance = {"trials": a.trials.tolist(), "hits": a.hits.tolist()}
+                self._costs.changed = True
+            self._costs.save()
 
     # -- one engine call, timed -----------------------------------------------------------------
     def _run(self, name: str, feed: dict, stats: Stats, into: dict | None = None) -> list[np.ndarray]:
@@ -166,6 +260,12 @@ class Decoder:
 
     # -- drafting --------------------------------------------------------------------------------
     def _draft(self, st: _State, k_total: int, stats: Stats) -> list[int]:
+        t = time.perf_counter()
+        drafts = self._draft_tokens(st, k_total, stats)
+        stats.draft_ms += (time.perf_counter() - t) * 1e3
+        return drafts
+
+    def _draft_tokens(self, st: _State, k_total: int, stats: Stats) -> list[int]:
         n, drafts = st.n, []
 
         def token(idx: int) -> int:  # t_idx, or the draft standing in for it
@@ -190,15 +290,20 @@ class Decoder:
         return drafts
 
     # -- generation ------------------------------------------------------------------------------
-    def check(self, prompts: list[list[int]], draft: int, params: SamplingParams) -> None:
+    def check(self, prompts: list[list[int]], draft: int | str, params: SamplingParams,
+              accept: AcceptRule = AcceptRule()) -> None:  # fmt: skip
         """Reject bad requests before any work: one-line errors naming the flag."""
         params.check()
+        accept.check(params)
         if any(not p for p in prompts):
             raise NextnError("empty prompt")
-        if draft < 0:
-            raise NextnError(f"--draft {draft}: must be >= 0")
-        if draft > 0 and self.n_mtp == 0:
-            raise NextnError(f"--draft {draft}: the artifact has no MTP module to draft with (use --draft 0)")
+        if draft != AUTO:
+            if isinstance(draft, bool) or not isinstance(draft, (int, np.integer)):
+                raise NextnError(f"--draft {draft!r}: expected auto or an integer >= 0")
+            if draft < 0:
+                raise NextnError(f"--draft {draft}: must be >= 0")
+            if draft > 0 and self.n_mtp == 0:
+                raise NextnError(f"--draft {draft}: the artifact has no MTP module to draft with (use --draft 0)")
         longest = max(len(p) for p in prompts)
         if longest >= self.max_positions:
             raise NextnError(f"prompt of {longest} tokens does not fit the context of {self.max_positions}")
@@ -207,17 +312,20 @@ class Decoder:
         self,
         prompt: list[int],
         max_new_tokens: int,
-        draft: int = 0,
+        draft: int | str = AUTO,
         params: SamplingParams = SamplingParams(),
         eos_ids: tuple[int, ...] = (),
         stop=None,  # callable(new_token_ids) -> int | None: cut position if a stop string matched
         on_tokens=None,  # callable(list[int]) for streaming accepted tokens
+        accept: AcceptRule = AcceptRule(),
     ) -> tuple[list[int], Stats]:
-        self.check([prompt], draft, params)
+        self.check([prompt], draft, params, accept)
         max_new_tokens = min(max_new_tokens, self.max_positions - len(prompt))
         rng = np.random.default_rng(params.seed)
-        stats = Stats(prompt_tokens=len(prompt), drafted_per_position=[0] * draft, accepted_per_position=[0] * draft)
-        st = _State(self, len(prompt) + max_new_tokens + draft + 2)
+        depth = self.depth(draft)
+        ctrl = self.controller(1) if draft == AUTO and depth else None
+        stats = self.new_stats(len(prompt), draft, accept)
+        st = _State(self, len(prompt) + max_new_tokens + depth + 2)
         t0 = time.perf_counter()
 
         # Prefill in chunks; the last logits give the first new token.
@@ -225,19 +333,25 @@ class Decoder:
         for a in range(0, len(prompt), self.prefill_chunk):
             logits, _ = self._trunk(st, prompt[a : a + self.prefill_chunk], stats)
         first = int(logits[-1].argmax()) if params.greedy else sample(target_probs(logits[-1:], params)[0], rng)
+        prefill_trunk_ms = stats.trunk_ms
         st.tokens.append(first)
         new = [first]
         stats.ttft_ms = (time.perf_counter() - t0) * 1e3
         emitted = self._emit(new, 0, max_new_tokens, eos_ids, stop, on_tokens)
 
         while not self._done(new, max_new_tokens, eos_ids, stop):
-            k = min(draft, max_new_tokens - len(new))  # never draft past the budget
+            left = max_new_tokens - len(new)  # never draft past the budget
+            k = self.choose(ctrl, [stats], left) if ctrl else min(depth, left)
+            start, before = time.perf_counter(), (stats.trunk_ms, stats.draft_ms)
             drafts = self._draft(st, k, stats) if k else []
             n = st.n
             logits, _ = self._trunk(st, [st.tokens[n], *drafts], stats)  # [K+1, V]
-            a, token = accept_drafts(logits, drafts, params, rng)
+            a, token = accept_drafts(logits, drafts, params, rng, accept)
             st.n = n + a + 1  # roll back the rejected drafts' cache slots
             stats.record_step(k, a, (time.perf_counter() - t0) * 1e3)
+            if ctrl:
+                ctrl.rows[0].observe(k, a)
+                self.observe_step(1, k + 1, k, start, stats.trunk_ms - before[0], stats.draft_ms - before[1])
             step_tokens = [*drafts[:a], token]
             st.tokens += step_tokens
             new += step_tokens
@@ -246,7 +360,28 @@ class Decoder:
         new = self._truncate(new, max_new_tokens, eos_ids, stop)
         stats.new_tokens = len(new)
         stats.total_ms = (time.perf_counter() - t0) * 1e3
+        stats.decode_trunk_ms = stats.trunk_ms - prefill_trunk_ms
         return new, stats
+
+    def new_stats(self, prompt_tokens: int, draft: int | str, accept: AcceptRule) -> Stats:
+        depth = self.depth(draft)
+        return Stats(prompt_tokens=prompt_tokens, drafted_per_position=[0] * depth, accepted_per_position=[0] * depth,
+                     draft=str(draft), acceptance=accept.describe())  # fmt: skip
+
+    @staticmethod
+    def choose(ctrl: DraftController, stats: list[Stats], limit: int, active: list[int] | None = None) -> int:
+        """The controller's K for the next step (at most `limit`), its expectation recorded in each row's stats."""
+        choice = ctrl.choose(active, limit)
+        for s in stats:
+            s.record_choice(choice, len(stats))
+        return choice.k
+
+    def observe_step(self, b: int, width: int, drafts: int, start: float, trunk_ms: float, draft_ms: float) -> None:
+        """Refine the step costs from one step of `b` rows that began at `start` (perf_counter seconds),
+        spent `trunk_ms` in its trunk pass of `width` tokens per row and `draft_ms` drafting `drafts`
+        tokens (all rows together)."""
+        host_ms = (time.perf_counter() - start) * 1e3 - draft_ms - trunk_ms
+        self.costs().observe(b, width, trunk_ms, drafts, draft_ms, host_ms)
 
     def _emit(self, new, emitted, limit, eos_ids, stop, on_tokens) -> int:
         """Stream what is final so far (never a token past EOS, a stop string or the budget)."""
@@ -288,3 +423,11 @@ class _State:
         self.mtp_valid = [0] * dec.n_mtp
         self.n = 0
         self.tokens: list[int] = []
+
+
+def report_acceptance(manifest: dict) -> list[float] | None:
+    """Acceptance per draft position of a quantized artifact's own report (its largest K), if any."""
+    runs = (((manifest.get("quantization") or {}).get("report") or {}).get("decoding") or {}).get("quantized") or {}
+    best = max(runs, key=lambda k: int(k.split("=")[1]) if k.startswith("K=") else -1, default=None)
+    rates = runs.get(best, {}).get("accepted_per_position") if best else None
+    return [float(x) for x in rates] if rates else None

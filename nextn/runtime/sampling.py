@@ -39,6 +39,38 @@ class SamplingParams:
         return self.temperature == 0
 
 
+@dataclass(frozen=True)
+class AcceptRule:
+    """How drafts are checked. Exact (the default): greedy accepts the target's argmax only, sampling
+    uses rejection sampling; output is that of plain decoding. Relaxed (opt-in, lossy, greedy only;
+    TensorRT-LLM's rule for MTP): a draft is also accepted when it is among the target's `top_n` tokens
+    and its log-probability is within `delta` of the top one. The output then can differ from plain
+    greedy decoding; stats and the CLI say so."""
+
+    relaxed: bool = False
+    top_n: int = 1
+    delta: float = 0.0
+
+    def check(self, params: SamplingParams) -> None:
+        if not self.relaxed:
+            if self.top_n != 1 or self.delta != 0.0:
+                raise NextnError("--relaxed-top/--relaxed-delta: relaxed acceptance is lossy; ask for it with "
+                                 "--accept relaxed")  # fmt: skip
+            return
+        if not params.greedy:
+            raise NextnError("--accept relaxed: only with greedy decoding (--temperature 0); sampling keeps "
+                             "the target distribution with exact rejection sampling")  # fmt: skip
+        if self.top_n < 1:
+            raise NextnError(f"--relaxed-top {self.top_n}: must be >= 1")
+        if not (self.delta >= 0 and np.isfinite(self.delta)):
+            raise NextnError(f"--relaxed-delta {self.delta}: must be a finite number >= 0")
+
+    def describe(self) -> str:
+        if not self.relaxed:
+            return "exact"
+        return f"relaxed (lossy: a draft in the target's top {self.top_n} within {self.delta:g} of its top log-prob)"
+
+
 def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """[N, V] logits -> [N, V] float64 probabilities after temperature, top-k and top-p."""
     z = logits.astype(np.float64) / params.temperature
@@ -66,8 +98,8 @@ def sample(p: np.ndarray, rng: np.random.Generator) -> int:
     return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
 
 
-def accept_drafts(logits: np.ndarray, drafts: list[int], params: SamplingParams, rng: np.random.Generator
-                  ) -> tuple[int, int]:  # fmt: skip
+def accept_drafts(logits: np.ndarray, drafts: list[int], params: SamplingParams, rng: np.random.Generator,
+                  rule: AcceptRule = AcceptRule()) -> tuple[int, int]:  # fmt: skip
     """Verify K drafts against the target's K+1 logit rows [K+1, V].
 
     Returns (a, token): the first a drafts are accepted and `token` follows them (the correction at the
@@ -76,7 +108,7 @@ def accept_drafts(logits: np.ndarray, drafts: list[int], params: SamplingParams,
     if params.greedy:
         target = logits.argmax(-1)  # [K+1]
         a = 0
-        while a < len(drafts) and drafts[a] == target[a]:
+        while a < len(drafts) and (drafts[a] == target[a] or (rule.relaxed and _relaxed_ok(logits[a], drafts[a], rule))):
             a += 1
         return a, int(target[a])
     p = target_probs(logits, params)  # [K+1, V]
@@ -87,3 +119,10 @@ def accept_drafts(logits: np.ndarray, drafts: list[int], params: SamplingParams,
         residual[d] = 0.0
         return i, sample(residual, rng)
     return len(drafts), sample(p[len(drafts)], rng)
+
+
+def _relaxed_ok(row: np.ndarray, draft: int, rule: AcceptRule) -> bool:
+    """The draft is in the row's top_n and its log-probability is within delta of the best one's
+    (log-softmax differences equal logit differences, so no normalization is needed)."""
+    gap = float(row.max()) - float(row[draft])
+    return gap <= rule.delta and int((row > row[draft]).sum()) < rule.top_n
