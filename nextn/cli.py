@@ -230,6 +230,13 @@ def _int_list(flag: str, value: str) -> tuple[int, ...]:
     return out
 
 
+def _draft_list(flag: str, value: str) -> tuple[int | str, ...]:
+    out = tuple(parse_draft(flag, x.strip()) for x in value.split(",") if x.strip())
+    if not out:
+        raise NextnError(f"{flag}: give at least one value")
+    return out
+
+
 def _name_list(flag: str, value: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
     out = tuple(x.strip() for x in value.split(",") if x.strip() and x.strip() != "none")
     bad = [x for x in out if x not in allowed]
@@ -240,7 +247,8 @@ def _name_list(flag: str, value: str, allowed: tuple[str, ...]) -> tuple[str, ..
 
 @cli.command()
 @click.argument("artifact", type=click.Path(), required=False)
-@click.option("--draft", "drafts", default="0,1,2,3", show_default=True, help="Draft depths K to measure.")
+@click.option("--draft", "drafts", default="0,1,2,3,auto", show_default=True,
+              help="Draft depths K to measure (auto: the runtime's per-step choice).")
 @click.option("--batch", "batches", default="1", show_default=True, help="Batch sizes to measure.")
 @click.option("--prompt-len", type=int, default=64, show_default=True)
 @click.option("--gen-len", type=int, default=128, show_default=True)
@@ -278,7 +286,8 @@ def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends
         root = Path(sweep_dir) if sweep_dir else cache_root() / "sweep"
         with _progress("sweep") as progress:
             doc = run_sweep([s.strip() for s in sweep.split(",") if s.strip()], root, Path(artifact),
-                            past=prompt_len, max_draft=max(_int_list("--draft", drafts)), threads=threads,
+                            past=prompt_len, max_draft=max([k for k in _draft_list("--draft", drafts) if k != "auto"] or [4]),
+                            threads=threads,
                             schemes=_name_list("--quant", quant, ("int8", "fp8", "int4")),
                             progress=progress)  # fmt: skip
         table, lines, width = sweep_table(doc), [], 200
@@ -297,7 +306,7 @@ def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends
             baselines = "transformers" if importlib.util.find_spec("transformers") else "none"
             if baselines == "none":
                 click.echo("note: transformers is not installed, so no baseline is measured", err=True)
-        cfg = BenchConfig(drafts=_int_list("--draft", drafts), batches=_int_list("--batch", batches),
+        cfg = BenchConfig(drafts=_draft_list("--draft", drafts), batches=_int_list("--batch", batches),
                           prompt_len=prompt_len, gen_len=gen_len,
                           backends=_name_list("--backend", backends, ("ort", "torch")),
                           baselines=_name_list("--baseline", baselines, ("transformers",)), warmup=warmup,

@@ -21,7 +21,7 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class BenchConfig:
-    drafts: tuple[int, ...] = (0, 1, 2, 3)
+    drafts: tuple[int | str, ...] = (0, 1, 2, 3, "auto")  # fixed K, or "auto" (the runtime's controller)
     batches: tuple[int, ...] = (1,)
     prompt_len: int = 64
     gen_len: int = 128
@@ -75,8 +75,11 @@ def one_run(model, prompts: list[list[int]], batch: int, draft: int, cfg: BenchC
     return [r.stats for r in (res if isinstance(res, list) else [res])]
 
 
-def summarize(runs: list[list[dict]], draft: int) -> dict:
-    """runs: per run, the stats of each batch row (see runtime.decoder.Stats.to_dict)."""
+def summarize(runs: list[list[dict]], draft: int | str) -> dict:
+    """runs: per run, the stats of each batch row (see runtime.decoder.Stats.to_dict). `draft`: the K
+    asked for, or "auto" (positions then as many as the stats record)."""
+    if draft == "auto":
+        draft = max((len(s["drafted_per_position"]) for rows in runs for s in rows), default=0)
     token_lat, drafted, accepted = [], np.zeros(draft), np.zeros(draft)
     steps = acc = 0
     for rows in runs:
@@ -101,5 +104,15 @@ def summarize(runs: list[list[dict]], draft: int) -> dict:
         "accepted_per_position": [float(a / d) if d else 0.0 for a, d in zip(accepted, drafted)],
         "drafted_per_position": drafted.astype(int).tolist(),
         "host_fraction": host / sum(total_ms) if total_ms else 0.0,
+        "draft_histogram": _histogram(runs),
         "runs": runs,
     }
+
+
+def _histogram(runs: list[list[dict]]) -> dict[str, int]:
+    """Steps per K over all runs (each run's first row: the rows of a batch share their steps' K)."""
+    out: dict[str, int] = {}
+    for rows in runs:
+        for k in rows[0].get("step_draft", []):
+            out[str(k)] = out.get(str(k), 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))

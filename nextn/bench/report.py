@@ -19,16 +19,17 @@ def results_table(doc: dict):
     t = Table(title=f"nextn bench: {Path(doc['artifact']).name} ({doc['dtype']}) on {m['cpu']}, "
                     f"{m['threads_used']} thread(s) of {m['cores']} cores")  # fmt: skip
     for col in ("backend", "batch", "K", "TTFT ms", "TPOT ms", "token ms p50/p90/p99", "tok/s", "accept len",
-                "accept per position", "vs K=0"):  # fmt: skip
-        t.add_column(col, justify="left" if col in ("backend", "accept per position") else "right")
+                "accept per position", "vs K=0", "projected", "efficiency", "steps per K"):  # fmt: skip
+        t.add_column(col, justify="left" if col in ("backend", "accept per position", "steps per K") else "right")
     for r in doc["results"]:
         lat = r["token_latency_ms"]
         per_pos = " ".join(f"{a:.2f}" for a in r.get("accepted_per_position", [])) or "-"
+        hist = " ".join(f"{k}:{n}" for k, n in r.get("draft_histogram", {}).items()) if r["draft"] == "auto" else "-"
         t.add_row(
             r["backend"], str(r["batch"]), str(r["draft"]), _f(r["ttft_ms"]["median"]), _f(r["tpot_ms"]["median"], "{:.3f}"),
             f"{_f(lat['median'], '{:.3f}')}/{_f(lat['p90'], '{:.3f}')}/{_f(lat['p99'], '{:.3f}')}",
             _f(r["tokens_per_s"]["median"], "{:.1f}"), _f(r.get("mean_acceptance_length")), per_pos,
-            _f(r.get("speedup_vs_k0"), "{:.2f}x"),
+            _f(r.get("speedup_vs_k0"), "{:.2f}x"), _f(r.get("projected_speedup"), "{:.2f}x"), _f(r.get("efficiency")), hist,
         )  # fmt: skip
     return t
 
@@ -38,6 +39,8 @@ def ratio_lines(doc: dict) -> list[str]:
     for q in doc["ratios"]:
         s = (f"{q['backend']} batch {q['batch']}: best K={q['best_draft']} is {q['best_speedup_vs_k0']:.2f}x "
              f"faster per token than K=0")  # fmt: skip
+        if q.get("auto_vs_k0") is not None:
+            s += f"; K=auto {q['auto_vs_k0']:.2f}x"
         if "vs_transformers" in q:
             s += f"; K=0 is {q['vs_transformers']:.2f}x faster than transformers generate"
         if "vs_transformers_mtp" in q:
@@ -89,26 +92,38 @@ def _save(fig, path: Path, title: str) -> None:
 
 
 def write_plot(doc: dict, path: Path) -> None:
-    """Per-token latency (TPOT) and tokens/s against K, one line per (backend, batch); baselines dashed."""
+    """Left: per-token latency (TPOT) against K, one line per (backend, batch), baselines dashed. Right: the
+    speedup over K = 0, measured (solid) and projected from the run's step costs and acceptance (dashed).
+    K = auto sits one step right of the largest fixed K."""
     fig, (ax1, ax2) = _figure()
     series: dict[tuple[str, int], list[dict]] = {}
     for r in doc["results"]:
         series.setdefault((r["backend"], r["batch"]), []).append(r)
+    fixed = [r["draft"] for r in doc["results"] if r["draft"] != "auto"]
+    auto_x = max(fixed, default=0) + 1
+
+    def x(k) -> int:
+        return auto_x if k == "auto" else k
+
     for (backend, batch), rows in series.items():
-        rows = sorted(rows, key=lambda r: r["draft"])
-        ks = [r["draft"] for r in rows]
+        rows = sorted(rows, key=lambda r: x(r["draft"]))
+        ks = [x(r["draft"]) for r in rows]
         label = f"{backend}, batch {batch}"
         style = dict(marker="o") if not backend.startswith("transformers") else dict(marker="s", linestyle="--")
-        ax1.plot(ks, [r["tpot_ms"]["median"] for r in rows], label=label, **style)
-        ax2.plot(ks, [r["tokens_per_s"]["median"] for r in rows], label=label, **style)
-    from matplotlib.ticker import MaxNLocator
-
+        line = ax1.plot(ks, [r["tpot_ms"]["median"] for r in rows], label=label, **style)[0]
+        if any(r.get("projected_speedup") for r in rows):
+            ax2.plot(ks, [r["speedup_vs_k0"] for r in rows], marker="o", color=line.get_color(), label=f"{label}: measured")
+            ax2.plot(ks, [r["projected_speedup"] for r in rows], marker="x", linestyle="--", color=line.get_color(),
+                     label=f"{label}: projected")  # fmt: skip
+    ticks = sorted(set(fixed)) + ([auto_x] if any(r["draft"] == "auto" for r in doc["results"]) else [])
     ax1.set(xlabel="draft tokens per step (K)", ylabel="per-token latency, TPOT median (ms)", yscale="log")
-    ax2.set(xlabel="draft tokens per step (K)", ylabel="tokens/s (median)", yscale="log")
+    ax2.set(xlabel="draft tokens per step (K)", ylabel="speedup over K=0 (TPOT)")
+    ax2.axhline(1.0, color="grey", linewidth=0.8)
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax2.legend(fontsize=8)
+        ax.set_xticks(ticks, [("auto" if k == auto_x and k not in fixed else str(k)) for k in ticks])
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=7)
     _save(fig, path, f"{Path(doc['artifact']).name}: {doc['machine']['cpu']}, {doc['machine']['threads_used']} thread(s)")
 
 

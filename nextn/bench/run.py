@@ -13,6 +13,7 @@ from typing import Callable
 from nextn.bench.latency import BenchConfig, Progress, load_prompts, one_run, summarize
 from nextn.bench.machine import machine_info
 from nextn.errors import NextnError
+from nextn.runtime.costs import BatchCosts, calibrate
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +28,24 @@ def run_bench(artifact: str | Path, cfg: BenchConfig, prompts_file: Path | None 
     artifact = Path(artifact)
     manifest = read_manifest(artifact, verify=False)
     n_mtp = manifest["config"]["num_nextn_predict_layers"]
-    if max(cfg.drafts) > 0 and n_mtp == 0:
-        raise NextnError(f"--draft {max(cfg.drafts)}: {artifact} has no MTP module")
-    if min(cfg.drafts) < 0 or min(cfg.batches) < 1 or cfg.repeats < 1 or cfg.gen_len < 2 or cfg.prompt_len < 1:
-        raise NextnError("--draft must be >= 0; --batch, --repeats, --prompt-len >= 1; --gen-len >= 2")
+    fixed = [k for k in cfg.drafts if k != "auto"]
+    if max(fixed, default=0) > 0 and n_mtp == 0:
+        raise NextnError(f"--draft {max(fixed)}: {artifact} has no MTP module")
+    if min(fixed, default=0) < 0 or min(cfg.batches) < 1 or cfg.repeats < 1 or cfg.gen_len < 2 or cfg.prompt_len < 1:
+        raise NextnError("--draft must be auto or >= 0; --batch, --repeats, --prompt-len >= 1; --gen-len >= 2")
     torch.set_num_threads(cfg.threads)  # the transformers baseline and the torch backend
     t0 = time.perf_counter()
+    costs: dict[tuple[str, int], BatchCosts] = {}
     with contextlib.ExitStack() as stack:
         rows: list[_Row] = []
         prompts = None
         for backend in cfg.backends:
             model = stack.enter_context(nextn.load(artifact, backend=backend, threads=cfg.threads))
             model.eos_ids = ()  # every run generates exactly gen_len tokens
+            # The ceiling: real decode steps at every fixed K, timed in this run (runtime.costs.calibrate).
+            depth = max(model.decoder.depth(k) for k in cfg.drafts)
+            for batch in cfg.batches:
+                costs[backend, batch] = calibrate(model.decoder._timing_run, batch, depth)
             if prompts is None:
                 prompts = load_prompts(prompts_file, model.tokenizer, manifest["config"]["vocab_size"],
                                        cfg.prompt_len, max(8, max(cfg.batches) * (cfg.warmup + cfg.repeats)))  # fmt: skip
@@ -73,6 +80,11 @@ def run_bench(artifact: str | Path, cfg: BenchConfig, prompts_file: Path | None 
         results = [{**row.label, **row.summarize(row.runs)} for row in rows]
 
     _speedups(results)
+    for r in results:
+        c = costs.get((r["backend"], r["batch"]))
+        if c is not None:
+            r["projected_speedup"] = projected_speedup(r["runs"], c, r["batch"])
+            r["efficiency"] = r["speedup_vs_k0"] / r["projected_speedup"] if r.get("speedup_vs_k0") else None
     return {
         "artifact": str(artifact),
         "checkpoint": manifest.get("source"),
@@ -82,6 +94,9 @@ def run_bench(artifact: str | Path, cfg: BenchConfig, prompts_file: Path | None 
         "prompts": {"source": str(prompts_file) if prompts_file else "default", "count": len(prompts),
                     "lengths": [len(p) for p in prompts]},  # fmt: skip
         "eos": "ignored (every run generates gen_len tokens)",
+        "step_costs": {f"{b}, batch {n}": {"step_ms_per_K": c.step, "ratio_to_K0": c.ratio, "trunk_ms_per_K": c.trunk,
+                                           "mtp_ms_per_draft": c.mtp, "host_ms": c.host}
+                       for (b, n), c in costs.items()},  # fmt: skip
         "results": results,
         "ratios": _ratios(results),
         "seconds": round(time.perf_counter() - t0, 1),
@@ -96,6 +111,19 @@ class _Row:
     run: Callable
     summarize: Callable
     runs: list = field(default_factory=list)
+
+
+def projected_speedup(runs: list[list[dict]], costs: BatchCosts, b: int) -> float:
+    """The speedup over K = 0 this row's own steps (their K and the tokens each emitted) would show at the
+    step costs c(b, K) measured in the same run (runtime/costs.py): tokens / sum_t c(b, K_t) against
+    b / c(b, 0) (every row emits one token per plain step)."""
+    tokens = ms = 0.0
+    for rows in runs:
+        for t in range(max(len(s["step_draft"]) for s in rows)):
+            k = max(s["step_draft"][t] for s in rows if t < len(s["step_draft"]))  # the step's verify width - 1
+            ms += costs.step[min(k, len(costs.step) - 1)]
+        tokens += sum(sum(s["step_tokens"]) for s in rows)
+    return tokens / ms * costs.step[0] / b if ms else 1.0
 
 
 def _speedups(results: list[dict]) -> None:
@@ -116,8 +144,9 @@ def _ratios(results: list[dict]) -> list[dict]:
         b = r["batch"]
         best = min((x for x in results if x["backend"] == r["backend"] and x["batch"] == b),
                    key=lambda x: x["tpot_ms"]["median"])  # fmt: skip
+        auto = find.get((r["backend"], b, "auto"))
         out.append({"backend": r["backend"], "batch": b, "best_draft": best["draft"],
-                    "best_speedup_vs_k0": best["speedup_vs_k0"]})  # fmt: skip
+                    "best_speedup_vs_k0": best["speedup_vs_k0"], "auto_vs_k0": auto["speedup_vs_k0"] if auto else None})  # fmt: skip
         hf = find.get(("transformers", b, 0))
         if hf:
             out[-1]["vs_transformers"] = hf["tpot_ms"]["median"] / r["tpot_ms"]["median"]

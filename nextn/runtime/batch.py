@@ -92,7 +92,7 @@ def generate_batch(
         active = [r for r in range(b) if not done[r]]
         left = max(budgets[r] - len(new[r]) for r in active)
         step_k = dec.choose(ctrl, [stats[r] for r in active], left, active) if ctrl else depth
-        start, before = time.perf_counter(), (stats[0].trunk_ms, sum(s.draft_ms for s in stats))
+        steady = all([dec.steady(rows[r], step_k) for r in active])  # a list: every row notes this step's K
         drafts = [[] for _ in range(b)]
         for r in active:
             k = min(step_k, budgets[r] - len(new[r]))
@@ -121,10 +121,9 @@ def generate_batch(
             stats[r].record_step(k, a, (time.perf_counter() - t0) * 1e3)
             if ctrl:
                 ctrl.rows[r].observe(k, a)
-            done[r] = dec._done(new[r], budgets[r], eos_ids, stop)
+            done[r] = dec._done(new[r], budgets[r], eos_ids, stop, len(step_tokens))
         if ctrl:
-            dec.observe_step(b, s, sum(len(d) for d in drafts), start, stats[0].trunk_ms - before[0],
-                             sum(x.draft_ms for x in stats) - before[1])  # fmt: skip
+            dec.observe_step(b, step_k, stats[active[0]], steady)
         t += s
 
     total = (time.perf_counter() - t0) * 1e3

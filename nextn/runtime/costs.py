@@ -1,16 +1,25 @@
 """What one decode step costs on this machine, for the draft controller (controller.py).
 
-    c(b, K) = trunk(b, K+1) + b * K * mtp + host(b)      milliseconds
+    c(b, K) = milliseconds of one decode step of b rows drafting K tokens each
+            = level(b) * ratio(b, K)                          ratio(b, 0) = 1
+            = trunk(b, K+1) + b * K * mtp + host              (its parts, kept for the benchmark's ceiling)
 
-trunk(b, w): one trunk pass of w new tokens per row for b rows (w = 1 + K: the verify width); mtp: one
-drafted token, its MTP call and the Python around it (catch-up rows ride along); host(b): everything
-else in a step (acceptance, bookkeeping).
+trunk(b, w): one trunk pass of w new tokens per row (w = 1 + K: the verify width); mtp: one drafted token,
+its MTP call and the Python around it (catch-up rows ride along); host: the rest of a step (acceptance,
+bookkeeping). The controller uses c(b, K) as measured whole: the parts do not add up exactly (a graph
+runs slower after another graph pushed its weights out of the CPU caches), so what is kept is the
+whole step at each K.
 
-Measured by a short calibration the first time an artifact runs with draft="auto" at a batch size:
-a few real decode steps at every fixed K from a random prompt, through the decoder itself, medians
-over interleaved rounds. Refined online from the timings the decoder takes anyway (an exponential moving average per
-quantity), and saved per artifact and machine under <cache>/costs/ when the model closes, so the next
-process starts from the refined figures.
+Which K is best depends on the ratios only. They are measured by a short calibration the first time an
+artifact runs with draft="auto" at a batch size: a few real decode steps at every fixed K from a random
+prompt, through the decoder itself, in rounds; each round gives every K's ratio to K = 0 measured
+seconds apart (this VM's speed drifts 10-30% within seconds: only such paired ratios hold), and the
+median over rounds is kept. The level follows the machine online: every step at a K that ran the step
+before too (a lone step at another K finds other weights in the CPU caches) moves it by EMA. Saved
+per artifact and machine under <cache>/costs/ when the model closes; the next process starts there.
+
+Refining the ratios themselves online from unpaired steps was tried and dropped: a figure for K = 0
+observed just after drafting steps read 20-40% high, and the controller then drafted where it lost.
 """
 
 from __future__ import annotations
@@ -27,92 +36,77 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 CALIB_PROMPT = 32  # tokens of the random calibration prompt
-CALIB_STEPS = 6  # decode steps per K and round
-CALIB_SECONDS = 0.4  # time budget of one batch size's calibration (at least 2 rounds are always run)
-EMA = 0.15  # weight of each new online observation of a quantity
-DRIFT = 0.05  # weight of each trunk observation in the machine-wide speed factor applied to all quantities
+CALIB_STEPS = 16  # timed decode steps per K and round
+CALIB_SETTLE = 8  # untimed steps before them: the prompt's MTP catch-up, and the CPU caches settling into
+# what a run at that K keeps there (steps just after a switch of K measured 10-30% off)
+CALIB_SECONDS = 1.5  # time budget of one batch size's calibration (at least 2 rounds are always run)
+EMA = 0.15  # weight of each new online observation of a step's cost
+OUTLIER = 2.0  # an observation is clipped to [1/OUTLIER, OUTLIER] x the current figure (a VM hiccup is one step)
 
 
 @dataclass
 class BatchCosts:
-    trunk: list[float]  # trunk[w - 1]: ms of one pass at verify width w
-    host: float  # ms per step outside the engine calls
+    """Milliseconds at one batch size."""
 
+    level: float  # one plain decode step (K = 0), as the machine runs now
+    ratio: list[float]  # ratio[K]: a step drafting K tokens per row, over a plain one (ratio[0] = 1)
+    trunk: list[float]  # trunk[K]: its trunk pass (width K + 1), as calibrated
+    mtp: float  # per drafted token (all rows), as calibrated
+    host: float  # per step, outside the engine calls and drafting, as calibrated
 
-@dataclass
-class StepCosts:
-    """Milliseconds of a step's parts, per batch size, plus one MTP call."""
-
-    mtp: float
-    batches: dict[int, BatchCosts]
+    @property
+    def step(self) -> list[float]:
+        """step[K]: ms of one decode step drafting K tokens per row."""
+        return [self.level * r for r in self.ratio]
 
 
 class CostModel:
     """Step costs from a calibration (lazy, per batch size), refined online, saved per artifact and machine."""
 
-    def __init__(self, run: Callable[[int, int, int], list], max_width: int, cache_file: Path | None = None):
-        self.run, self.max_width, self.cache_file = run, max_width, cache_file
-        self.costs: StepCosts | None = None
+    def __init__(self, run: Callable[[int, int, int], list], max_draft: int, cache_file: Path | None = None):
+        self.run, self.max_draft, self.cache_file = run, max_draft, cache_file
+        self.batches: dict[int, BatchCosts] = {}
         self.acceptance: dict | None = None  # artifact-wide acceptance counts saved beside the costs
         self.changed = False
         if cache_file is not None and cache_file.is_file():
             self._load(cache_file)
 
-    # -- the model ---------------------------------------------------------------------------------
     def at(self, b: int) -> BatchCosts:
-        if self.costs is None or b not in self.costs.batches or len(self.costs.batches[b].trunk) < self.max_width:
-            measured = calibrate(self.run, b, self.max_width)
-            if self.costs is None:
-                self.costs = StepCosts(measured.mtp, {})
-            self.costs.batches[b] = measured.batches[b]
+        if b not in self.batches or len(self.batches[b].ratio) < self.max_draft + 1:
+            self.batches[b] = calibrate(self.run, b, self.max_draft)
             self.changed = True
-        return self.costs.batches[b]
+        return self.batches[b]
 
-    def step_ms(self, b: int, k: int, drafting: int | None = None) -> float:
-        """One step of a trunk pass over b rows at width k + 1, `drafting` rows (default b) drafting k each."""
+    def step_ms(self, b: int, k: int) -> float:
         c = self.at(b)
-        return c.trunk[k] + (b if drafting is None else drafting) * k * self.costs.mtp + c.host
+        return c.level * c.ratio[k]
 
-    # -- online refinement -------------------------------------------------------------------------
-    def observe(self, b: int, width: int, trunk_ms: float, mtp_calls: int, mtp_ms: float, host_ms: float) -> None:
-        """One decode step at batch b: its trunk pass, its MTP calls (total ms) and the rest of its time."""
+    def observe(self, b: int, k: int, ms: float) -> None:
+        """One decode step of b rows at K = k (in a run of such steps) took `ms`: the level moves by EMA."""
         c = self.at(b)
-        if width <= len(c.trunk):
-            # This VM drifts 10-30%: a trunk pass slower or faster than expected moves every quantity a
-            # little (the ones not observed lately would otherwise compare stale figures with fresh ones),
-            # and its own entry by EMA.
-            factor = (trunk_ms / c.trunk[width - 1]) ** DRIFT if trunk_ms > 0 and c.trunk[width - 1] > 0 else 1.0
-            self._scale(factor)
-            c.trunk[width - 1] += EMA * (trunk_ms - c.trunk[width - 1])
-        if mtp_calls:
-            self.costs.mtp += EMA * (mtp_ms / mtp_calls - self.costs.mtp)
-        c.host += EMA * (max(0.0, host_ms) - c.host)
+        if k >= len(c.ratio) or c.level <= 0:
+            return
+        level = ms / c.ratio[k]
+        c.level += EMA * (min(max(level, c.level / OUTLIER), c.level * OUTLIER) - c.level)
         self.changed = True
-
-    def _scale(self, factor: float) -> None:
-        self.costs.mtp *= factor
-        for c in self.costs.batches.values():
-            c.trunk = [x * factor for x in c.trunk]
-            c.host *= factor
 
     # -- the cache file ----------------------------------------------------------------------------
     def _load(self, path: Path) -> None:
         try:
             doc = json.loads(path.read_text())
-            batches = {int(b): BatchCosts([float(x) for x in c["trunk"]], float(c["host"]))
-                       for b, c in doc["batches"].items()}  # fmt: skip
-            self.costs = StepCosts(float(doc["mtp"]), batches)
+            self.batches = {int(b): BatchCosts(float(c["level"]), [float(x) for x in c["ratio"]],
+                                               [float(x) for x in c["trunk"]], float(c["mtp"]), float(c["host"]))
+                            for b, c in doc["batches"].items()}  # fmt: skip
             self.acceptance = doc.get("acceptance")
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             log.warning("ignoring an unreadable cost cache %s", path)
-            self.costs = None
+            self.batches = {}
 
     def save(self) -> None:
         """Write the refined costs (and acceptance) atomically; a cache that cannot be written is skipped."""
-        if self.cache_file is None or self.costs is None or not self.changed:
+        if self.cache_file is None or not self.batches or not self.changed:
             return
-        doc = {"mtp": self.costs.mtp, "batches": {str(b): asdict(c) for b, c in self.costs.batches.items()},
-               "acceptance": self.acceptance}  # fmt: skip
+        doc = {"batches": {str(b): asdict(c) for b, c in self.batches.items()}, "acceptance": self.acceptance}
         try:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.cache_file.with_suffix(".tmp")
@@ -139,27 +133,41 @@ def cost_cache_file(engines) -> Path:
     return cache_root() / "costs" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
-# -- calibration -----------------------------------------------------------------------------------
-def calibrate(run: Callable[[int, int, int], list], b: int, max_width: int) -> StepCosts:
+def calibrate(run: Callable[[int, int, int], list], b: int, max_draft: int) -> BatchCosts:
     """Time real decode steps: `run(b, k, steps)` decodes `steps` steps at a fixed K = k for b rows (a
-    random prompt: what acceptance comes out does not matter, every step drafts k) and returns the rows'
-    Stats. Every K in interleaved rounds within CALIB_SECONDS (at least 2 rounds); medians. The steps run
+    random prompt: what acceptance comes out does not matter, every step drafts k) and returns the
+    rows' Stats. Each round runs every K once; a K's ratio is its median step over K = 0's in the same
+    round; the median over rounds (at least 3, more within CALIB_SECONDS) is kept. The steps run
     through the decoder itself, so each graph starts as warm or cold in the CPU caches as in decoding,
     and the Python around the calls is counted."""
-    trunk = {w: [] for w in range(1, max_width + 1)}
+    ks = range(max_draft + 1)
+    ratios: dict[int, list[float]] = {k: [] for k in ks}
+    level: list[float] = []
+    trunk: dict[int, list[float]] = {k: [] for k in ks}
     mtp: list[float] = []
     host: list[float] = []
     start, rounds = time.perf_counter(), 0
-    while rounds < 2 or (time.perf_counter() - start < CALIB_SECONDS and rounds < 9):
-        for w in trunk:
-            s = run(b, w - 1, CALIB_STEPS)[0]
-            trunk[w].append(s.decode_trunk_ms / s.steps)
+    while rounds < 3 or (time.perf_counter() - start < CALIB_SECONDS and rounds < 15):
+        step = {}
+        for k in ks:
+            s = run(b, k, CALIB_SETTLE + CALIB_STEPS)[0]
+            step[k] = statistics.median(_step_ms(s)[CALIB_SETTLE:])
+            trunk[k].append(s.decode_trunk_ms / s.steps)
             if s.drafted:
                 mtp.append(s.draft_ms / s.drafted)
             host.append((s.total_ms - s.ttft_ms - s.decode_trunk_ms - s.draft_ms) / s.steps)
+        level.append(step[0])
+        for k in ks:
+            ratios[k].append(step[k] / step[0])
         rounds += 1
-    widths = [statistics.median(trunk[w]) for w in trunk]
-    one_mtp = statistics.median(mtp) if mtp else 0.0
-    log.info("step costs at batch %d: trunk %s ms, mtp %.3f ms (%d rounds)", b,
-             ", ".join(f"{x:.3f}" for x in widths), one_mtp, rounds)  # fmt: skip
-    return StepCosts(one_mtp, {b: BatchCosts(widths, statistics.median(host))})
+    out = BatchCosts(statistics.median(level), [statistics.median(ratios[k]) for k in ks],
+                     [statistics.median(trunk[k]) for k in ks], statistics.median(mtp) if mtp else 0.0,
+                     statistics.median(host))  # fmt: skip
+    log.info("step costs at batch %d: %.3f ms at K = 0, ratios %s at K = 1..%d (%d rounds)", b, out.level,
+             ", ".join(f"{x:.2f}" for x in out.ratio[1:]), max_draft, rounds)  # fmt: skip
+    return out
+
+
+def _step_ms(stats) -> list[float]:
+    ends = [stats.ttft_ms, *stats.step_end_ms]
+    return [b - a for a, b in zip(ends, ends[1:])]

@@ -168,7 +168,7 @@ class Decoder:
     def costs(self) -> CostModel:
         if self._costs is None:
             cache = cost_cache_file(self.engines) if self.engines.setup is not None else None
-            self._costs = CostModel(self._timing_run, self.max_draft + 1, cache)
+            self._costs = CostModel(self._timing_run, self.max_draft, cache)
         return self._costs
 
     def _timing_run(self, b: int, k: int, steps: int) -> list[Stats]:
@@ -189,7 +189,7 @@ class Decoder:
         if self._acceptance is None:
             saved = self.costs().acceptance
             if saved and len(saved.get("trials", [])) == self.max_draft:
-                self._acceptance = AcceptanceCounts(np.asarray(saved["trials"], float), np.asarray(saved["hits"], float))
+                self._acceptance = AcceptanceCounts([float(x) for x in saved["trials"]], [float(x) for x in saved["hits"]])
             else:
                 rates = report_acceptance(self.engines.manifest)
                 self._acceptance = (AcceptanceCounts.from_rates(rates, self.max_draft) if rates
@@ -205,7 +205,7 @@ class Decoder:
         if self._costs is not None:
             if self._acceptance is not None:
                 a = self._acceptance
-                self._costs.acceptance = {"trials": a.trials.tolist(), "hits": a.hits.tolist()}
+                self._costs.acceptance = {"trials": list(a.trials), "hits": list(a.hits)}
                 self._costs.changed = True
             self._costs.save()
 
@@ -339,10 +339,11 @@ class Decoder:
         stats.ttft_ms = (time.perf_counter() - t0) * 1e3
         emitted = self._emit(new, 0, max_new_tokens, eos_ids, stop, on_tokens)
 
-        while not self._done(new, max_new_tokens, eos_ids, stop):
+        tail = None
+        while not self._done(new, max_new_tokens, eos_ids, stop, tail):
             left = max_new_tokens - len(new)  # never draft past the budget
             k = self.choose(ctrl, [stats], left) if ctrl else min(depth, left)
-            start, before = time.perf_counter(), (stats.trunk_ms, stats.draft_ms)
+            steady = self.steady(st, k)
             drafts = self._draft(st, k, stats) if k else []
             n = st.n
             logits, _ = self._trunk(st, [st.tokens[n], *drafts], stats)  # [K+1, V]
@@ -351,10 +352,11 @@ class Decoder:
             stats.record_step(k, a, (time.perf_counter() - t0) * 1e3)
             if ctrl:
                 ctrl.rows[0].observe(k, a)
-                self.observe_step(1, k + 1, k, start, stats.trunk_ms - before[0], stats.draft_ms - before[1])
+                self.observe_step(1, k, stats, steady)
             step_tokens = [*drafts[:a], token]
             st.tokens += step_tokens
             new += step_tokens
+            tail = len(step_tokens)
             emitted = self._emit(new, emitted, max_new_tokens, eos_ids, stop, on_tokens)
 
         new = self._truncate(new, max_new_tokens, eos_ids, stop)
@@ -376,12 +378,19 @@ class Decoder:
             s.record_choice(choice, len(stats))
         return choice.k
 
-    def observe_step(self, b: int, width: int, drafts: int, start: float, trunk_ms: float, draft_ms: float) -> None:
-        """Refine the step costs from one step of `b` rows that began at `start` (perf_counter seconds),
-        spent `trunk_ms` in its trunk pass of `width` tokens per row and `draft_ms` drafting `drafts`
-        tokens (all rows together)."""
-        host_ms = (time.perf_counter() - start) * 1e3 - draft_ms - trunk_ms
-        self.costs().observe(b, width, trunk_ms, drafts, draft_ms, host_ms)
+    def steady(self, st: _State, k: int) -> bool:
+        """Whether a step at K = k now costs what a step in a run of them does: the previous step had the
+        same K (the CPU caches hold what such a run leaves there) and, drafting, the MTP caches lag by at
+        most one step's tokens (after plain steps the catch-up is not what a draft costs)."""
+        same = st.last_k == k
+        st.last_k = k
+        return same and (k == 0 or not self.n_mtp or st.n - st.mtp_valid[0] <= self.max_draft + 1)
+
+    def observe_step(self, b: int, k: int, stats: Stats, steady: bool) -> None:
+        """Refine the step cost at (b, K) from the step just recorded in `stats`, if it was `steady`."""
+        if steady:
+            ends = stats.step_end_ms
+            self.costs().observe(b, k, ends[-1] - (ends[-2] if len(ends) > 1 else stats.ttft_ms))
 
     def _emit(self, new, emitted, limit, eos_ids, stop, on_tokens) -> int:
         """Stream what is final so far (never a token past EOS, a stop string or the budget)."""
@@ -405,8 +414,10 @@ class Decoder:
                 new = new[:cut]
         return new
 
-    def _done(self, new, limit, eos_ids, stop) -> bool:
-        return len(new) >= limit or any(t in eos_ids for t in new) or (stop is not None and stop(new) is not None)
+    def _done(self, new, limit, eos_ids, stop, tail: int | None = None) -> bool:
+        """`tail`: only the last `tail` tokens are new since the previous check (EOS is looked for there)."""
+        fresh = new if tail is None else new[-tail:]
+        return len(new) >= limit or any(t in eos_ids for t in fresh) or (stop is not None and stop(new) is not None)
 
 
 class _State:
@@ -421,6 +432,7 @@ class _State:
         self.mtp_k = [z((1, max_len, dec.d), dec.np) for _ in range(dec.n_mtp)]
         self.mtp_hidden = [z((max_len, dec.h), dec.np) for _ in range(dec.n_mtp)]
         self.mtp_valid = [0] * dec.n_mtp
+        self.last_k = -1  # K of the previous step
         self.n = 0
         self.tokens: list[int] = []
 

@@ -16,13 +16,14 @@ from nextn.runtime.sampling import SamplingParams, accept_drafts, target_probs
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("k", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4, "auto"])
 @torch.no_grad()
 def test_greedy_equals_transformers_generate(hf_artifact, k):
-    """Batch 1 and a batch of 3: every K gives transformers' own greedy tokens."""
+    """Batch 1 and a batch of 3: every K, and the controller's per-step K, give transformers' own greedy tokens."""
     checkpoint, artifact = hf_artifact
     main, _ = load_hf(checkpoint)
-    prompts = torch.randint(2, main.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(k))
+    seed = 5 if k == "auto" else k
+    prompts = torch.randint(2, main.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(seed))
     want = main.generate(prompts, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)[:, 6:]
     with nextn.load(artifact) as model:
         model.eos_ids = ()  # transformers runs with eos_token_id=None: compare all 12 tokens
@@ -30,7 +31,11 @@ def test_greedy_equals_transformers_generate(hf_artifact, k):
         assert one.token_ids == want[0].tolist()
         batch = model.generate([p.tolist() for p in prompts], max_new_tokens=12, draft=k)
         assert [r.token_ids for r in batch] == want.tolist()
-        assert (batch[0].stats["drafted"] == 0) == (k == 0)
+        if k != "auto":
+            assert (batch[0].stats["drafted"] == 0) == (k == 0)
+        else:  # the first step of an artifact never drafted on tries every position
+            assert one.stats["draft"] == "auto" and one.stats["step_draft"][0] == model.decoder.max_draft
+            assert sum(one.stats["draft_histogram"].values()) == one.stats["steps"]
 
 
 class Oracle(Engine):
@@ -131,14 +136,20 @@ def test_rejection_sampling_keeps_the_target_distribution():
         assert abs(accepted / n - p[0, draft]) < 0.01
 
 
-def test_sampled_generation_matches_plain_sampling_distribution(tiny_artifact):
+@pytest.mark.parametrize("draft", [1, "auto"])
+def test_sampled_generation_matches_plain_sampling_distribution(tiny_artifact, draft):
     """Two sampled tokens with drafting (an oracle drafting the argmax, so drafts are often accepted and
-    sometimes rejected) follow the exact joint distribution computed from the reference."""
+    sometimes rejected) follow the exact joint distribution computed from the reference. At auto the
+    controller decides per step from what earlier steps accepted (step costs set so that drafting pays)."""
     from nextn.model.weights import load_model
+    from nextn.runtime.costs import BatchCosts, CostModel
 
     params = dict(temperature=0.8, top_k=3)
     prompt = [7, 8, 9]
     with nextn.load(tiny_artifact) as model:
+        if draft == "auto":
+            model.decoder._costs = CostModel(None, model.decoder.max_draft)
+            model.decoder._costs.batches[1] = BatchCosts(1.0, [1.0, 1.2, 1.4, 1.6, 1.8], [], 0.0, 0.0)
         ref, _ = load_model(model.engines.manifest["source"])
         sp = SamplingParams(**params)
         with torch.no_grad():
@@ -172,7 +183,7 @@ def test_sampled_generation_matches_plain_sampling_distribution(tiny_artifact):
         counts: dict = {}
         accepted = 0
         for seed in range(n):
-            r = model.generate(prompt, max_new_tokens=2, draft=1, seed=seed, **params)
+            r = model.generate(prompt, max_new_tokens=2, draft=draft, seed=seed, **params)
             key = tuple(r.token_ids)
             counts[key] = counts.get(key, 0) + 1
             accepted += r.stats["accepted"]

@@ -1,0 +1,140 @@
+"""draft="auto": the controller on synthetic step costs and acceptance, the cost model's calibration,
+refinement and cache. No timing assertions: the costs here are made up."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from nextn.runtime.controller import (
+    MARGIN,
+    PROBE_FIRST,
+    AcceptanceCounts,
+    DraftController,
+    SequenceAcceptance,
+    expected_tokens,
+)
+from nextn.runtime.costs import BatchCosts, CostModel, calibrate
+
+
+def _costs(ratio, level=1.0, b=1):
+    model = CostModel(None, len(ratio) - 1)
+    model.batches[b] = BatchCosts(level, list(ratio), [], 0.0, 0.0)
+    return model
+
+
+def _controller(ratio, rates, trials=100.0, rows=1):
+    prior = AcceptanceCounts([trials] * len(rates), [r * trials for r in rates])
+    return DraftController(_costs(ratio, b=rows), [SequenceAcceptance(prior) for _ in range(rows)], len(rates))
+
+
+def _best(ratio, rates):
+    """Brute force: the K with the most expected tokens per ms, near-ties to K = 0."""
+    e = expected_tokens(rates)
+    return max(range(len(ratio)), key=lambda k: e[k] / ratio[k] / (MARGIN if k else 1))
+
+
+def test_expected_tokens_and_counts():
+    assert expected_tokens([0.5, 0.5]) == [1.0, 1.5, 1.75]
+    assert expected_tokens([]) == [1.0]
+    c = AcceptanceCounts.empty(3)
+    c.add(3, 1)  # draft 1 accepted, draft 2 rejected, draft 3 never checked
+    c.add(2, 2)  # both accepted
+    assert c.trials == [2, 2, 0] and c.hits == [2, 1, 0]
+    assert c.rates()[2] == 0.5  # untried
+    assert c.rates()[0] == pytest.approx((2 + 0.5) / 3)
+
+
+def test_controller_switches_drafting_off_when_it_loses():
+    # a verify of 2 costs 1.7 plain steps, drafts are rarely accepted: K = 0
+    ctrl = _controller([1.0, 1.7, 2.3, 2.9], [0.2, 0.2, 0.2])
+    assert ctrl.choose().k == 0
+    # a random-weight model: nothing accepted in the prior, still K = 0 apart from probes
+    ctrl = _controller([1.0, 1.3, 1.6, 1.9], [0.0, 0.0, 0.0])
+    ks = [ctrl.choose().k for _ in range(200)]
+    assert ks.count(0) >= 195 and set(ks) <= {0, 1}
+
+
+@pytest.mark.parametrize("ratio,rates", [
+    ([1.0, 1.2, 1.4, 1.6, 1.8], [0.9, 0.8, 0.7, 0.6]),
+    ([1.0, 1.1, 1.5, 2.5, 3.5], [0.9, 0.8, 0.7, 0.6]),
+    ([1.0, 1.5, 1.6, 1.7, 1.8], [0.95, 0.95, 0.95, 0.95]),
+    ([1.0, 1.04, 1.08, 1.12, 1.16], [0.1, 0.1, 0.1, 0.1]),
+])  # fmt: skip
+def test_controller_picks_the_best_k(ratio, rates):
+    ctrl = _controller(ratio, rates, trials=1e6)  # the prior dominates: rates as given
+    choice = ctrl.choose()
+    assert choice.k == _best(ratio, rates) and not choice.probe
+    assert choice.expected_ms == pytest.approx(ratio[choice.k]) and choice.plain_ms == pytest.approx(1.0)
+
+
+def test_controller_respects_the_budget_and_probes_deeper():
+    ctrl = _controller([1.0, 1.2, 1.4, 1.6, 1.8], [0.9, 0.8, 0.2, 0.1], trials=1e6)
+    best = _best([1.0, 1.2, 1.4, 1.6, 1.8], [0.9, 0.8, 0.2, 0.1])
+    ks = [ctrl.choose().k for _ in range(4 * PROBE_FIRST + 1)]
+    assert ks[0] == best and (best + 1) in ks  # probes one position deeper
+    assert ks.count(best + 1) <= 2  # ... at doubling intervals (32 and 32 + 64 with a confident prior)
+    assert ctrl.choose(limit=1).k <= 1
+
+
+def test_never_drafted_artifact_tries_every_position_first():
+    prior = AcceptanceCounts.empty(3)
+    ctrl = DraftController(_costs([1.0, 5.0, 9.0, 13.0]), [SequenceAcceptance(prior)], 3)
+    first = ctrl.choose()
+    assert first.k == 3 and first.probe
+    ctrl.rows[0].observe(3, 0)  # rejected at once
+    assert ctrl.choose().k == 0
+
+
+def test_sequence_acceptance_follows_its_own_text():
+    prior = AcceptanceCounts([100.0, 100.0], [50.0, 50.0])
+    seq = SequenceAcceptance(prior)
+    assert seq.rates()[0] == pytest.approx(prior.rates()[0])
+    for _ in range(40):
+        seq.observe(2, 2)  # this sequence accepts everything
+    assert seq.rates()[0] > 0.85 > prior.rates()[0]
+
+
+def test_batch_sums_rows():
+    # one row accepts everything, one nothing: drafting a little still pays for the pair
+    ctrl = _controller([1.0, 1.3, 1.6], [0.5, 0.5], trials=0.0, rows=2)
+    ctrl.rows[0].prior.trials = [1e6, 1e6]
+    ctrl.rows[0].prior.hits = [5e5, 5e5]
+    for _ in range(50):
+        ctrl.rows[0].own.add(2, 2)
+    rates = [ctrl.rows[r].rates() for r in range(2)]
+    e = [sum(x) for x in zip(expected_tokens(rates[0]), expected_tokens(rates[1]))]
+    want = max(range(3), key=lambda k: e[k] / [1.0, 1.3, 1.6][k] / (MARGIN if k else 1))
+    ctrl.next_probe = 10**9
+    assert ctrl.choose().k == want
+
+
+def _stats(step_ms: float, steps: int, drafted: int):
+    ends = [10.0 + step_ms * (i + 1) for i in range(steps)]
+    return SimpleNamespace(ttft_ms=10.0, step_end_ms=ends, steps=steps, decode_trunk_ms=0.5 * step_ms * steps,
+                           draft_ms=0.1 * drafted * steps, drafted=drafted * steps, total_ms=ends[-1])
+
+
+def test_calibration_keeps_paired_ratios_and_the_level_follows(tmp_path):
+    speed = iter([1.0, 1.0, 1.0, 2.0, 2.0, 2.0] * 20)  # the machine halves its speed between rounds
+
+    def run(b, k, steps):
+        s = next(speed)
+        return [_stats(s * (1.0 + 0.5 * k), steps, k)]
+
+    c = calibrate(run, 1, 2)
+    assert c.ratio == pytest.approx([1.0, 1.5, 2.0])  # drift between rounds cancels within each round
+    model = CostModel(run, 2, tmp_path / "costs.json")
+    model.batches[1] = c
+    level = c.level
+    model.observe(1, 2, 2.0 * 3.0)  # a step at K = 2 ran at level 3.0
+    assert level < model.batches[1].level < 3.0
+    model.observe(1, 1, 1e6)  # a hiccup is clipped
+    assert model.batches[1].level <= 2 * 3.0
+    model.acceptance = {"trials": [1.0, 0.0], "hits": [1.0, 0.0]}
+    model.save()
+    again = CostModel(run, 2, tmp_path / "costs.json")
+    assert again.batches[1].ratio == pytest.approx(c.ratio) and again.acceptance["hits"] == [1.0, 0.0]
+    (tmp_path / "costs.json").write_text("{not json")
+    assert CostModel(run, 2, tmp_path / "costs.json").batches == {}  # ignored, recalibrated when needed
+    json.loads(json.dumps(c.__dict__))
