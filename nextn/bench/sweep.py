@@ -204,6 +204,26 @@ def embedded_acceptance(artifact: Path, max_draft: int, prompt_len: int, gen_len
     return out
 
 
+def auto_vs_plain(artifact: Path, prompt_len: int, gen_len: int, threads: int, rounds: int = 5) -> dict:
+    """draft="auto" against plain decoding from random prompts (a random-weight model: drafts are almost
+    never accepted, and the controller must turn drafting off), alternating, median of per-round ratios."""
+    import nextn
+    from nextn.bench.latency import load_prompts
+
+    with nextn.load(artifact, threads=threads) as model:
+        model.eos_ids = ()
+        prompts = load_prompts(None, None, model.engines.manifest["config"]["vocab_size"], prompt_len, rounds)
+        model.generate(prompts[0], max_new_tokens=4, draft="auto")  # warm-up (and the step-cost calibration)
+        ratios, hist = [], {}
+        for p in prompts:
+            plain = model.generate(p, max_new_tokens=gen_len, draft=0).stats["tpot_ms"]
+            auto = model.generate(p, max_new_tokens=gen_len, draft="auto").stats
+            ratios.append(plain / auto["tpot_ms"])
+            for k, n in auto["draft_histogram"].items():
+                hist[k] = hist.get(k, 0) + n
+    return {"auto_vs_k0": statistics.median(ratios), "range": [min(ratios), max(ratios)], "draft_histogram": hist}
+
+
 def plain_tpot(artifact: Path, prompt_len: int, gen_len: int, threads: int) -> float:
     """Median TPOT of plain greedy decoding (K = 0, EOS ignored) from a random prompt."""
     import nextn
@@ -258,7 +278,8 @@ def run_sweep(sizes: list[str], root: Path, embedded: Path, past: int = 64, max_
         read = decode_read_bytes(cfg)
         rows.append({"size": name, "parameters": parameter_count(cfg), **costs, "projected_speedup": project(costs, L),
                      "plain_tpot_ms": tpot, "decode_read_bytes": read, "bandwidth_floor_ms": read / bandwidth * 1e3,
-                     "vs_floor": tpot / (read / bandwidth * 1e3)})  # fmt: skip
+                     "vs_floor": tpot / (read / bandwidth * 1e3),
+                     "auto": auto_vs_plain(art, past, min(gen_len, 32), threads)})  # fmt: skip
         tick(f"{name}: measure")
         if schemes:
             arts = {"fp32": art}
@@ -289,7 +310,8 @@ def sweep_table(doc: dict):
                     f"{doc['machine']['threads_used']} thread(s)")  # fmt: skip
     schemes = [k for k in next((r["quantized"] for r in doc["rows"] if "quantized" in r), {}) if k != "fp32"]
     for col in ["size", "params", "trunk ms (1 tok)", *[f"verify K={k}" for k in ks], "MTP/trunk",
-                *[f"proj. K={k}" for k in ks], "TPOT / floor", *[f"{s} TPOT (x fp32)" for s in schemes]]:  # fmt: skip
+                *[f"proj. K={k}" for k in ks], "auto vs K=0 (random weights)", "TPOT / floor",
+                *[f"{s} TPOT (x fp32)" for s in schemes]]:  # fmt: skip
         t.add_column(col, justify="right")
     for r in doc["rows"]:
         proj = [f"{r['projected_speedup'][k]:.2f}x" for k in ks]
@@ -298,6 +320,7 @@ def sweep_table(doc: dict):
         floor = f"{r['plain_tpot_ms']:.2f} / {r['bandwidth_floor_ms']:.2f} ms = {r['vs_floor']:.2f}x" if "vs_floor" in r else "-"
         quant = [f"{r['quantized'][s]['tpot_ms']:.2f} ms ({r['quantized'][s]['speedup']:.2f}x)" if "quantized" in r
                  else "-" for s in schemes]  # fmt: skip
+        auto = f"{r['auto']['auto_vs_k0']:.2f}x ({r['auto']['range'][0]:.2f}-{r['auto']['range'][1]:.2f})" if "auto" in r else "-"
         t.add_row(r["size"], f"{r['parameters']['total'] / 1e6:.1f}M", f"{r['trunk_ms']:.3f}",
-                  *[f"{r['verify_cost'][k]:.2f}" for k in ks], f"{r['mtp_cost']:.2f}", *proj, floor, *quant)  # fmt: skip
+                  *[f"{r['verify_cost'][k]:.2f}" for k in ks], f"{r['mtp_cost']:.2f}", *proj, auto, floor, *quant)  # fmt: skip
     return t

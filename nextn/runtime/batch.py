@@ -91,7 +91,7 @@ def generate_batch(
     while not all(done):
         active = [r for r in range(b) if not done[r]]
         left = max(budgets[r] - len(new[r]) for r in active)
-        step_k = dec.choose(ctrl, [stats[r] for r in active], left, active) if ctrl else depth
+        step_k = dec.choose(ctrl, [stats[r] for r in active], left, [rows[r] for r in active], active) if ctrl else depth
         steady = all([dec.steady(rows[r], step_k) for r in active])  # a list: every row notes this step's K
         drafts = [[] for _ in range(b)]
         for r in active:

@@ -342,7 +342,7 @@ class Decoder:
         tail = None
         while not self._done(new, max_new_tokens, eos_ids, stop, tail):
             left = max_new_tokens - len(new)  # never draft past the budget
-            k = self.choose(ctrl, [stats], left) if ctrl else min(depth, left)
+            k = self.choose(ctrl, [stats], left, [st]) if ctrl else min(depth, left)
             steady = self.steady(st, k)
             drafts = self._draft(st, k, stats) if k else []
             n = st.n
@@ -370,13 +370,18 @@ class Decoder:
         return Stats(prompt_tokens=prompt_tokens, drafted_per_position=[0] * depth, accepted_per_position=[0] * depth,
                      draft=str(draft), acceptance=accept.describe())  # fmt: skip
 
-    @staticmethod
-    def choose(ctrl: DraftController, stats: list[Stats], limit: int, active: list[int] | None = None) -> int:
+    def choose(self, ctrl: DraftController, stats: list[Stats], limit: int, states: list[_State],
+               active: list[int] | None = None) -> int:  # fmt: skip
         """The controller's K for the next step (at most `limit`), its expectation recorded in each row's stats."""
-        choice = ctrl.choose(active, limit)
+        choice = ctrl.choose(active, limit, lambda k: all(self.ready(st, k) for st in states))
         for s in stats:
             s.record_choice(choice, len(stats))
         return choice.k
+
+    def ready(self, st: _State, k: int) -> bool:
+        """Whether drafting k tokens now needs no MTP module whose cache lags by more than a step's tokens."""
+        modules = range(min(k, self.n_mtp))
+        return all(st.n - st.mtp_valid[m] <= self.max_draft + 1 + m for m in modules)
 
     def steady(self, st: _State, k: int) -> bool:
         """Whether a step at K = k now costs what a step in a run of them does: the previous step had the

@@ -69,25 +69,45 @@ def test_prompt_files(tmp_path):
         load_prompts(tmp_path / "x.txt", None, 256, 4, 2)
 
 
+def test_projected_speedup_counts_each_steps_cost_and_tokens():
+    from nextn.bench.run import projected_speedup
+    from nextn.runtime.costs import BatchCosts
+
+    costs = BatchCosts(2.0, [1.0, 1.5, 2.0], [], 0.0, 0.0)  # ms: 2, 3, 4 per step at K = 0, 1, 2
+    # one run, batch 1: steps at K = 2 (3 tokens), K = 1 (1 token), K = 0 (1 token): 5 tokens in 9 ms
+    run = [{"step_draft": [2, 1, 0], "step_tokens": [3, 1, 1]}]
+    assert projected_speedup([run], costs, 1) == pytest.approx(5 / 9 * 2.0)
+    # batch 2: a step's cost is that of its widest row; a finished row adds no step
+    rows = [{"step_draft": [2, 1], "step_tokens": [3, 2]}, {"step_draft": [0], "step_tokens": [1]}]
+    assert projected_speedup([rows], costs, 2) == pytest.approx(6 / 7 * 2.0 / 2)
+
+
 def test_bench_cli_writes_json_table_and_plot(tiny_artifact, tmp_path):
     out, plot = tmp_path / "b.json", tmp_path / "b.png"
-    r = CliRunner().invoke(cli, ["bench", str(tiny_artifact), "--draft", "0,1,2", "--batch", "1,2", "--repeats", "2",
-                                 "--gen-len", "6", "--prompt-len", "5", "--json", str(out), "--plot", str(plot)])  # fmt: skip
+    r = CliRunner().invoke(cli, ["bench", str(tiny_artifact), "--draft", "0,1,2,auto", "--batch", "1,2", "--repeats",
+                                 "2", "--gen-len", "6", "--prompt-len", "5", "--json", str(out), "--plot", str(plot)])  # fmt: skip
     assert r.exit_code == 0, r.output
-    assert "TPOT ms" in r.output and "faster than transformers generate" in r.output
+    assert "TPOT ms" in r.output and "faster than transformers generate" in r.output and "K=auto" in r.output
     doc = json.loads(out.read_text())
     assert {"cpu", "cores", "threads_used", "versions"} <= doc["machine"].keys()
     assert doc["machine"]["versions"]["onnxruntime"]
     rows = {(x["backend"], x["batch"], x["draft"]) for x in doc["results"]}
-    assert {("ort", b, k) for b in (1, 2) for k in (0, 1, 2)} <= rows
+    assert {("ort", b, k) for b in (1, 2) for k in (0, 1, 2, "auto")} <= rows
     assert ("transformers", 1, 0) in rows and ("transformers+mtp", 1, 2) in rows
     for x in doc["results"]:
         assert len(x["runs"]) == 2
         for key in ("ttft_ms", "tpot_ms", "token_latency_ms", "tokens_per_s"):
             assert {"median", "p90", "p99"} <= x[key].keys() and x[key]["median"] > 0
         if x["backend"] == "ort":
-            assert x["speedup_vs_k0"] > 0 and len(x["accepted_per_position"]) == x["draft"]
+            positions = 4 if x["draft"] == "auto" else x["draft"]  # auto: up to 2 modules + 2 recursions
+            assert x["speedup_vs_k0"] > 0 and len(x["accepted_per_position"]) == positions
             assert all(sum(s["new_tokens"] for s in run) == 6 * x["batch"] for run in x["runs"])  # EOS ignored
+            assert x["projected_speedup"] > 0 and x["efficiency"] == pytest.approx(x["speedup_vs_k0"] / x["projected_speedup"])
+            if x["draft"] == 0:
+                assert x["projected_speedup"] == pytest.approx(1.0)
+            if x["draft"] == "auto":
+                assert sum(x["draft_histogram"].values()) == sum(len(run[0]["step_draft"]) for run in x["runs"])
+    assert len(doc["step_costs"]["ort, batch 1"]["ratio_to_K0"]) == 5
     ratio = next(q for q in doc["ratios"] if q["backend"] == "ort" and q["batch"] == 1)
     assert ratio["vs_transformers"] > 0 and ratio["vs_transformers_mtp"] > 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -113,6 +133,7 @@ def test_sweep_tiny(tiny_artifact, tmp_path):
     doc = json.loads(out.read_text())
     emb, tiny = doc["rows"]
     assert emb["size"] == "embedded" and set(emb["measured_speedup"]) == {"1", "2"}
+    assert tiny["auto"]["auto_vs_k0"] > 0 and "0" in tiny["auto"]["draft_histogram"]
     assert tiny["size"] == "tiny" and tiny["vs_floor"] > 0 and set(tiny["verify_cost"]) == {"1", "2"}
     assert doc["copy_bandwidth_gb_s"] > 0
     q = tiny["quantized"]
