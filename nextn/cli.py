@@ -203,8 +203,13 @@ def accept_options(accept: str, relaxed_top: int | None, relaxed_delta: float | 
             "relaxed_delta": 0.5 if relaxed_delta is None else relaxed_delta}  # fmt: skip
 
 
+def _per_position(s: dict, fmt: str) -> str:
+    """Acceptance per draft position, for the positions that were drafted at all."""
+    return ", ".join(fmt.format(a) for a, d in zip(s["accepted_per_position"], s["drafted_per_position"]) if d) or "-"
+
+
 def _format_stats(s: dict) -> str:
-    per_pos = ", ".join(f"{a:.2f}" for a in s["accepted_per_position"]) or "-"
+    per_pos = _per_position(s, "{:.2f}")
     t = s["time_ms"]
     line = (f"{s['new_tokens']} tokens, TTFT {s['ttft_ms']:.1f} ms, TPOT {s['tpot_ms']:.2f} ms, "
             f"{s['tokens_per_s']:.1f} tok/s; {s['steps']} verify steps, acceptance per position [{per_pos}], "
@@ -393,18 +398,21 @@ def _embedded_artifact() -> str:
               help="The drafting run: auto (K chosen per step) or a fixed K >= 1.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per mode (the median is shown).")
 @click.option("--threads", type=int, default=1, show_default=True, help="Intra-op threads.")
+@click.option("--quant", default=None, type=click.Choice(["int8", "int4"]),
+              help="Run the embedded model quantized (nextn calibrate's defaults, once, cached) instead of fp32.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def demo(prompt, max_new_tokens, draft, repeats, threads, as_json):
+def demo(prompt, max_new_tokens, draft, repeats, threads, quant, as_json):
     """Export the embedded model (cached), generate with drafting off and on, show acceptance and speedup."""
     from nextn.demo import DEFAULT_PROMPT, run_demo
 
     with _progress("demo") as progress:
-        r = run_demo(prompt or DEFAULT_PROMPT, max_new_tokens, parse_draft("--draft", draft), repeats, threads, progress)
+        r = run_demo(prompt or DEFAULT_PROMPT, max_new_tokens, parse_draft("--draft", draft), repeats, threads, progress,
+                     quant)  # fmt: skip
     if as_json:
         click.echo(json.dumps(r.to_dict()))
         return
     p, d = r.plain, r.drafted
-    per_pos = ", ".join(f"{a:.0%}" for a in d["accepted_per_position"])
+    per_pos = _per_position(d, "{:.0%}")
     click.echo(f"artifact: {r.artifact}")
     click.echo("--- prompt ---")
     click.echo(r.prompt.rstrip("\n"))

@@ -1,6 +1,7 @@
 """`nextn demo`: the whole pipeline on the embedded model in one call.
 
-Export (cached), then the same greedy generation with drafting off and on: the tokens must be
+Export (cached; with `quant`, also quantized once by `nextn calibrate`), then the same greedy generation
+with drafting off and on: the tokens must be
 identical (lossless), the drafting run shows per-position acceptance and the speedup. Each mode runs
 `repeats` times after a warm-up and the median run is reported, because single runs on a shared
 2-core machine are noisy.
@@ -46,15 +47,16 @@ def run_demo(
     repeats: int = 5,
     threads: int = 1,
     progress: Callable[[str, int, int], None] | None = None,
+    quant: str | None = None,
 ) -> DemoResult:
     import nextn
-    from nextn.embedded import embedded_artifact
+    from nextn.embedded import embedded_artifact, embedded_quantized
     from nextn.errors import NextnError
 
     if (draft != "auto" and draft < 1) or repeats < 1 or max_new_tokens < 1:
         raise NextnError("--draft (auto or a K), --repeats and --max-new-tokens must be at least 1")
 
-    artifact = embedded_artifact(progress)
+    artifact = embedded_quantized(quant, progress) if quant else embedded_artifact(progress)
     with nextn.load(artifact, threads=threads) as model:
         if progress:
             progress("generate", 1, 2 * repeats + 1)

@@ -41,6 +41,27 @@ def _cache_key() -> str:
     return f"{EMBEDDED_NAME}-{__version__}-{h.hexdigest()[:12]}"
 
 
+QUANT_SCHEMES = ("int8", "int4")
+
+
+def embedded_quantized(scheme: str, progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """The embedded model quantized with `nextn calibrate --scheme SCHEME` (its defaults: the stdlib
+    training split, a quality report on held-out files), cached beside its fp32 export."""
+    from nextn.calib.calibrate import CalibOptions, calibrate_artifact
+    from nextn.errors import NextnError
+    from nextn.export.manifest import MANIFEST
+
+    if scheme not in QUANT_SCHEMES:
+        raise NextnError(f"--quant {scheme}: choose one of {', '.join(QUANT_SCHEMES)}")
+    fp32 = embedded_artifact(progress)
+    out = fp32.with_name(f"{fp32.name}-{scheme}")
+    if (out / MANIFEST).is_file():
+        return out
+    log.info("quantizing the embedded model (%s) to %s", scheme, out)
+    calibrate_artifact(fp32, out, [], [], CalibOptions(scheme=scheme, force=True), progress)
+    return out
+
+
 def embedded_artifact(progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Path of the embedded model's fp32 export, exporting it first when the cache has none."""
     from nextn.export.exporter import ExportOptions, export_checkpoint

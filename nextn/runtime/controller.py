@@ -18,7 +18,10 @@ PRIOR_WEIGHT observations. A position nobody has tried yet starts at UNTRIED_RAT
 
 Exploration: a choice only learns about what it runs. Probe steps draft one position deeper than the
 choice (K* + 1; all of max_draft when the artifact has never been drafted on), first after PROBE_FIRST
-steps, then at doubling intervals up to PROBE_MAX, restarting when the choice changes. A deeper probe
+steps, then at doubling intervals up to PROBE_MAX, restarting when the choice changes; only where it could
+change the choice: with acceptance PROBE_OPTIMISM above the estimate, K* + 1 would have to beat K* (on the
+embedded fp32 model a 2-token verify costs ~1.9 plain steps, so no acceptance makes K = 1 pay, and plain
+decoding then runs without probes). A deeper probe
 while drafting waits while the MTP module it needs has fallen behind (its cache would first be caught
 up over every token since it last ran: measured 5-10% of a 128-token generation for two probes); from
 K* = 0 that catch-up is the price of ever drafting again, and the doubling keeps it to a few percent. A probe teaches
@@ -40,6 +43,7 @@ DECAY = 0.95  # per step: a sequence's own observations fade with a horizon of ~
 PRIOR_WEIGHT = 4.0  # the artifact-wide rate counts as this many of a sequence's own observations
 UNTRIED_RATE = 0.5  # acceptance assumed at a position never drafted on this artifact
 PROBE_FIRST, PROBE_MAX = 8, 256  # steps between probes: first, and the cap of the doubling
+PROBE_OPTIMISM = 0.15  # a probe is worth it if acceptance this much above the estimate would make it the choice
 MARGIN = 1.05  # drafting must promise this many times K = 0's tokens per ms (costs are known to ~5-10% here)
 CONFIDENT_TRIALS = 32  # artifact-wide trials at position 1 past which probing starts at 4 x PROBE_FIRST
 
@@ -152,9 +156,16 @@ class DraftController:
         if self.step >= self.next_probe and top > best:
             never = self.rows[active[0]].prior.trials[0] == 0
             deeper = top if never else best + 1
-            if never or best == 0 or ready is None or ready(deeper):
+            if never or (self._promising(active, deeper, rate[best] * MARGIN, ms[deeper])
+                         and (best == 0 or ready is None or ready(deeper))):  # fmt: skip
                 k, probe = deeper, True
             self.next_probe = self.step + self.interval
             self.interval = min(2 * self.interval, PROBE_MAX)
         self.step += 1
         return Choice(k, tokens[k], ms[k], ms[0], probe)
+
+    def _promising(self, active: list[int], k: int, to_beat: float, ms: float) -> bool:
+        """Whether drafting k would beat `to_beat` tokens per ms were acceptance PROBE_OPTIMISM higher."""
+        tokens = sum(expected_tokens([min(1.0, a + PROBE_OPTIMISM) for a in self.rows[r].rates()[:k]])[k]
+                     for r in active)  # fmt: skip
+        return tokens / ms > to_beat

@@ -138,3 +138,12 @@ def test_calibration_keeps_paired_ratios_and_the_level_follows(tmp_path):
     (tmp_path / "costs.json").write_text("{not json")
     assert CostModel(run, 2, tmp_path / "costs.json").batches == {}  # ignored, recalibrated when needed
     json.loads(json.dumps(c.__dict__))
+
+
+def test_no_probe_where_drafting_cannot_pay():
+    # a 2-token verify costs 1.95 plain steps: even perfect acceptance of 1 draft loses, so no probes at all
+    ctrl = _controller([1.0, 1.95, 2.9, 3.3], [0.8, 0.8, 0.8])
+    assert [ctrl.choose().k for _ in range(300)] == [0] * 300
+    # cheap verifies with the same acceptance: K = 0 is not chosen, and probes look one deeper
+    ctrl = _controller([1.0, 1.05, 1.1, 1.15], [0.8, 0.8, 0.8])
+    assert ctrl.choose().k == 3
