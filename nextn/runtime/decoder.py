@@ -20,7 +20,8 @@ A step:
             exact slots below n-k and recomputes the rest next step.
 
 Caches are preallocated per sequence ([1, max_len, R] and [1, max_len, D] per layer and per module);
-engines get zero-copy views of the filled prefix and return only new entries, written in place.
+engines get zero-copy views of the filled prefix and return only new entries, copied into place.
+K per step: fixed, or draft="auto" (controller.py: from measured step costs and acceptance).
 """
 
 from __future__ import annotations
