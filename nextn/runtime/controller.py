@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 
 from nextn.runtime.costs import CostModel
 
-DECAY = 0.95  # per step: a sequence's own observations fade with a horizon of ~20 steps
+DECAY = 0.95  # per drafting step: a sequence's own observations fade with a horizon of ~20 of them
+RECHECK = 8  # while plain decoding wins, the choice is recomputed every this many steps (nothing it
+# depends on moves during plain steps but the machine's level, which does not change which K wins)
 PRIOR_WEIGHT = 4.0  # the artifact-wide rate counts as this many of a sequence's own observations
 UNTRIED_RATE = 0.5  # acceptance assumed at a position never drafted on this artifact
 PROBE_FIRST, PROBE_MAX = 8, 256  # steps between probes: first, and the cap of the doubling
@@ -101,6 +103,8 @@ class SequenceAcceptance:
         self.own = AcceptanceCounts.empty(len(self.prior.trials))
 
     def observe(self, drafted: int, accepted: int) -> None:
+        if not drafted:
+            return  # a plain step says nothing about acceptance
         own = self.own
         own.trials = [t * DECAY for t in own.trials]
         own.hits = [h * DECAY for h in own.hits]
@@ -131,6 +135,8 @@ class DraftController:
         prior = rows[0].prior
         self.step = 0
         self.best = -1
+        self.plain_until = 0  # steps before this one reuse a plain choice without recomputing it
+        self.plain = Choice(0, float(len(rows)), 0.0, 0.0, False)
         confident = prior.trials[0] >= CONFIDENT_TRIALS
         self.interval = PROBE_FIRST * (4 if confident else 1)
         # Never drafted on this artifact: the first step tries every position.
@@ -139,6 +145,9 @@ class DraftController:
     def choose(self, active: list[int] | None = None, limit: int | None = None, ready=None) -> Choice:
         """K for the next step of rows `active` (default: all), at most `limit` (the tokens still wanted).
         `ready(k)`: whether drafting k tokens needs no MTP module that has fallen behind (default: yes)."""
+        if self.step < self.plain_until and self.step < self.next_probe:
+            self.step += 1
+            return self.plain
         active = list(range(len(self.rows))) if active is None else active
         top = min(self.max_draft, self.max_draft if limit is None else limit)
         tokens = [0.0] * (top + 1)  # expected, summed over the active rows
@@ -162,6 +171,9 @@ class DraftController:
             self.next_probe = self.step + self.interval
             self.interval = min(2 * self.interval, PROBE_MAX)
         self.step += 1
+        if k == 0:
+            self.plain_until = self.step + RECHECK - 1
+            self.plain = Choice(0, tokens[0], ms[0], ms[0], False)
         return Choice(k, tokens[k], ms[k], ms[0], probe)
 
     def _promising(self, active: list[int], k: int, to_beat: float, ms: float) -> bool:
