@@ -82,6 +82,19 @@ def test_projected_speedup_counts_each_steps_cost_and_tokens():
     assert projected_speedup([rows], costs, 2) == pytest.approx(6 / 7 * 2.0 / 2)
 
 
+def test_speedup_pairs_rounds():
+    """The speedup over K = 0 is the median of per-round ratios, not a ratio of medians (drift cancels)."""
+    from nextn.bench.run import _speedups
+
+    def row(k, tpots):
+        return {"backend": "ort", "batch": 1, "draft": k, "runs": [[{"tpot_ms": t}] for t in tpots]}
+
+    results = [row(0, [1.0, 2.0, 4.0]), row(1, [0.5, 4.0, 2.0])]
+    _speedups(results)
+    assert results[1]["speedup_vs_k0"] == pytest.approx(2.0) and results[1]["speedup_range"] == [0.5, 2.0]
+    assert results[0]["speedup_vs_k0"] == pytest.approx(1.0)
+
+
 def test_bench_cli_writes_json_table_and_plot(tiny_artifact, tmp_path):
     out, plot = tmp_path / "b.json", tmp_path / "b.png"
     r = CliRunner().invoke(cli, ["bench", str(tiny_artifact), "--draft", "0,1,2,auto", "--batch", "1,2", "--repeats",
