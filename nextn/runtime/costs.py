@@ -150,12 +150,14 @@ def calibrate(run: Callable[[int, int, int], list], b: int, max_draft: int) -> B
     while rounds < 3 or (time.perf_counter() - start < CALIB_SECONDS and rounds < 15):
         step = {}
         for k in ks:
-            s = run(b, k, CALIB_SETTLE + CALIB_STEPS)[0]
+            rows = run(b, k, CALIB_SETTLE + CALIB_STEPS)
+            s = max(rows, key=lambda x: x.steps)  # the last row to finish saw every shared step
             step[k] = statistics.median(_step_ms(s)[CALIB_SETTLE:])
-            trunk[k].append(s.decode_trunk_ms / s.steps)
-            if s.drafted:
-                mtp.append(s.draft_ms / s.drafted)
-            host.append((s.total_ms - s.ttft_ms - s.decode_trunk_ms - s.draft_ms) / s.steps)
+            trunk[k].append(s.decode_trunk_ms / s.steps)  # a shared pass counts in every row's trunk time
+            drafted = sum(x.drafted for x in rows)
+            if drafted:
+                mtp.append(sum(x.draft_ms for x in rows) / drafted)
+            host.append((s.total_ms - s.ttft_ms - s.decode_trunk_ms - sum(x.draft_ms for x in rows)) / s.steps)
         level.append(step[0])
         for k in ks:
             ratios[k].append(step[k] / step[0])
