@@ -12,21 +12,22 @@ K = 0 is plain decoding, so drafting switches off by itself where it does not pa
 a batch where verifying is expensive) and back on where it does.
 
 Acceptance per position is estimated per sequence: its own recent observations (counts that fade by
-DECAY per step, because acceptance moves with the text) on top of an artifact-wide rate (every
+DECAY per drafting step, because acceptance moves with the text) on top of an artifact-wide rate (every
 sequence's observations, or the artifact's quantization report, or a cached earlier run) worth
 PRIOR_WEIGHT observations. A position nobody has tried yet starts at UNTRIED_RATE.
 
 Exploration: a choice only learns about what it runs. Probe steps draft one position deeper than the
 choice (K* + 1; all of max_draft when the artifact has never been drafted on), first after PROBE_FIRST
-steps, then at doubling intervals up to PROBE_MAX, restarting when the choice changes; only where it could
-change the choice: with acceptance PROBE_OPTIMISM above the estimate, K* + 1 would have to beat K* (on the
-embedded fp32 model a 2-token verify costs ~1.9 plain steps, so no acceptance makes K = 1 pay, and plain
-decoding then runs without probes). A deeper probe
-while drafting waits while the MTP module it needs has fallen behind (its cache would first be caught
-up over every token since it last ran: measured 5-10% of a 128-token generation for two probes); from
-K* = 0 that catch-up is the price of ever drafting again, and the doubling keeps it to a few percent. A probe teaches
-acceptance only: costs are refined from steps at the same K as the step before (a lone step at another
-K runs with other weights in the CPU caches than a run of them does, measured 20-40% off).
+steps, then at doubling intervals up to PROBE_MAX, restarting when the choice changes, and only where
+they could change it: with acceptance PROBE_OPTIMISM above the estimate, K* + 1 would have to beat K*
+(on the embedded fp32 model a 2-token step costs ~1.9 plain steps, so no acceptance makes K = 1 pay,
+and plain decoding runs without probes). While drafting, a deeper probe waits while the MTP module it
+needs has fallen behind (its cache would first be caught up over every token since it last ran:
+measured 5-10% of a 128-token generation for two probes); from K* = 0 that catch-up is the price of
+ever drafting again, and the doubling keeps it to a few percent. A probe teaches acceptance only:
+costs are refined from steps at the same K as the step before (a lone step at another K finds other
+weights in the CPU caches than a run of them does, measured 20-40% off). While plain decoding wins,
+the choice is recomputed every RECHECK steps only.
 
 K depends only on steps already taken, never on the step being decided, so greedy output is identical
 to K = 0 and sampling keeps the target distribution (every K is lossless on its own).
@@ -35,7 +36,6 @@ to K = 0 and sampling keeps the target distribution (every K is lossless on its 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
 
 from nextn.runtime.costs import CostModel
 

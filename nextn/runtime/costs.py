@@ -27,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -77,10 +79,6 @@ class CostModel:
             self.changed = True
         return self.batches[b]
 
-    def step_ms(self, b: int, k: int) -> float:
-        c = self.at(b)
-        return c.level * c.ratio[k]
-
     def observe(self, b: int, k: int, ms: float) -> None:
         """One decode step of b rows at K = k (in a run of such steps) took `ms`: the level moves by EMA."""
         c = self.at(b)
@@ -98,9 +96,11 @@ class CostModel:
                                                [float(x) for x in c["trunk"]], float(c["mtp"]), float(c["host"]))
                             for b, c in doc["batches"].items()}  # fmt: skip
             self.acceptance = doc.get("acceptance")
+            if not all(math.isfinite(x) and x > 0 for c in self.batches.values() for x in (c.level, *c.ratio)):
+                raise ValueError("a cost that is not a positive number")
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             log.warning("ignoring an unreadable cost cache %s", path)
-            self.batches = {}
+            self.batches, self.acceptance = {}, None
 
     def save(self) -> None:
         """Write the refined costs (and acceptance) atomically; a cache that cannot be written is skipped."""
@@ -109,7 +109,7 @@ class CostModel:
         doc = {"batches": {str(b): asdict(c) for b, c in self.batches.items()}, "acceptance": self.acceptance}
         try:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_file.with_suffix(".tmp")
+            tmp = self.cache_file.with_suffix(f".{os.getpid()}.tmp")  # processes sharing the cache do not collide
             tmp.write_text(json.dumps(doc, indent=1))
             tmp.replace(self.cache_file)
             self.changed = False

@@ -137,6 +137,9 @@ def test_calibration_keeps_paired_ratios_and_the_level_follows(tmp_path):
     assert again.batches[1].ratio == pytest.approx(c.ratio) and again.acceptance["hits"] == [1.0, 0.0]
     (tmp_path / "costs.json").write_text("{not json")
     assert CostModel(run, 2, tmp_path / "costs.json").batches == {}  # ignored, recalibrated when needed
+    doc = {"batches": {"1": {"level": 1.0, "ratio": [1.0, 0.0, 1.0], "trunk": [], "mtp": 0, "host": 0}}}
+    (tmp_path / "costs.json").write_text(json.dumps(doc))
+    assert CostModel(run, 2, tmp_path / "costs.json").batches == {}  # a zero ratio is not a cost
     json.loads(json.dumps(c.__dict__))
 
 
