@@ -30,6 +30,7 @@ class DemoResult:
     draft: int | str  # "auto" or a fixed K
     plain: dict  # stats of the median run without drafting
     drafted: dict  # stats of the median run with drafting
+    step_cost: list[float] | None = None  # auto: a step drafting K tokens over a plain one, K = 0.. (this machine)
 
     @property
     def speedup(self) -> float:
@@ -37,7 +38,8 @@ class DemoResult:
 
     def to_dict(self) -> dict:
         return {"artifact": self.artifact, "prompt": self.prompt, "text": self.text, "identical": self.identical,
-                "draft": self.draft, "speedup": self.speedup, "plain": self.plain, "drafted": self.drafted}  # fmt: skip
+                "draft": self.draft, "speedup": self.speedup, "plain": self.plain, "drafted": self.drafted,
+                "step_cost": self.step_cost}  # fmt: skip
 
 
 def run_demo(
@@ -70,9 +72,10 @@ def run_demo(
                 if progress:
                     progress(f"generate (draft {k})", i, 2 * repeats + 1)
                 runs[k].append(model.generate(prompt, max_new_tokens=max_new_tokens, draft=k))
+        ratio = model.decoder.costs().at(1).ratio if draft == "auto" else None
     plain, drafted = (_median_run(runs[0]), _median_run(runs[draft]))
     identical = all(r.token_ids == runs[0][0].token_ids for k in runs for r in runs[k])
-    return DemoResult(str(artifact), prompt, plain.text or "", identical, draft, plain.stats, drafted.stats)
+    return DemoResult(str(artifact), prompt, plain.text or "", identical, draft, plain.stats, drafted.stats, ratio)
 
 
 def _median_run(results: list):

@@ -78,6 +78,22 @@ def test_demo_end_to_end(embedded_cache):
 
 
 @pytest.mark.slow
+def test_demo_quantized_and_auto(embedded_cache):
+    """demo --quant int8 quantizes the embedded model once (cached beside its export) and runs it; auto's
+    choices are shown with this machine's step costs."""
+    r = CliRunner().invoke(cli, ["demo", "--quant", "int8", "--repeats", "1", "--max-new-tokens", "16", "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["identical"] and d["artifact"] == f"{embedded_cache}-int8" and d["draft"] == "auto"
+    assert d["step_cost"][0] == 1.0 and len(d["step_cost"]) == 5
+    assert sum(d["drafted"]["draft_histogram"].values()) == d["drafted"]["steps"]
+    manifest = json.loads((embedded_cache.parent / f"{embedded_cache.name}-int8" / "manifest.json").read_text())
+    assert manifest["quantization"]["report"]["scheme"]["trunk"] == "int8"
+    r = CliRunner().invoke(cli, ["demo", "--quant", "int3"])
+    assert r.exit_code != 0 and "int3" in r.output
+
+
+@pytest.mark.slow
 def test_int4_keeps_the_trunk_top1_and_the_drafts(embedded_cache, tmp_path):
     """Issue 7's quality target on the embedded model, with `nextn calibrate`'s defaults (int4 GPTQ on the
     stdlib training split, evaluated on held-out files): trunk top-1 agreement >= 0.95."""
