@@ -135,8 +135,8 @@ def export(checkpoint: str | None, out: str, dtype: str, mtp_layers: int | None,
 @click.option("--accept", default="exact", show_default=True, type=click.Choice(["exact", "relaxed"]),
               help="relaxed: LOSSY, greedy only; also accept a draft in the target's top --relaxed-top tokens within "
                    "--relaxed-delta of its top log-probability (TensorRT-LLM's rule).")  # fmt: skip
-@click.option("--relaxed-top", type=int, default=None, help="With --accept relaxed: top N (default 3).")
-@click.option("--relaxed-delta", type=float, default=None, help="With --accept relaxed: log-prob margin (default 0.5).")
+@click.option("--relaxed-top", type=int, default=None, help="With --accept relaxed: top N [default: 3].")
+@click.option("--relaxed-delta", type=float, default=None, help="With --accept relaxed: log-prob margin [default: 0.5].")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
@@ -167,7 +167,7 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, draft, accept, relaxed_top
     artifact = artifact or _embedded_artifact()
     kwargs = dict(max_new_tokens=max_new_tokens, draft=parse_draft("--draft", draft), temperature=temperature,
                   top_k=top_k, top_p=top_p, seed=seed, stop=list(stop) or None,
-                  **accept_options(accept, relaxed_top, relaxed_delta))  # fmt: skip
+                  accept=accept, relaxed_top=relaxed_top, relaxed_delta=relaxed_delta)  # fmt: skip
     with nextn.load(artifact, backend=backend, device=device, threads=threads, prepack=prepack) as model:
         if as_json:
             click.echo(json.dumps(model.generate(prompt, **kwargs).to_dict()))
@@ -190,17 +190,6 @@ def parse_draft(flag: str, value: str) -> int | str:
     if k < 0:
         raise NextnError(f"{flag} {k}: must be >= 0")
     return k
-
-
-def accept_options(accept: str, relaxed_top: int | None, relaxed_delta: float | None) -> dict:
-    """generate() keywords of --accept; the relaxed knobs without --accept relaxed are refused (lossy)."""
-    if accept != "relaxed":
-        if relaxed_top is not None or relaxed_delta is not None:
-            raise NextnError("--relaxed-top/--relaxed-delta: relaxed acceptance is lossy; ask for it with "
-                             "--accept relaxed")  # fmt: skip
-        return {}
-    return {"accept": "relaxed", "relaxed_top": 3 if relaxed_top is None else relaxed_top,
-            "relaxed_delta": 0.5 if relaxed_delta is None else relaxed_delta}  # fmt: skip
 
 
 def _per_position(s: dict, fmt: str) -> str:

@@ -19,8 +19,6 @@ from nextn.runtime.decoder import AUTO, Decoder
 from nextn.runtime.engines import open_engines
 from nextn.runtime.sampling import AcceptRule, SamplingParams
 
-ACCEPT_MODES = ("exact", "relaxed")
-
 
 @dataclass
 class Result:
@@ -80,8 +78,8 @@ class Model:
         stop: list[str] | None = None,
         stream: bool = False,
         accept: str = "exact",
-        relaxed_top: int = 1,
-        relaxed_delta: float = 0.0,
+        relaxed_top: int | None = None,
+        relaxed_delta: float | None = None,
     ) -> Result | list[Result] | Iterator[Piece]:
         """Generate from one prompt (text or token ids) or a batch of them (a list of prompts).
 
@@ -90,13 +88,12 @@ class Model:
         does not pay) or a fixed K tokens drafted by the MTP modules per step (0: off). Every K is
         lossless. A batch shares each trunk pass (batch.py); each result equals running that prompt alone
         (greedy; sampled rows draw alike at a fixed K). `accept="relaxed"` (greedy only, lossy, opt-in)
-        also accepts a draft in the target's `relaxed_top` tokens within `relaxed_delta` of its top log-prob.
+        also accepts a draft in the target's `relaxed_top` (3) tokens within `relaxed_delta` (0.5) of its top
+        log-prob.
         """
         params = SamplingParams(temperature, top_k, top_p, seed)
         params.check()
-        if accept not in ACCEPT_MODES:
-            raise NextnError(f"--accept {accept!r}: choose one of {', '.join(ACCEPT_MODES)}")
-        rule = AcceptRule(accept == "relaxed", relaxed_top, relaxed_delta)
+        rule = AcceptRule.from_options(accept, relaxed_top, relaxed_delta)
         if max_new_tokens < 1:
             raise NextnError(f"max_new_tokens {max_new_tokens}: must be >= 1")
         batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))

@@ -118,7 +118,7 @@ class OrtEngine(Engine):
         # A plain run over the caller's arrays (ONNX Runtime wraps contiguous numpy inputs without a copy),
         # then the outputs named in `out` are copied into place. Measured faster than IOBinding here: binding
         # ~40 cache tensors per call cost more (~0.15 ms on the embedded trunk) than copying the S new
-        # entries per layer (BENCHMARKS.md, "engine call overhead").
+        # entries per layer (BENCHMARKS.md, "Drafting that pays").
         values = self.session.run(None, feed)
         if out:
             for i, name in enumerate(self.outputs):

@@ -51,6 +51,21 @@ class AcceptRule:
     top_n: int = 1
     delta: float = 0.0
 
+    MODES = ("exact", "relaxed")
+    RELAXED_TOP, RELAXED_DELTA = 3, 0.5  # defaults of --accept relaxed
+
+    @classmethod
+    def from_options(cls, accept: str = "exact", top_n: int | None = None, delta: float | None = None) -> AcceptRule:
+        """--accept, --relaxed-top, --relaxed-delta; the relaxed knobs alone are refused (lossy)."""
+        if accept not in cls.MODES:
+            raise NextnError(f"--accept {accept!r}: choose one of {', '.join(cls.MODES)}")
+        if accept == "exact":
+            if top_n is not None or delta is not None:
+                raise NextnError("--relaxed-top/--relaxed-delta: relaxed acceptance is lossy; ask for it with "
+                                 "--accept relaxed")  # fmt: skip
+            return cls()
+        return cls(True, cls.RELAXED_TOP if top_n is None else top_n, cls.RELAXED_DELTA if delta is None else delta)
+
     def check(self, params: SamplingParams) -> None:
         if not self.relaxed:
             if self.top_n != 1 or self.delta != 0.0:
