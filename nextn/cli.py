@@ -8,6 +8,7 @@ import logging
 import click
 
 from nextn.errors import NextnError
+from nextn.runtime.sampling import AcceptRule
 
 
 class _Group(click.Group):
@@ -132,7 +133,7 @@ def export(checkpoint: str | None, out: str, dtype: str, mtp_layers: int | None,
 @click.option("--draft", default="auto", show_default=True,
               help="Tokens drafted by the MTP modules per step: auto (chosen before each step from measured costs and "
                    "acceptance; 0 where drafting does not pay) or a fixed K (0: off).")  # fmt: skip
-@click.option("--accept", default="exact", show_default=True, type=click.Choice(["exact", "relaxed"]),
+@click.option("--accept", default="exact", show_default=True, type=click.Choice(AcceptRule.MODES),
               help="relaxed: LOSSY, greedy only; also accept a draft in the target's top --relaxed-top tokens within "
                    "--relaxed-delta of its top log-probability (TensorRT-LLM's rule).")  # fmt: skip
 @click.option("--relaxed-top", type=int, default=None, help="With --accept relaxed: top N [default: 3].")
@@ -280,8 +281,8 @@ def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends
         root = Path(sweep_dir) if sweep_dir else cache_root() / "sweep"
         with _progress("sweep") as progress:
             doc = run_sweep([s.strip() for s in sweep.split(",") if s.strip()], root, Path(artifact),
-                            past=prompt_len, max_draft=max([k for k in _draft_list("--draft", drafts) if k != "auto"] or [4]),
-                            threads=threads,
+                            past=prompt_len, max_draft=max((k for k in _draft_list("--draft", drafts) if k != "auto"),
+                                                           default=4), threads=threads,
                             schemes=_name_list("--quant", quant, ("int8", "fp8", "int4")),
                             progress=progress)  # fmt: skip
         table, lines, width = sweep_table(doc), [], 200
