@@ -38,9 +38,9 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 CALIB_PROMPT = 32  # tokens of the random calibration prompt
-CALIB_STEPS = 16  # timed decode steps per K and round
+CALIB_STEPS = 16  # timed decode steps per K and round (fewer, down to 4, where steps are slow: see calibrate)
 CALIB_SETTLE = 8  # untimed steps before them: the prompt's MTP catch-up, and the CPU caches settling into
-# what a run at that K keeps there (steps just after a switch of K measured 10-30% off)
+# what a run at that K keeps there (steps just after a switch of K measured 10-30% off on the embedded model)
 CALIB_SECONDS = 1.5  # time budget of one batch size's calibration (at least 2 rounds are always run)
 EMA = 0.15  # weight of each new online observation of a step's cost
 OUTLIER = 2.0  # an observation is clipped to [1/OUTLIER, OUTLIER] x the current figure (a VM hiccup is one step)
@@ -139,8 +139,16 @@ def calibrate(run: Callable[[int, int, int], list], b: int, max_draft: int) -> B
     rows' Stats. Each round runs every K once; a K's ratio is its median step over K = 0's in the same
     round; the median over rounds (at least 3, more within CALIB_SECONDS) is kept. The steps run
     through the decoder itself, so each graph starts as warm or cold in the CPU caches as in decoding,
-    and the Python around the calls is counted."""
+    and the Python around the calls is counted.
+
+    A model whose plain step takes long (a real checkpoint: tens of ms) gets fewer steps per K, so three
+    rounds still fit in about CALIB_SECONDS (its weights do not fit the CPU caches anyway: little to settle)."""
     ks = range(max_draft + 1)
+    first = run(b, 0, 3)  # how long a plain step takes here
+    plain_ms = statistics.median(_step_ms(max(first, key=lambda x: x.steps))[1:])
+    per_step = 3 * len(ks) * plain_ms * (1 + max_draft / 2) / 1e3  # seconds per step and K, 3 rounds, verify ~1 + K/2
+    timed = int(min(CALIB_STEPS, max(4, CALIB_SECONDS / per_step * 2 / 3)))
+    settle = min(CALIB_SETTLE, max(2, timed // 2))
     ratios: dict[int, list[float]] = {k: [] for k in ks}
     level: list[float] = []
     trunk: dict[int, list[float]] = {k: [] for k in ks}
@@ -150,9 +158,9 @@ def calibrate(run: Callable[[int, int, int], list], b: int, max_draft: int) -> B
     while rounds < 3 or (time.perf_counter() - start < CALIB_SECONDS and rounds < 15):
         step = {}
         for k in ks:
-            rows = run(b, k, CALIB_SETTLE + CALIB_STEPS)
+            rows = run(b, k, settle + timed)
             s = max(rows, key=lambda x: x.steps)  # the last row to finish saw every shared step
-            step[k] = statistics.median(_step_ms(s)[CALIB_SETTLE:])
+            step[k] = statistics.median(_step_ms(s)[settle:])
             trunk[k].append(s.decode_trunk_ms / s.steps)  # a shared pass counts in every row's trunk time
             drafted = sum(x.drafted for x in rows)
             if drafted:
@@ -165,8 +173,8 @@ def calibrate(run: Callable[[int, int, int], list], b: int, max_draft: int) -> B
     out = BatchCosts(statistics.median(level), [statistics.median(ratios[k]) for k in ks],
                      [statistics.median(trunk[k]) for k in ks], statistics.median(mtp) if mtp else 0.0,
                      statistics.median(host))  # fmt: skip
-    log.info("step costs at batch %d: %.3f ms at K = 0, ratios %s at K = 1..%d (%d rounds)", b, out.level,
-             ", ".join(f"{x:.2f}" for x in out.ratio[1:]), max_draft, rounds)  # fmt: skip
+    log.info("step costs at batch %d: %.3f ms at K = 0, ratios %s at K = 1..%d (%d rounds of %d + %d steps)", b,
+             out.level, ", ".join(f"{x:.2f}" for x in out.ratio[1:]), max_draft, rounds, settle, timed)  # fmt: skip
     return out
 
 

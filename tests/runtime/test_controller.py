@@ -116,14 +116,16 @@ def _stats(step_ms: float, steps: int, drafted: int):
 
 
 def test_calibration_keeps_paired_ratios_and_the_level_follows(tmp_path):
-    speed = iter([1.0, 1.0, 1.0, 2.0, 2.0, 2.0] * 20)  # the machine halves its speed between rounds
+    calls = []
 
-    def run(b, k, steps):
-        s = next(speed)
-        return [_stats(s * (1.0 + 0.5 * k), steps, k)]
+    def run(b, k, steps):  # after one probe of the plain step, the machine halves its speed every other round
+        calls.append(steps)
+        speed = 1.0 if len(calls) == 1 else 1.0 + ((len(calls) - 2) // 3) % 2
+        return [_stats(speed * (1.0 + 0.5 * k), steps, k)]
 
     c = calibrate(run, 1, 2)
     assert c.ratio == pytest.approx([1.0, 1.5, 2.0])  # drift between rounds cancels within each round
+    assert calls[0] == 3 and len(calls) >= 1 + 3 * 3 and min(calls[1:]) >= 4 + 2  # a probe, then 3+ rounds
     model = CostModel(run, 2, tmp_path / "costs.json")
     model.batches[1] = c
     level = c.level
@@ -150,3 +152,15 @@ def test_no_probe_where_drafting_cannot_pay():
     # cheap verifies with the same acceptance: K = 0 is not chosen, and probes look one deeper
     ctrl = _controller([1.0, 1.05, 1.1, 1.15], [0.8, 0.8, 0.8])
     assert ctrl.choose().k == 3
+
+
+def test_calibration_of_a_slow_model_takes_fewer_steps():
+    calls = []
+
+    def run(b, k, steps):  # a 100 ms plain step: a real checkpoint on this machine
+        calls.append(steps)
+        return [_stats(100.0 * (1.0 + 0.5 * k), steps, k)]
+
+    c = calibrate(run, 1, 2)
+    assert c.ratio == pytest.approx([1.0, 1.5, 2.0]) and c.level == pytest.approx(100.0)
+    assert set(calls[1:]) == {2 + 4} and len(calls) == 1 + 3 * 3  # the minimum: 3 rounds of 2 settling + 4 timed
