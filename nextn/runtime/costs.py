@@ -37,7 +37,7 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-CALIB_PROMPT = 32  # tokens of the random calibration prompt
+CALIB_PROMPT = 16  # tokens of the random calibration prompt (its prefill is overhead: short)
 CALIB_STEPS = 16  # timed decode steps per K and round (fewer, down to 4, where steps are slow: see calibrate)
 CALIB_SETTLE = 8  # untimed steps before them: the prompt's MTP catch-up, and the CPU caches settling into
 # what a run at that K keeps there (steps just after a switch of K measured 10-30% off on the embedded model)

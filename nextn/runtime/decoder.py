@@ -173,16 +173,17 @@ class Decoder:
         return self._costs
 
     def _timing_run(self, b: int, k: int, steps: int) -> list[Stats]:
-        """`steps` decode steps at a fixed K for b random prompts (costs.calibrate)."""
+        """`steps` decode steps at a fixed K for b random prompts (costs.calibrate): a budget of tokens that
+        `steps` steps cannot exhaust, and a stop after `steps` steps whatever they accepted."""
         rng = np.random.default_rng(b * 1000 + k)
         vocab = self.engines.manifest["config"]["vocab_size"]
         prompts = [rng.integers(0, vocab, CALIB_PROMPT).tolist() for _ in range(b)]
-        n = steps * (k + 1) + 1  # at least `steps` steps whatever is accepted
+        n = steps * (k + 1) + 1
         if b == 1:
-            return [self.generate(prompts[0], n, draft=k)[1]]
+            return [self.generate(prompts[0], n, draft=k, stop=_StepLimit(steps))[1]]
         from nextn.runtime.batch import generate_batch
 
-        return [s for _, s in generate_batch(self, prompts, n, draft=k)]
+        return [s for _, s in generate_batch(self, prompts, n, draft=k, stop=_StepLimit(steps))]
 
     def acceptance_prior(self) -> AcceptanceCounts:
         """Every sequence's observations on this artifact, seeded from a cached earlier run or the
@@ -199,6 +200,7 @@ class Decoder:
 
     def controller(self, rows: int) -> DraftController:
         prior = self.acceptance_prior()
+        self.costs().at(rows)  # a first calibration at this batch size runs now, before the caller's clock starts
         return DraftController(self.costs(), [SequenceAcceptance(prior) for _ in range(rows)], self.max_draft)
 
     def close(self) -> None:
@@ -424,6 +426,19 @@ class Decoder:
         """`tail`: only the last `tail` tokens are new since the previous check (EOS is looked for there)."""
         fresh = new if tail is None else new[-tail:]
         return len(new) >= limit or any(t in eos_ids for t in fresh) or (stop is not None and stop(new) is not None)
+
+
+class _StepLimit:
+    """A stop condition that ends each sequence after `steps` verify steps. The decoder asks it once before
+    the first step and once after each (with the same growing list per sequence); a final truncation asks
+    with a copy, which it leaves uncut."""
+
+    def __init__(self, steps: int):
+        self.steps, self.asked = steps, {}
+
+    def __call__(self, new: list[int]) -> int | None:
+        n = self.asked[id(new)] = self.asked.get(id(new), 0) + 1
+        return len(new) if n > self.steps else None
 
 
 class _State:
