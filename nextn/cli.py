@@ -334,8 +334,9 @@ def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends
                    "Python stdlib's training split, the embedded model's own corpus].")  # fmt: skip
 @click.option("--eval", "eval_data", multiple=True, type=click.Path(),
               help="Evaluation file(s) for the report [default: every 5th --data sequence, held out].")
-@click.option("--scheme", default="int4", show_default=True, type=click.Choice(["int8", "fp8", "int4"]),
-              help="Trunk scheme.")
+@click.option("--scheme", default="int4", show_default=True, type=click.Choice(["int8", "fp8", "int4", "fp32"]),
+              help="Trunk scheme; fp32 keeps the trunk, and so the output, exactly as exported (with --mtp-scheme: "
+                   "cheaper drafts only).")  # fmt: skip
 @click.option("--mtp-scheme", default=None, type=click.Choice(["int8", "fp8", "int4", "fp32"]),
               help="MTP graphs' scheme [default: as --scheme].")
 @click.option("--method", default="minmax", show_default=True, type=click.Choice(["minmax", "entropy", "percentile"]),

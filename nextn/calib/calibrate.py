@@ -51,7 +51,7 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class CalibOptions:
-    scheme: str = "int4"  # trunk: int8 | fp8 | int4
+    scheme: str = "int4"  # trunk: int8 | fp8 | int4, or fp32 (kept as exported; then mtp_scheme quantizes the drafts)
     mtp_scheme: str | None = None  # MTP graphs: a scheme or "fp32"; None: as the trunk
     method: str = "minmax"  # activation ranges for int8 / fp8
     weight_method: str = "gptq"  # int4 weights: rtn | gptq
@@ -68,8 +68,11 @@ class CalibOptions:
 
 
 def check_options(o: CalibOptions) -> None:
-    if o.scheme not in SCHEMES:
-        raise NextnError(f"--scheme {o.scheme}: choose one of {', '.join(SCHEMES)}")
+    if o.scheme not in (*SCHEMES, "fp32"):
+        raise NextnError(f"--scheme {o.scheme}: choose one of {', '.join(SCHEMES)}, fp32")
+    if o.scheme == "fp32" and o.mtp_scheme not in SCHEMES:
+        raise NextnError("--scheme fp32 keeps the trunk (and so the output) exactly as exported: give --mtp-scheme "
+                         f"{'|'.join(SCHEMES)} to quantize the drafts")  # fmt: skip
     if o.mtp_scheme is not None and o.mtp_scheme not in (*SCHEMES, "fp32"):
         raise NextnError(f"--mtp-scheme {o.mtp_scheme}: choose one of {', '.join(SCHEMES)}, fp32")
     if o.method not in METHODS:

@@ -186,3 +186,24 @@ def test_gptq_failure_falls_back_to_round_to_nearest(tiny_artifact, data_file, t
                            CalibOptions(scheme="int4", **{**FAST, "eval_samples": 1}, decode_report=False))  # fmt: skip
     trunk = m["quantization"]["graphs"]["trunk"]
     assert trunk["weights"] == {"gptq": 0, "rtn": trunk["linears"]}
+
+
+def test_exact_trunk_with_quantized_drafts(tiny_artifact, data_file, tmp_path):
+    """--scheme fp32 --mtp-scheme int4: the trunk graph and its weights stay as exported, so greedy output
+    equals the fp32 artifact's at every K; only the MTP graphs are quantized (cheaper drafts)."""
+    out = tmp_path / "fp32-int4"
+    manifest = calibrate_artifact(tiny_artifact, out, [data_file], [],
+                                  CalibOptions(scheme="fp32", mtp_scheme="int4", **FAST))  # fmt: skip
+    rep = manifest["quantization"]["report"]
+    assert rep["scheme"] == {"trunk": "fp32", "mtp": "int4"} and rep["trunk"]["top1_agreement"] == 1.0
+    trunk = [n.op_type for n in onnx.load(str(out / "trunk.onnx"), load_external_data=False).graph.node]
+    source = [n.op_type for n in onnx.load(str(tiny_artifact / "trunk.onnx"), load_external_data=False).graph.node]
+    assert trunk == source
+    assert "MatMulNBits" in [n.op_type for n in onnx.load(str(out / "mtp_0.onnx"), load_external_data=False).graph.node]
+    with nextn.load(tiny_artifact) as fp32, nextn.load(out) as mixed:
+        fp32.eos_ids = mixed.eos_ids = ()
+        want = fp32.generate([5, 6, 7, 8], max_new_tokens=16, draft=0).token_ids
+        for k in (0, 2, 3, "auto"):
+            assert mixed.generate([5, 6, 7, 8], max_new_tokens=16, draft=k).token_ids == want
+    with pytest.raises(NextnError, match="--mtp-scheme"):
+        calibrate_artifact(tiny_artifact, tmp_path / "x", [data_file], [], CalibOptions(scheme="fp32", **FAST))
