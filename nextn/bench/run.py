@@ -83,11 +83,7 @@ def run_bench(artifact: str | Path, cfg: BenchConfig, prompts_file: Path | None 
         results = [{**row.label, **row.summarize(row.runs)} for row in rows]
 
     _speedups(results)
-    for r in results:
-        c = costs.get((r["backend"], r["batch"]))
-        if c is not None:
-            r["projected_speedup"] = projected_speedup(r["runs"], c, r["batch"])
-            r["efficiency"] = r["speedup_vs_k0"] / r["projected_speedup"] if r.get("speedup_vs_k0") else None
+    _ceiling(results, costs)
     return {
         "artifact": str(artifact),
         "checkpoint": manifest.get("source"),
@@ -114,6 +110,15 @@ class _Row:
     run: Callable
     summarize: Callable
     runs: list = field(default_factory=list)
+
+
+def _ceiling(results: list[dict], costs: dict[tuple[str, int], BatchCosts]) -> None:
+    """Each nextn row's projected speedup (from the step costs measured in the run) and its efficiency."""
+    for r in results:
+        c = costs.get((r["backend"], r["batch"]))
+        if c is not None:
+            r["projected_speedup"] = projected_speedup(r["runs"], c, r["batch"])
+            r["efficiency"] = r["speedup_vs_k0"] / r["projected_speedup"] if r.get("speedup_vs_k0") else None
 
 
 def projected_speedup(runs: list[list[dict]], costs: BatchCosts, b: int) -> float:
