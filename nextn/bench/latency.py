@@ -113,6 +113,6 @@ def _histogram(runs: list[list[dict]]) -> dict[str, int]:
     """Steps per K over all runs (each run's first row: the rows of a batch share their steps' K)."""
     out: dict[str, int] = {}
     for rows in runs:
-        for k in rows[0].get("step_draft", []):
-            out[str(k)] = out.get(str(k), 0) + 1
+        for k, n in rows[0].get("draft_histogram", {}).items():
+            out[k] = out.get(k, 0) + n
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
