@@ -14,12 +14,15 @@ Which K is best depends on the ratios only. They are measured by a short calibra
 artifact runs with draft="auto" at a batch size: a few real decode steps at every fixed K from a random
 prompt, through the decoder itself, in rounds; each round gives every K's ratio to K = 0 measured
 seconds apart (this VM's speed drifts 10-30% within seconds: only such paired ratios hold), and the
-median over rounds is kept. The level follows the machine online: every step at a K that ran the step
-before too (a lone step at another K finds other weights in the CPU caches) moves it by EMA. Saved
-per artifact and machine under <cache>/costs/ when the model closes; the next process starts there.
+median over rounds is kept. Online, only steps at the K of the step before count (a lone step at another K
+finds other weights in the CPU caches): plain steps move the level by EMA; a drafting step that costs more
+than its ratio says raises that ratio by EMA (never lowers it: one calibration on this VM can read a ratio
+20-30% low, and drafting on that loses, while a ratio read high only costs a gain). The online ratios live
+for the process; the calibration's ratios and the level are saved per artifact and machine under
+<cache>/costs/ when the model closes, and the next process starts there.
 
-Refining the ratios themselves online from unpaired steps was tried and dropped: a figure for K = 0
-observed just after drafting steps read 20-40% high, and the controller then drafted where it lost.
+Refining the ratios both ways from unpaired steps was tried and dropped: a figure for K = 0 observed just
+after drafting steps read 20-40% high, and the controller then drafted where it lost.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ CALIB_PROMPT = 16  # tokens of the random calibration prompt (its prefill is ove
 CALIB_STEPS = 16  # timed decode steps per K and round (fewer, down to 4, where steps are slow: see calibrate)
 CALIB_SETTLE = 8  # untimed steps before them: the prompt's MTP catch-up, and the CPU caches settling into
 # what a run at that K keeps there (steps just after a switch of K measured 10-30% off on the embedded model)
-CALIB_SECONDS = 1.5  # time budget of one batch size's calibration (at least 2 rounds are always run)
+CALIB_SECONDS = 2.5  # time budget of one batch size's calibration (at least 2 rounds are always run)
 EMA = 0.15  # weight of each new online observation of a step's cost
 OUTLIER = 2.0  # an observation is clipped to [1/OUTLIER, OUTLIER] x the current figure (a VM hiccup is one step)
 
@@ -51,15 +54,17 @@ class BatchCosts:
     """Milliseconds at one batch size."""
 
     level: float  # one plain decode step (K = 0), as the machine runs now
-    ratio: list[float]  # ratio[K]: a step drafting K tokens per row, over a plain one (ratio[0] = 1)
+    ratio: list[float]  # ratio[K]: a step drafting K tokens per row, over a plain one (ratio[0] = 1), as calibrated
     trunk: list[float]  # trunk[K]: its trunk pass (width K + 1), as calibrated
     mtp: float  # per drafted token (all rows), as calibrated
     host: float  # per step, outside the engine calls and drafting, as calibrated
 
+    seen: list[float] | None = None  # ratio[K] as raised online in this process (not saved)
+
     @property
     def step(self) -> list[float]:
         """step[K]: ms of one decode step drafting K tokens per row."""
-        return [self.level * r for r in self.ratio]
+        return [self.level * r for r in (self.seen or self.ratio)]
 
 
 class CostModel:
@@ -80,13 +85,19 @@ class CostModel:
         return self.batches[b]
 
     def observe(self, b: int, k: int, ms: float) -> None:
-        """One decode step of b rows at K = k (in a run of such steps) took `ms`: the level moves by EMA."""
+        """One decode step of b rows at K = k (in a run of such steps) took `ms`: a plain step moves the level,
+        a drafting step dearer than its ratio says raises that ratio (both by EMA, clipped to OUTLIER)."""
         c = self.at(b)
         if k >= len(c.ratio) or c.level <= 0:
             return
-        level = ms / c.ratio[k]
-        c.level += EMA * (min(max(level, c.level / OUTLIER), c.level * OUTLIER) - c.level)
-        self.changed = True
+        if k == 0:
+            c.level += EMA * (min(max(ms, c.level / OUTLIER), c.level * OUTLIER) - c.level)
+            self.changed = True
+            return
+        seen = c.seen = c.seen or list(c.ratio)
+        x = min(ms / c.level, seen[k] * OUTLIER)
+        if x > seen[k]:
+            seen[k] += EMA * (x - seen[k])
 
     # -- the cache file ----------------------------------------------------------------------------
     def _load(self, path: Path) -> None:
@@ -106,7 +117,8 @@ class CostModel:
         """Write the refined costs (and acceptance) atomically; a cache that cannot be written is skipped."""
         if self.cache_file is None or not self.batches or not self.changed:
             return
-        doc = {"batches": {str(b): asdict(c) for b, c in self.batches.items()}, "acceptance": self.acceptance}
+        doc = {"batches": {str(b): {k: v for k, v in asdict(c).items() if k != "seen"} for b, c in self.batches.items()},
+               "acceptance": self.acceptance}  # fmt: skip
         try:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.cache_file.with_suffix(f".{os.getpid()}.tmp")  # processes sharing the cache do not collide

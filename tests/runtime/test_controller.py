@@ -68,6 +68,20 @@ def test_controller_picks_the_best_k(ratio, rates):
     assert choice.expected_ms == pytest.approx(ratio[choice.k]) and choice.plain_ms == pytest.approx(1.0)
 
 
+def test_controller_keeps_plain_anchors_while_drafting_and_learns_dearer_steps():
+    from nextn.runtime.controller import ANCHOR_EVERY, ANCHOR_LEN
+
+    ctrl = _controller([1.0, 1.2, 1.4], [0.9, 0.9], trials=1e6)
+    ctrl.next_probe = 10**9
+    ks = [ctrl.choose().k for _ in range(2 * ANCHOR_EVERY)]
+    assert ks[:ANCHOR_EVERY - ANCHOR_LEN] == [2] * (ANCHOR_EVERY - ANCHOR_LEN)
+    assert ks[ANCHOR_EVERY - ANCHOR_LEN : ANCHOR_EVERY] == [0] * ANCHOR_LEN and ks[ANCHOR_EVERY] == 2
+    for _ in range(40):  # steps at K = 2 and K = 1 keep costing 4 plain steps: the calibration was wrong
+        ctrl.costs.observe(1, 2, 4.0)
+        ctrl.costs.observe(1, 1, 4.0)
+    assert ctrl.choose().k == 0  # plain decoding now wins
+
+
 def test_controller_respects_the_budget_and_probes_deeper():
     ctrl = _controller([1.0, 1.2, 1.4, 1.6, 1.8], [0.9, 0.8, 0.2, 0.1], trials=1e6)
     best = _best([1.0, 1.2, 1.4, 1.6, 1.8], [0.9, 0.8, 0.2, 0.1])
@@ -128,15 +142,21 @@ def test_calibration_keeps_paired_ratios_and_the_level_follows(tmp_path):
     assert calls[0] == 3 and len(calls) >= 1 + 3 * 3 and min(calls[1:]) >= 4 + 2  # a probe, then 3+ rounds
     model = CostModel(run, 2, tmp_path / "costs.json")
     model.batches[1] = c
-    level = c.level
-    model.observe(1, 2, 2.0 * 3.0)  # a step at K = 2 ran at level 3.0
-    assert level < model.batches[1].level < 3.0
-    model.observe(1, 1, 1e6)  # a hiccup is clipped
-    assert model.batches[1].level <= 2 * 3.0
+    c.level = 1.0
+    model.observe(1, 0, 3.0)  # a plain step at 3 ms: the level moves toward it
+    assert 1.0 < c.level < 3.0
+    model.observe(1, 0, 1e6)  # a hiccup is clipped
+    assert c.level <= 2 * 3.0
+    c.level = 1.0
+    model.observe(1, 2, 1.5)  # a K = 2 step cheaper than its ratio (2.0) says: no change (never lowered)
+    assert c.step == pytest.approx([1.0, 1.5, 2.0])
+    model.observe(1, 2, 3.0)  # dearer: the ratio rises toward 3.0, for this process only
+    assert 2.0 < c.step[2] < 3.0 and c.ratio == pytest.approx([1.0, 1.5, 2.0])
     model.acceptance = {"trials": [1.0, 0.0], "hits": [1.0, 0.0]}
     model.save()
     again = CostModel(run, 2, tmp_path / "costs.json")
     assert again.batches[1].ratio == pytest.approx(c.ratio) and again.acceptance["hits"] == [1.0, 0.0]
+    assert again.batches[1].seen is None
     (tmp_path / "costs.json").write_text("{not json")
     assert CostModel(run, 2, tmp_path / "costs.json").batches == {}  # ignored, recalibrated when needed
     doc = {"batches": {"1": {"level": 1.0, "ratio": [1.0, 0.0, 1.0], "trunk": [], "mtp": 0, "host": 0}}}
