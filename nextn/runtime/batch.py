@@ -91,8 +91,9 @@ def generate_batch(
     while not all(done):
         active = [r for r in range(b) if not done[r]]
         left = max(budgets[r] - len(new[r]) for r in active)
-        step_k = dec.choose(ctrl, [stats[r] for r in active], left, [rows[r] for r in active], active) if ctrl else depth
-        steady = all([dec.steady(rows[r], step_k) for r in active])  # a list: every row notes this step's K
+        choice = dec.choose(ctrl, [stats[r] for r in active], left, [rows[r] for r in active], active) if ctrl else None
+        step_k = choice.k if choice else depth
+        steady = all([dec.steady(rows[r], step_k) for r in active]) and not (choice and choice.probe)  # every row notes K
         drafts = [[] for _ in range(b)]
         for r in active:
             k = min(step_k, budgets[r] - len(new[r]))

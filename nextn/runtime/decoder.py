@@ -345,8 +345,9 @@ class Decoder:
         tail = None
         while not self._done(new, max_new_tokens, eos_ids, stop, tail):
             left = max_new_tokens - len(new)  # never draft past the budget
-            k = self.choose(ctrl, [stats], left, [st]) if ctrl else min(depth, left)
-            steady = self.steady(st, k)
+            choice = self.choose(ctrl, [stats], left, [st]) if ctrl else None
+            k = choice.k if choice else min(depth, left)
+            steady = self.steady(st, k) and not (choice and choice.probe)
             drafts = self._draft(st, k, stats) if k else []
             n = st.n
             logits, _ = self._trunk(st, [st.tokens[n], *drafts], stats)  # [K+1, V]
@@ -374,12 +375,12 @@ class Decoder:
                      draft=str(draft), acceptance=accept.describe())  # fmt: skip
 
     def choose(self, ctrl: DraftController, stats: list[Stats], limit: int, states: list[_State],
-               active: list[int] | None = None) -> int:  # fmt: skip
-        """The controller's K for the next step (at most `limit`), its expectation recorded in each row's stats."""
+               active: list[int] | None = None) -> Choice:  # fmt: skip
+        """The controller's choice for the next step (K at most `limit`), its expectation recorded in each row's stats."""
         choice = ctrl.choose(active, limit, lambda k: all(self.ready(st, k) for st in states))
         for s in stats:
             s.record_choice(choice, len(stats))
-        return choice.k
+        return choice
 
     def ready(self, st: _State, k: int) -> bool:
         """Whether drafting k tokens now needs no MTP module whose cache lags by more than a step's tokens."""
@@ -387,12 +388,14 @@ class Decoder:
         return all(st.n - st.mtp_valid[m] <= self.max_draft + 1 + m for m in modules)
 
     def steady(self, st: _State, k: int) -> bool:
-        """Whether a step at K = k now costs what a step in a run of them does: the previous step had the
-        same K (the CPU caches hold what such a run leaves there) and, drafting, the MTP caches lag by at
-        most one step's tokens (after plain steps the catch-up is not what a draft costs)."""
+        """Whether a step at K = k now tells what such steps cost. A plain step: if the step before was
+        plain too (just after drafting, the CPU caches hold the MTP graphs' weights: 20-40% slower). A
+        drafting step: if its MTP caches lag by at most a step's tokens (a catch-up after plain steps is
+        not what a draft costs); one just after a switch of K counts, since it can only raise a ratio and
+        switching costs that much."""
         same = st.last_k == k
         st.last_k = k
-        return same and (k == 0 or not self.n_mtp or st.n - st.mtp_valid[0] <= self.max_draft + 1)
+        return same if k == 0 else (not self.n_mtp or st.n - st.mtp_valid[0] <= self.max_draft + 1)
 
     def observe_step(self, b: int, k: int, stats: Stats, steady: bool) -> None:
         """Refine the step cost at (b, K) from the step just recorded in `stats`, if it was `steady`."""
