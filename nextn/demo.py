@@ -62,8 +62,10 @@ def run_demo(
     with nextn.load(artifact, threads=threads) as model:
         if progress:
             progress("generate", 1, 2 * repeats + 1)
-        # warm-up: first-run allocations, and for auto the step-cost calibration (once per artifact and machine)
-        model.generate(prompt, max_new_tokens=16, draft=draft)
+        # Warm-up, untimed, at full length: first-run allocations; for auto, the step-cost calibration (once per
+        # artifact and machine) and the controller's first corrections of it (a calibration can read drafting
+        # 20-30% cheap on a noisy machine; the first drafting steps then raise the ratios they contradict).
+        model.generate(prompt, max_new_tokens=max_new_tokens, draft=draft)
         runs: dict = {0: [], draft: []}
         i = 1
         for _ in range(repeats):
