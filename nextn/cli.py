@@ -420,9 +420,10 @@ def demo(prompt, max_new_tokens, draft, repeats, threads, quant, as_json):
         hist = ", ".join(f"K={k}: {n}" for k, n in d["draft_histogram"].items())
         click.echo(f"                   steps per K chosen [{hist}]")
         if d["draft_histogram"].get("0", 0) >= 0.9 * d["steps"] and r.step_cost:
+            hint = "" if r.quant else "; see `nextn demo --quant int8`"
             click.echo(f"                   drafting does not pay for this artifact on this machine: a step drafting "
                        f"1 token costs {r.step_cost[1]:.2f} plain steps (2: {r.step_cost[min(2, len(r.step_cost) - 1)]:.2f}),"
-                       " so auto keeps plain decoding; see `nextn demo --quant int8`")  # fmt: skip
+                       f" so auto keeps plain decoding{hint}")  # fmt: skip
     click.echo(f"speedup (TPOT):    {r.speedup:.2f}x")
     if not r.identical:
         raise NextnError("drafting changed the greedy output")

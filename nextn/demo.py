@@ -31,6 +31,7 @@ class DemoResult:
     plain: dict  # stats of the median run without drafting
     drafted: dict  # stats of the median run with drafting
     step_cost: list[float] | None = None  # auto: a step drafting K tokens over a plain one, K = 0.. (this machine)
+    quant: str | None = None  # the embedded model's quantization (None: fp32)
 
     @property
     def speedup(self) -> float:
@@ -39,7 +40,7 @@ class DemoResult:
     def to_dict(self) -> dict:
         return {"artifact": self.artifact, "prompt": self.prompt, "text": self.text, "identical": self.identical,
                 "draft": self.draft, "speedup": self.speedup, "plain": self.plain, "drafted": self.drafted,
-                "step_cost": self.step_cost}  # fmt: skip
+                "step_cost": self.step_cost, "quant": self.quant}  # fmt: skip
 
 
 def run_demo(
@@ -77,7 +78,8 @@ def run_demo(
         ratio = model.decoder.costs().at(1).ratio if draft == "auto" else None
     plain, drafted = (_median_run(runs[0]), _median_run(runs[draft]))
     identical = all(r.token_ids == runs[0][0].token_ids for k in runs for r in runs[k])
-    return DemoResult(str(artifact), prompt, plain.text or "", identical, draft, plain.stats, drafted.stats, ratio)
+    return DemoResult(str(artifact), prompt, plain.text or "", identical, draft, plain.stats, drafted.stats, ratio,
+                      quant)  # fmt: skip
 
 
 def _median_run(results: list):
