@@ -75,7 +75,11 @@ def run_demo(
                 if progress:
                     progress(f"generate (draft {k})", i, 2 * repeats + 1)
                 runs[k].append(model.generate(prompt, max_new_tokens=max_new_tokens, draft=k))
-        ratio = model.decoder.costs().at(1).ratio if draft == "auto" else None
+        if draft == "auto":  # the ratios the controller decided with (as corrected online)
+            costs = model.decoder.costs().at(1)
+            ratio = list(costs.seen or costs.ratio)
+        else:
+            ratio = None
     plain, drafted = (_median_run(runs[0]), _median_run(runs[draft]))
     identical = all(r.token_ids == runs[0][0].token_ids for k in runs for r in runs[k])
     return DemoResult(str(artifact), prompt, plain.text or "", identical, draft, plain.stats, drafted.stats, ratio,
