@@ -14,10 +14,10 @@ Which K is best depends on the ratios only. They are measured by a short calibra
 artifact runs with draft="auto" at a batch size: a few real decode steps at every fixed K from a random
 prompt, through the decoder itself, in rounds; each round gives every K's ratio to K = 0 measured
 seconds apart (this VM's speed drifts 10-30% within seconds: only such paired ratios hold), and the
-median over rounds is kept. Online, only steps at the K of the step before count (a lone step at another K
-finds other weights in the CPU caches): plain steps move the level by EMA; a drafting step that costs more
-than its ratio says raises that ratio by EMA (never lowers it: one calibration on this VM can read a ratio
-20-30% low, and drafting on that loses, while a ratio read high only costs a gain). The online ratios live
+median over rounds is kept. Online (decoder.steady says which steps count): plain steps after plain steps
+move the level by EMA (a plain step just after drafting finds other weights in the CPU caches); a drafting
+step that costs more than its ratio says raises that ratio by EMA (never lowers it: one calibration on
+this VM can read a ratio 20-30% low, and drafting on that loses, while a ratio read high only costs a gain). The online ratios live
 for the process; the calibration's ratios and the level are saved per artifact and machine under
 <cache>/costs/ when the model closes, and the next process starts there.
 
@@ -85,7 +85,7 @@ class CostModel:
         return self.batches[b]
 
     def observe(self, b: int, k: int, ms: float) -> None:
-        """One decode step of b rows at K = k (in a run of such steps) took `ms`: a plain step moves the level,
+        """One decode step of b rows at K = k took `ms` (a step that counts: decoder.steady): a plain step moves the level,
         a drafting step dearer than its ratio says raises that ratio (both by EMA, clipped to OUTLIER)."""
         c = self.at(b)
         if k >= len(c.ratio) or c.level <= 0:
