@@ -7,6 +7,7 @@ import logging
 
 import click
 
+from nextn.embedded import QUANT_SCHEMES
 from nextn.errors import NextnError
 from nextn.runtime.sampling import AcceptRule
 
@@ -389,7 +390,7 @@ def _embedded_artifact() -> str:
               help="The drafting run: auto (K chosen per step) or a fixed K >= 1.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per mode (the median is shown).")
 @click.option("--threads", type=int, default=1, show_default=True, help="Intra-op threads.")
-@click.option("--quant", default=None, type=click.Choice(["int8", "int4"]),
+@click.option("--quant", default=None, type=click.Choice(QUANT_SCHEMES),
               help="Run the embedded model quantized (nextn calibrate's defaults, once, cached) instead of fp32.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def demo(prompt, max_new_tokens, draft, repeats, threads, quant, as_json):

@@ -104,12 +104,12 @@ def summarize(runs: list[list[dict]], draft: int | str) -> dict:
         "accepted_per_position": [float(a / d) if d else 0.0 for a, d in zip(accepted, drafted)],
         "drafted_per_position": drafted.astype(int).tolist(),
         "host_fraction": host / sum(total_ms) if total_ms else 0.0,
-        "draft_histogram": _histogram(runs),
+        "draft_histogram": draft_histogram(runs),
         "runs": runs,
     }
 
 
-def _histogram(runs: list[list[dict]]) -> dict[str, int]:
+def draft_histogram(runs: list[list[dict]]) -> dict[str, int]:
     """Steps per K over all runs (each run's first row: the rows of a batch share their steps' K)."""
     out: dict[str, int] = {}
     for rows in runs:

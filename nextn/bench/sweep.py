@@ -208,20 +208,19 @@ def auto_vs_plain(artifact: Path, prompt_len: int, gen_len: int, threads: int, r
     """draft="auto" against plain decoding from random prompts (a random-weight model: drafts are almost
     never accepted, and the controller must turn drafting off), alternating, median of per-round ratios."""
     import nextn
-    from nextn.bench.latency import load_prompts
+    from nextn.bench.latency import draft_histogram, load_prompts
 
     with nextn.load(artifact, threads=threads) as model:
         model.eos_ids = ()
         prompts = load_prompts(None, None, model.engines.manifest["config"]["vocab_size"], prompt_len, rounds)
         model.generate(prompts[0], max_new_tokens=4, draft="auto")  # warm-up (and the step-cost calibration)
-        ratios, hist = [], {}
+        ratios, autos = [], []
         for p in prompts:
             plain = model.generate(p, max_new_tokens=gen_len, draft=0).stats["tpot_ms"]
-            auto = model.generate(p, max_new_tokens=gen_len, draft="auto").stats
-            ratios.append(plain / auto["tpot_ms"])
-            for k, n in auto["draft_histogram"].items():
-                hist[k] = hist.get(k, 0) + n
-    return {"auto_vs_k0": statistics.median(ratios), "range": [min(ratios), max(ratios)], "draft_histogram": hist}
+            autos.append(model.generate(p, max_new_tokens=gen_len, draft="auto").stats)
+            ratios.append(plain / autos[-1]["tpot_ms"])
+    return {"auto_vs_k0": statistics.median(ratios), "range": [min(ratios), max(ratios)],
+            "draft_histogram": draft_histogram([[s] for s in autos])}  # fmt: skip
 
 
 def plain_tpot(artifact: Path, prompt_len: int, gen_len: int, threads: int) -> float:

@@ -109,7 +109,7 @@ class Stats:
         if not self.predicted_ms or not self.steps:
             return {}
         plain = self.plain_step_ms / self.steps
-        steps_ms = np.diff([self.ttft_ms, *self.step_end_ms]).sum()
+        steps_ms = self.step_end_ms[-1] - self.ttft_ms  # all verify steps, end to end
         return {"predicted_gain": float(self.predicted_tokens / self.predicted_ms * plain),
                 "measured_gain": float(sum(self.step_tokens) / steps_ms * plain) if steps_ms > 0 else None,
                 "probe_steps": self.probes}  # fmt: skip
@@ -390,12 +390,12 @@ class Decoder:
     def steady(self, st: _State, k: int) -> bool:
         """Whether a step at K = k now tells what such steps cost. A plain step: if the step before was
         plain too (just after drafting, the CPU caches hold the MTP graphs' weights: 20-40% slower). A
-        drafting step: if its MTP caches lag by at most a step's tokens (a catch-up after plain steps is
+        drafting step: if the MTP modules it used were current (`ready`: a catch-up after plain steps is
         not what a draft costs); one just after a switch of K counts, since it can only raise a ratio and
         switching costs that much."""
         same = st.last_k == k
         st.last_k = k
-        return same if k == 0 else (not self.n_mtp or st.n - st.mtp_valid[0] <= self.max_draft + 1)
+        return same if k == 0 else self.ready(st, k)
 
     def observe_step(self, b: int, k: int, stats: Stats, steady: bool) -> None:
         """Refine the step cost at (b, K) from the step just recorded in `stats`, if it was `steady`."""
