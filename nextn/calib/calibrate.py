@@ -206,7 +206,7 @@ def _expert_hessians(scheme: str, moes, opts: CalibOptions) -> list:
     """The fused MoE nodes of a graph whose experts GPTQ quantizes (they need per-expert Hessians)."""
     if opts.weight_method != "gptq" or fused.expert_bits(scheme) != 4:
         return []
-    return [ex for ex in moes if fused.unsupported(ex, opts.block_size) is None]
+    return [ex for ex in moes if fused.unsupported(ex, opts.block_size, BLOCK_SIZES) is None]
 
 
 def _observe(root, manifest, schemes, linears, moes, sequences, opts, passes, step, scratch: Path):
@@ -308,16 +308,18 @@ def _quantize_experts(model, scheme: str, moes: list, expert_stats: dict, opts: 
     """Fused MoE nodes -> QMoE (experts.py); those QMoE cannot take stay float and are listed in `kept`."""
     bits = fused.expert_bits(scheme)
     inits = {t.name: t for t in model.graph.initializer}
-    todo, methods = {}, {"rtn": 0, "gptq": 0}
+    todo, methods, sizes = {}, {"rtn": 0, "gptq": 0}, set()
     for ex in moes:
-        reason = fused.unsupported(ex, opts.block_size) if bits else f"{scheme}: no CPU QMoE kernel for it"
+        reason = fused.unsupported(ex, opts.block_size, BLOCK_SIZES) if bits else f"{scheme}: no CPU QMoE kernel for it"
         if reason:
             kept.append({"graph": graph, "node": ex.node, "reason": f"fused MoE experts: {reason}"})
             continue
+        block = fused.expert_block_size(ex, opts.block_size, BLOCK_SIZES)
+        sizes.add(block)
         w13, w2 = (onnx.numpy_helper.to_array(inits[n]).astype(np.float32, copy=False) for n in (ex.w13, ex.w2))
-        todo[ex.node] = fused.quantize_experts(w13, w2, expert_stats.get(ex.node), opts.block_size, bits, methods)
+        todo[ex.node] = fused.quantize_experts(w13, w2, expert_stats.get(ex.node), block, bits, methods)
     apply_qmoe(model, todo)
-    return {"moe_layers": len(todo), "bits": bits, "weights": methods}
+    return {"moe_layers": len(todo), "bits": bits, "weights": methods, "block_sizes": sorted(sizes)}
 
 
 def _report(root, manifest, tmp, new, cal, ev, opts, schemes, kept, step) -> dict:

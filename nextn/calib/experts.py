@@ -33,10 +33,19 @@ def expert_bits(scheme: str) -> int | None:
     return {"int4": 4, "int8": 8}.get(scheme)
 
 
-def unsupported(ex: Experts, block_size: int) -> str | None:
-    """Why QMoE cannot take these experts at `block_size`, or None."""
-    if ex.hidden % block_size or ex.inter % block_size:
-        return f"QMoE needs hidden {ex.hidden} and expert width {ex.inter} divisible by --block-size {block_size}"
+def expert_block_size(ex: Experts, requested: int, sizes: tuple[int, ...]) -> int | None:
+    """The largest block size <= `requested` (of `sizes`) dividing both the hidden size and the expert width:
+    QMoE has no padded last block as MatMulNBits has, so the experts take a smaller block where the
+    requested one does not divide them (e.g. --block-size 128 on experts 96 wide: 32). None if none fits."""
+    fits = [b for b in sizes if b <= requested and ex.hidden % b == 0 and ex.inter % b == 0]
+    return max(fits) if fits else None
+
+
+def unsupported(ex: Experts, block_size: int, sizes: tuple[int, ...]) -> str | None:
+    """Why QMoE cannot take these experts at `block_size` or any smaller one, or None."""
+    if expert_block_size(ex, block_size, sizes) is None:
+        return (f"QMoE needs hidden {ex.hidden} and expert width {ex.inter} divisible by a block size <= "
+                f"--block-size {block_size}")  # fmt: skip
     return None
 
 

@@ -94,6 +94,33 @@ def test_mtp_graphs_may_keep_fp32(tiny_artifact, data_file, tmp_path):
     assert m["quantization"]["report"]["kept_float"] == []  # fp32 by choice is not "kept float"
 
 
+def test_experts_take_the_largest_block_that_fits(tiny_artifact, data_file, tmp_path):
+    # tiny: hidden 64, experts 32 wide. --block-size 64 fits the linears but not the experts' fc2, which
+    # take 32 instead of staying float (QMoE has no padded last block).
+    m = calibrate_artifact(tiny_artifact, tmp_path / "q", [data_file], [],
+                           CalibOptions(scheme="int4", weight_method="rtn", block_size=64, **FAST))  # fmt: skip
+    q = m["quantization"]
+    assert q["graphs"]["trunk"]["experts"]["block_sizes"] == [32] and q["report"]["kept_float"] == []
+    qmoe = [n for n in onnx.load(str(tmp_path / "q" / "trunk.onnx"), load_external_data=False).graph.node
+            if n.op_type == "QMoE"]  # fmt: skip
+    assert qmoe and all(onnx.helper.get_attribute_value(a) == 32 for n in qmoe for a in n.attribute
+                        if a.name == "block_size")  # fmt: skip
+
+
+def test_expert_block_size_choice():
+    from nextn.calib.calibrate import BLOCK_SIZES
+    from nextn.calib.experts import expert_block_size
+    from nextn.calib.rewrite import Experts
+
+    def ex(h, i):
+        return Experts("moe", "x", "p", "w13", "w2", 8, h, i)
+
+    assert expert_block_size(ex(1024, 256), 128, BLOCK_SIZES) == 128
+    assert expert_block_size(ex(256, 96), 128, BLOCK_SIZES) == 32  # the embedded model's experts
+    assert expert_block_size(ex(256, 96), 16, BLOCK_SIZES) == 16
+    assert expert_block_size(ex(24, 24), 128, BLOCK_SIZES) is None
+
+
 def test_refuses_under_the_threshold_and_writes_nothing(tiny_artifact, data_file, tmp_path):
     opts = CalibOptions(scheme="int4", weight_method="rtn", **{**FAST, "min_top1": 1.0})
     with pytest.raises(NextnError, match=r"top-1 agreement 0\.\d+ is under --min-top1 1"):
