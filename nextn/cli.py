@@ -344,10 +344,9 @@ def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends
               help="Activation ranges (int8, fp8).")
 @click.option("--weight-method", default="gptq", show_default=True, type=click.Choice(["rtn", "gptq"]),
               help="int4 weights: round-to-nearest or GPTQ on the calibration data.")
-@click.option("--block-size", type=int, default=32, show_default=True, help="int4: input channels per scale.")
+@click.option("--block-size", type=int, default=64, show_default=True,
+              help="int4: input channels per scale (fused experts take the largest size <= this that divides them).")
 @click.option("--head-bits", type=int, default=8, show_default=True, help="int4: bits of the output head (4 or 8).")
-@click.option("--latent-bits", type=click.Choice(["8", "32"]), default="8", show_default=True,
-              help="int8, int4: bits of MLA's per-head absorbed weights (kv_b_proj's W_UK, W_UV); 32 keeps them fp32.")
 @click.option("--samples", type=int, default=32, show_default=True, help="Calibration sequences.")
 @click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence (longer are cut).")
 @click.option("--eval-samples", type=int, default=8, show_default=True, help="Evaluation sequences.")
@@ -358,7 +357,7 @@ def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends
 @click.option("--json", "as_json", is_flag=True, help="Print the quality report as JSON.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
 def calibrate(artifact, out, data, eval_data, scheme, mtp_scheme, method, weight_method, block_size, head_bits,
-              latent_bits, samples, seq_len, eval_samples, min_top1, percentile, threads, as_json, force):  # fmt: skip
+              samples, seq_len, eval_samples, min_top1, percentile, threads, as_json, force):  # fmt: skip
     """Quantize an fp32 ARTIFACT (default: the embedded model) with calibration data; print a quality report."""
     from pathlib import Path
 
@@ -366,8 +365,7 @@ def calibrate(artifact, out, data, eval_data, scheme, mtp_scheme, method, weight
     from nextn.calib.report import format_report
 
     opts = CalibOptions(scheme=scheme, mtp_scheme=mtp_scheme, method=method, weight_method=weight_method,
-                        block_size=block_size, head_bits=head_bits, latent_bits=int(latent_bits), samples=samples,
-                        seq_len=seq_len,
+                        block_size=block_size, head_bits=head_bits, samples=samples, seq_len=seq_len,
                         eval_samples=eval_samples, min_top1=min_top1, percentile=percentile, threads=threads,
                         force=force)  # fmt: skip
     artifact = artifact or _embedded_artifact()

@@ -53,12 +53,19 @@ def embedded_quantized(scheme: str, progress: Callable[[str, int, int], None] | 
 
     if scheme not in QUANT_SCHEMES:
         raise NextnError(f"--quant {scheme}: choose one of {', '.join(QUANT_SCHEMES)}")
+    import hashlib
+    import json
+    from dataclasses import asdict
+
     fp32 = embedded_artifact(progress)
-    out = fp32.with_name(f"{fp32.name}-{scheme}")
+    opts = CalibOptions(scheme=scheme, force=True)
+    # the options' digest in the name: a release that changes calibrate's defaults quantizes afresh
+    digest = hashlib.sha256(json.dumps(asdict(opts), sort_keys=True).encode()).hexdigest()[:8]
+    out = fp32.with_name(f"{fp32.name}-{scheme}-{digest}")
     if (out / MANIFEST).is_file():
         return out
     log.info("quantizing the embedded model (%s) to %s", scheme, out)
-    calibrate_artifact(fp32, out, [], [], CalibOptions(scheme=scheme, force=True), progress)
+    calibrate_artifact(fp32, out, [], [], opts, progress)
     return out
 
 

@@ -31,7 +31,6 @@ from nextn.calib import data as calib_data
 from nextn.calib import observe, report
 from nextn.calib import experts as fused
 from nextn.calib.gptq import gptq
-from nextn.calib.latent import LATENT_BITS, apply_latent_int8, find_batched_weights, latent_inputs
 from nextn.calib.rewrite import apply_nbits, apply_qdq, apply_qmoe, find_experts, find_linears, quantize_rtn, weight_kn
 from nextn.errors import NextnError
 from nextn.export.exporter import COPIED, Steps, check_output, move_into_place
@@ -56,9 +55,8 @@ class CalibOptions:
     mtp_scheme: str | None = None  # MTP graphs: a scheme or "fp32"; None: as the trunk
     method: str = "minmax"  # activation ranges for int8 / fp8
     weight_method: str = "gptq"  # int4 weights: rtn | gptq
-    block_size: int = 32  # int4: input channels per scale
+    block_size: int = 64  # int4: input channels per scale (fp32 scales: 4.56 bits a weight, as llama.cpp's q4_0's 4.5)
     head_bits: int = 8  # int4 scheme: bits of the output head (4 or 8)
-    latent_bits: int = 8  # int8 / int4: MLA's per-head W_UK / W_UV in 8 bits (latent.py), or 32 (kept fp32)
     samples: int = 32  # calibration sequences
     seq_len: int = 256  # tokens per sequence (longer ones are cut)
     eval_samples: int = 8  # evaluation sequences of the report
@@ -85,8 +83,6 @@ def check_options(o: CalibOptions) -> None:
         raise NextnError(f"--block-size {o.block_size}: choose one of {', '.join(map(str, BLOCK_SIZES))}")
     if o.head_bits not in (4, 8):
         raise NextnError(f"--head-bits {o.head_bits}: choose 4 or 8")
-    if o.latent_bits not in LATENT_BITS:
-        raise NextnError(f"--latent-bits {o.latent_bits}: choose one of {', '.join(map(str, LATENT_BITS))}")
     if not 0.0 <= o.min_top1 <= 1.0:
         raise NextnError(f"--min-top1 {o.min_top1}: must be in [0, 1]")
     if not 50.0 < o.percentile <= 100.0:
@@ -133,7 +129,6 @@ def calibrate_artifact(
               for name, g in manifest["graphs"].items()}  # fmt: skip
     linears = {name: find_linears(m) for name, m in graphs.items()}
     moes = {name: find_experts(m) for name, m in graphs.items()}
-    latents = {name: latent_inputs(m) if _latent(schemes[name], opts) else [] for name, m in graphs.items()}
     del graphs
 
     passes = _passes(schemes, opts)
@@ -142,8 +137,8 @@ def calibrate_artifact(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        stats, expert_stats = _observe(root, manifest, schemes, linears, moes, latents, cal.ids, opts, passes,
-                                       step, tmp / "probe")  # fmt: skip
+        stats, expert_stats = _observe(root, manifest, schemes, linears, moes, cal.ids, opts, passes, step,
+                                       tmp / "probe")  # fmt: skip
         shutil.rmtree(tmp / "probe", ignore_errors=True)
         t0 = time.perf_counter()
         kept: list[dict] = []
@@ -190,14 +185,8 @@ def calibrate_artifact(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _latent(scheme: str, opts: CalibOptions) -> bool:
-    """Whether the graph's per-head absorbed weights go to 8 bits (an ONNX Runtime op: not under fp8,
-    which stays standard ONNX for TensorRT)."""
-    return scheme in ("int8", "int4") and opts.latent_bits == 8
-
-
 def _passes(schemes: dict[str, str], opts: CalibOptions) -> int:
-    act = any(s in ("int8", "fp8") or _latent(s, opts) for s in schemes.values())
+    act = any(s in ("int8", "fp8") for s in schemes.values())
     gptq = any(s == "int4" for s in schemes.values()) and opts.weight_method == "gptq"
     if not act and not gptq:
         return 0
@@ -220,7 +209,7 @@ def _expert_hessians(scheme: str, moes, opts: CalibOptions) -> list:
     return [ex for ex in moes if fused.unsupported(ex, opts.block_size, BLOCK_SIZES) is None]
 
 
-def _observe(root, manifest, schemes, linears, moes, latents, sequences, opts, passes, step, scratch: Path):
+def _observe(root, manifest, schemes, linears, moes, sequences, opts, passes, step, scratch: Path):
     """Activation statistics per graph ({activation: TensorStats}) and per fused MoE node (ExpertStats)."""
     if not passes:
         return {}, {}
@@ -233,12 +222,11 @@ def _observe(root, manifest, schemes, linears, moes, latents, sequences, opts, p
         lins, _ = linears[name]
         probed, need_h = _probed(schemes[name], lins, opts)
         exps = _expert_hessians(schemes[name], moes[name], opts)
-        ranged = probed + [x for x in latents[name] if x not in probed]  # latent inputs: a range, no Hessian
-        extra = sorted({t for ex in exps for t in (ex.x, ex.probs)} - set(ranged))
-        if name == "trunk" or ranged or exps:  # the trunk always runs: the MTP graphs need its hidden states
-            probes[name] = observe.open_probe(name, root / g["file"], ranged + extra, shared, scratch, opts.threads)
-            stats[name] = {p: observe.TensorStats() for p in ranged}
-            hess[name] = set(probed) if need_h else set()
+        extra = sorted({t for ex in exps for t in (ex.x, ex.probs)} - set(probed))
+        if name == "trunk" or probed or exps:  # the trunk always runs: the MTP graphs need its hidden states
+            probes[name] = observe.open_probe(name, root / g["file"], probed + extra, shared, scratch, opts.threads)
+            stats[name] = {p: observe.TensorStats() for p in probed}
+            hess[name] = need_h
             arrays = shared.arrays(root / g["file"]) if exps else {}  # the probe mapped them: no second read
             experts[name] = {ex.node: fused.ExpertStats(ex, arrays[ex.w13]) for ex in exps}
             hessian_bytes += sum(fused.ExpertStats.nbytes(ex) for ex in exps)
@@ -252,7 +240,7 @@ def _observe(root, manifest, schemes, linears, moes, latents, sequences, opts, p
 
     def ranges(graph, arrays):
         for p, s in stats[graph].items():
-            s.update_range(arrays[p], p in hess[graph])
+            s.update_range(arrays[p], hess[graph])
         for es in experts[graph].values():
             es.update(arrays[es.ex.x], arrays[es.ex.probs])
 
@@ -308,8 +296,6 @@ def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts:
         apply_nbits(model, weights)
         detail |= {"linears": len(weights), "block_size": opts.block_size, "head_bits": opts.head_bits,
                    "weights": methods}  # fmt: skip
-    if _latent(scheme, opts):
-        detail["latent_weights"] = _quantize_latent(model, scheme, stats, opts, kept, graph)
     if moes and scheme in SCHEMES:  # an "fp32" MTP graph keeps everything float, experts included
         detail["experts"] = _quantize_experts(model, scheme, moes, expert_stats, opts, kept, graph)
     onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -334,20 +320,6 @@ def _quantize_experts(model, scheme: str, moes: list, expert_stats: dict, opts: 
         todo[ex.node] = fused.quantize_experts(w13, w2, expert_stats.get(ex.node), block, bits, methods)
     apply_qmoe(model, todo)
     return {"moe_layers": len(todo), "bits": bits, "weights": methods, "block_sizes": sorted(sizes)}
-
-
-def _quantize_latent(model, scheme: str, stats: dict, opts: CalibOptions, kept: list[dict], graph: str) -> dict:
-    """MLA's per-head W_UK / W_UV -> int8 products at calibrated activation ranges (latent.py)."""
-    amax, use = {}, []
-    for f in find_batched_weights(model):
-        s = stats.get(f.x)
-        if s is None or s.rows == 0 or not s.finite or s.amax <= 0:
-            kept.append({"graph": graph, "node": f.node, "reason": "per-head weight: no usable calibration range"})
-            continue
-        amax[f.x] = observe.calibrated_amax(s, opts.method if scheme == "int8" else "minmax", opts.percentile)
-        use.append(f)
-    apply_latent_int8(model, use, amax)
-    return {"matmuls": len(use), "bits": 8}
 
 
 def _report(root, manifest, tmp, new, cal, ev, opts, schemes, kept, step) -> dict:

@@ -322,7 +322,7 @@ def _fresh(model: onnx.ModelProto):
 
 
 def _substitute(model: onnx.ModelProto, names: set[str], build) -> None:
-    """Replace the nodes named in `names` by `build(node, fresh) -> (new node(s), their new initializers)`, in
+    """Replace the nodes named in `names` by `build(node, fresh) -> (new node, its new initializers)`, in
     place; initializers no node reads any more are dropped; the com.microsoft opset is imported."""
     inits = {t.name: t for t in model.graph.initializer}
     new_inits, nodes = [], []
@@ -331,8 +331,8 @@ def _substitute(model: onnx.ModelProto, names: set[str], build) -> None:
         if node.name not in names:
             nodes.append(node)
             continue
-        new, more = build(node, fresh)  # one node, or a list of nodes in order
-        nodes.extend(new if isinstance(new, list) else [new])
+        new, more = build(node, fresh)
+        nodes.append(new)
         new_inits += more
     _replace(model, nodes, new_inits, inits)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
