@@ -157,7 +157,7 @@ def calibrate(run: Callable[[int, int, int], list], b: int, max_draft: int) -> B
     rounds still fit in about CALIB_SECONDS (its weights do not fit the CPU caches anyway: little to settle)."""
     ks = range(max_draft + 1)
     first = run(b, 0, 3)  # how long a plain step takes here
-    plain_ms = statistics.median(_step_ms(max(first, key=lambda x: x.steps))[1:])
+    plain_ms = statistics.median(max(first, key=lambda x: x.steps).step_ms()[1:])
     per_step = 3 * len(ks) * plain_ms * (1 + max_draft / 2) / 1e3  # seconds per step and K, 3 rounds, verify ~1 + K/2
     timed = int(min(CALIB_STEPS, max(4, CALIB_SECONDS / per_step * 2 / 3)))
     settle = min(CALIB_SETTLE, max(2, timed // 2))
@@ -172,7 +172,7 @@ def calibrate(run: Callable[[int, int, int], list], b: int, max_draft: int) -> B
         for k in ks:
             rows = run(b, k, settle + timed)
             s = max(rows, key=lambda x: x.steps)  # the last row to finish saw every shared step
-            step[k] = statistics.median(_step_ms(s)[settle:])
+            step[k] = statistics.median(s.step_ms()[settle:])
             trunk[k].append(s.decode_trunk_ms / s.steps)  # a shared pass counts in every row's trunk time
             drafted = sum(x.drafted for x in rows)
             if drafted:
@@ -188,8 +188,3 @@ def calibrate(run: Callable[[int, int, int], list], b: int, max_draft: int) -> B
     log.info("step costs at batch %d: %.3f ms at K = 0, ratios %s at K = 1..%d (%d rounds of %d + %d steps)", b,
              out.level, ", ".join(f"{x:.2f}" for x in out.ratio[1:]), max_draft, rounds, settle, timed)  # fmt: skip
     return out
-
-
-def _step_ms(stats) -> list[float]:
-    ends = [stats.ttft_ms, *stats.step_end_ms]
-    return [b - a for a, b in zip(ends, ends[1:])]

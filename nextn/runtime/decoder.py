@@ -96,6 +96,11 @@ class Stats:
         """Tokens emitted per trunk verify step (1 + accepted drafts per step)."""
         return 1 + self.accepted / self.steps if self.steps else 1.0
 
+    def step_ms(self) -> list[float]:
+        """Duration of each verify step (the first counted from the first token)."""
+        ends = [self.ttft_ms, *self.step_end_ms]
+        return [b - a for a, b in zip(ends, ends[1:])]
+
     def record_choice(self, choice: Choice, rows: int) -> None:
         """The controller's expectation for one step, this row's share of it."""
         self.predicted_tokens += choice.expected_tokens / rows
@@ -134,7 +139,7 @@ class Stats:
             "mean_acceptance_length": self.mean_acceptance_length,
             "time_ms": {"trunk": self.trunk_ms, "mtp": self.mtp_ms, "host": host, "total": self.total_ms},
             # per verify step: its duration and the tokens it emitted (per-token latency = ms / tokens)
-            "step_ms": np.diff([self.ttft_ms, *self.step_end_ms]).tolist(),
+            "step_ms": self.step_ms(),
             "step_tokens": list(self.step_tokens),
             "step_draft": list(self.step_draft),
             "draft": self.draft,

@@ -2,7 +2,6 @@
 refinement and cache. No timing assertions: the costs here are made up."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
@@ -15,6 +14,7 @@ from nextn.runtime.controller import (
     expected_tokens,
 )
 from nextn.runtime.costs import BatchCosts, CostModel, calibrate
+from nextn.runtime.decoder import Stats
 
 
 def _costs(ratio, level=1.0, b=1):
@@ -125,8 +125,8 @@ def test_batch_sums_rows():
 
 def _stats(step_ms: float, steps: int, drafted: int):
     ends = [10.0 + step_ms * (i + 1) for i in range(steps)]
-    return SimpleNamespace(ttft_ms=10.0, step_end_ms=ends, steps=steps, decode_trunk_ms=0.5 * step_ms * steps,
-                           draft_ms=0.1 * drafted * steps, drafted=drafted * steps, total_ms=ends[-1])
+    return Stats(ttft_ms=10.0, step_end_ms=ends, steps=steps, decode_trunk_ms=0.5 * step_ms * steps,
+                 draft_ms=0.1 * drafted * steps, drafted=drafted * steps, total_ms=ends[-1])
 
 
 def test_calibration_keeps_paired_ratios_and_the_level_follows(tmp_path):
