@@ -9,8 +9,10 @@ under a key of the package version and the weights' hash, so a new version re-ex
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -53,10 +55,6 @@ def embedded_quantized(scheme: str, progress: Callable[[str, int, int], None] | 
 
     if scheme not in QUANT_SCHEMES:
         raise NextnError(f"--quant {scheme}: choose one of {', '.join(QUANT_SCHEMES)}")
-    import hashlib
-    import json
-    from dataclasses import asdict
-
     fp32 = embedded_artifact(progress)
     opts = CalibOptions(scheme=scheme, force=True)
     # the options' digest in the name: a release that changes calibrate's defaults quantizes afresh

@@ -53,6 +53,7 @@ class AcceptRule:
 
     MODES = ("exact", "relaxed")
     RELAXED_TOP, RELAXED_DELTA = 3, 0.5  # defaults of --accept relaxed
+    KNOBS_NEED_RELAXED = "--relaxed-top/--relaxed-delta: relaxed acceptance is lossy; ask for it with --accept relaxed"
 
     @classmethod
     def from_options(cls, accept: str = "exact", top_n: int | None = None, delta: float | None = None) -> AcceptRule:
@@ -61,16 +62,14 @@ class AcceptRule:
             raise NextnError(f"--accept {accept!r}: choose one of {', '.join(cls.MODES)}")
         if accept == "exact":
             if top_n is not None or delta is not None:
-                raise NextnError("--relaxed-top/--relaxed-delta: relaxed acceptance is lossy; ask for it with "
-                                 "--accept relaxed")  # fmt: skip
+                raise NextnError(cls.KNOBS_NEED_RELAXED)
             return cls()
         return cls(True, cls.RELAXED_TOP if top_n is None else top_n, cls.RELAXED_DELTA if delta is None else delta)
 
     def check(self, params: SamplingParams) -> None:
         if not self.relaxed:
             if self.top_n != 1 or self.delta != 0.0:
-                raise NextnError("--relaxed-top/--relaxed-delta: relaxed acceptance is lossy; ask for it with "
-                                 "--accept relaxed")  # fmt: skip
+                raise NextnError(self.KNOBS_NEED_RELAXED)
             return
         if not params.greedy:
             raise NextnError("--accept relaxed: only with greedy decoding (--temperature 0); sampling keeps "
