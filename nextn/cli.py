@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import click
 
@@ -174,11 +175,14 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, draft, accept, relaxed_top
         if as_json:
             click.echo(json.dumps(model.generate(prompt, **kwargs).to_dict()))
             return
+        stats = None
         for piece in model.generate(prompt, stream=True, **kwargs):
-            click.echo(piece.text if model.tokenizer else " ".join(map(str, piece.token_ids)) + " ", nl=False)
-            sys.stdout.flush()
+            if piece.token_ids:
+                click.echo(piece.text if model.tokenizer else " ".join(map(str, piece.token_ids)) + " ", nl=False)
+                sys.stdout.flush()
+            stats = piece.stats or stats
         click.echo()
-    click.echo(_format_stats(model.last_stats), err=True)
+    click.echo(_format_stats(stats), err=True)
 
 
 def parse_draft(flag: str, value: str) -> int | str:
@@ -429,6 +433,35 @@ def demo(prompt, max_new_tokens, draft, repeats, threads, quant, as_json):
     click.echo(f"speedup (TPOT):    {r.speedup:.2f}x")
     if not r.identical:
         raise NextnError("drafting changed the greedy output")
+
+
+@cli.command()
+@click.argument("artifact", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-batch", type=int, default=16, show_default=True, help="Sequences decoded together.")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              help="Requests waiting for a batch slot; past it a request gets 429.")
+@click.option("--draft", default="auto", show_default=True, help="auto or a fixed K, for requests that do not say.")
+@click.option("--model-name", default=None, help="The name clients ask for [default: the artifact's folder name].")
+@click.option("--backend", default="ort", show_default=True, help="ort or torch.")
+@click.option("--threads", type=int, default=0, help="Intra-op threads (0: the backend's default).")
+def serve(artifact, host, port, max_batch, max_queue, draft, model_name, backend, threads):
+    """Serve an ARTIFACT (default: the embedded model) over an OpenAI-compatible HTTP API with continuous
+    batching: POST /v1/completions, GET /v1/models, /health, /metrics."""
+    from nextn.serve.app import ServeConfig, serve as run_server
+
+    if max_batch < 1:
+        raise NextnError(f"--max-batch {max_batch}: must be >= 1")
+    if max_queue < 0:
+        raise NextnError(f"--max-queue {max_queue}: must be >= 0")
+    if not 0 <= port <= 65535:
+        raise NextnError(f"--port {port}: must be in [0, 65535]")
+    artifact = artifact or _embedded_artifact()
+    name = model_name or Path(artifact).resolve().name
+    config = ServeConfig(name, max_batch, max_queue, parse_draft("--draft", draft))
+    run_server(artifact, host, port, config, backend=backend, threads=threads,
+               on_ready=lambda: click.echo(f"nextn: serving {name} on http://{host}:{port} (Ctrl-C stops)", err=True))
 
 
 class _progress:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from nextn.errors import NextnError
 from nextn.runtime.decoder import AUTO, Decoder
+from nextn.runtime.engine import Request, StepEngine
 from nextn.runtime.engines import open_engines
 from nextn.runtime.sampling import AcceptRule, SamplingParams
 
@@ -32,10 +33,13 @@ class Result:
 
 @dataclass
 class Piece:
-    """One streamed chunk: the tokens accepted in one step and their text."""
+    """One streamed chunk: the tokens that became final in one step and their text. The last piece of a
+    stream carries why it ended and the stats (its token_ids may be empty)."""
 
     token_ids: list[int]
     text: str
+    finish_reason: str | None = None  # "stop", "length" or "cancelled" on the last piece
+    stats: dict | None = None  # on the last piece
 
 
 class Model:
@@ -46,7 +50,6 @@ class Model:
         m = self.engines.manifest
         self.eos_ids = tuple(m["eos_token_ids"])
         self.tokenizer = None
-        self.last_stats: dict | None = None  # of the last generation (streaming included)
         if m.get("tokenizer"):
             from tokenizers import Tokenizer
 
@@ -86,7 +89,7 @@ class Model:
         Greedy when temperature is 0. `draft`: "auto" (the default: before each step a controller picks
         the K that maximizes expected tokens per ms from measured costs and acceptance, 0 where drafting
         does not pay) or a fixed K tokens drafted by the MTP modules per step (0: off). Every K is
-        lossless. A batch shares each trunk pass (batch.py); each result equals running that prompt alone
+        lossless. A batch shares each trunk pass (engine.py); each result equals running that prompt alone
         (greedy; sampled rows draw alike at a fixed K). `accept="relaxed"` (greedy only, lossy, opt-in)
         also accepts a draft in the target's `relaxed_top` (3) tokens within `relaxed_delta` (0.5) of its top
         log-prob.
@@ -97,17 +100,22 @@ class Model:
         if max_new_tokens < 1:
             raise NextnError(f"max_new_tokens {max_new_tokens}: must be >= 1")
         batch = isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list))
-        if batch:
-            if stream:
-                raise NextnError("stream=True takes one prompt, not a batch")
-            from nextn.runtime.batch import generate_batch
-
-            out = generate_batch(self.decoder, [self.encode(p) for p in prompt], max_new_tokens, draft, params,
-                                 self.eos_ids, self._stop_fn(stop), rule)  # fmt: skip
-            return [Result(ids, self.decode(ids), stats.to_dict()) for ids, stats in out]
+        if batch and stream:
+            raise NextnError("stream=True takes one prompt, not a batch")
+        request = self.request(prompt[0] if batch else prompt, max_new_tokens, draft, params, stop, rule)
         if stream:
-            return self._stream(prompt, max_new_tokens, draft, params, stop, rule)
-        return self._one(prompt, max_new_tokens, draft, params, stop, None, rule)
+            return self._stream(request)
+        prompts = [self.encode(p) for p in prompt] if batch else [request.prompt]
+        out = self.decoder.generate_many(prompts, max_new_tokens, draft, params, self.eos_ids, request.stop, rule)
+        results = [Result(ids, self.decode(ids), stats.to_dict()) for ids, stats in out]
+        return results if batch else results[0]
+
+    def request(self, prompt: str | list[int], max_new_tokens: int, draft: int | str, params: SamplingParams,
+                stop: list[str] | None, rule: AcceptRule) -> Request:  # fmt: skip
+        """A step-engine request (engine.py) for one prompt, checked: a bad one raises NextnError."""
+        req = Request(self.encode(prompt), max_new_tokens, draft, params, self.eos_ids, self._stop_fn(stop), rule)
+        self.decoder.check([req.prompt], draft, params, rule)
+        return req
 
     def _stop_fn(self, stop: list[str] | None):
         if not stop:
@@ -126,33 +134,24 @@ class Model:
 
         return cut
 
-    def _one(self, prompt, max_new_tokens, draft, params, stop, on_tokens, rule) -> Result:
-        ids, stats = self.decoder.generate(self.encode(prompt), max_new_tokens, draft, params, self.eos_ids,
-                                           self._stop_fn(stop), on_tokens, rule)  # fmt: skip
-        self.last_stats = stats.to_dict()
-        return Result(ids, self.decode(ids), self.last_stats)
-
-    def _stream(self, prompt, max_new_tokens, draft, params, stop, rule) -> Iterator[Piece]:
-        # The decoder calls back per step; a thread-free generator needs the pieces collected per step.
-        import queue
-        import threading
-
-        q: queue.Queue = queue.Queue()
-        error: list[BaseException] = []
-
-        def work():
-            try:
-                self._one(prompt, max_new_tokens, draft, params, stop, lambda ids: q.put(ids), rule)
-            except BaseException as e:  # surfaced in the consumer
-                error.append(e)
-            finally:
-                q.put(None)
-
-        threading.Thread(target=work, daemon=True).start()
-        while (ids := q.get()) is not None:
-            yield Piece(ids, self.decode(ids) or "")
-        if error:
-            raise error[0]
+    def _stream(self, request: Request) -> Iterator[Piece]:
+        """A generator over engine steps (no thread): each step's final tokens as a piece. Closing the
+        generator early cancels the sequence."""
+        engine = StepEngine(self.decoder, max_batch=1)
+        if request.draft == AUTO and self.decoder.depth(AUTO):
+            self.decoder.costs().at(1)  # a first calibration runs before the sequence's clock starts
+        seq = engine.add(request)
+        try:
+            while True:
+                engine.step()
+                ids = seq.take()
+                if seq.finished:
+                    yield Piece(ids, self.decode(ids) or "", seq.finish_reason, seq.stats.to_dict())
+                    return
+                if ids:
+                    yield Piece(ids, self.decode(ids) or "")
+        finally:
+            engine.cancel(seq)  # a stream abandoned mid-way stops its sequence
 
     def close(self) -> None:
         self.decoder.close()  # saves the refined step costs for the next process

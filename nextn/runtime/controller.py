@@ -133,7 +133,8 @@ class Choice:
 
 
 class DraftController:
-    """Picks one K per step for a set of rows (one sequence, or a batch sharing each trunk pass)."""
+    """Picks one K per step for a set of rows (one sequence, or a batch sharing each trunk pass). The step
+    engine (engine.py) sets `rows` before each choice: sequences join and leave between steps."""
 
     def __init__(self, costs: CostModel, rows: list[SequenceAcceptance], max_draft: int):
         self.costs, self.rows, self.max_draft = costs, rows, max_draft
@@ -147,9 +148,11 @@ class DraftController:
         # Never drafted on this artifact: the first step tries every position.
         self.next_probe = 0 if prior.trials[0] == 0 else self.interval
 
-    def choose(self, active: list[int] | None = None, limit: int | None = None, ready=None) -> Choice:
+    def choose(self, active: list[int] | None = None, limit: int | None = None, ready=None,
+               batch: int | None = None) -> Choice:  # fmt: skip
         """K for the next step of rows `active` (default: all), at most `limit` (the tokens still wanted).
-        `ready(k)`: whether drafting k tokens needs no MTP module that has fallen behind (default: yes)."""
+        `ready(k)`: whether drafting k tokens needs no MTP module that has fallen behind (default: yes).
+        `batch`: the batch size whose step costs apply (default: every row shares the trunk pass)."""
         if self.step < self.plain_until and self.step < self.next_probe:
             self.step += 1
             return self.plain
@@ -158,8 +161,7 @@ class DraftController:
         tokens = [0.0] * (top + 1)  # expected, summed over the active rows
         for r in active:
             tokens = [a + b for a, b in zip(tokens, expected_tokens(self.rows[r].rates()[:top]))]
-        # every row shares the trunk pass (finished rows ride along masked)
-        ms = self.costs.at(len(self.rows)).step
+        ms = self.costs.at(batch or len(self.rows)).step
         rate = [tokens[k] / ms[k] / (MARGIN if k else 1.0) for k in range(top + 1)]  # near-ties go to K = 0
         best = max(range(top + 1), key=rate.__getitem__)
         if best != self.best and self.best >= 0:  # the situation changed: look around again soon

@@ -21,7 +21,9 @@ A step:
 
 Caches are preallocated per sequence ([1, max_len, R] and [1, max_len, D] per layer and per module);
 engines get zero-copy views of the filled prefix and return only new entries, copied into place.
-K per step: fixed, or draft="auto" (controller.py: from measured step costs and acceptance).
+K per step: fixed, or draft="auto" (controller.py: from measured step costs and acceptance). This file
+holds one sequence's caches and the graph calls on them; the loop over steps, for any set of sequences,
+is engine.py.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from nextn.export.manifest import ARRAY_DTYPES
 from nextn.runtime.controller import AcceptanceCounts, Choice, DraftController, SequenceAcceptance
 from nextn.runtime.costs import CALIB_PROMPT, CostModel, cost_cache_file
 from nextn.runtime.engines import Engines
-from nextn.runtime.sampling import AcceptRule, SamplingParams, accept_drafts, sample, target_probs
+from nextn.runtime.sampling import AcceptRule, SamplingParams
 
 AUTO = "auto"
 
@@ -150,7 +152,8 @@ class Stats:
 
 
 class Decoder:
-    """Greedy or sampled decoding of one sequence at a time over an artifact's engines."""
+    """The graph calls of draft-and-verify decoding over an artifact's engines, the step costs and the
+    artifact-wide acceptance that draft="auto" uses; generate() runs the step engine."""
 
     def __init__(self, engines: Engines, prefill_chunk: int = 256, max_draft: int | None = None):
         self.engines = engines
@@ -184,11 +187,7 @@ class Decoder:
         vocab = self.engines.manifest["config"]["vocab_size"]
         prompts = [rng.integers(0, vocab, CALIB_PROMPT).tolist() for _ in range(b)]
         n = steps * (k + 1) + 1
-        if b == 1:
-            return [self.generate(prompts[0], n, draft=k, stop=_StepLimit(steps))[1]]
-        from nextn.runtime.batch import generate_batch
-
-        return [s for _, s in generate_batch(self, prompts, n, draft=k, stop=_StepLimit(steps))]
+        return [st for _, st in self.generate_many(prompts, n, draft=k, stop=_StepLimit(steps))]
 
     def acceptance_prior(self) -> AcceptanceCounts:
         """Every sequence's observations on this artifact, seeded from a cached earlier run or the
@@ -205,7 +204,6 @@ class Decoder:
 
     def controller(self, rows: int) -> DraftController:
         prior = self.acceptance_prior()
-        self.costs().at(rows)  # a first calibration at this batch size runs now, before the caller's clock starts
         return DraftController(self.costs(), [SequenceAcceptance(prior) for _ in range(rows)], self.max_draft)
 
     def close(self) -> None:
@@ -228,7 +226,7 @@ class Decoder:
             stats.mtp_ms += ms
         return out
 
-    def _trunk(self, st: _State, tokens: list[int], stats: Stats) -> tuple[np.ndarray, np.ndarray]:
+    def trunk(self, st: _State, tokens: list[int], stats: Stats) -> tuple[np.ndarray, np.ndarray]:
         """Run the trunk on `tokens` at positions n.. and append them to its cache. -> logits, hidden."""
         n, s = st.n, len(tokens)
         feed = {
@@ -245,6 +243,38 @@ class Decoder:
         logits, hidden = out[0][0], out[1][0]  # [S, V], [S, H]
         st.n = n + s
         return logits, hidden
+
+    def trunk_rows(self, states: list[_State], tokens: list[list[int]], stats: list[Stats]) -> list[np.ndarray]:
+        """One trunk pass for b sequences, row r running `tokens[r]` at its positions n_r.. and appending
+        them to its own cache. The pasts are gathered into [b, P, R] (P = max n_r; a shorter row's missing
+        slots and a narrower row's padding tokens are masked, so they change nothing). -> logits per row."""
+        b, s = len(states), max(len(t) for t in tokens)
+        p = max(st.n for st in states)
+        ids, pos = np.zeros((b, s), np.int64), np.zeros((b, s), np.int64)
+        mask = np.zeros((b, p + s), np.int64)
+        for r, (st, t) in enumerate(zip(states, tokens)):
+            ids[r, : len(t)] = t
+            pos[r] = st.n + np.arange(s)
+            mask[r, : st.n] = 1
+            mask[r, p : p + len(t)] = 1
+        feed = {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
+        for i in range(self.layers):
+            c_kv, k_pe = np.zeros((b, p, self.r), self.np), np.zeros((b, p, self.d), self.np)  # [b, P, R], [b, P, D]
+            for r, st in enumerate(states):
+                c_kv[r, : st.n], k_pe[r, : st.n] = st.kv_c[i][0, : st.n], st.kv_k[i][0, : st.n]
+            feed[f"past.{i}.c_kv"], feed[f"past.{i}.k_pe"] = c_kv, k_pe
+        t = time.perf_counter()
+        out = self.engines["trunk"].run(feed)  # logits [b, S, V], hidden [b, S, H], new.{i}.c_kv / k_pe [b, S, .]
+        ms = (time.perf_counter() - t) * 1e3
+        for x in stats:
+            x.trunk_ms += ms  # one shared pass: every row waited for it
+        for r, (st, t) in enumerate(zip(states, tokens)):
+            n, w = st.n, len(t)
+            for i in range(self.layers):
+                st.kv_c[i][0, n : n + w], st.kv_k[i][0, n : n + w] = out[2 + 2 * i][r, :w], out[3 + 2 * i][r, :w]
+            st.hidden[n : n + w] = out[1][r, :w]
+            st.n = n + w
+        return [out[0][r, : len(t)] for r, t in enumerate(tokens)]
 
     def _mtp(self, st: _State, module: int, start: int, tokens: list[int], hidden: np.ndarray,
              stats: Stats) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
@@ -267,7 +297,8 @@ class Decoder:
         return logits[0], hidden_out[0]
 
     # -- drafting --------------------------------------------------------------------------------
-    def _draft(self, st: _State, k_total: int, stats: Stats) -> list[int]:
+    def draft(self, st: _State, k_total: int, stats: Stats) -> list[int]:
+        """k_total draft tokens after t_n, from the MTP modules (and recursion with the last)."""
         t = time.perf_counter()
         drafts = self._draft_tokens(st, k_total, stats)
         stats.draft_ms += (time.perf_counter() - t) * 1e3
@@ -316,76 +347,30 @@ class Decoder:
         if longest >= self.max_positions:
             raise NextnError(f"prompt of {longest} tokens does not fit the context of {self.max_positions}")
 
-    def generate(
-        self,
-        prompt: list[int],
-        max_new_tokens: int,
-        draft: int | str = AUTO,
-        params: SamplingParams = SamplingParams(),
-        eos_ids: tuple[int, ...] = (),
-        stop=None,  # callable(new_token_ids) -> int | None: cut position if a stop string matched
-        on_tokens=None,  # callable(list[int]) for streaming accepted tokens
-        accept: AcceptRule = AcceptRule(),
-    ) -> tuple[list[int], Stats]:
-        self.check([prompt], draft, params, accept)
-        max_new_tokens = min(max_new_tokens, self.max_positions - len(prompt))
-        rng = np.random.default_rng(params.seed)
-        depth = self.depth(draft)
-        ctrl = self.controller(1) if draft == AUTO and depth else None
-        stats = self.new_stats(len(prompt), draft, accept)
-        st = _State(self, len(prompt) + max_new_tokens + depth + 2)
-        t0 = time.perf_counter()
+    def generate(self, prompt: list[int], max_new_tokens: int, draft: int | str = AUTO,
+                 params: SamplingParams = SamplingParams(), eos_ids: tuple[int, ...] = (), stop=None,
+                 accept: AcceptRule = AcceptRule()) -> tuple[list[int], Stats]:  # fmt: skip
+        """One sequence to the end, through the step engine (engine.py). -> new token ids, stats."""
+        return self.generate_many([prompt], max_new_tokens, draft, params, eos_ids, stop, accept)[0]
 
-        # Prefill in chunks; the last logits give the first new token.
-        st.tokens = list(prompt)
-        for a in range(0, len(prompt), self.prefill_chunk):
-            logits, _ = self._trunk(st, prompt[a : a + self.prefill_chunk], stats)
-        first = int(logits[-1].argmax()) if params.greedy else sample(target_probs(logits[-1:], params)[0], rng)
-        prefill_trunk_ms = stats.trunk_ms
-        st.tokens.append(first)
-        new = [first]
-        stats.ttft_ms = (time.perf_counter() - t0) * 1e3
-        emitted = self._emit(new, 0, max_new_tokens, eos_ids, stop, on_tokens)
+    def generate_many(self, prompts: list[list[int]], max_new_tokens: int, draft: int | str = AUTO,
+                      params: SamplingParams = SamplingParams(), eos_ids: tuple[int, ...] = (), stop=None,
+                      accept: AcceptRule = AcceptRule()) -> list[tuple[list[int], Stats]]:  # fmt: skip
+        """Several sequences sharing each trunk pass; each row's result is that of decoding it alone."""
+        from nextn.runtime.engine import Request, cost_batch, run_to_end
 
-        tail = None
-        while not self._done(new, max_new_tokens, eos_ids, stop, tail):
-            left = max_new_tokens - len(new)  # never draft past the budget
-            choice = self.choose(ctrl, [stats], left, [st]) if ctrl else None
-            k = choice.k if choice else min(depth, left)
-            steady = self.steady(st, k) and not (choice and choice.probe)
-            drafts = self._draft(st, k, stats) if k else []
-            n = st.n
-            logits, _ = self._trunk(st, [st.tokens[n], *drafts], stats)  # [K+1, V]
-            a, token = accept_drafts(logits, drafts, params, rng, accept)
-            st.n = n + a + 1  # roll back the rejected drafts' cache slots
-            stats.record_step(k, a, (time.perf_counter() - t0) * 1e3)
-            if ctrl:
-                ctrl.rows[0].observe(k, a)
-                self.observe_step(1, k, stats, steady)
-            step_tokens = [*drafts[:a], token]
-            st.tokens += step_tokens
-            new += step_tokens
-            tail = len(step_tokens)
-            emitted = self._emit(new, emitted, max_new_tokens, eos_ids, stop, on_tokens)
-
-        new = self._truncate(new, max_new_tokens, eos_ids, stop)
-        stats.new_tokens = len(new)
-        stats.total_ms = (time.perf_counter() - t0) * 1e3
-        stats.decode_trunk_ms = stats.trunk_ms - prefill_trunk_ms
-        return new, stats
+        self.check(prompts, draft, params, accept)
+        if draft == AUTO and self.depth(draft):
+            self.acceptance_prior()
+            self.costs().at(cost_batch(len(prompts)))  # a first calibration runs now, before the rows' clocks start
+        seqs = run_to_end(self, [Request(list(p), max_new_tokens, draft, params, tuple(eos_ids), stop, accept)
+                                 for p in prompts])  # fmt: skip
+        return [(s.final(), s.stats) for s in seqs]
 
     def new_stats(self, prompt_tokens: int, draft: int | str, accept: AcceptRule) -> Stats:
         depth = self.depth(draft)
         return Stats(prompt_tokens=prompt_tokens, drafted_per_position=[0] * depth, accepted_per_position=[0] * depth,
                      draft=str(draft), acceptance=accept.describe())  # fmt: skip
-
-    def choose(self, ctrl: DraftController, stats: list[Stats], limit: int, states: list[_State],
-               active: list[int] | None = None) -> Choice:  # fmt: skip
-        """The controller's choice for the next step (K at most `limit`), its expectation recorded in each row's stats."""
-        choice = ctrl.choose(active, limit, lambda k: all(self.ready(st, k) for st in states))
-        for s in stats:
-            s.record_choice(choice, len(stats))
-        return choice
 
     def ready(self, st: _State, k: int) -> bool:
         """Whether drafting k tokens now needs no MTP module whose cache lags by more than a step's tokens."""
@@ -401,21 +386,6 @@ class Decoder:
         same = st.last_k == k
         st.last_k = k
         return same if k == 0 else self.ready(st, k)
-
-    def observe_step(self, b: int, k: int, stats: Stats, steady: bool) -> None:
-        """Refine the step cost at (b, K) from the step just recorded in `stats`, if it was `steady`."""
-        if steady:
-            ends = stats.step_end_ms
-            self.costs().observe(b, k, ends[-1] - (ends[-2] if len(ends) > 1 else stats.ttft_ms))
-
-    def _emit(self, new, emitted, limit, eos_ids, stop, on_tokens) -> int:
-        """Stream what is final so far (never a token past EOS, a stop string or the budget)."""
-        if on_tokens is None:
-            return emitted
-        final = self._truncate(new, limit, eos_ids, stop)
-        if len(final) > emitted:
-            on_tokens(final[emitted:])
-        return len(final)
 
     @staticmethod
     def _truncate(new: list[int], limit: int, eos_ids, stop) -> list[int]:
@@ -450,9 +420,10 @@ class _StepLimit:
 
 
 class _State:
-    """Preallocated caches of one sequence (`trunk=False`: its trunk cache lives in a batch, batch.py)."""
+    """Preallocated caches of one sequence."""
 
     def __init__(self, dec: Decoder, max_len: int, trunk: bool = True):
+        self.max_len = max_len
         z = np.zeros
         self.kv_c = [z((1, max_len, dec.r), dec.np) for _ in range(dec.layers if trunk else 0)]
         self.kv_k = [z((1, max_len, dec.d), dec.np) for _ in range(dec.layers if trunk else 0)]
@@ -460,7 +431,11 @@ class _State:
         self.mtp_c = [z((1, max_len, dec.r), dec.np) for _ in range(dec.n_mtp)]
         self.mtp_k = [z((1, max_len, dec.d), dec.np) for _ in range(dec.n_mtp)]
         self.mtp_hidden = [z((max_len, dec.h), dec.np) for _ in range(dec.n_mtp)]
-        self.mtp_valid = [0] * dec.n_mtp
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty, for another sequence (stale slots are never read: lengths say what is valid)."""
+        self.mtp_valid = [0] * len(self.mtp_c)
         self.last_k = -1  # K of the previous step
         self.n = 0
         self.tokens: list[int] = []

@@ -285,7 +285,7 @@ def test_ragged_batch_equals_each_sequence_alone(tiny_artifact, monkeypatch):
             n = st.n
             return [seq[n + 1 + j] if (7 * (n + j) + 3) % 5 <= i and n + 1 + j < len(seq) else 0 for j in range(k)]
 
-        monkeypatch.setattr(model.decoder, "_draft", partly_right)
+        monkeypatch.setattr(model.decoder, "draft", partly_right)
         for k in (1, 3):
             batch = model.generate(prompts, max_new_tokens=16, draft=k)
             single = [model.generate(p, max_new_tokens=16, draft=k) for p in prompts]
