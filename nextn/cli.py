@@ -460,8 +460,13 @@ def serve(artifact, host, port, max_batch, max_queue, draft, model_name, backend
     artifact = artifact or _embedded_artifact()
     name = model_name or Path(artifact).resolve().name
     config = ServeConfig(name, max_batch, max_queue, parse_draft("--draft", draft))
-    run_server(artifact, host, port, config, backend=backend, threads=threads,
-               on_ready=lambda: click.echo(f"nextn: serving {name} on http://{host}:{port} (Ctrl-C stops)", err=True))
+    try:
+        run_server(artifact, host, port, config, backend=backend, threads=threads,
+                   on_ready=lambda: click.echo(f"nextn: serving {name} on http://{host}:{port} (Ctrl-C stops)",
+                                               err=True))  # fmt: skip
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on, after the model was closed
+        pass
+    click.echo("nextn: server stopped", err=True)
 
 
 class _progress:
