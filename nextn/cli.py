@@ -457,13 +457,14 @@ def serve(artifact, host, port, max_batch, max_queue, draft, model_name, backend
         raise NextnError(f"--max-queue {max_queue}: must be >= 0")
     if not 0 <= port <= 65535:
         raise NextnError(f"--port {port}: must be in [0, 65535]")
+    from nextn.embedded import EMBEDDED_NAME
+
+    name = model_name or (Path(artifact).resolve().name if artifact else EMBEDDED_NAME)
     artifact = artifact or _embedded_artifact()
-    name = model_name or Path(artifact).resolve().name
     config = ServeConfig(name, max_batch, max_queue, parse_draft("--draft", draft))
     try:
         run_server(artifact, host, port, config, backend=backend, threads=threads,
-                   on_ready=lambda: click.echo(f"nextn: serving {name} on http://{host}:{port} (Ctrl-C stops)",
-                                               err=True))  # fmt: skip
+                   on_ready=lambda url: click.echo(f"nextn: serving {name} on {url} (Ctrl-C stops)", err=True))
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on, after the model was closed
         pass
     click.echo("nextn: server stopped", err=True)

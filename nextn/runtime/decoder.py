@@ -259,9 +259,10 @@ class Decoder:
             mask[r, p : p + len(t)] = 1
         feed = {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
         for i in range(self.layers):
-            c_kv, k_pe = np.zeros((b, p, self.r), self.np), np.zeros((b, p, self.d), self.np)  # [b, P, R], [b, P, D]
+            c_kv, k_pe = np.empty((b, p, self.r), self.np), np.empty((b, p, self.d), self.np)  # [b, P, R], [b, P, D]
             for r, st in enumerate(states):
                 c_kv[r, : st.n], k_pe[r, : st.n] = st.kv_c[i][0, : st.n], st.kv_k[i][0, : st.n]
+                c_kv[r, st.n :], k_pe[r, st.n :] = 0, 0  # masked, but never uninitialized (NaN * 0 is NaN)
             feed[f"past.{i}.c_kv"], feed[f"past.{i}.k_pe"] = c_kv, k_pe
         t = time.perf_counter()
         out = self.engines["trunk"].run(feed)  # logits [b, S, V], hidden [b, S, H], new.{i}.c_kv / k_pe [b, S, .]

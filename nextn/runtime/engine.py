@@ -12,9 +12,10 @@ and the server (serve/), which adds and cancels sequences between steps.
 A step:
     admit    queued sequences start (up to max_batch at once); each gets its caches (decoder._State,
              reused from finished sequences)
-    prefill  prompt chunks, at most `prefill_chunk` prompt tokens per step over all starting sequences
-             (a long prompt takes several steps, so it never stalls the running ones for more than one
-             chunk); a sequence whose prompt is done samples its first token and joins the running set
+    prefill  prompt chunks, at most `prefill_chunk` prompt tokens per step over all starting sequences,
+             in one trunk pass (a long prompt takes several steps, so it never stalls the running ones for
+             more than one chunk); a sequence whose prompt is done samples its first token and joins the
+             running set
     decode   one trunk pass for every running sequence: each drafts its K tokens with its own MTP caches
              (draft="auto": one K per pass from the controller over those rows' own acceptance, since the
              pass costs the width of its widest row; a fixed K is that row's own), the trunk verifies
@@ -152,28 +153,38 @@ class StepEngine:
         return list(dict.fromkeys(touched))
 
     def _prefill(self, touched: list[Sequence]) -> bool:
-        budget = self.prefill_chunk
-        for seq in list(self.starting):
+        """The next chunk of each starting sequence's prompt, at most prefill_chunk tokens over all of
+        them, in one trunk pass (rows of different lengths padded and masked)."""
+        budget, rows, chunks = self.prefill_chunk, [], []
+        for seq in self.starting:
             if budget <= 0:
                 break
-            prompt = seq.request.prompt
-            chunk = prompt[seq.prefilled : seq.prefilled + budget]
-            logits, _ = self.dec.trunk(seq.state, chunk, seq.stats)  # [S, V]
-            seq.prefilled += len(chunk)
+            chunk = seq.request.prompt[seq.prefilled : seq.prefilled + budget]
+            rows.append(seq)
+            chunks.append(chunk)
             budget -= len(chunk)
-            if seq.prefilled < len(prompt):
-                continue
-            p = seq.request.params
-            first = int(logits[-1].argmax()) if p.greedy else sample(target_probs(logits[-1:], p)[0], seq.rng)
-            seq.state.tokens.append(first)
-            seq.new.append(first)
-            seq.stats.ttft_ms = seq.ms()
-            seq.prefill_trunk_ms = seq.stats.trunk_ms
-            self.starting.remove(seq)
-            self.running.append(seq)
-            touched.append(seq)
-            self._maybe_finish(seq, 1)
+        if len(rows) == 1:
+            logits = [self.dec.trunk(rows[0].state, chunks[0], rows[0].stats)[0]]  # [S, V]
+        else:
+            logits = self.dec.trunk_rows([s.state for s in rows], chunks, [s.stats for s in rows])
+        for seq, chunk, lg in zip(rows, chunks, logits):
+            seq.prefilled += len(chunk)
+            if seq.prefilled == len(seq.request.prompt):
+                self._first_token(seq, lg[-1])
+                touched.append(seq)
         return True
+
+    def _first_token(self, seq: Sequence, logits) -> None:
+        """The prompt is in: sample the first new token; the sequence joins the running set."""
+        p = seq.request.params
+        first = int(logits.argmax()) if p.greedy else sample(target_probs(logits[None], p)[0], seq.rng)
+        seq.state.tokens.append(first)
+        seq.new.append(first)
+        seq.stats.ttft_ms = seq.ms()
+        seq.prefill_trunk_ms = seq.stats.trunk_ms
+        self.starting.remove(seq)
+        self.running.append(seq)
+        self._maybe_finish(seq, 1)
 
     def _decode(self, rows: list[Sequence], touched: list[Sequence], observe: bool) -> None:
         """One trunk pass over `rows`: draft, verify, accept per row."""

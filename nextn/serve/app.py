@@ -13,8 +13,10 @@ Every request joins the one running batch between steps (loop.py); greedy output
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import socket
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -64,7 +66,8 @@ def warm_up(model: Model, config: ServeConfig) -> None:
             dec.costs().at(b)
 
 
-def create_app(model: Model, config: ServeConfig) -> FastAPI:
+def create_app(model: Model, config: ServeConfig, on_ready=None) -> FastAPI:
+    """The app; `on_ready()` is called once its decode loop runs."""
     metrics = ServerMetrics(config.model_name)
     engine = StepEngine(model.decoder, max_batch=config.max_batch, prefill_chunk=config.prefill_chunk)
     state: dict[str, EngineLoop] = {}
@@ -73,6 +76,8 @@ def create_app(model: Model, config: ServeConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         state["loop"] = loop = EngineLoop(engine, config.max_queue, metrics)
         task = asyncio.create_task(loop.run())
+        if on_ready:
+            on_ready()
         yield
         task.cancel()
         loop.close()
@@ -131,6 +136,8 @@ def engine_request(model: Model, body: CompletionRequest, config: ServeConfig) -
     params = SamplingParams(float(body.temperature), top_k, float(body.top_p), body.seed)
     try:
         req = model.request(body.prompt_one, body.max_tokens, draft, params, body.stops, AcceptRule())
+        if body.ignore_eos:
+            req = dataclasses.replace(req, eos_ids=())
     except NextnError as e:
         msg = str(e)
         field = "draft" if "--draft" in msg else "stop" if "stop" in msg else "prompt"
@@ -206,13 +213,28 @@ class Detokenizer:
 
 def serve(artifact: str | Path, host: str, port: int, config: ServeConfig, backend: str = "ort",
           threads: int = 0, on_ready=None) -> None:  # fmt: skip
-    """Load, warm up, then serve until interrupted (Ctrl-C); the step costs are saved on the way out."""
+    """Bind, load, warm up, then serve until interrupted (Ctrl-C); the step costs are saved on the way out.
+    `on_ready(url)` is called once requests are answered."""
     import uvicorn
 
+    sock = bind(host, port)  # first: a taken port fails in a second, not after loading the model
     with Model(artifact, backend=backend, threads=threads) as model:
         warm_up(model, config)
-        app = create_app(model, config)
-        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-        if on_ready:
-            on_ready()
-        server.run()
+        url = f"http://{host}:{sock.getsockname()[1]}"
+        app = create_app(model, config, (lambda: on_ready(url)) if on_ready else None)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        server.run(sockets=[sock])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise NextnError(f"--host {host} --port {port}: cannot listen there ({e.strerror})") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock

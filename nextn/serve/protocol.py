@@ -47,6 +47,7 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: StrictInt = 1
     draft: StrictStr | StrictInt | None = None  # nextn: "auto" or K; None: the server's --draft
+    ignore_eos: StrictBool = False  # vLLM's: generate max_tokens whatever the model says (benchmarks)
     echo: StrictBool = False
     logprobs: StrictInt | None = None
 

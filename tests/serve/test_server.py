@@ -247,3 +247,19 @@ def test_full_queue_is_refused_and_a_disconnect_frees_its_slot(tiny_artifact):
         assert status == 200 and body["choices"][0]["token_ids"]
     finally:
         s.stop()
+
+
+def test_serve_flags_and_a_taken_port_fail_in_one_line(tiny_artifact):
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        for args, message in [
+            (["--port", str(port)], f"--port {port}: cannot listen there"),
+            (["--max-batch", "0"], "--max-batch 0: must be >= 1"),
+            (["--draft", "x"], "--draft 'x'"),
+        ]:
+            r = subprocess.run([sys.executable, "-c", "from nextn.cli import main; main()", "serve", str(tiny_artifact),
+                                "--host", HOST, *args], capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1
