@@ -445,8 +445,12 @@ def demo(prompt, max_new_tokens, draft, repeats, threads, quant, as_json):
 @click.option("--draft", default="auto", show_default=True, help="auto or a fixed K, for requests that do not say.")
 @click.option("--model-name", default=None, help="The name clients ask for [default: the artifact's folder name].")
 @click.option("--backend", default="ort", show_default=True, help="ort or torch.")
-@click.option("--threads", type=int, default=0, help="Intra-op threads (0: the backend's default).")
-def serve(artifact, host, port, max_batch, max_queue, draft, model_name, backend, threads):
+@click.option("--threads", type=int, default=0,
+              help="Intra-op threads per engine (0: the backend's default; with --replicas, the cores split evenly).")
+@click.option("--replicas", type=int, default=0,
+              help="Serve N replicas as a Ray Serve deployment (each its own engine) [default: no Ray, one engine].")
+@click.option("--ray-address", default=None, help="With --replicas: join this Ray cluster [default: start a local one].")
+def serve(artifact, host, port, max_batch, max_queue, draft, model_name, backend, threads, replicas, ray_address):
     """Serve an ARTIFACT (default: the embedded model) over an OpenAI-compatible HTTP API with continuous
     batching: POST /v1/completions, GET /v1/models, /health, /metrics."""
     from nextn.serve.app import ServeConfig, serve as run_server
@@ -457,14 +461,23 @@ def serve(artifact, host, port, max_batch, max_queue, draft, model_name, backend
         raise NextnError(f"--max-queue {max_queue}: must be >= 0")
     if not 0 <= port <= 65535:
         raise NextnError(f"--port {port}: must be in [0, 65535]")
+    if replicas < 0:
+        raise NextnError(f"--replicas {replicas}: must be >= 1 (or 0: no Ray)")
+    if ray_address and not replicas:
+        raise NextnError("--ray-address: give --replicas N too")
     from nextn.embedded import EMBEDDED_NAME
 
     name = model_name or (Path(artifact).resolve().name if artifact else EMBEDDED_NAME)
     artifact = artifact or _embedded_artifact()
     config = ServeConfig(name, max_batch, max_queue, parse_draft("--draft", draft))
+    ready = lambda url: click.echo(f"nextn: serving {name} on {url} (Ctrl-C stops)", err=True)  # noqa: E731
     try:
-        run_server(artifact, host, port, config, backend=backend, threads=threads,
-                   on_ready=lambda url: click.echo(f"nextn: serving {name} on {url} (Ctrl-C stops)", err=True))
+        if replicas:
+            from nextn.serve.ray_app import serve_on_ray
+
+            serve_on_ray(artifact, host, port, config, replicas, ray_address, backend, threads, ready)
+        else:
+            run_server(artifact, host, port, config, backend=backend, threads=threads, on_ready=ready)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on, after the model was closed
         pass
     click.echo("nextn: server stopped", err=True)

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import socket
 import time
 from contextlib import asynccontextmanager
@@ -101,7 +102,7 @@ def create_app(model: Model, config: ServeConfig, on_ready=None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        return {"status": "ok", "replica": f"{socket.gethostname()}:{os.getpid()}"}  # which engine answered
 
     @app.get("/v1/models")
     async def models():

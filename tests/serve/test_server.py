@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -34,11 +35,12 @@ class Server:
         self.port = _free_port()
         cmd = [sys.executable, "-c", "from nextn.cli import main; main()", "serve", str(artifact),
                "--host", HOST, "--port", str(self.port), *args]  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ)
+        self.log = tempfile.TemporaryFile("w+")  # not a pipe: a chatty server must never block on it
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True, env=os.environ)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
+                raise RuntimeError(f"server exited: {self.output()}")
             try:
                 if self.get("/health")[0] == 200:
                     return
@@ -46,6 +48,10 @@ class Server:
                 time.sleep(0.2)
         self.stop()
         raise RuntimeError("server did not come up")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def url(self, path: str) -> str:
         return f"http://{HOST}:{self.port}{path}"
@@ -107,7 +113,7 @@ def server(tiny_artifact):
     s = Server(tiny_artifact, "--max-batch", "4", "--max-queue", "16", "--draft", "2", "--model-name", "tiny")
     yield s
     s.stop()
-    assert s.proc.returncode == 0, s.proc.stderr.read()
+    assert s.proc.returncode == 0, s.output()
 
 
 PROMPTS = ["w5 w6 w7", "w10 w11", "w12 w13 w14 w15 w16 w17", "w20", "w3 w1 w4 w1 w5", "w9 w2 w6"]
@@ -263,3 +269,21 @@ def test_serve_flags_and_a_taken_port_fail_in_one_line(tiny_artifact):
                                 "--host", HOST, *args], capture_output=True, text=True, timeout=120)  # fmt: skip
             assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
             assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_two_replicas_on_a_local_ray_instance(tiny_artifact):
+    """`nextn serve --replicas 2`: a local Ray instance, Ray Serve's proxy on 127.0.0.1, two engines."""
+    pytest.importorskip("ray.serve")
+    s = Server(tiny_artifact, "--replicas", "2", "--draft", "2", "--max-batch", "4")
+    try:
+        replicas = {json.loads(s.get("/health")[1])["replica"] for _ in range(40)}
+        assert len(replicas) == 2  # requests are spread over both
+        bodies = [{"prompt": p, "max_tokens": 16, "temperature": 0} for p in PROMPTS * 2]
+        got = _concurrently(s.post, bodies)
+        want = _solo(tiny_artifact, PROMPTS, max_new_tokens=16, draft=0)
+        assert [b["choices"][0]["token_ids"] for _, _, b in got] == [w.token_ids for w in want * 2]
+        status, _, err = s.post({"prompt": "w1", "temperature": -1})
+        assert status == 400 and err["error"]["param"] == "temperature"
+    finally:
+        s.stop()
+    assert s.proc.returncode == 0, s.output()[-2000:]
