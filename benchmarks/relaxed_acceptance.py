@@ -16,6 +16,7 @@ import statistics
 import numpy as np
 
 import nextn
+from nextn.export import io
 from nextn.bench.latency import load_prompts
 from nextn.embedded import embedded_artifact
 
@@ -26,12 +27,11 @@ def top1_agreement(model, prompt: list[int], new: list[int]) -> float:
     """Share of `new` that is the trunk's argmax after prompt + the new tokens before it."""
     ids = prompt + new
     eng, c = model.engines["trunk"], model.engines.manifest["config"]
-    feed = {"input_ids": np.asarray([ids[:-1]]), "position_ids": np.arange(len(ids) - 1)[None],
-            "attention_mask": np.ones((1, len(ids) - 1), np.int64)}  # fmt: skip
-    for i in range(c["num_hidden_layers"]):
-        feed[f"past.{i}.c_kv"] = np.zeros((1, 0, c["kv_lora_rank"]), np.float32)
-        feed[f"past.{i}.k_pe"] = np.zeros((1, 0, c["qk_rope_head_dim"]), np.float32)
-    argmax = eng.run(feed)[0][0].argmax(-1)  # [T-1]: the argmax after each prefix
+    empty = [(np.zeros((1, 0, c["kv_lora_rank"]), np.float32), np.zeros((1, 0, c["qk_rope_head_dim"]), np.float32))
+             for _ in range(c["num_hidden_layers"])]  # fmt: skip
+    feed = io.trunk_feed(np.asarray([ids[:-1]]), np.arange(len(ids) - 1)[None], np.ones((1, len(ids) - 1), np.int64),
+                         empty)  # fmt: skip
+    argmax = io.split_trunk(eng.run(feed)).logits[0].argmax(-1)  # [T-1]: the argmax after each prefix
     want = argmax[len(prompt) - 1 :]
     return float(np.mean(want == np.asarray(new)))
 

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx.external_data_helper import ExternalDataInfo
 
+from nextn.export import io
 from nextn.runtime.engines import SharedWeights
 
 VERIFY = 4  # tokens per verify step: draft 3 + 1, the runtime's usual shape (nextn demo, bench)
@@ -136,25 +137,22 @@ def drive(probes: dict[str, Probe], cfg: dict, sequences: list[list[int]], visit
         kv = [[np.zeros((1, 0, r), np.float32), np.zeros((1, 0, d), np.float32)] for _ in range(layers)]
         mkv = {k: [np.zeros((1, 0, r), np.float32), np.zeros((1, 0, d), np.float32)] for k in mtp}
         for a, b in chunks(n):
-            feed = {"input_ids": np.asarray([ids[a:b]], np.int64), "position_ids": np.arange(a, b)[None],
-                    "attention_mask": np.ones((1, b), np.int64)}  # fmt: skip
-            for i in range(layers):
-                feed[f"past.{i}.c_kv"], feed[f"past.{i}.k_pe"] = kv[i]
+            feed = io.trunk_feed(np.asarray([ids[a:b]], np.int64), np.arange(a, b)[None], np.ones((1, b), np.int64), kv)
             out = _call(probes["trunk"], feed, visit)
-            hidden = out["hidden"][0]  # [S, H]
+            hidden = out[io.HIDDEN][0]  # [S, H]
             for i in range(layers):
-                kv[i] = [np.concatenate([kv[i][0], out[f"new.{i}.c_kv"]], 1),
-                         np.concatenate([kv[i][1], out[f"new.{i}.k_pe"]], 1)]  # fmt: skip
+                c, k = io.new(i)
+                kv[i] = [np.concatenate([kv[i][0], out[c]], 1), np.concatenate([kv[i][1], out[k]], 1)]
             for k in mtp:  # slots a.. of module k; the last k+1 positions have no token k+1 ahead
                 bk = min(b, n - k - 1)
                 if bk <= a:
                     break
-                feed = {"input_ids": np.asarray([ids[a + k + 1 : bk + k + 1]], np.int64),
-                        "hidden": hidden[None, : bk - a], "position_ids": np.arange(a + k + 1, bk + k + 1)[None],
-                        "attention_mask": np.ones((1, bk), np.int64), "past.c_kv": mkv[k][0], "past.k_pe": mkv[k][1]}  # fmt: skip
+                feed = io.mtp_feed(np.asarray([ids[a + k + 1 : bk + k + 1]], np.int64), hidden[None, : bk - a],
+                                   np.arange(a + k + 1, bk + k + 1)[None], np.ones((1, bk), np.int64), *mkv[k])  # fmt: skip
                 out = _call(probes[f"mtp_{k}"], feed, visit)
-                mkv[k] = [np.concatenate([mkv[k][0], out["new.c_kv"]], 1), np.concatenate([mkv[k][1], out["new.k_pe"]], 1)]
-                hidden = out["hidden_out"][0]  # chained to depth k+1
+                c_new, k_new = io.new()
+                mkv[k] = [np.concatenate([mkv[k][0], out[c_new]], 1), np.concatenate([mkv[k][1], out[k_new]], 1)]
+                hidden = out[io.HIDDEN_OUT][0]  # chained to depth k+1
         if tick:
             tick()
 

@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from nextn.export import io
+
 GEN_TOKENS = 64  # new tokens per greedy run of the report
 
 
@@ -28,12 +30,10 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 def _trunk_logits(engines, ids: list[int], cfg: dict) -> np.ndarray:
     """Logits [n, V] of one sequence, one prefill call on an empty cache."""
     n = len(ids)
-    feed = {"input_ids": np.asarray([ids], np.int64), "position_ids": np.arange(n)[None],
-            "attention_mask": np.ones((1, n), np.int64)}  # fmt: skip
-    for i in range(cfg["num_hidden_layers"]):
-        feed[f"past.{i}.c_kv"] = np.zeros((1, 0, cfg["kv_lora_rank"]), np.float32)
-        feed[f"past.{i}.k_pe"] = np.zeros((1, 0, cfg["qk_rope_head_dim"]), np.float32)
-    return engines["trunk"].run(feed)[0][0]
+    empty = [(np.zeros((1, 0, cfg["kv_lora_rank"]), np.float32), np.zeros((1, 0, cfg["qk_rope_head_dim"]), np.float32))
+             for _ in range(cfg["num_hidden_layers"])]  # fmt: skip
+    feed = io.trunk_feed(np.asarray([ids], np.int64), np.arange(n)[None], np.ones((1, n), np.int64), empty)
+    return io.split_trunk(engines["trunk"].run(feed)).logits[0]
 
 
 def agreement(base, quant, sequences: list[list[int]], cfg: dict) -> dict:

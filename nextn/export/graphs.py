@@ -1,4 +1,5 @@
-"""The exported graphs' interfaces: thin nn.Module wrappers over the reference with flat, named I/O.
+"""The exported graphs' interfaces: thin nn.Module wrappers over the reference with flat, named I/O
+(the names and output order: io.py, the one definition every caller uses).
 
 trunk.onnx
   inputs   input_ids       [batch, new_tokens]                int64
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nextn.export import io
 from nextn.model.config import ModelConfig
 from nextn.model.reference import DeepseekV3, LayerKV
 
@@ -42,42 +44,44 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "meaning": self.meaning}
 
 
-def _kv_specs(prefix: str, cfg: ModelConfig, dtype: str, length: str, what: str) -> list[TensorSpec]:
+def _kv_specs(names: tuple[str, str], cfg: ModelConfig, dtype: str, length: str, what: str) -> list[TensorSpec]:
     return [
-        TensorSpec(f"{prefix}c_kv", dtype, (BATCH, length, cfg.kv_lora_rank), f"{what} latent c_kv (after kv_a_layernorm)"),
-        TensorSpec(f"{prefix}k_pe", dtype, (BATCH, length, cfg.qk_rope_head_dim), f"{what} rotated rope key"),
+        TensorSpec(names[0], dtype, (BATCH, length, cfg.kv_lora_rank), f"{what} latent c_kv (after kv_a_layernorm)"),
+        TensorSpec(names[1], dtype, (BATCH, length, cfg.qk_rope_head_dim), f"{what} rotated rope key"),
     ]
 
 
 def trunk_io(cfg: ModelConfig, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     inputs = [
-        TensorSpec("input_ids", "int64", (BATCH, NEW), "new tokens"),
-        TensorSpec("position_ids", "int64", (BATCH, NEW), "their positions"),
-        TensorSpec("attention_mask", "int64", (BATCH, TOTAL), "1 for real tokens over past + new slots"),
+        TensorSpec(io.INPUT_IDS, "int64", (BATCH, NEW), "new tokens"),
+        TensorSpec(io.POSITION_IDS, "int64", (BATCH, NEW), "their positions"),
+        TensorSpec(io.ATTENTION_MASK, "int64", (BATCH, TOTAL), "1 for real tokens over past + new slots"),
     ]
     outputs = [
-        TensorSpec("logits", dtype, (BATCH, NEW, cfg.vocab_size), "next-token logits"),
-        TensorSpec("hidden", dtype, (BATCH, NEW, cfg.hidden_size), "hidden after the final norm (MTP input)"),
+        TensorSpec(io.LOGITS, dtype, (BATCH, NEW, cfg.vocab_size), "next-token logits"),
+        TensorSpec(io.HIDDEN, dtype, (BATCH, NEW, cfg.hidden_size), "hidden after the final norm (MTP input)"),
     ]
     for i in range(cfg.num_hidden_layers):
-        inputs += _kv_specs(f"past.{i}.", cfg, dtype, PAST, f"layer {i} past")
-        outputs += _kv_specs(f"new.{i}.", cfg, dtype, NEW, f"layer {i} new")
+        inputs += _kv_specs(io.past(i), cfg, dtype, PAST, f"layer {i} past")
+        outputs += _kv_specs(io.new(i), cfg, dtype, NEW, f"layer {i} new")
+    assert [o.name for o in outputs] == io.trunk_outputs(cfg.num_hidden_layers)
     return inputs, outputs
 
 
 def mtp_io(cfg: ModelConfig, dtype: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
     inputs = [
-        TensorSpec("input_ids", "int64", (BATCH, NEW), "tokens one step ahead of hidden's positions"),
-        TensorSpec("hidden", dtype, (BATCH, NEW, cfg.hidden_size), "trunk hidden (k = 0) or depth k-1 hidden_out"),
-        TensorSpec("position_ids", "int64", (BATCH, NEW), "positions of input_ids"),
-        TensorSpec("attention_mask", "int64", (BATCH, TOTAL), "1 for real tokens over past + new slots"),
-        *_kv_specs("past.", cfg, dtype, PAST, "past"),
+        TensorSpec(io.INPUT_IDS, "int64", (BATCH, NEW), "tokens one step ahead of hidden's positions"),
+        TensorSpec(io.HIDDEN, dtype, (BATCH, NEW, cfg.hidden_size), "trunk hidden (k = 0) or depth k-1 hidden_out"),
+        TensorSpec(io.POSITION_IDS, "int64", (BATCH, NEW), "positions of input_ids"),
+        TensorSpec(io.ATTENTION_MASK, "int64", (BATCH, TOTAL), "1 for real tokens over past + new slots"),
+        *_kv_specs(io.past(), cfg, dtype, PAST, "past"),
     ]
     outputs = [
-        TensorSpec("logits", dtype, (BATCH, NEW, cfg.vocab_size), "draft logits for the token after input_ids"),
-        TensorSpec("hidden_out", dtype, (BATCH, NEW, cfg.hidden_size), "after shared_head.norm: input of depth k+1"),
-        *_kv_specs("new.", cfg, dtype, NEW, "new"),
+        TensorSpec(io.LOGITS, dtype, (BATCH, NEW, cfg.vocab_size), "draft logits for the token after input_ids"),
+        TensorSpec(io.HIDDEN_OUT, dtype, (BATCH, NEW, cfg.hidden_size), "after shared_head.norm: input of depth k+1"),
+        *_kv_specs(io.new(), cfg, dtype, NEW, "new"),
     ]
+    assert [o.name for o in outputs] == io.MTP_OUTPUTS
     return inputs, outputs
 
 

@@ -98,12 +98,14 @@ def format_artifact(s: dict) -> str:
         f"weights     {s['weights']['file']} {_bytes(s['weights']['bytes'])}: {s['weights']['tensors']} tensors "
         f"for {s['weights']['references']} initializers; shared between graphs: {', '.join(s['weights']['shared']) or 'none'}",
     ]
+    from nextn.export import io as kv_io
+
     for name, g in s["graphs"].items():
         lines.append(f"graph       {g['file']} ({_bytes(g['bytes'])})")
         io = [*(("in ", x) for x in g["inputs"]), *(("out", x) for x in g["outputs"])]
         for direction, spec in io:
             if ".c_kv" in spec["name"] or ".k_pe" in spec["name"]:
-                if not spec["name"].startswith(("past.0.", "new.0.", "past.c_kv", "past.k_pe", "new.c_kv", "new.k_pe")):
+                if spec["name"] not in (*kv_io.past(0), *kv_io.new(0), *kv_io.past(), *kv_io.new()):
                     continue  # one layer's cache stands for all
             lines.append(f"  {direction} {spec['name']:<16} {spec['dtype']:<8} {_shape(spec)}")
     q = s.get("quantization")

@@ -29,8 +29,9 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from nextn.export import io
 from nextn.export.manifest import ARRAY_DTYPES
-from nextn.model.reference import DeepseekV3, LayerKV
+from nextn.model.reference import DeepseekV3
 
 # (batch, new tokens, past, ragged): prefill, single-token decode on an empty and a filled cache, a verify-sized
 # step, and a batch whose sequences have different lengths.
@@ -129,10 +130,9 @@ def reference_cases(which: str, ref: DeepseekV3, dtype: str, seed: int = 0) -> l
         if which == "trunk":
             pre = ref(ids[:, :p], pos[:, :p], attention_mask=mask[:, :p])
             want = ref(ids[:, p : p + s], pos[:, p : p + s], pre.new_kv, mask[:, : p + s])
-            feed = {"input_ids": ids[:, p : p + s], "position_ids": pos[:, p : p + s], "attention_mask": mask[:, : p + s]}
-            for i, kv in enumerate(pre.new_kv):
-                feed[f"past.{i}.c_kv"], feed[f"past.{i}.k_pe"] = kv.c_kv, kv.k_pe
-            groups = {"logits": [want.logits], "hidden": [want.hidden],
+            feed = io.trunk_feed(ids[:, p : p + s], pos[:, p : p + s], mask[:, : p + s],
+                                 [(kv.c_kv, kv.k_pe) for kv in pre.new_kv])  # fmt: skip
+            groups = {io.LOGITS: [want.logits], io.HIDDEN: [want.hidden],
                       "kv": [t for kv in want.new_kv for t in kv]}  # fmt: skip
         else:
             # Every depth reads the trunk hidden here: the graph computes the same function whatever
@@ -143,9 +143,9 @@ def reference_cases(which: str, ref: DeepseekV3, dtype: str, seed: int = 0) -> l
             pre = ref.mtp_forward(k, tok[:, :p], hidden[:, :p], tpos[:, :p], attention_mask=mask[:, :p])
             want = ref.mtp_forward(k, tok[:, p : p + s], hidden[:, p : p + s], tpos[:, p : p + s], pre.new_kv,
                                    mask[:, : p + s])  # fmt: skip
-            feed = {"input_ids": tok[:, p : p + s], "hidden": hidden[:, p : p + s], "position_ids": tpos[:, p : p + s],
-                    "attention_mask": mask[:, : p + s], "past.c_kv": pre.new_kv.c_kv, "past.k_pe": pre.new_kv.k_pe}  # fmt: skip
-            groups = {"logits": [want.logits], "hidden_out": [want.hidden], "kv": list(want.new_kv)}
+            feed = io.mtp_feed(tok[:, p : p + s], hidden[:, p : p + s], tpos[:, p : p + s], mask[:, : p + s],
+                               pre.new_kv.c_kv, pre.new_kv.k_pe)  # fmt: skip
+            groups = {io.LOGITS: [want.logits], io.HIDDEN_OUT: [want.hidden], "kv": list(want.new_kv)}
         np_feed = {n: (v.numpy() if v.dtype == torch.int64 else v.float().numpy().astype(cast)) for n, v in feed.items()}
         expected = {n: [t.float().numpy() for t in ts] for n, ts in groups.items()}
         cases.append(Case(which, b, s, p, ragged, np_feed, expected))

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nextn.errors import NextnError
+from nextn.export import io
 from nextn.export.manifest import ARRAY_DTYPES
 from nextn.runtime.controller import AcceptanceCounts, Choice, DraftController, SequenceAcceptance
 from nextn.runtime.costs import CALIB_PROMPT, CostModel, cost_cache_file
@@ -229,20 +230,15 @@ class Decoder:
     def trunk(self, st: _State, tokens: list[int], stats: Stats) -> tuple[np.ndarray, np.ndarray]:
         """Run the trunk on `tokens` at positions n.. and append them to its cache. -> logits, hidden."""
         n, s = st.n, len(tokens)
-        feed = {
-            "input_ids": np.asarray([tokens], np.int64),
-            "position_ids": np.arange(n, n + s, dtype=np.int64)[None],
-            "attention_mask": np.ones((1, n + s), np.int64),
-        }
-        into = {}  # the new entries land straight in the preallocated caches
-        for i in range(self.layers):
-            feed[f"past.{i}.c_kv"], feed[f"past.{i}.k_pe"] = st.kv_c[i][:, :n], st.kv_k[i][:, :n]
-            into[f"new.{i}.c_kv"], into[f"new.{i}.k_pe"] = st.kv_c[i][:, n : n + s], st.kv_k[i][:, n : n + s]
-        into["hidden"] = st.hidden[None, n : n + s]
-        out = self._run("trunk", feed, stats, into)
-        logits, hidden = out[0][0], out[1][0]  # [S, V], [S, H]
+        feed = io.trunk_feed(np.asarray([tokens], np.int64), np.arange(n, n + s, dtype=np.int64)[None],
+                             np.ones((1, n + s), np.int64),
+                             [(st.kv_c[i][:, :n], st.kv_k[i][:, :n]) for i in range(self.layers)])  # fmt: skip
+        # the new entries land straight in the preallocated caches
+        into = io.trunk_into([(st.kv_c[i][:, n : n + s], st.kv_k[i][:, n : n + s]) for i in range(self.layers)],
+                             st.hidden[None, n : n + s])  # fmt: skip
+        out = io.split_trunk(self._run("trunk", feed, stats, into))
         st.n = n + s
-        return logits, hidden
+        return out.logits[0], out.hidden[0]  # [S, V], [S, H]
 
     def trunk_rows(self, states: list[_State], tokens: list[list[int]], stats: list[Stats]) -> list[np.ndarray]:
         """One trunk pass for b sequences, row r running `tokens[r]` at its positions n_r.. and appending
@@ -257,43 +253,36 @@ class Decoder:
             pos[r] = st.n + np.arange(s)
             mask[r, : st.n] = 1
             mask[r, p : p + len(t)] = 1
-        feed = {"input_ids": ids, "position_ids": pos, "attention_mask": mask}
+        pasts = []
         for i in range(self.layers):
             c_kv, k_pe = np.empty((b, p, self.r), self.np), np.empty((b, p, self.d), self.np)  # [b, P, R], [b, P, D]
             for r, st in enumerate(states):
                 c_kv[r, : st.n], k_pe[r, : st.n] = st.kv_c[i][0, : st.n], st.kv_k[i][0, : st.n]
                 c_kv[r, st.n :], k_pe[r, st.n :] = 0, 0  # masked, but never uninitialized (NaN * 0 is NaN)
-            feed[f"past.{i}.c_kv"], feed[f"past.{i}.k_pe"] = c_kv, k_pe
+            pasts.append((c_kv, k_pe))
         t = time.perf_counter()
-        out = self.engines["trunk"].run(feed)  # logits [b, S, V], hidden [b, S, H], new.{i}.c_kv / k_pe [b, S, .]
+        out = io.split_trunk(self.engines["trunk"].run(io.trunk_feed(ids, pos, mask, pasts)))
         ms = (time.perf_counter() - t) * 1e3
         for x in stats:
             x.trunk_ms += ms  # one shared pass: every row waited for it
         for r, (st, t) in enumerate(zip(states, tokens)):
             n, w = st.n, len(t)
-            for i in range(self.layers):
-                st.kv_c[i][0, n : n + w], st.kv_k[i][0, n : n + w] = out[2 + 2 * i][r, :w], out[3 + 2 * i][r, :w]
-            st.hidden[n : n + w] = out[1][r, :w]
+            for i, (c_kv, k_pe) in enumerate(out.new):
+                st.kv_c[i][0, n : n + w], st.kv_k[i][0, n : n + w] = c_kv[r, :w], k_pe[r, :w]
+            st.hidden[n : n + w] = out.hidden[r, :w]
             st.n = n + w
-        return [out[0][r, : len(t)] for r, t in enumerate(tokens)]
+        return [out.logits[r, : len(t)] for r, t in enumerate(tokens)]
 
     def _mtp(self, st: _State, module: int, start: int, tokens: list[int], hidden: np.ndarray,
              stats: Stats) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """Run MTP `module` on its cache slots start.. (one token and one hidden per slot)."""
         s = len(tokens)
-        feed = {
-            "input_ids": np.asarray([tokens], np.int64),
-            "hidden": hidden[None].astype(self.np, copy=False),
-            "position_ids": (np.arange(start, start + s, dtype=np.int64) + module + 1)[None],
-            "attention_mask": np.ones((1, start + s), np.int64),
-            "past.c_kv": st.mtp_c[module][:, :start],
-            "past.k_pe": st.mtp_k[module][:, :start],
-        }
-        into = {
-            "new.c_kv": st.mtp_c[module][:, start : start + s],
-            "new.k_pe": st.mtp_k[module][:, start : start + s],
-            "hidden_out": st.mtp_hidden[module][None, start : start + s],
-        }
+        feed = io.mtp_feed(np.asarray([tokens], np.int64), hidden[None].astype(self.np, copy=False),
+                           (np.arange(start, start + s, dtype=np.int64) + module + 1)[None],
+                           np.ones((1, start + s), np.int64), st.mtp_c[module][:, :start], st.mtp_k[module][:, :start])  # fmt: skip
+        c, k = io.new()
+        into = {c: st.mtp_c[module][:, start : start + s], k: st.mtp_k[module][:, start : start + s],
+                io.HIDDEN_OUT: st.mtp_hidden[module][None, start : start + s]}  # fmt: skip
         logits, hidden_out, _, _ = self._run(f"mtp_{module}", feed, stats, into)
         return logits[0], hidden_out[0]
 

@@ -83,7 +83,6 @@ def test_rollback_keeps_output_exact_and_counts_acceptance(tiny_artifact, k):
 
 def test_mtp_caches_match_the_accepted_sequence(tiny_artifact, tiny_checkpoint, monkeypatch):
     """After generation, every exact MTP cache slot equals a fresh computation over the final sequence."""
-    from nextn.model.reference import LayerKV
     from nextn.model.weights import load_model
 
     states = []
