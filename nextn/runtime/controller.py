@@ -185,6 +185,18 @@ class DraftController:
             self.plain = Choice(0, tokens[0], ms[0], ms[0], False)
         return Choice(k, tokens[k], ms[k], ms[0], probe)
 
+    def row_depth(self, row: SequenceAcceptance, choice: Choice, batch: int) -> int:
+        """How many of the pass's `choice.k` drafts one row should take. The pass is choice.k + 1 wide
+        whatever this row does, so a row drafting k pays only its own k MTP calls (`mtp` ms each) and
+        gains E_r(k) - 1 tokens; those milliseconds would buy the step's rate in tokens elsewhere. A row
+        whose acceptance is low next to the others' takes fewer drafts, or none. Probes keep their depth."""
+        if choice.probe or choice.k == 0 or choice.expected_ms <= 0:
+            return choice.k
+        mtp = self.costs.at(batch).mtp
+        rate = choice.expected_tokens / choice.expected_ms  # tokens per ms of this step, all rows
+        e = expected_tokens(row.rates()[: choice.k])
+        return max(range(choice.k + 1), key=lambda k: e[k] - 1 - k * mtp * rate)
+
     def _promising(self, active: list[int], k: int, to_beat: float, ms: float) -> bool:
         """Whether drafting k would beat `to_beat` tokens per ms were acceptance PROBE_OPTIMISM higher."""
         tokens = sum(expected_tokens([min(1.0, a + PROBE_OPTIMISM) for a in self.rows[r].rates()[:k]])[k]

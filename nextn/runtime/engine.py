@@ -17,8 +17,9 @@ A step:
              more than one chunk); a sequence whose prompt is done samples its first token and joins the
              running set
     decode   one trunk pass for every running sequence: each drafts its K tokens with its own MTP caches
-             (draft="auto": one K per pass from the controller over those rows' own acceptance, since the
-             pass costs the width of its widest row; a fixed K is that row's own), the trunk verifies
+             (a fixed K is that row's own; draft="auto": the controller picks the pass's width from those
+             rows' acceptance, since the pass costs its widest row, and each row drafts that many or fewer by
+             its own acceptance against its own MTP calls' cost), the trunk verifies
              [t_n, d_1 .. d_K] of every row at its own positions, each row accepts its own prefix
     finish   EOS, a stop string, the token budget or a cancel: the sequence leaves, its caches go back to
              the pool
@@ -214,8 +215,10 @@ class StepEngine:
             dec.costs().observe(cost_batch(len(rows)), choice.k, (time.perf_counter() - t) * 1e3)
 
     def _depths(self, rows: list[Sequence]):
-        """K per row for this pass: a fixed K is the row's own; draft="auto" rows take the controller's
-        choice over them (one K: the pass costs its widest row). Never past a row's token budget."""
+        """K per row for this pass: a fixed K is the row's own; draft="auto" rows share the controller's
+        choice of the pass's width (it costs its widest row) from all their acceptance estimates, and each
+        takes that many drafts or fewer by its own estimate (controller.row_depth). Never past a row's
+        token budget."""
         auto = [seq for seq in rows if seq.acceptance is not None]
         choice, steady = None, False
         if auto:
@@ -229,7 +232,13 @@ class StepEngine:
             # every row notes K (decoder.steady); only an all-auto pass at one K tells what such a pass costs
             steady = all([self.dec.steady(st, choice.k) for st in states]) and not choice.probe
             steady = steady and len(auto) == len(rows)
-        ks = [min(choice.k if seq.acceptance is not None else seq.depth, seq.left) for seq in rows]
+        ks = []
+        for seq in rows:
+            if seq.acceptance is None:
+                k = seq.depth
+            else:  # the pass's K, or fewer where this row's own acceptance does not pay for its MTP calls
+                k = self.controller.row_depth(seq.acceptance, choice, cost_batch(len(rows))) if len(auto) > 1 else choice.k
+            ks.append(min(k, seq.left))
         return ks, choice, steady
 
     # -- finishing ---------------------------------------------------------------------------------

@@ -185,3 +185,22 @@ def test_calibration_of_a_slow_model_takes_fewer_steps():
     assert c.ratio == pytest.approx([1.0, 1.5, 2.0]) and c.level == pytest.approx(100.0)
     assert set(calls[1:]) == {2 + 4}  # the minimum: 2 settling + 4 timed steps per K and round
     assert (len(calls) - 1) % 3 == 0 and len(calls) >= 1 + 3 * 3  # whole rounds, at least 3 (fake runs take no time)
+
+
+def test_a_row_with_low_acceptance_takes_fewer_drafts_of_a_shared_pass():
+    """Two rows share a pass 3 drafts wide; the row whose own drafts are rarely accepted skips its MTP
+    calls (0.2 ms each here: 0.5 tokens at the step's rate), the other takes all three; a probe keeps its depth."""
+    from nextn.runtime.controller import Choice
+
+    costs = CostModel(None, 3)
+    costs.batches[2] = BatchCosts(1.0, [1.0, 1.2, 1.4, 1.6], [], 0.2, 0.0)
+    good = SequenceAcceptance(AcceptanceCounts([1e6] * 3, [0.9e6] * 3))
+    poor = SequenceAcceptance(AcceptanceCounts([1e6] * 3, [0.05e6] * 3))
+    ctrl = DraftController(costs, [good, poor], 3)
+    choice = Choice(3, 4.0, 1.6, 1.0, False)
+    assert ctrl.row_depth(good, choice, 2) == 3
+    assert ctrl.row_depth(poor, choice, 2) == 0
+    assert ctrl.row_depth(poor, Choice(3, 4.0, 1.6, 1.0, True), 2) == 3
+    # free MTP calls: every row takes the whole width
+    costs.batches[2] = BatchCosts(1.0, [1.0, 1.2, 1.4, 1.6], [], 0.0, 0.0)
+    assert ctrl.row_depth(poor, choice, 2) == 3
