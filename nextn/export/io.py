@@ -40,6 +40,7 @@ def trunk_outputs(layers: int) -> list[str]:
 
 
 MTP_OUTPUTS = [LOGITS, HIDDEN_OUT, *new()]
+LOGITS_AT, HIDDEN_AT = 0, 1  # positions of logits and hidden (hidden_out) among either graph's outputs
 
 
 def trunk_feed(input_ids, position_ids, attention_mask, pasts: Sequence[tuple[Any, Any]]) -> dict[str, Any]:

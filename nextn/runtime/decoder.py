@@ -165,6 +165,8 @@ class Decoder:
         self.max_positions = c["max_position_embeddings"]
         self.np = np.dtype(ARRAY_DTYPES[m["dtype"]])
         self.prefill_chunk = prefill_chunk
+        # the trunk's cache I/O names per layer (io.py), spelled once per decoder: a step builds its feed from them
+        self.past_names, self.new_names = [io.past(i) for i in range(self.layers)], [io.new(i) for i in range(self.layers)]
         # draft="auto" looks at K = 0 .. max_draft: every module once, then two recursions with the last one
         self.max_draft = (self.n_mtp + 2 if self.n_mtp else 0) if max_draft is None else max_draft
         self._costs: CostModel | None = None
@@ -230,15 +232,15 @@ class Decoder:
     def trunk(self, st: _State, tokens: list[int], stats: Stats) -> tuple[np.ndarray, np.ndarray]:
         """Run the trunk on `tokens` at positions n.. and append them to its cache. -> logits, hidden."""
         n, s = st.n, len(tokens)
-        feed = io.trunk_feed(np.asarray([tokens], np.int64), np.arange(n, n + s, dtype=np.int64)[None],
-                             np.ones((1, n + s), np.int64),
-                             [(st.kv_c[i][:, :n], st.kv_k[i][:, :n]) for i in range(self.layers)])  # fmt: skip
-        # the new entries land straight in the preallocated caches
-        into = io.trunk_into([(st.kv_c[i][:, n : n + s], st.kv_k[i][:, n : n + s]) for i in range(self.layers)],
-                             st.hidden[None, n : n + s])  # fmt: skip
-        out = io.split_trunk(self._run("trunk", feed, stats, into))
+        feed = {io.INPUT_IDS: np.asarray([tokens], np.int64), io.POSITION_IDS: np.arange(n, n + s, dtype=np.int64)[None],
+                io.ATTENTION_MASK: np.ones((1, n + s), np.int64)}  # fmt: skip
+        into = {io.HIDDEN: st.hidden[None, n : n + s]}  # the new entries land straight in the preallocated caches
+        for (past_c, past_k), (new_c, new_k), c_kv, k_pe in zip(self.past_names, self.new_names, st.kv_c, st.kv_k):
+            feed[past_c], feed[past_k] = c_kv[:, :n], k_pe[:, :n]
+            into[new_c], into[new_k] = c_kv[:, n : n + s], k_pe[:, n : n + s]
+        out = self._run("trunk", feed, stats, into)
         st.n = n + s
-        return out.logits[0], out.hidden[0]  # [S, V], [S, H]
+        return out[io.LOGITS_AT][0], out[io.HIDDEN_AT][0]  # [S, V], [S, H]
 
     def trunk_rows(self, states: list[_State], tokens: list[list[int]], stats: list[Stats]) -> list[np.ndarray]:
         """One trunk pass for b sequences, row r running `tokens[r]` at its positions n_r.. and appending
@@ -283,8 +285,8 @@ class Decoder:
         c, k = io.new()
         into = {c: st.mtp_c[module][:, start : start + s], k: st.mtp_k[module][:, start : start + s],
                 io.HIDDEN_OUT: st.mtp_hidden[module][None, start : start + s]}  # fmt: skip
-        logits, hidden_out, _, _ = self._run(f"mtp_{module}", feed, stats, into)
-        return logits[0], hidden_out[0]
+        out = self._run(f"mtp_{module}", feed, stats, into)
+        return out[io.LOGITS_AT][0], out[io.HIDDEN_AT][0]
 
     # -- drafting --------------------------------------------------------------------------------
     def draft(self, st: _State, k_total: int, stats: Stats) -> list[int]:
