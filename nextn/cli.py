@@ -152,8 +152,10 @@ def export(checkpoint: str | None, out: str, dtype: str, mtp_layers: int | None,
               help="ONNX Runtime pre-packs weights per graph: faster, more memory [default: when the weights take "
                    "at most 1/8 of RAM].")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
+@click.option("--verify", "verify_all", is_flag=True,
+              help="Check every file's sha256 first [default: only files changed since last verified here].")
 def run(artifact, prompt, prompt_ids, max_new_tokens, draft, accept, relaxed_top, relaxed_delta, temperature, top_k,
-        top_p, seed, stop, backend, device, threads, prepack, as_json):  # fmt: skip
+        top_p, seed, stop, backend, device, threads, prepack, as_json, verify_all):  # fmt: skip
     """Generate from an exported ARTIFACT (default: the embedded model, exported on first use): text
     streams to stdout, stats go to stderr."""
     import sys
@@ -168,6 +170,8 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, draft, accept, relaxed_top
         except ValueError:
             raise NextnError(f"--prompt-ids {prompt_ids!r}: expected comma-separated integers") from None
     artifact = artifact or _embedded_artifact()
+    if verify_all:
+        _verify(artifact)
     kwargs = dict(max_new_tokens=max_new_tokens, draft=parse_draft("--draft", draft), temperature=temperature,
                   top_k=top_k, top_p=top_p, seed=seed, stop=list(stop) or None,
                   accept=accept, relaxed_top=relaxed_top, relaxed_delta=relaxed_delta)  # fmt: skip
@@ -268,8 +272,10 @@ def _name_list(flag: str, value: str, allowed: tuple[str, ...]) -> tuple[str, ..
 @click.option("--sweep-dir", type=click.Path(), default=None,
               help="Where the sweep keeps its checkpoints and exports [default: the cache folder].")
 @click.option("--quant", default="", help="With --sweep: also quantize each size (int8,int4,fp8) and time its decoding.")
+@click.option("--verify", "verify_all", is_flag=True,
+              help="Check every file's sha256 first [default: only files changed since last verified here].")
 def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends, baselines, repeats, warmup,
-          threads, json_out, plot_out, sweep, sweep_dir, quant):  # fmt: skip
+          threads, json_out, plot_out, sweep, sweep_dir, quant, verify_all):  # fmt: skip
     """Latency per token of ARTIFACT (default: the embedded model) at each draft depth, with baselines."""
     from pathlib import Path
 
@@ -314,6 +320,8 @@ def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends
         if not cfg.backends:
             raise NextnError("--backend: give at least one of ort, torch")
         artifact = artifact or _embedded_artifact()
+        if verify_all:
+            _verify(artifact)
         with _progress("bench") as progress:
             doc = run_bench(artifact, cfg, Path(prompts_file) if prompts_file else None, progress)
         table, lines, width = results_table(doc), ratio_lines(doc), 160
@@ -379,6 +387,26 @@ def calibrate(artifact, out, data, eval_data, scheme, mtp_scheme, method, weight
     rep = manifest["quantization"]["report"]
     click.echo(json.dumps(rep, indent=2) if as_json else format_report(rep))
     click.echo(f"wrote {out}", err=as_json)
+
+
+@cli.command()
+@click.argument("artifact", required=False, type=click.Path())
+def verify(artifact):
+    """Check every file of ARTIFACT (default: the embedded model's export) against the sha256 in its
+    manifest. Opening an artifact checks sizes and hashes only the files changed since they were last
+    verified on this machine; this reads every byte."""
+    artifact = artifact or _embedded_artifact()
+    files, size = _verify(artifact)
+    click.echo(f"{artifact}: {files} files, {_bytes(size)}: every sha256 matches its manifest")
+
+
+def _verify(artifact: str) -> tuple[int, int]:
+    """Every sha256 of an artifact, with a progress bar; a mismatch raises NextnError."""
+    from nextn.export.manifest import read_manifest
+
+    with _progress("verify") as progress:
+        m = read_manifest(artifact, verify="full", progress=progress)
+    return len(m["files"]), sum(f["bytes"] for f in m["files"].values())
 
 
 def _embedded_artifact() -> str:
@@ -450,7 +478,10 @@ def demo(prompt, max_new_tokens, draft, repeats, threads, quant, as_json):
 @click.option("--replicas", type=int, default=0,
               help="Serve N replicas as a Ray Serve deployment (each its own engine) [default: no Ray, one engine].")
 @click.option("--ray-address", default=None, help="With --replicas: join this Ray cluster [default: start a local one].")
-def serve(artifact, host, port, max_batch, max_queue, draft, model_name, backend, threads, replicas, ray_address):
+@click.option("--verify", "verify_all", is_flag=True,
+              help="Check every file's sha256 first [default: only files changed since last verified here].")
+def serve(artifact, host, port, max_batch, max_queue, draft, model_name, backend, threads, replicas, ray_address,
+          verify_all):  # fmt: skip
     """Serve an ARTIFACT (default: the embedded model) over an OpenAI-compatible HTTP API with continuous
     batching: POST /v1/completions, GET /v1/models, /health, /metrics."""
     from nextn.serve.app import ServeConfig, serve as run_server
@@ -469,6 +500,8 @@ def serve(artifact, host, port, max_batch, max_queue, draft, model_name, backend
 
     name = model_name or (Path(artifact).resolve().name if artifact else EMBEDDED_NAME)
     artifact = artifact or _embedded_artifact()
+    if verify_all:
+        _verify(artifact)
     config = ServeConfig(name, max_batch, max_queue, parse_draft("--draft", draft))
     ready = lambda url: click.echo(f"nextn: serving {name} on {url} (Ctrl-C stops)", err=True)  # noqa: E731
     try:

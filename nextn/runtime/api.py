@@ -44,8 +44,9 @@ class Piece:
 
 class Model:
     def __init__(self, artifact: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0,
-                 prepack: bool | None = None):  # fmt: skip
-        self.engines = open_engines(artifact, backend=backend, device=device, threads=threads, prepack=prepack)
+                 prepack: bool | None = None, verify: bool | str = True):  # fmt: skip
+        self.engines = open_engines(artifact, backend=backend, device=device, threads=threads, prepack=prepack,
+                                    verify=verify)  # fmt: skip
         self.decoder = Decoder(self.engines)
         m = self.engines.manifest
         self.eos_ids = tuple(m["eos_token_ids"])
@@ -165,6 +166,7 @@ class Model:
 
 
 def load(artifact: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0,
-         prepack: bool | None = None) -> Model:  # fmt: skip
-    """Open an exported artifact for generation (`prepack`: see engines.SharedWeights)."""
-    return Model(artifact, backend=backend, device=device, threads=threads, prepack=prepack)
+         prepack: bool | None = None, verify: bool | str = True) -> Model:  # fmt: skip
+    """Open an exported artifact for generation (`prepack`: see engines.SharedWeights; `verify`:
+    manifest.read_manifest: by default only files changed since last verified are hashed, "full": all)."""
+    return Model(artifact, backend=backend, device=device, threads=threads, prepack=prepack, verify=verify)

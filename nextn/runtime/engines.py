@@ -189,10 +189,11 @@ def auto_prepack(weight_bytes: int) -> bool:
 
 
 def open_engines(
-    artifact: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0, verify: bool = True,
+    artifact: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0, verify: bool | str = True,
     prepack: bool | None = None,
 ) -> Engines:
-    """Open every graph of an artifact with one backend. `verify` checks the files' sha256; `prepack`
+    """Open every graph of an artifact with one backend. `verify`: see manifest.read_manifest (True: the
+    sha256 of files changed since last verified on this machine; "full": of every file); `prepack`
     lets ONNX Runtime keep its own pre-packed copy of the weights per session (faster, more memory);
     None (auto): pre-pack when the weights take at most PREPACK_MAX_RAM_FRACTION of physical memory."""
     if backend not in BACKENDS:
