@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -46,6 +47,28 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+def format_plan(path: str, p: dict) -> str:
+    def gb(n: float) -> str:
+        for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+            if n >= div:
+                return f"{n / div:,.1f} {unit}"
+        return f"{n / 1e3:,.1f} kB"
+
+    lines = [f"plan for {path}: {p['parameters'] / 1e9:,.2f}B parameters ({p['trunk_parameters'] / 1e9:,.2f}B trunk), "
+             f"decode floor at {p['bandwidth_gbs']:.1f} GB/s with {p['context']} tokens of KV cache",
+             f"{'scheme':<7} {'artifact':>11} {'peak RSS':>19} {'disk':>11} {'KV / token':>11} {'read / token':>13} "
+             f"{'floor / token':>14}"]  # fmt: skip
+    for name, s in p["schemes"].items():
+        lo, hi = s["peak_rss_bytes"]
+        rss = gb(lo) if lo == hi else f"{gb(lo)} - {gb(hi)}"
+        lines.append(f"{name:<7} {gb(s['artifact_bytes']):>11} {rss:>19} {gb(s['disk_bytes']):>11} "
+                     f"{s['kv_bytes_per_token'] / 1e3:>8.1f} kB {gb(s['read_bytes_per_token']):>13} "
+                     f"{s['decode_floor_ms']:>11.1f} ms")  # fmt: skip
+    lines.append("peak RSS: export holds the whole model today (int8/int4: the fp32 export, then calibrate); "
+                 "disk for int8/int4 includes the fp32 artifact they are made from")
+    return "\n".join(lines)
+
+
 def format_summary(s: dict) -> str:
     c, p, kv = s["config"], s["parameters"], s["kv_cache_bytes_per_1k_tokens"]
     lines = [
@@ -75,7 +98,13 @@ def format_summary(s: dict) -> str:
 @cli.command()
 @click.argument("path", type=click.Path(), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(path: str | None, as_json: bool) -> None:
+@click.option("--plan", "plan_only", is_flag=True,
+              help="From config.json alone: artifact size, peak memory and disk, KV-cache bytes, bytes a decoded "
+                   "token reads and the decode floor, per scheme.")  # fmt: skip
+@click.option("--bandwidth", type=float, default=None,
+              help="With --plan: read bandwidth in GB/s for the floor [default: this machine's, measured].")
+@click.option("--context", type=int, default=4096, show_default=True, help="With --plan: tokens of KV cache read.")
+def inspect(path: str | None, as_json: bool, plan_only: bool, bandwidth: float | None, context: int) -> None:
     """Summarize a checkpoint folder (config, parameters, dtypes, MTP depth, KV-cache size) or an
     exported artifact (graphs, their inputs and outputs, files, validation). Default: the embedded model."""
     from pathlib import Path
@@ -84,6 +113,22 @@ def inspect(path: str | None, as_json: bool) -> None:
     from nextn.export.manifest import MANIFEST
 
     path = path or str(embedded_checkpoint())
+    if plan_only:
+        from nextn.model.config import read_config
+        from nextn.model.plan import plan
+
+        if bandwidth is not None and not bandwidth > 0:
+            raise NextnError(f"--bandwidth {bandwidth}: must be > 0 (GB/s)")
+        if context < 0:
+            raise NextnError(f"--context {context}: must be >= 0")
+        cfg = read_config(Path(path))
+        if bandwidth is None:
+            from nextn.bench.floor import read_bandwidth
+
+            bandwidth = read_bandwidth(os.cpu_count() or 1) / 1e9
+        p = plan(cfg, bandwidth, context)
+        click.echo(json.dumps(p, indent=2) if as_json else format_plan(path, p))
+        return
 
     if (Path(path) / MANIFEST).is_file():
         from nextn.export.summary import format_artifact, summarize_artifact
