@@ -59,9 +59,10 @@ class ServeConfig:
 
 def warm_up(model: Model, config: ServeConfig) -> None:
     """Measure the step costs draft="auto" needs at every batch size it will see (cached per artifact and
-    machine), so no request waits for a calibration."""
+    machine), so no request waits for a calibration: also on a server whose --draft is a fixed K, since any
+    request may ask for "auto" (a calibration inside a step would stall every sequence for seconds)."""
     dec = model.decoder
-    if config.draft == "auto" and dec.depth("auto"):
+    if dec.depth("auto"):
         dec.acceptance_prior()
         for b in sorted({cost_batch(b) for b in range(1, config.max_batch + 1)}):
             dec.costs().at(b)
