@@ -154,8 +154,16 @@ def inspect(path: str | None, as_json: bool, plan_only: bool, bandwidth: float |
               help="Routed experts as ONNX Runtime's fused MoE op, or standard ONNX ops per expert (for other "
                    "runtimes); auto: fused where the checkpoint allows it.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+              help="Write a quantized artifact in one go: nextn calibrate's defaults with round-to-nearest weights, "
+                   "its quality report and --min-top1 refusal; the fp32 export is temporary.")  # fmt: skip
+@click.option("--data", multiple=True, type=click.Path(),
+              help="With --quantize: calibration file(s), as nextn calibrate's --data [default: the stdlib, needs "
+                   "a tokenizer].")  # fmt: skip
+@click.option("--min-top1", type=float, default=0.9, show_default=True,
+              help="With --quantize: refuse under this trunk top-1 agreement with fp32.")
 def export(checkpoint: str | None, out: str, dtype: str, mtp_layers: int | None, opset: int, attention: str,
-           moe: str, force: bool):  # fmt: skip
+           moe: str, force: bool, quantize: str | None, data: tuple[str, ...], min_top1: float):  # fmt: skip
     """Export the trunk and each MTP module of CHECKPOINT (default: the embedded model) as validated ONNX graphs."""
     from nextn.embedded import embedded_checkpoint
     from nextn.export.exporter import ExportOptions, export_checkpoint
@@ -164,6 +172,19 @@ def export(checkpoint: str | None, out: str, dtype: str, mtp_layers: int | None,
     from nextn.export.summary import format_validation
 
     opts = ExportOptions(dtype=dtype, mtp_layers=mtp_layers, opset=opset, attention=attention, moe=moe, force=force)
+    if quantize is None and (data or min_top1 != 0.9):
+        raise NextnError("--data/--min-top1: only with --quantize")
+    if quantize:
+        from nextn.calib.calibrate import CalibOptions, quantize_checkpoint
+        from nextn.calib.report import format_report
+
+        calib = CalibOptions(scheme=quantize, weight_method="rtn", min_top1=min_top1, force=force)
+        with _progress("export --quantize") as progress:
+            manifest = quantize_checkpoint(checkpoint, out, opts, calib, [Path(d) for d in data], progress)
+        click.echo(format_report(manifest["quantization"]["report"]))
+        click.echo(f"wrote {out}: {', '.join(manifest['graphs'])} ({quantize}); weights.bin "
+                   f"{_bytes(manifest['weights']['bytes'])}")  # fmt: skip
+        return
     with _progress("export") as progress:
         manifest = export_checkpoint(checkpoint, out, opts, progress)
     click.echo(format_validation(manifest))

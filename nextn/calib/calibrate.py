@@ -353,3 +353,27 @@ def _report(root, manifest, tmp, new, cal, ev, opts, schemes, kept, step) -> dic
 def _scheme_text(manifest: dict) -> str:
     q = manifest["quantization"]["graphs"]
     return ", ".join(f"{g} {d['scheme']}" for g, d in q.items())
+
+
+def quantize_checkpoint(checkpoint: str | Path, out: str | Path, export_opts, opts: CalibOptions, data: list[Path],
+                        progress: Progress | None = None) -> dict:  # fmt: skip
+    """`nextn export CHECKPOINT -o OUT --quantize SCHEME`: export fp32 into a temporary folder beside `out`,
+    quantize it from there into `out` with calibrate_artifact (the same code and options as `nextn
+    calibrate`), then remove the fp32 export. No fp32 artifact is left behind; the model is still held whole
+    while exporting and the fp32 files exist on disk until the quantized artifact is in place."""
+    from nextn.export.exporter import export_checkpoint
+
+    out = Path(out)
+    if export_opts.dtype != "fp32":
+        raise NextnError(f"--quantize {opts.scheme}: quantizes an fp32 export (drop --dtype {export_opts.dtype})")
+    check_options(opts)
+    check_output(out, opts.force)
+    if not data and not (Path(checkpoint) / "tokenizer.json").is_file():  # before hours of export, not after
+        raise NextnError(f"--data: {checkpoint} has no tokenizer.json; give calibration token ids (.ids or .jsonl)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32.", dir=out.parent))
+    try:
+        export_checkpoint(checkpoint, scratch / "fp32", export_opts, progress)
+        return calibrate_artifact(scratch / "fp32", out, data, [], opts, progress)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

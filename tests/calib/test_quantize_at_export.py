@@ -1,0 +1,63 @@
+"""`nextn export --quantize`: one command, the same artifact as export + `nextn calibrate --weight-method rtn`,
+no fp32 artifact left behind."""
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from nextn.calib.calibrate import CalibOptions, calibrate_artifact, quantize_checkpoint
+from nextn.export.exporter import ExportOptions, export_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ids_file(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("ids") / "calib.ids"
+    path.write_text("\n".join(" ".join(map(str, rng.integers(2, 256, 24))) for _ in range(5)))
+    return path
+
+
+def _nodes(path):
+    m = onnx.load(str(path), load_external_data=False)
+    return [(n.op_type, list(n.input), list(n.output)) for n in m.graph.node]
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantize_at_export_equals_export_then_calibrate(tiny_checkpoint, ids_file, tmp_path, scheme):
+    opts = CalibOptions(scheme=scheme, weight_method="rtn", samples=4, seq_len=24, eval_samples=1, min_top1=0.0,
+                        decode_report=False)  # fmt: skip
+    one = tmp_path / "one" / "art"
+    quantize_checkpoint(tiny_checkpoint, one, ExportOptions(), opts, [ids_file])
+    fp32, two = tmp_path / "fp32", tmp_path / "two"
+    export_checkpoint(tiny_checkpoint, fp32, ExportOptions())
+    calibrate_artifact(fp32, two, [ids_file], [], opts)
+    assert (one / "weights.bin").read_bytes() == (two / "weights.bin").read_bytes()
+    for g in ("trunk.onnx", "mtp_0.onnx", "mtp_1.onnx"):
+        assert _nodes(one / g) == _nodes(two / g)
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["art"]  # the fp32 export is gone
+
+
+def test_export_quantize_cli(tiny_checkpoint, ids_file, tmp_path):
+    def nextn(*args):
+        return subprocess.run([sys.executable, "-c", "from nextn.cli import main; main()", *map(str, args)],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    out = tmp_path / "q"
+    r = nextn("export", tiny_checkpoint, "-o", out, "--quantize", "int4", "--data", ids_file, "--min-top1", "0")
+    assert r.returncode == 0, r.stderr
+    assert "top-1" in r.stdout and (out / "quality_report.json").is_file()
+    r = nextn("run", out, "--prompt-ids", "5,6,7", "--max-new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    for args, message in [
+        (["--data", ids_file], "--data/--min-top1: only with --quantize"),
+        (["--quantize", "int4", "--dtype", "bf16", "--data", ids_file], "quantizes an fp32 export"),
+        (["--quantize", "int4"], "has no tokenizer.json; give calibration token ids"),
+    ]:
+        r = nextn("export", tiny_checkpoint, "-o", tmp_path / "bad", *args)
+        assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "bad").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]
