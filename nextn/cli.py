@@ -537,6 +537,9 @@ def demo(prompt, max_new_tokens, draft, repeats, threads, quant, as_json):
 @click.option("--max-queue", type=int, default=64, show_default=True,
               help="Requests waiting for a batch slot; past it a request gets 429.")
 @click.option("--draft", default="auto", show_default=True, help="auto or a fixed K, for requests that do not say.")
+@click.option("--prefill-chunk", type=int, default=256, show_default=True,
+              help="Prompt tokens prefilled per step over all joining requests: lower keeps inter-token latency "
+                   "of running requests lower, higher gets first tokens sooner.")  # fmt: skip
 @click.option("--model-name", default=None, help="The name clients ask for [default: the artifact's folder name].")
 @click.option("--backend", default="ort", show_default=True, help="ort or torch.")
 @click.option("--threads", type=int, default=0,
@@ -546,8 +549,8 @@ def demo(prompt, max_new_tokens, draft, repeats, threads, quant, as_json):
 @click.option("--ray-address", default=None, help="With --replicas: join this Ray cluster [default: start a local one].")
 @click.option("--verify", "verify_all", is_flag=True,
               help="Check every file's sha256 first [default: only files changed since last verified here].")
-def serve(artifact, host, port, max_batch, max_queue, draft, model_name, backend, threads, replicas, ray_address,
-          verify_all):  # fmt: skip
+def serve(artifact, host, port, max_batch, max_queue, draft, prefill_chunk, model_name, backend, threads, replicas,
+          ray_address, verify_all):  # fmt: skip
     """Serve an ARTIFACT (default: the embedded model) over an OpenAI-compatible HTTP API with continuous
     batching: POST /v1/completions, GET /v1/models, /health, /metrics."""
     from nextn.serve.app import ServeConfig, serve as run_server
@@ -560,6 +563,8 @@ def serve(artifact, host, port, max_batch, max_queue, draft, model_name, backend
         raise NextnError(f"--port {port}: must be in [0, 65535]")
     if replicas < 0:
         raise NextnError(f"--replicas {replicas}: must be >= 1 (or 0: no Ray)")
+    if prefill_chunk < 1:
+        raise NextnError(f"--prefill-chunk {prefill_chunk}: must be >= 1")
     if ray_address and not replicas:
         raise NextnError("--ray-address: give --replicas N too")
     from nextn.embedded import EMBEDDED_NAME
@@ -568,7 +573,7 @@ def serve(artifact, host, port, max_batch, max_queue, draft, model_name, backend
     artifact = artifact or _embedded_artifact()
     if verify_all:
         _verify(artifact)
-    config = ServeConfig(name, max_batch, max_queue, parse_draft("--draft", draft))
+    config = ServeConfig(name, max_batch, max_queue, parse_draft("--draft", draft), prefill_chunk)
     ready = lambda url: click.echo(f"nextn: serving {name} on {url} (Ctrl-C stops)", err=True)  # noqa: E731
     try:
         if replicas:

@@ -263,6 +263,7 @@ def test_serve_flags_and_a_taken_port_fail_in_one_line(tiny_artifact):
         for args, message in [
             (["--port", str(port)], f"--port {port}: cannot listen there"),
             (["--max-batch", "0"], "--max-batch 0: must be >= 1"),
+            (["--prefill-chunk", "0"], "--prefill-chunk 0: must be >= 1"),
             (["--draft", "x"], "--draft 'x'"),
         ]:
             r = subprocess.run([sys.executable, "-c", "from nextn.cli import main; main()", "serve", str(tiny_artifact),
