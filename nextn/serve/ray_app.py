@@ -62,10 +62,12 @@ def serve_on_ray(artifact: str | Path, host: str, port: int, config: ServeConfig
                                       ray_actor_options={"num_cpus": 1},
                                       max_ongoing_requests=config.max_batch + config.max_queue)  # fmt: skip
         serve.run(deployment.bind(), name=APP_NAME, route_prefix="/", blocking=False, logging_config=quiet)
-        if on_ready:
-            on_ready(f"http://{host}:{port}")
         import time
 
+        while _running(serve) < replicas:  # each replica opens the artifact and warms up before it serves
+            time.sleep(0.5)
+        if on_ready:
+            on_ready(f"http://{host}:{port}")
         while True:
             time.sleep(1)
     finally:
@@ -74,3 +76,10 @@ def serve_on_ray(artifact: str | Path, host: str, port: int, config: ServeConfig
         finally:
             if started:
                 ray.shutdown()
+
+
+def _running(serve) -> int:
+    """Replicas of the deployment that are up."""
+    app = serve.status().applications.get(APP_NAME)
+    dep = app.deployments.get("nextn") if app else None
+    return (dep.replica_states or {}).get("RUNNING", 0) if dep else 0
