@@ -139,8 +139,8 @@ class Model:
         """A generator over engine steps (no thread): each step's final tokens as a piece. Closing the
         generator early cancels the sequence."""
         engine = StepEngine(self.decoder, max_batch=1)
-        if request.draft == AUTO and self.decoder.depth(AUTO):
-            self.decoder.costs().at(1)  # a first calibration runs before the sequence's clock starts
+        if request.draft == AUTO:
+            self.decoder.prepare_auto(1)
         seq = engine.add(request)
         try:
             while True:

@@ -129,6 +129,13 @@ class CostModel:
             log.warning("could not save step costs to %s: %s", self.cache_file, e)
 
 
+def cost_batch(b: int) -> int:
+    """The batch size whose step costs stand for b rows: b up to 4, then the power of two at or below it
+    (a calibration per distinct batch size would stall a server at every new size; the ratios between
+    K's move slowly with b)."""
+    return b if b <= 4 else 1 << (b.bit_length() - 1)
+
+
 def cost_cache_file(engines) -> Path:
     """<cache>/costs/<key>.json, the key naming the artifact's graphs and weights, the machine and the
     session options (threads, pre-packing) the costs were measured with."""

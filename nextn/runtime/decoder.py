@@ -37,7 +37,7 @@ from nextn.errors import NextnError
 from nextn.export import io
 from nextn.export.manifest import ARRAY_DTYPES
 from nextn.runtime.controller import AcceptanceCounts, Choice, DraftController, SequenceAcceptance
-from nextn.runtime.costs import CALIB_PROMPT, CostModel, cost_cache_file
+from nextn.runtime.costs import CALIB_PROMPT, CostModel, cost_batch, cost_cache_file
 from nextn.runtime.engines import Engines
 from nextn.runtime.sampling import AcceptRule, SamplingParams
 
@@ -205,6 +205,14 @@ class Decoder:
                                     else AcceptanceCounts.empty(self.max_draft))  # fmt: skip
         return self._acceptance
 
+    def prepare_auto(self, *batches: int) -> None:
+        """draft="auto" at these batch sizes: the acceptance prior loaded and the step costs calibrated now
+        (cached per artifact and machine), before any sequence's clock starts. Nothing without MTP modules."""
+        if self.depth(AUTO):
+            self.acceptance_prior()
+            for b in batches:
+                self.costs().at(cost_batch(b))
+
     def controller(self, rows: int) -> DraftController:
         prior = self.acceptance_prior()
         return DraftController(self.costs(), [SequenceAcceptance(prior) for _ in range(rows)], self.max_draft)
@@ -245,7 +253,10 @@ class Decoder:
     def trunk_rows(self, states: list[_State], tokens: list[list[int]], stats: list[Stats]) -> list[np.ndarray]:
         """One trunk pass for b sequences, row r running `tokens[r]` at its positions n_r.. and appending
         them to its own cache. The pasts are gathered into [b, P, R] (P = max n_r; a shorter row's missing
-        slots and a narrower row's padding tokens are masked, so they change nothing). -> logits per row."""
+        slots and a narrower row's padding tokens are masked, so they change nothing). -> logits per row.
+        One row takes trunk(): zero-copy views of its own caches."""
+        if len(states) == 1:
+            return [self.trunk(states[0], tokens[0], stats[0])[0]]
         b, s = len(states), max(len(t) for t in tokens)
         p = max(st.n for st in states)
         ids, pos = np.zeros((b, s), np.int64), np.zeros((b, s), np.int64)
@@ -349,12 +360,11 @@ class Decoder:
                       params: SamplingParams = SamplingParams(), eos_ids: tuple[int, ...] = (), stop=None,
                       accept: AcceptRule = AcceptRule()) -> list[tuple[list[int], Stats]]:  # fmt: skip
         """Several sequences sharing each trunk pass; each row's result is that of decoding it alone."""
-        from nextn.runtime.engine import Request, cost_batch, run_to_end
+        from nextn.runtime.engine import Request, run_to_end
 
         self.check(prompts, draft, params, accept)
-        if draft == AUTO and self.depth(draft):
-            self.acceptance_prior()
-            self.costs().at(cost_batch(len(prompts)))  # a first calibration runs now, before the rows' clocks start
+        if draft == AUTO:
+            self.prepare_auto(len(prompts))
         seqs = run_to_end(self, [Request(list(p), max_new_tokens, draft, params, tuple(eos_ids), stop, accept)
                                  for p in prompts])  # fmt: skip
         return [(s.final(), s.stats) for s in seqs]
@@ -414,11 +424,11 @@ class _StepLimit:
 class _State:
     """Preallocated caches of one sequence."""
 
-    def __init__(self, dec: Decoder, max_len: int, trunk: bool = True):
+    def __init__(self, dec: Decoder, max_len: int):
         self.max_len = max_len
         z = np.zeros
-        self.kv_c = [z((1, max_len, dec.r), dec.np) for _ in range(dec.layers if trunk else 0)]
-        self.kv_k = [z((1, max_len, dec.d), dec.np) for _ in range(dec.layers if trunk else 0)]
+        self.kv_c = [z((1, max_len, dec.r), dec.np) for _ in range(dec.layers)]
+        self.kv_k = [z((1, max_len, dec.d), dec.np) for _ in range(dec.layers)]
         self.hidden = z((max_len, dec.h), dec.np)
         self.mtp_c = [z((1, max_len, dec.r), dec.np) for _ in range(dec.n_mtp)]
         self.mtp_k = [z((1, max_len, dec.d), dec.np) for _ in range(dec.n_mtp)]

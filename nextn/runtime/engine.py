@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nextn.runtime.controller import DraftController, SequenceAcceptance
+from nextn.runtime.costs import cost_batch
 from nextn.runtime.decoder import AUTO, Decoder, _State
 from nextn.runtime.sampling import AcceptRule, SamplingParams, accept_drafts, sample, target_probs
 
@@ -148,12 +149,14 @@ class StepEngine:
             seq.state = self._caches(len(seq.request.prompt) + seq.budget + seq.depth + 2)
             seq.state.tokens = list(seq.request.prompt)
             self.starting.append(seq)
-        prefilled = self._prefill(touched) if self.starting else False
+        prefilled = bool(self.starting)
+        if prefilled:
+            self._prefill(touched)
         if self.running:
             self._decode(list(self.running), touched, observe=not prefilled)
         return list(dict.fromkeys(touched))
 
-    def _prefill(self, touched: list[Sequence]) -> bool:
+    def _prefill(self, touched: list[Sequence]) -> None:
         """The next chunk of each starting sequence's prompt, at most prefill_chunk tokens over all of
         them, in one trunk pass (rows of different lengths padded and masked)."""
         budget, rows, chunks = self.prefill_chunk, [], []
@@ -164,16 +167,12 @@ class StepEngine:
             rows.append(seq)
             chunks.append(chunk)
             budget -= len(chunk)
-        if len(rows) == 1:
-            logits = [self.dec.trunk(rows[0].state, chunks[0], rows[0].stats)[0]]  # [S, V]
-        else:
-            logits = self.dec.trunk_rows([s.state for s in rows], chunks, [s.stats for s in rows])
+        logits = self.dec.trunk_rows([s.state for s in rows], chunks, [s.stats for s in rows])  # [S, V] per row
         for seq, chunk, lg in zip(rows, chunks, logits):
             seq.prefilled += len(chunk)
             if seq.prefilled == len(seq.request.prompt):
                 self._first_token(seq, lg[-1])
                 touched.append(seq)
-        return True
 
     def _first_token(self, seq: Sequence, logits) -> None:
         """The prompt is in: sample the first new token; the sequence joins the running set."""
@@ -195,10 +194,7 @@ class StepEngine:
         drafts = [dec.draft(seq.state, k, seq.stats) if k else [] for seq, k in zip(rows, ks)]
         starts = [seq.state.n for seq in rows]
         tokens = [[seq.state.tokens[seq.state.n], *d] for seq, d in zip(rows, drafts)]
-        if len(rows) == 1:
-            logits = [dec.trunk(rows[0].state, tokens[0], rows[0].stats)[0]]  # zero-copy cache views
-        else:
-            logits = dec.trunk_rows([s.state for s in rows], tokens, [s.stats for s in rows])
+        logits = dec.trunk_rows([s.state for s in rows], tokens, [s.stats for s in rows])
         for seq, d, lg, n in zip(rows, drafts, logits, starts):
             r = seq.request
             a, tok = accept_drafts(lg, d, r.params, seq.rng, r.accept)
@@ -274,13 +270,6 @@ class StepEngine:
         self._pool.remove(st)
         st.reset()
         return st
-
-
-def cost_batch(b: int) -> int:
-    """The batch size whose step costs stand for b rows: b up to 4, then the power of two at or below it
-    (a calibration per distinct batch size would stall a server at every new size; the ratios between
-    K's move slowly with b)."""
-    return b if b <= 4 else 1 << (b.bit_length() - 1)
 
 
 def run_to_end(dec: Decoder, requests: list[Request], max_batch: int | None = None) -> list[Sequence]:

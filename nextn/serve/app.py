@@ -31,7 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from nextn.errors import NextnError
 from nextn.runtime.api import Model
-from nextn.runtime.engine import Request, StepEngine, cost_batch
+from nextn.runtime.engine import Request, StepEngine
 from nextn.runtime.sampling import AcceptRule, SamplingParams
 from nextn.serve.loop import EngineLoop, Ticket
 from nextn.serve.metrics import ServerMetrics
@@ -61,11 +61,7 @@ def warm_up(model: Model, config: ServeConfig) -> None:
     """Measure the step costs draft="auto" needs at every batch size it will see (cached per artifact and
     machine), so no request waits for a calibration: also on a server whose --draft is a fixed K, since any
     request may ask for "auto" (a calibration inside a step would stall every sequence for seconds)."""
-    dec = model.decoder
-    if dec.depth("auto"):
-        dec.acceptance_prior()
-        for b in sorted({cost_batch(b) for b in range(1, config.max_batch + 1)}):
-            dec.costs().at(b)
+    model.decoder.prepare_auto(*range(1, config.max_batch + 1))
 
 
 def create_app(model: Model, config: ServeConfig, on_ready=None) -> FastAPI:

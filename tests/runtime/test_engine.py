@@ -4,7 +4,8 @@ is decoded alone; a long prompt is prefilled in chunks without stalling the runn
 import pytest
 
 import nextn
-from nextn.runtime.engine import Request, StepEngine, cost_batch
+from nextn.runtime.costs import cost_batch
+from nextn.runtime.engine import Request, StepEngine
 from nextn.runtime.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
