@@ -14,6 +14,12 @@ from nextn.errors import NextnError
 from nextn.runtime.sampling import AcceptRule
 
 
+# run, bench and serve: hash every byte before opening (`nextn verify`), not only changed files
+_verify_option = click.option("--verify", "verify_all", is_flag=True,
+                              help="Check every file's sha256 first [default: only files changed since last "
+                                   "verified here].")  # fmt: skip
+
+
 class _Group(click.Group):
     """Turns a NextnError into one line on stderr and exit status 1, never a traceback."""
 
@@ -218,8 +224,7 @@ def export(checkpoint: str | None, out: str, dtype: str, mtp_layers: int | None,
               help="ONNX Runtime pre-packs weights per graph: faster, more memory [default: when the weights take "
                    "at most 1/8 of RAM].")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
-@click.option("--verify", "verify_all", is_flag=True,
-              help="Check every file's sha256 first [default: only files changed since last verified here].")
+@_verify_option
 def run(artifact, prompt, prompt_ids, max_new_tokens, draft, accept, relaxed_top, relaxed_delta, temperature, top_k,
         top_p, seed, stop, backend, device, threads, prepack, as_json, verify_all):  # fmt: skip
     """Generate from an exported ARTIFACT (default: the embedded model, exported on first use): text
@@ -338,8 +343,7 @@ def _name_list(flag: str, value: str, allowed: tuple[str, ...]) -> tuple[str, ..
 @click.option("--sweep-dir", type=click.Path(), default=None,
               help="Where the sweep keeps its checkpoints and exports [default: the cache folder].")
 @click.option("--quant", default="", help="With --sweep: also quantize each size (int8,int4,fp8) and time its decoding.")
-@click.option("--verify", "verify_all", is_flag=True,
-              help="Check every file's sha256 first [default: only files changed since last verified here].")
+@_verify_option
 def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends, baselines, repeats, warmup,
           threads, json_out, plot_out, sweep, sweep_dir, quant, verify_all):  # fmt: skip
     """Latency per token of ARTIFACT (default: the embedded model) at each draft depth, with baselines."""
@@ -547,8 +551,7 @@ def demo(prompt, max_new_tokens, draft, repeats, threads, quant, as_json):
 @click.option("--replicas", type=int, default=0,
               help="Serve N replicas as a Ray Serve deployment (each its own engine) [default: no Ray, one engine].")
 @click.option("--ray-address", default=None, help="With --replicas: join this Ray cluster [default: start a local one].")
-@click.option("--verify", "verify_all", is_flag=True,
-              help="Check every file's sha256 first [default: only files changed since last verified here].")
+@_verify_option
 def serve(artifact, host, port, max_batch, max_queue, draft, prefill_chunk, model_name, backend, threads, replicas,
           ray_address, verify_all):  # fmt: skip
     """Serve an ARTIFACT (default: the embedded model) over an OpenAI-compatible HTTP API with continuous
