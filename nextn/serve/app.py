@@ -41,7 +41,7 @@ from nextn.serve.protocol import (
     chunk_body,
     completion_body,
     completion_id,
-    usage,
+    usage_chunk_body,
     validation_error,
 )
 
@@ -180,8 +180,7 @@ async def sse(model: Model, loop: EngineLoop, ticket: Ticket, cid: str, name: st
         except APIError as e:
             yield _event(e.body())
         if include_usage:
-            yield _event({"id": cid, "object": "text_completion", "created": int(time.time()), "model": name,
-                          "choices": [], "usage": usage(len(ticket.request.prompt), n)})  # fmt: skip
+            yield _event(usage_chunk_body(cid, name, len(ticket.request.prompt), n))
         yield "data: [DONE]\n\n"
     finally:
         loop.cancel(ticket)  # the client went away mid-stream: its slot is freed before the next step

@@ -99,23 +99,23 @@ def completion_id() -> str:
 def completion_body(cid: str, model: str, text: str, token_ids: list[int], finish_reason: str | None,
                     prompt_tokens: int, stats: dict | None = None) -> dict:  # fmt: skip
     """A whole completion. `token_ids` and `nextn` (the request's decoding stats) are nextn's extensions."""
-    return {
-        "id": cid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
-                     "token_ids": token_ids}],  # fmt: skip
-        "usage": usage(prompt_tokens, len(token_ids)),
-        **({"nextn": stats} if stats is not None else {}),
-    }
+    return {**chunk_body(cid, model, text, token_ids, finish_reason), "usage": usage(prompt_tokens, len(token_ids)),
+            **({"nextn": stats} if stats is not None else {})}  # fmt: skip
 
 
 def chunk_body(cid: str, model: str, text: str, token_ids: list[int], finish_reason: str | None) -> dict:
     """One server-sent event of a streamed completion."""
-    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
-                         "token_ids": token_ids}]}  # fmt: skip
+    return {**_envelope(cid, model), "choices": [{"index": 0, "text": text, "logprobs": None,
+                                                  "finish_reason": finish_reason, "token_ids": token_ids}]}  # fmt: skip
+
+
+def usage_chunk_body(cid: str, model: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    """stream_options.include_usage: the last event before [DONE], with no choices."""
+    return {**_envelope(cid, model), "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def _envelope(cid: str, model: str) -> dict:
+    return {"id": cid, "object": "text_completion", "created": int(time.time()), "model": model}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
