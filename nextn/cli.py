@@ -70,8 +70,8 @@ def format_plan(path: str, p: dict) -> str:
         lines.append(f"{name:<7} {gb(s['artifact_bytes']):>11} {rss:>19} {gb(s['disk_bytes']):>11} "
                      f"{s['kv_bytes_per_token'] / 1e3:>8.1f} kB {gb(s['read_bytes_per_token']):>13} "
                      f"{s['decode_floor_ms']:>11.1f} ms")  # fmt: skip
-    lines.append("peak RSS: export holds the whole model today (int8/int4: the fp32 export, then calibrate); "
-                 "disk for int8/int4 includes the fp32 artifact they are made from")
+    lines.append("peak RSS: the export streams (a group of layers at a time; int8/int4: then calibrate holds the fp32 "
+                 "artifact); disk: the export's graph data and weights.bin, int8/int4 also the fp32 artifact")
     return "\n".join(lines)
 
 
@@ -160,6 +160,10 @@ def inspect(path: str | None, as_json: bool, plan_only: bool, bandwidth: float |
               help="Routed experts as ONNX Runtime's fused MoE op, or standard ONNX ops per expert (for other "
                    "runtimes); auto: fused where the checkpoint allows it.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--validation", type=click.Choice(["auto", "full", "truncated"]), default="auto", show_default=True,
+              help="Check the graphs against the reference holding the whole model (full) or, so that memory stays "
+                   "bounded by a layer, the trunk on a twin of its first layers and each MTP graph whole "
+                   "(truncated); auto: full up to 1 GiB of weights.")  # fmt: skip
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
               help="Write a quantized artifact in one go: nextn calibrate's defaults with round-to-nearest weights, "
                    "its quality report and --min-top1 refusal; the fp32 export is temporary.")  # fmt: skip
@@ -169,7 +173,8 @@ def inspect(path: str | None, as_json: bool, plan_only: bool, bandwidth: float |
 @click.option("--min-top1", type=float, default=0.9, show_default=True,
               help="With --quantize: refuse under this trunk top-1 agreement with fp32.")
 def export(checkpoint: str | None, out: str, dtype: str, mtp_layers: int | None, opset: int, attention: str,
-           moe: str, force: bool, quantize: str | None, data: tuple[str, ...], min_top1: float):  # fmt: skip
+           moe: str, force: bool, validation: str, quantize: str | None, data: tuple[str, ...],
+           min_top1: float):  # fmt: skip
     """Export the trunk and each MTP module of CHECKPOINT (default: the embedded model) as validated ONNX graphs."""
     from nextn.embedded import embedded_checkpoint
     from nextn.export.exporter import ExportOptions, export_checkpoint
@@ -177,7 +182,8 @@ def export(checkpoint: str | None, out: str, dtype: str, mtp_layers: int | None,
     checkpoint = checkpoint or str(embedded_checkpoint())
     from nextn.export.summary import format_validation
 
-    opts = ExportOptions(dtype=dtype, mtp_layers=mtp_layers, opset=opset, attention=attention, moe=moe, force=force)
+    opts = ExportOptions(dtype=dtype, mtp_layers=mtp_layers, opset=opset, attention=attention, moe=moe, force=force,
+                         validation=validation)  # fmt: skip
     if quantize is None and (data or min_top1 != 0.9):
         raise NextnError("--data/--min-top1: only with --quantize")
     if quantize:

@@ -41,15 +41,17 @@ def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def deepseek_like(hidden: int, layers: int, vocab: int = 32000, experts: int = 16, mtp: int = 1) -> ModelConfig:
+def deepseek_like(hidden: int, layers: int, vocab: int = 32000, experts: int = 16, mtp: int = 1, top_k: int = 4,
+                  groups: int = 4) -> ModelConfig:  # fmt: skip
     """DeepSeek-V3 proportions at width `hidden` (a multiple of 64): 64-dim heads, q_lora 3H/8,
-    kv_lora H/4, rope 32, top-4 of `experts` routed experts in 4 groups, one dense first layer."""
+    kv_lora H/4, rope 32, top-`top_k` of `experts` routed experts in `groups` groups (half of them
+    picked), one dense first layer."""
     return ModelConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75) // 64 * 64,
         moe_intermediate_size=hidden // 4, num_hidden_layers=layers, num_attention_heads=hidden // 64,
         q_lora_rank=hidden * 3 // 8, kv_lora_rank=hidden // 4, qk_nope_head_dim=64, qk_rope_head_dim=32,
         v_head_dim=64, num_nextn_predict_layers=mtp, n_routed_experts=experts, n_shared_experts=1,
-        num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        num_experts_per_tok=top_k, n_group=groups, topk_group=groups // 2, first_k_dense_replace=1, routed_scaling_factor=2.5,
         max_position_embeddings=4096, bos_token_id=0, eos_token_ids=(1,),
     )  # fmt: skip
 
@@ -58,6 +60,8 @@ PRESETS = {
     "tiny": tiny_config,
     "small": lambda: deepseek_like(256, 4, vocab=4096),
     "1gb": lambda: deepseek_like(1024, 12),  # ~256M parameters, ~1 GB of fp32 weights
+    # issue 16's memory checkpoint: ~1.8B parameters (7 GB as fp32), 64 experts top-8 in 8 groups
+    "2b": lambda: deepseek_like(1280, 20, experts=64, top_k=8, groups=8),
 }
 
 

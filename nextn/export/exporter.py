@@ -11,6 +11,7 @@ validation passed, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gc
 import logging
@@ -27,15 +28,17 @@ from nextn.export import fused_moe, fused_rope
 from nextn.export.graphs import MtpGraph, TrunkGraph, dynamic_shapes, example_inputs, mtp_io, trunk_io
 from nextn.export.manifest import FORMAT_VERSION, tool_versions, write_manifest
 from nextn.export.validate import check_cases, fp32_twin, make_session, reference_cases
-from nextn.export.writer import export_graph, pack_weights
+from nextn.export.stream import StreamedWeights, weight_bytes
+from nextn.export.writer import pack_weights, save_graph, trace_graph
 from nextn.model.checkpoint import Checkpoint
-from nextn.model.weights import load_model
+from nextn.model.weights import load_model, mtp_prefix, partial_model, skeleton, trim_heap
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 OPSETS = range(18, 24)
+FULL_VALIDATION_BYTES = 1 << 30  # above this, a streamed export validates a truncated trunk
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
@@ -47,6 +50,8 @@ class ExportOptions:
     attention: str = "absorbed"  # absorbed | naive (see BENCHMARKS.md for the measurement behind the default)
     moe: str = "auto"  # auto | fused | sparse (fused_moe.py; auto: fused where the config allows it)
     force: bool = False
+    stream: bool = True  # trace on the meta device, write weights a layer at a time (stream.py)
+    validation: str = "auto"  # auto | full | truncated (below; auto: full up to FULL_VALIDATION_BYTES)
 
 
 Progress = Callable[[str, int, int], None]  # (what, step, total steps)
@@ -68,10 +73,19 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     graphs = ["trunk"] + [f"mtp_{k}" for k in range(n_mtp)]
     total = 3 + 2 * len(graphs) + 1
     step = Steps(progress, total)
-    step("load checkpoint")
-    model, cfg = load_model(checkpoint, dtype=DTYPES[opts.dtype], mtp_layers=n_mtp,
-                            absorbed=opts.attention == "absorbed", stack_experts=moe == "fused")  # fmt: skip
-    unique_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+    forms, translations = export_forms(moe, opts.opset)
+    if opts.stream:
+        step("read checkpoint structure")
+        ckpt = Checkpoint(checkpoint)
+        model, private = skeleton(ckpt, n_mtp, opts.attention == "absorbed", DTYPES[opts.dtype])
+        weights = StreamedWeights(ckpt, model, private, DTYPES[opts.dtype], forms.fused_moe, forms)
+        unique_bytes = weight_bytes(model, DTYPES[opts.dtype])
+    else:
+        step("load checkpoint")
+        model, cfg = load_model(checkpoint, dtype=DTYPES[opts.dtype], mtp_layers=n_mtp,
+                                absorbed=opts.attention == "absorbed", stack_experts=moe == "fused")  # fmt: skip
+        weights = None
+        unique_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
     _check_disk(out, unique_bytes, extra=n_mtp * 2 * cfg.vocab_size * cfg.hidden_size * DTYPES[opts.dtype].itemsize)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,41 +93,39 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     try:
         t0 = time.perf_counter()
         io = {}
-        with contextlib.ExitStack() as fused:  # export-only forms of the MoE and rotary (validated below)
-            translations = {}
-            if moe == "fused":
-                fused.enter_context(fused_moe.fused_experts(model))
-                translations |= fused_moe.onnx_translations()
-            if opts.opset >= fused_rope.ROPE_OPSET:
-                fused.enter_context(fused_rope.fused_rope(model))
-                translations |= fused_rope.onnx_translations()
-            for name in graphs:
-                step(f"export {name}.onnx")
-                if name == "trunk":
-                    module, (inputs, outputs), which = TrunkGraph(model), trunk_io(cfg, dtype), "trunk"
-                else:
-                    module, (inputs, outputs), which = MtpGraph(model, int(name[4:])), mtp_io(cfg, dtype), "mtp"
-                example = example_inputs(cfg, DTYPES[opts.dtype], which, b=2, s=3, p=4)
-                export_graph(module, example, dynamic_shapes(which, cfg.num_hidden_layers), inputs, outputs,
-                             tmp / f"{name}.onnx", opts.opset, translations)  # fmt: skip
-                io[name] = (inputs, outputs)
+        for name in graphs:
+            step(f"export {name}.onnx")
+            io[name] = _export_one(model, cfg, name, opts, dtype, forms, translations, weights, tmp / f"{name}.onnx")
         export_s = time.perf_counter() - t0
-        # Reference outputs first, then release the model: validation never holds the reference's
-        # weights and an ONNX Runtime session's at once. A 16-bit export is checked against its own
-        # weights computed in fp32.
-        step("compute reference outputs")
-        ref = model if opts.dtype == "fp32" else model.float()
-        cases = {name: reference_cases(name, ref, dtype) for name in graphs}
-        del module, ref
-        model = None
+        if weights is not None:
+            log.info("streamed: %d checkpoint group loads", weights.loads)
+            weights.unload()
+        scope = _validation_scope(opts, unique_bytes)
+        step(f"compute reference outputs ({scope} validation)")
+        if scope == "full":
+            if weights is not None:
+                model, _ = load_model(checkpoint, dtype=DTYPES[opts.dtype], mtp_layers=n_mtp,
+                                      absorbed=opts.attention == "absorbed")  # fmt: skip
+            # Reference outputs first, then release the model: validation never holds the reference's
+            # weights and an ONNX Runtime session's at once. A 16-bit export is checked against its own
+            # weights computed in fp32.
+            ref = model if opts.dtype == "fp32" else model.float()
+            cases = {name: reference_cases(name, ref, dtype) for name in graphs}
+            runs = {name: tmp / f"{name}.onnx" for name in graphs}
+            del ref
+        else:
+            cases, runs = _truncated_references(weights.ckpt, n_mtp, opts, dtype, forms, translations, tmp / ".twin")
+        model = weights = None
         gc.collect()
+        trim_heap()
         step("pack shared weights")
         packed = pack_weights([tmp / f"{g}.onnx" for g in graphs], tmp / "weights.bin")
         validation = []
         for name in graphs:
             step(f"validate {name}.onnx in ONNX Runtime")
-            src = fp32_twin(tmp / f"{name}.onnx") if dtype == "bfloat16" else tmp / f"{name}.onnx"
+            src = fp32_twin(runs[name]) if dtype == "bfloat16" else runs[name]
             validation += check_cases(make_session(src), cases[name], dtype)
+        shutil.rmtree(tmp / ".twin", ignore_errors=True)
         bad = [r for r in validation if not r["max_abs"] <= r["bound"]]
         if bad:
             r = bad[0]
@@ -147,6 +159,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
             },
             "weights": {"file": "weights.bin", "unique_weight_bytes": unique_bytes, **packed},
             "validation": validation,
+            "validation_scope": scope if scope == "full" else
+            f"truncated: trunk graph of layers 0-{truncated_layers(cfg) - 1} of {cfg.num_hidden_layers}, MTP graphs whole",
             "export_seconds": round(export_s, 2),
             "tools": tool_versions(),
         }
@@ -156,6 +170,98 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_forms(moe: str, opset: int):
+    """(forms, translations): `forms(model)` enters the export-only forms of the MoE and the rotary
+    (validated like everything else) on `model`; `translations` maps their custom ops to ONNX."""
+    translations = (fused_moe.onnx_translations() if moe == "fused" else {}) | (
+        fused_rope.onnx_translations() if opset >= fused_rope.ROPE_OPSET else {})  # fmt: skip
+
+    @contextlib.contextmanager
+    def forms(model):
+        with contextlib.ExitStack() as stack:
+            if moe == "fused":
+                stack.enter_context(fused_moe.fused_experts(model))
+            if opset >= fused_rope.ROPE_OPSET:
+                stack.enter_context(fused_rope.fused_rope(model))
+            yield
+
+    forms.fused_moe = moe == "fused"  # the loader stacks experts for it
+    return forms, translations
+
+
+def _export_one(model, cfg, name: str, opts: ExportOptions, dtype: str, forms, translations, weights, path: Path):
+    """Trace graph `name` inside the export forms and save it; returns its (inputs, outputs) specs.
+
+    A model holding its weights is saved inside the forms (its tensors are the forms' values); a meta
+    skeleton is saved after them, while `weights` loads each group inside forms of its own."""
+    if name == "trunk":
+        module, (inputs, outputs), which = TrunkGraph(model), trunk_io(cfg, dtype), "trunk"
+    else:
+        module, (inputs, outputs), which = MtpGraph(model, int(name[4:])), mtp_io(cfg, dtype), "mtp"
+    example = example_inputs(cfg, DTYPES[opts.dtype], which, b=2, s=3, p=4)
+    if weights is not None:
+        weights.unload()
+        example = tuple(t.to("meta") if isinstance(t, torch.Tensor) else tuple(x.to("meta") for x in t) for t in example)
+    with forms(model):
+        program = trace_graph(module, example, dynamic_shapes(which, cfg.num_hidden_layers), inputs, outputs,
+                              opts.opset, translations)  # fmt: skip
+        if weights is None:
+            save_graph(program, inputs, outputs, path)
+    if weights is not None:
+        save_graph(program, inputs, outputs, path, weights)
+    return inputs, outputs
+
+
+def _validation_scope(opts: ExportOptions, unique_bytes: int) -> str:
+    """A whole-model export validates in full (it holds the model anyway); a streamed one up to
+    FULL_VALIDATION_BYTES of weights, and above that on a truncated trunk (_truncated_references)."""
+    if not opts.stream or opts.validation == "full":
+        return "full"
+    if opts.validation == "truncated":
+        return "truncated"
+    return "full" if unique_bytes <= FULL_VALIDATION_BYTES else "truncated"
+
+
+def truncated_layers(cfg) -> int:
+    """Layers of the truncated trunk: a dense and an MoE layer where the model has both."""
+    return min(cfg.num_hidden_layers, cfg.first_k_dense_replace + 1)
+
+
+def _truncated_references(ckpt: Checkpoint, n_mtp: int, opts: ExportOptions, dtype: str, forms, translations,
+                          scratch: Path) -> tuple[dict, dict]:  # fmt: skip
+    """Validation without the whole model: (reference cases, graph file to run) per graph.
+
+    The trunk: a twin of the first `truncated_layers` layers is exported the same streamed way into
+    `scratch` and checked against a reference holding only those layers. It checks the graph's form
+    on real weights (every op, fused form and dtype path the full trunk has); the full trunk's other
+    layers are the same code writing other tensors (streamed = whole-model export, bit for bit: tested).
+    Each MTP graph runs whole, against a reference holding the embedding, head, final norm and its own
+    block, on random hidden states through the trunk's final norm.
+    """
+    cfg, absorbed, torch_dtype = ckpt.config, opts.attention == "absorbed", DTYPES[opts.dtype]
+    twin = copy.copy(ckpt)
+    twin.config = dataclasses.replace(cfg, num_hidden_layers=truncated_layers(cfg), num_nextn_predict_layers=0)
+    model, private = skeleton(twin, 0, absorbed, torch_dtype)
+    weights = StreamedWeights(twin, model, private, torch_dtype, stack_experts=forms.fused_moe, forms=forms)
+    scratch.mkdir()
+    _export_one(model, twin.config, "trunk", opts, dtype, forms, translations, weights, scratch / "trunk.onnx")
+    weights.unload()
+    ref = partial_model(twin, 0, absorbed, torch_dtype).float()
+    cases, runs = {"trunk": reference_cases("trunk", ref, dtype)}, {"trunk": scratch / "trunk.onnx"}
+    for case in cases["trunk"]:
+        case.graph = f"trunk[:{twin.config.num_hidden_layers}]"
+    top = {n for n in ckpt.tensors if not n.startswith("model.layers.")}
+    for k in range(n_mtp):
+        del ref  # one reference at a time
+        trim_heap()
+        prefix = mtp_prefix(cfg, k)
+        ref = partial_model(ckpt, k + 1, absorbed, torch_dtype, keep=lambda n: n in top or n.startswith(prefix)).float()
+        cases[f"mtp_{k}"] = reference_cases(f"mtp_{k}", ref, dtype, trunk_hidden=False)
+        runs[f"mtp_{k}"] = scratch.parent / f"mtp_{k}.onnx"
+    ckpt.release()
+    return cases, runs
 
 
 class Steps:
@@ -190,6 +296,8 @@ def _check_options(opts: ExportOptions, out: Path) -> None:
         raise NextnError(f"--opset {opts.opset}: nextn exports opsets {OPSETS.start} to {OPSETS.stop - 1}")
     if opts.attention not in ("absorbed", "naive"):
         raise NextnError(f"--attention {opts.attention}: choose absorbed or naive")
+    if opts.validation not in ("auto", "full", "truncated"):
+        raise NextnError(f"--validation {opts.validation}: choose auto, full or truncated")
     if opts.mtp_layers is not None and opts.mtp_layers < 0:
         raise NextnError(f"--mtp-layers {opts.mtp_layers}: must be >= 0")
     check_output(out, opts.force)

@@ -152,7 +152,7 @@ def fused_experts(model: torch.nn.Module):
                 for e, expert in enumerate(m.experts):
                     for proj in ("gate_proj", "up_proj", "down_proj"):
                         w = getattr(expert, proj).weight
-                        m.stacked_slot(e, proj, w.dtype).copy_(w.detach())
+                        m.stacked_slot(e, proj, w.dtype, w.device).copy_(w.detach())
             m.register_buffer("fused_router_wt", m.gate.weight.detach().t().contiguous(), persistent=False)  # [H, E]
             m.forward = types.MethodType(_fused_forward, m)
         yield

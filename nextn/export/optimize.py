@@ -25,6 +25,11 @@ _RULES = tuple(
 )  # fmt: skip
 
 
+# Constant folding combines initializers of at most this many elements; larger ones only by Transpose
+# (onnxscript's always-fold op). The streaming export relies on this split (stream.py).
+FOLD_INPUT_LIMIT = 8192
+
+
 def optimize_graph(model: ir.Model, iterations: int = 2) -> None:
     """Fold constants, apply the single-output rewrite rules, clean up, fuse; in place."""
     passes = ir.passes.Sequential(
@@ -32,7 +37,7 @@ def optimize_graph(model: ir.Model, iterations: int = 2) -> None:
         ir.passes.PassManager(
             [
                 _constant_folding.FoldConstantsPass(
-                    shape_inference=True, input_size_limit=8192, output_size_limit=262144
+                    shape_inference=True, input_size_limit=FOLD_INPUT_LIMIT, output_size_limit=262144
                 ),
                 rewriter.RewritePass(_RULES),
                 common_passes.RemoveUnusedNodesPass(),

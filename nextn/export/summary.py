@@ -68,9 +68,10 @@ def worst_errors(manifest: dict) -> list[dict]:
 
 def format_validation(manifest: dict) -> str:
     shapes = sorted({(r["batch"], r["new_tokens"], r["past_len"]) for r in manifest["validation"]})
-    lines = [f"validation vs PyTorch reference ({manifest['dtype']}; (batch, new, past) in {shapes}):"]
+    scope = manifest.get("validation_scope", "full")
+    lines = [f"validation vs PyTorch reference ({manifest['dtype']}; {scope}; (batch, new, past) in {shapes}):"]
     for r in worst_errors(manifest):
-        lines.append(f"  {r['graph']:<8} {r['output']:<11} max abs {r['max_abs']:.2e}  max rel {r['max_rel']:.2e}"
+        lines.append(f"  {r['graph']:<9} {r['output']:<11} max abs {r['max_abs']:.2e}  max rel {r['max_rel']:.2e}"
                      f"  (bound {r['bound']:.1e})")  # fmt: skip
     return "\n".join(lines)
 

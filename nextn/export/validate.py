@@ -117,8 +117,11 @@ class Case:
 
 
 @torch.no_grad()
-def reference_cases(which: str, ref: DeepseekV3, dtype: str, seed: int = 0) -> list[Case]:
+def reference_cases(which: str, ref: DeepseekV3, dtype: str, seed: int = 0, trunk_hidden: bool = True) -> list[Case]:
     """Inputs and fp32 reference outputs of one graph ("trunk" or "mtp_{k}") at every case.
+
+    An MTP graph reads the trunk's hidden states, or with `trunk_hidden=False` (a reference without the
+    trunk's layers) random vectors through the trunk's final norm, the form and scale of the real ones.
 
     Computed before any ONNX Runtime session exists, so the reference model can be released first and
     validation never holds the reference's and the session's weights at once.
@@ -138,7 +141,11 @@ def reference_cases(which: str, ref: DeepseekV3, dtype: str, seed: int = 0) -> l
             # Every depth reads the trunk hidden here: the graph computes the same function whatever
             # produced its input (chaining across depths is tested against transformers separately).
             k = int(which.split("_")[1])
-            hidden = ref(ids[:, : p + s], pos[:, : p + s], attention_mask=mask[:, : p + s]).hidden
+            if trunk_hidden:
+                hidden = ref(ids[:, : p + s], pos[:, : p + s], attention_mask=mask[:, : p + s]).hidden
+            else:
+                noise = torch.randn(b, p + s, ref.cfg.hidden_size, generator=torch.Generator().manual_seed(seed + ci))
+                hidden = ref.model.norm(noise.to(ref.model.norm.weight.dtype))  # [B, P + S, H]
             tok, tpos = ids[:, 1:], pos[:, 1:]
             pre = ref.mtp_forward(k, tok[:, :p], hidden[:, :p], tpos[:, :p], attention_mask=mask[:, :p])
             want = ref.mtp_forward(k, tok[:, p : p + s], hidden[:, p : p + s], tpos[:, p : p + s], pre.new_kv,

@@ -30,21 +30,26 @@ PAGE = 4096
 SMALL = 64 * 1024  # below this, 64-byte alignment (padding every small tensor to a page would bloat files)
 
 
-def export_graph(
+def export_graph(module: torch.nn.Module, example: tuple, dynamic_shapes: tuple, inputs: list[TensorSpec],
+                 outputs: list[TensorSpec], path: Path, opset: int, translations: dict | None = None) -> None:
+    """Trace and save one graph of a model that holds its weights."""
+    save_graph(trace_graph(module, example, dynamic_shapes, inputs, outputs, opset, translations), inputs, outputs, path)
+
+
+def trace_graph(
     module: torch.nn.Module,
     example: tuple,
     dynamic_shapes: tuple,
     inputs: list[TensorSpec],
     outputs: list[TensorSpec],
-    path: Path,
     opset: int,
     translations: dict | None = None,
-) -> None:
-    """Export `module` to `path` (+ `path`.data) with named I/O and readable symbolic dimensions;
-    `translations` maps custom torch ops to their ONNX form (fused_moe.py)."""
+):
+    """torch.export + torch.onnx of `module` with named I/O; `translations` maps custom torch ops to
+    their ONNX form (fused_moe.py). Returns the ONNXProgram, not yet optimized."""
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
+        return torch.onnx.export(
             module,
             example,
             dynamo=True,
@@ -56,7 +61,18 @@ def export_graph(
             optimize=False,  # our own pipeline below: the stock one has a quadratic rule
             verbose=False,
         )
+
+
+def save_graph(program, inputs: list[TensorSpec], outputs: list[TensorSpec], path: Path, weights=None) -> None:
+    """Optimize a traced graph and save it to `path` (+ `path`.data) with readable symbolic dimensions.
+    `weights` (a stream.StreamedWeights) when the graph was traced on the meta device: its initializers
+    get stand-ins for optimization and are read from the checkpoint while saving."""
+    stand_ins = weights.stand_in(program.model) if weights is not None else None
+    with warnings.catch_warnings(), _quiet():
+        warnings.simplefilter("ignore")
         optimize_graph(program.model)
+    if weights is not None:
+        weights.bind(program.model, stand_ins)
     program.save(str(path), external_data=True)
     program.release()
     model = onnx.load(str(path), load_external_data=False)

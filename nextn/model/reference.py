@@ -271,14 +271,15 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x)
         return out
 
-    def stacked_slot(self, e: int, proj: str, dtype: torch.dtype) -> torch.Tensor:
+    def stacked_slot(self, e: int, proj: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
         """Where expert e's `proj` weight lives in the stacked layout of the fused MoE export: buffers
         `fused_w13` [E, 2I, H] (gate and up rows interleaved: gate_0, up_0, gate_1, ..., the layout ONNX
-        Runtime's CPU MoE takes) and `fused_w2` [E, H, I], allocated on first use."""
+        Runtime's CPU MoE takes) and `fused_w2` [E, H, I], allocated on first use (on the meta device for
+        a streamed export's trace, which never holds weights)."""
         if "fused_w13" not in self._buffers:
             n, (i, h) = len(self.experts), self.experts[0].gate_proj.weight.shape
-            self.register_buffer("fused_w13", torch.empty(n, 2 * i, h, dtype=dtype, device="cpu"), persistent=False)
-            self.register_buffer("fused_w2", torch.empty(n, h, i, dtype=dtype, device="cpu"), persistent=False)
+            self.register_buffer("fused_w13", torch.empty(n, 2 * i, h, dtype=dtype, device=device), persistent=False)
+            self.register_buffer("fused_w2", torch.empty(n, h, i, dtype=dtype, device=device), persistent=False)
         if proj == "down_proj":
             return self.fused_w2[e]  # [H, I]
         return self.fused_w13[e, 0::2] if proj == "gate_proj" else self.fused_w13[e, 1::2]  # [I, H]

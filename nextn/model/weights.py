@@ -6,6 +6,7 @@ safetensors headers before any data is read.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -191,84 +192,148 @@ def _expert_slot(model: nn.Module, target: str, dtype: torch.dtype) -> torch.Ten
     return moe.stacked_slot(int(e), proj, dtype)
 
 
+def wanted_names(ckpt, n_mtp: int, private: set[tuple[int, str]]) -> list[str]:
+    """The checkpoint tensors a model with `n_mtp` MTP modules is built from, in file order: FP8 scales
+    (read with their weights), modules past `n_mtp`, an MTP module's embed/head copies that duplicate
+    the trunk's (not in `private`) and a tied head are left out."""
+    cfg, out = ckpt.config, []
+    for _, names in ckpt.names_by_file():
+        for name in names:
+            if name.endswith("_scale_inv") or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                continue
+            target = param_name(cfg, name)
+            if target.startswith("mtp."):
+                k = int(target.split(".")[1])
+                own = name[len(mtp_prefix(cfg, k)) :]
+                if k >= n_mtp or (own in MTP_SHARED and (k, own) not in private):
+                    continue
+            out.append(name)
+    return out
+
+
+def skeleton(ckpt, n_mtp: int, absorbed: bool, dtype: torch.dtype = torch.float32):
+    """The reference `DeepseekV3` on the meta device (shapes and dtypes as `load_model` gives them at
+    `dtype`, no data), its MTP modules' embedding and
+    head shared with the trunk's unless the checkpoint's own copies differ; returns (model, private),
+    `private` the (k, name) of the copies that differ (DeepSeek ships them identical)."""
+    from nextn.model.reference import DeepseekV3
+
+    cfg = ckpt.config
+    if n_mtp > cfg.num_nextn_predict_layers:
+        raise NextnError(f"--mtp-layers {n_mtp}: {ckpt.path} has only {cfg.num_nextn_predict_layers} MTP module(s)")
+    private: set[tuple[int, str]] = set()
+    for k in range(n_mtp):
+        for own in MTP_SHARED:
+            name = mtp_prefix(cfg, k) + own
+            if name in ckpt.tensors and not ckpt.same_data(name, trunk_twin(own, ckpt.tensors)):
+                log.info("%s differs from %s: MTP module %d keeps its own copy", name, trunk_twin(own, ckpt.tensors), k)
+                private.add((k, own))
+    with torch.device("meta"):
+        model = DeepseekV3(cfg, num_mtp=n_mtp, absorbed=absorbed)
+        for k, own in private:
+            if own.startswith("embed"):
+                model.mtp[k].embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            else:
+                model.mtp[k].shared_head.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+    for name, p in model.named_parameters():
+        p.data = p.data.to(torch.float32 if name.endswith(FP32_SUFFIXES) else dtype)
+    share(model, private)
+    return model.eval(), private
+
+
+def share(model, private: set[tuple[int, str]]) -> None:
+    """Point the tied head and the MTP modules' shared embedding/head at the trunk's (again after a
+    load replaced the trunk's parameters)."""
+    if model.cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for k, module in enumerate(model.mtp):
+        if (k, "embed_tokens.weight") not in private:
+            module.embed_tokens = model.model.embed_tokens
+        if (k, "shared_head.head.weight") not in private:
+            module.shared_head.head = model.lm_head
+
+
+def unload(module: nn.Module) -> None:
+    """Every parameter of `module` back on the meta device and the experts' stacks dropped: the memory of
+    what `load_tensors` gave it is released (views of the checkpoint's files let go of their pages). A
+    whole model then needs `share` again."""
+    for m in module.modules():
+        for n, p in list(m._parameters.items()):
+            if p is not None and not p.is_meta:
+                m._parameters[n] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        for n in ("fused_w13", "fused_w2"):  # MoE.stacked_slot's buffers
+            if n in m._buffers and not m._buffers[n].is_meta:
+                del m._buffers[n]
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the system. glibc keeps freed blocks below its (self-raising, up to
+    32 MiB) mmap threshold in the heap; a layer's tensors are such blocks, and without this the process
+    would keep the largest layer's worth of pages after dropping it."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def load_tensors(model, ckpt, names, dtype: torch.dtype, stack_experts: bool = False) -> None:
+    """Give the parameters that checkpoint tensors `names` feed their data (in `dtype`, routers fp32).
+
+    Tensors already in `dtype` are zero-copy views of the memory-mapped files; others are converted
+    (FP8 dequantized) one at a time. `stack_experts`: routed expert weights are copied into their MoE's
+    stacks (`MoE.stacked_slot`) and become views of them, the file pages dropped as each is copied.
+    """
+    cfg = ckpt.config
+    for name in names:
+        target = param_name(cfg, name)
+        want = torch.float32 if name.endswith(FP32_SUFFIXES) else dtype
+        slot = _expert_slot(model, target, want) if stack_experts else None
+        if slot is not None:
+            slot.copy_(ckpt.get(name, want))
+            ckpt.drop_pages(name)
+            _assign(model, target, slot)
+        else:
+            _assign(model, target, ckpt.get(name, want))
+
+
+def partial_model(ckpt, n_mtp: int, absorbed: bool, dtype: torch.dtype, keep: Callable[[str], bool] = lambda n: True,
+                  stack_experts: bool = False):  # fmt: skip
+    """The reference with the checkpoint tensors `keep` selects loaded, one file at a time; the rest
+    stay on the meta device (enough to run the parts the kept tensors make up)."""
+    from nextn.model.reference import Rotary
+
+    model, private = skeleton(ckpt, n_mtp, absorbed, dtype)
+    model.rotary = Rotary(ckpt.config)  # its buffer is computed, not loaded: build it on the CPU
+    wanted = {n for n in wanted_names(ckpt, n_mtp, private) if keep(n)}
+    for _, names in ckpt.names_by_file():
+        load_tensors(model, ckpt, [n for n in names if n in wanted], dtype, stack_experts)
+        ckpt.release()  # unconverted tensors keep their shard mapped; the rest of it can go
+    share(model, private)
+    return model
+
+
 def load_model(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     mtp_layers: int | None = None,
     absorbed: bool = False,
-    on_tensor: Callable[[str], None] | None = None,
     stack_experts: bool = False,
 ):
     """Load a checkpoint folder into the reference `DeepseekV3` (eval mode, no grad).
 
-    Tensors already in `dtype` are zero-copy views of the memory-mapped files; others are converted
-    (FP8 dequantized) one at a time, so peak memory stays near one copy of the weights at `dtype`.
-    `stack_experts` (for the fused MoE export): every MoE's routed expert weights are copied into two
-    stacked tensors, `fused_w13` [E, 2I, H] (gate/up rows interleaved) and `fused_w2` [E, H, I], buffers
-    of the MoE module, and each expert's parameters become views of them; the file pages are dropped as
-    each tensor is copied, so the stacks are the only copy.
+    Peak memory stays near one copy of the weights at `dtype` (see `load_tensors`). `stack_experts`
+    (for the fused MoE export): every MoE's routed expert weights live in two stacked tensors,
+    `fused_w13` [E, 2I, H] (gate/up rows interleaved) and `fused_w2` [E, H, I], buffers of the MoE
+    module, and each expert's parameters are views of them: the stacks are the only copy.
     """
     from nextn.model.checkpoint import Checkpoint
-    from nextn.model.reference import DeepseekV3, Rotary
 
     ckpt = Checkpoint(path)
     cfg = ckpt.config
     n_mtp = cfg.num_nextn_predict_layers if mtp_layers is None else mtp_layers
-    if n_mtp > cfg.num_nextn_predict_layers:
-        raise NextnError(f"--mtp-layers {n_mtp}: {path} has only {cfg.num_nextn_predict_layers} MTP module(s)")
-    with torch.device("meta"):
-        model = DeepseekV3(cfg, num_mtp=n_mtp, absorbed=absorbed)
-    model.rotary = Rotary(cfg)  # its buffer is computed, not loaded: build it on the CPU
-
-    shared: list[tuple[int, str]] = []  # (k, own name) of MTP embed/head copies to decide on later
-    for _, names in ckpt.names_by_file():
-        for name in names:
-            if name.endswith("_scale_inv"):
-                continue
-            target = param_name(cfg, name)
-            if target.startswith("mtp."):
-                k = int(target.split(".")[1])
-                if k >= n_mtp:
-                    continue
-                own = name[len(mtp_prefix(cfg, k)) :]
-                if own in MTP_SHARED:
-                    shared.append((k, own))
-                    continue
-            want = torch.float32 if name.endswith(FP32_SUFFIXES) else dtype
-            slot = _expert_slot(model, target, want) if stack_experts else None
-            if slot is not None:
-                slot.copy_(ckpt.get(name, want))
-                ckpt.drop_pages(name)
-                _assign(model, target, slot)
-            else:
-                _assign(model, target, ckpt.get(name, want))
-            if on_tensor is not None:
-                on_tensor(name)
-        ckpt.release()  # unconverted tensors keep their shard mapped; the rest of it can go
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-
-    # MTP embedding/head: one copy when identical to the trunk's (DeepSeek ships duplicates).
-    for module in model.mtp:
-        module.embed_tokens = model.model.embed_tokens
-        module.shared_head.head = model.lm_head
-    for k, own in shared:
-        name, trunk_name = mtp_prefix(cfg, k) + own, trunk_twin(own, ckpt.tensors)
-        if not ckpt.same_data(name, trunk_name):
-            log.info("%s differs from %s: MTP module %d keeps its own copy", name, trunk_name, k)
-            weight = ckpt.get(name, dtype)
-            if own.startswith("embed"):
-                model.mtp[k].embed_tokens = nn.Embedding.from_pretrained(weight, freeze=True)
-            else:
-                with torch.device("meta"):
-                    head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-                head.weight = nn.Parameter(weight, requires_grad=False)
-                model.mtp[k].shared_head.head = head
-        if on_tensor is not None:
-            on_tensor(name)
-    ckpt.release()
-
+    model = partial_model(ckpt, n_mtp, absorbed, dtype, stack_experts=stack_experts)
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:  # validation should make this impossible
         raise NextnError(f"{path}: no data for parameter {leftover[0]}")
-    return model.eval(), cfg
+    return model, cfg

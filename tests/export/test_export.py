@@ -220,7 +220,7 @@ def test_cli_export_and_inspect(tiny_checkpoint, tmp_path):
     out = tmp_path / "a"
     r = CliRunner().invoke(cli, ["export", str(tiny_checkpoint), "-o", str(out), "--mtp-layers", "1"])
     assert r.exit_code == 0, r.output
-    assert "trunk    logits      max abs" in r.output and "mtp_0    logits" in r.output
+    assert "trunk     logits      max abs" in r.output and "mtp_0     logits" in r.output
     r = CliRunner().invoke(cli, ["inspect", str(out), "--json"])
     s = json.loads(r.output)
     assert s["kind"] == "artifact" and s["mtp_depth"] == 1 and set(s["graphs"]) == {"trunk", "mtp_0"}
