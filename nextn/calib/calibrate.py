@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from nextn.calib import data as calib_data
-from nextn.calib import observe, report
+from nextn.calib import observe, report, streaming
 from nextn.calib import experts as fused
 from nextn.calib.gptq import gptq
 from nextn.calib.rewrite import apply_nbits, apply_qdq, apply_qmoe, find_experts, find_linears, quantize_rtn, weight_kn
@@ -36,6 +36,7 @@ from nextn.errors import NextnError
 from nextn.export.exporter import COPIED, Steps, check_output, move_into_place
 from nextn.export.manifest import read_manifest, tool_versions, write_manifest
 from nextn.export.writer import pack_weights
+from nextn.model.weights import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,12 @@ def _schemes(manifest: dict, o: CalibOptions) -> dict[str, str]:
 
 def calibrate_artifact(
     artifact: str | Path, out: str | Path, data: list[Path], eval_data: list[Path], opts: CalibOptions,
-    progress: Progress | None = None,
+    progress: Progress | None = None, in_memory: bool = False, reference: Path | None = None,
 ) -> dict:  # fmt: skip
-    """Quantize `artifact` into `out`; return the new manifest (its "quantization" holds the report)."""
+    """Quantize `artifact` into `out`; return the new manifest (its "quantization" holds the report).
+    `in_memory`: rewrite each graph with all its tensors loaded (the reference for the streamed rewrite).
+    `reference`: the checkpoint `artifact` was exported from; the report then compares with its fp32
+    logits computed a layer at a time instead of running the fp32 artifact (and has no decoding runs)."""
     root, out = Path(artifact), Path(out)
     check_options(opts)
     src, dst = root.resolve(), out.resolve()
@@ -132,7 +136,7 @@ def calibrate_artifact(
     del graphs
 
     passes = _passes(schemes, opts)
-    n_decode = len(ev.ids) if opts.decode_report else 0
+    n_decode = len(ev.ids) if opts.decode_report and reference is None else 0
     step = Steps(progress, passes * len(cal.ids) + len(schemes) + 2 + n_decode)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -147,7 +151,7 @@ def calibrate_artifact(
             step(f"quantize {g['file']} ({schemes[name]})")
             details[name] = _quantize_graph(root / g["file"], tmp / g["file"], schemes[name], linears[name],
                                             stats.get(name, {}), opts, kept, name, moes[name],
-                                            expert_stats.get(name, {}))  # fmt: skip
+                                            expert_stats.get(name, {}), in_memory)  # fmt: skip
         step("pack weights")
         packed = pack_weights([tmp / g["file"] for g in manifest["graphs"].values()], tmp / "weights.bin")
         for f in COPIED:
@@ -168,7 +172,7 @@ def calibrate_artifact(
         write_manifest(tmp, new)  # the report's engines open the artifact through it
 
         step("quality report: agreement")
-        rep = _report(root, manifest, tmp, new, cal, ev, opts, schemes, kept, step)
+        rep = _report(root, manifest, tmp, new, cal, ev, opts, schemes, kept, step, reference)
         new["quantization"]["report"] = rep
         (tmp / REPORT).write_text(json.dumps(rep, indent=2))
         write_manifest(tmp, new, hashed=new["files"])  # only the report file is new
@@ -256,9 +260,15 @@ def _observe(root, manifest, schemes, linears, moes, sequences, opts, passes, st
 
 
 def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts: CalibOptions,
-                    kept: list[dict], graph: str, moes: list, expert_stats: dict) -> dict:  # fmt: skip
+                    kept: list[dict], graph: str, moes: list, expert_stats: dict, in_memory: bool = False) -> dict:  # fmt: skip
+    """Rewrite one graph into `dst` (+ its .data). int8 / fp8 Q/DQ load the graph's tensors; the
+    weight-only schemes stream them, one weight in memory at a time (streaming.py; `in_memory`: load
+    them all instead, the reference the tests compare the streamed rewrite with)."""
     lins, routers = found
-    model = onnx.load(str(src), load_external_data=True)
+    stream = scheme in ("int4", "fp32") and not in_memory
+    model = onnx.load(str(src), load_external_data=not stream)
+    read = streaming.TensorReader(src.parent) if stream else onnx.numpy_helper.to_array
+    spill = streaming.Spill(dst.parent / f"{dst.name}.data") if stream else None
     detail: dict = {"scheme": scheme, "linears": 0, "routers_float": len(routers)}
     if scheme in ("int8", "fp8"):
         amax, use = {}, []
@@ -277,35 +287,42 @@ def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts:
                    "activation_amax": {"min": float(ranges.min()), "median": float(np.median(ranges)),
                                        "max": float(ranges.max())}}  # fmt: skip
     elif scheme == "int4":
-        weights, methods = {}, {"rtn": 0, "gptq": 0}
-        for lin in lins:
-            w = weight_kn(model, lin)
-            s = stats.get(lin.x)
-            bits = opts.head_bits if lin.head else 4
-            q = None
-            if opts.weight_method == "gptq" and s is not None and s.rows and s.finite:
-                try:
-                    q = gptq(w, s.hessian, opts.block_size, bits)
-                    methods["gptq"] += 1
-                except np.linalg.LinAlgError:  # a Hessian damping could not make positive definite
-                    log.warning("%s/%s: GPTQ's Hessian is singular; round-to-nearest instead", graph, lin.node)
-            if q is None:  # rtn asked for, GPTQ without calibration rows (an expert no token reached), or failed
-                q = quantize_rtn(w, opts.block_size, bits)
-                methods["rtn"] += 1
-            weights[lin.node] = (lin, q)
-        apply_nbits(model, weights)
-        detail |= {"linears": len(weights), "block_size": opts.block_size, "head_bits": opts.head_bits,
+        methods = {"rtn": 0, "gptq": 0}
+        by_node = {lin.node: lin for lin in lins}
+        apply_nbits(model, streaming.LazyMap(by_node, lambda node: _quantize_linear(
+            model, by_node[node], stats.get(by_node[node].x), opts, methods, graph, read)), spill=spill)  # fmt: skip
+        detail |= {"linears": len(lins), "block_size": opts.block_size, "head_bits": opts.head_bits,
                    "weights": methods}  # fmt: skip
     if moes and scheme in SCHEMES:  # an "fp32" MTP graph keeps everything float, experts included
-        detail["experts"] = _quantize_experts(model, scheme, moes, expert_stats, opts, kept, graph)
-    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=f"{dst.name}.data", size_threshold=1024)  # fmt: skip
+        detail["experts"] = _quantize_experts(model, scheme, moes, expert_stats, opts, kept, graph, read, spill)
+    if stream:
+        streaming.save_streamed(model, dst, read, spill)
+    else:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=f"{dst.name}.data", size_threshold=streaming.SIZE_THRESHOLD)  # fmt: skip
     return detail
 
 
+def _quantize_linear(model, lin, s, opts: CalibOptions, methods: dict, graph: str, read):
+    """One linear's int4 (or head_bits) blockwise weight: GPTQ where asked and calibrated, else round-to-nearest."""
+    w = weight_kn(model, lin, read)
+    bits = opts.head_bits if lin.head else 4
+    if opts.weight_method == "gptq" and s is not None and s.rows and s.finite:
+        try:
+            q = gptq(w, s.hessian, opts.block_size, bits)
+            methods["gptq"] += 1
+            return lin, q
+        except np.linalg.LinAlgError:  # a Hessian damping could not make positive definite
+            log.warning("%s/%s: GPTQ's Hessian is singular; round-to-nearest instead", graph, lin.node)
+    # rtn asked for, GPTQ without calibration rows (an expert no token reached), or failed
+    methods["rtn"] += 1
+    return lin, quantize_rtn(w, opts.block_size, bits)
+
+
 def _quantize_experts(model, scheme: str, moes: list, expert_stats: dict, opts: CalibOptions, kept: list[dict],
-                      graph: str) -> dict:  # fmt: skip
-    """Fused MoE nodes -> QMoE (experts.py); those QMoE cannot take stay float and are listed in `kept`."""
+                      graph: str, read, spill) -> dict:  # fmt: skip
+    """Fused MoE nodes -> QMoE (experts.py); those QMoE cannot take stay float and are listed in `kept`.
+    Each node's experts are read and quantized when the rewrite reaches it."""
     bits = fused.expert_bits(scheme)
     inits = {t.name: t for t in model.graph.initializer}
     todo, methods, sizes = {}, {"rtn": 0, "gptq": 0}, set()
@@ -316,23 +333,45 @@ def _quantize_experts(model, scheme: str, moes: list, expert_stats: dict, opts: 
             continue
         block = fused.expert_block_size(ex, opts.block_size, BLOCK_SIZES)
         sizes.add(block)
-        w13, w2 = (onnx.numpy_helper.to_array(inits[n]).astype(np.float32, copy=False) for n in (ex.w13, ex.w2))
-        todo[ex.node] = fused.quantize_experts(w13, w2, expert_stats.get(ex.node), block, bits, methods)
-    apply_qmoe(model, todo)
+        todo[ex.node] = (ex, block)
+
+    def quantize(node: str):
+        ex, block = todo[node]
+        w13, w2 = (read(inits[n]).astype(np.float32, copy=False) for n in (ex.w13, ex.w2))
+        return fused.quantize_experts(w13, w2, expert_stats.get(ex.node), block, bits, methods)
+
+    apply_qmoe(model, streaming.LazyMap(todo, quantize), spill=spill)
     return {"moe_layers": len(todo), "bits": bits, "weights": methods, "block_sizes": sorted(sizes)}
 
 
-def _report(root, manifest, tmp, new, cal, ev, opts, schemes, kept, step) -> dict:
+def _report(root, manifest, tmp, new, cal, ev, opts, schemes, kept, step, reference=None) -> dict:
     from nextn.runtime.engines import open_engines
 
     # no second sha256 pass: `root` was verified on entry and `tmp` was written by this process
-    with open_engines(root, threads=opts.threads, verify=False) as base, \
-            open_engines(tmp, threads=opts.threads, verify=False) as quant:  # fmt: skip
-        trunk = report.agreement(base, quant, ev.ids, manifest["config"])
-        draft = manifest["config"]["num_nextn_predict_layers"]
-        dec = None
-        if opts.decode_report:
-            dec = report.decoding(base, quant, ev.ids, draft, lambda: step("quality report: decoding"))
+    if reference is not None:
+        # The checkpoint's fp32 logits, a layer at a time, before any session opens (no fp32 session at
+        # all). The quantized graphs run as `nextn run` runs them (pre-packing changes MatMulNBits'
+        # arithmetic: int8 activations), so the report says what a user gets.
+        from nextn.model.checkpoint import Checkpoint
+        from nextn.model.streamed import trunk_logits
+
+        with tempfile.TemporaryDirectory(prefix=".fp32-logits.", dir=tmp.parent) as kept_logits:
+            files = []
+            for i, logits in enumerate(trunk_logits(Checkpoint(reference), ev.ids)):  # [n, V] per sequence
+                files.append(Path(kept_logits) / f"{i}.npy")
+                np.save(files[-1], logits)  # on disk, read back one at a time
+            trim_heap()
+            with open_engines(tmp, threads=opts.threads, verify=False) as quant:
+                trunk = report.agreement((np.load(f) for f in files), quant, ev.ids, manifest["config"])
+        dec = None  # greedy runs of the fp32 artifact would hold it whole
+    else:
+        with open_engines(tmp, threads=opts.threads, verify=False) as quant:
+            with open_engines(root, threads=opts.threads, verify=False) as base:
+                trunk = report.agreement(base, quant, ev.ids, manifest["config"])
+                draft = manifest["config"]["num_nextn_predict_layers"]
+                dec = None
+                if opts.decode_report:
+                    dec = report.decoding(base, quant, ev.ids, draft, lambda: step("quality report: decoding"))
     fp32_bytes, q_bytes = report.artifact_bytes(manifest), report.artifact_bytes(new)
     return {
         "scheme": {"trunk": schemes["trunk"], "mtp": next((s for g, s in schemes.items() if g != "trunk"), "none")},
@@ -357,10 +396,11 @@ def _scheme_text(manifest: dict) -> str:
 
 def quantize_checkpoint(checkpoint: str | Path, out: str | Path, export_opts, opts: CalibOptions, data: list[Path],
                         progress: Progress | None = None) -> dict:  # fmt: skip
-    """`nextn export CHECKPOINT -o OUT --quantize SCHEME`: export fp32 into a temporary folder beside `out`,
-    quantize it from there into `out` with calibrate_artifact (the same code and options as `nextn
-    calibrate`), then remove the fp32 export. No fp32 artifact is left behind; the model is still held whole
-    while exporting and the fp32 files exist on disk until the quantized artifact is in place."""
+    """`nextn export CHECKPOINT -o OUT --quantize SCHEME`: export fp32 (streamed) into a temporary folder
+    beside `out`, quantize it from there into `out` with calibrate_artifact (the same code and options as
+    `nextn calibrate`; int4 streams a tensor at a time; the report compares with the checkpoint's own fp32
+    logits computed a layer at a time), then remove the fp32 export. No fp32 artifact is left behind, but
+    its files exist on disk until the quantized artifact is in place."""
     from nextn.export.exporter import export_checkpoint
 
     out = Path(out)
@@ -374,6 +414,6 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, export_opts, op
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32.", dir=out.parent))
     try:
         export_checkpoint(checkpoint, scratch / "fp32", export_opts, progress)
-        return calibrate_artifact(scratch / "fp32", out, data, [], opts, progress)
+        return calibrate_artifact(scratch / "fp32", out, data, [], opts, progress, reference=Path(checkpoint))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -19,6 +19,7 @@ import numpy as np
 from nextn.export import io
 
 GEN_TOKENS = 64  # new tokens per greedy run of the report
+ROWS = 64  # positions whose float64 log-probabilities are held at once
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -37,18 +38,24 @@ def _trunk_logits(engines, ids: list[int], cfg: dict) -> np.ndarray:
 
 
 def agreement(base, quant, sequences: list[list[int]], cfg: dict) -> dict:
-    """Top-1 agreement, KL and perplexities over every position of `sequences`."""
+    """Top-1 agreement, KL and perplexities over every position of `sequences`. `base`: the fp32 artifact's
+    engines, or the fp32 logits [n, V] of each sequence in order (model/streamed.py)."""
+    base_logits = (_trunk_logits(base, ids, cfg) for ids in sequences) if isinstance(base, dict) else base
     same = total = 0
     kl, nll_base, nll_quant = [], [], []
-    for ids in sequences:
-        lp = _log_softmax(_trunk_logits(base, ids, cfg))  # [n, V]
-        lq = _log_softmax(_trunk_logits(quant, ids, cfg))
-        same += int((lp.argmax(-1) == lq.argmax(-1)).sum())
-        total += len(ids)
-        kl += (np.exp(lp) * (lp - lq)).sum(-1).tolist()
-        nxt = np.asarray(ids[1:])
-        nll_base += (-lp[np.arange(len(ids) - 1), nxt]).tolist()
-        nll_quant += (-lq[np.arange(len(ids) - 1), nxt]).tolist()
+    for ids, logits in zip(sequences, base_logits, strict=True):
+        quant_logits = _trunk_logits(quant, ids, cfg)  # [n, V]
+        n = len(ids)
+        for lo in range(0, n, ROWS):  # float64 over [ROWS, V] at a time, not [n, V]: the same figures
+            hi = min(lo + ROWS, n)
+            lp, lq = _log_softmax(logits[lo:hi]), _log_softmax(quant_logits[lo:hi])
+            same += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+            kl += (np.exp(lp) * (lp - lq)).sum(-1).tolist()
+            rows = np.arange(lo, min(hi, n - 1))  # positions with a next token
+            nxt = np.asarray(ids)[rows + 1]
+            nll_base += (-lp[rows - lo, nxt]).tolist()
+            nll_quant += (-lq[rows - lo, nxt]).tolist()
+        total += n
     kl_arr = np.asarray(kl)
     return {
         "top1_agreement": same / total,

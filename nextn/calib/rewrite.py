@@ -33,6 +33,7 @@ Fused MoE experts (export --moe fused; experts.py computes their weights):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -89,10 +90,11 @@ def find_linears(model: onnx.ModelProto) -> tuple[list[Linear], list[str]]:
     return found, routers
 
 
-def weight_kn(model: onnx.ModelProto, lin: Linear) -> np.ndarray:
-    """The weight as [K, N] float32 (the graph's tensors must be loaded)."""
+def weight_kn(model: onnx.ModelProto, lin: Linear, read=numpy_helper.to_array) -> np.ndarray:
+    """The weight as [K, N] float32; `read` turns its initializer into an array (the default needs the
+    graph's tensors loaded; streaming.TensorReader reads one external tensor from disk)."""
     t = next(t for t in model.graph.initializer if t.name == lin.w)
-    w = numpy_helper.to_array(t).astype(np.float32, copy=False)
+    w = read(t).astype(np.float32, copy=False)
     return np.ascontiguousarray(w.T) if lin.transposed else w
 
 
@@ -222,8 +224,11 @@ def pack_matmulnbits(w: BlockWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return np.ascontiguousarray(packed), np.ascontiguousarray(w.scale.T).reshape(-1), zp.reshape(-1)
 
 
-def apply_nbits(model: onnx.ModelProto, weights: dict[str, tuple[Linear, BlockWeight]], accuracy_level: int = 4) -> None:
-    """Replace each linear (by node name) with MatMulNBits over its packed blockwise weight, in place."""
+def apply_nbits(model: onnx.ModelProto, weights: Mapping[str, tuple[Linear, BlockWeight]], accuracy_level: int = 4,
+                spill=None) -> None:  # fmt: skip
+    """Replace each linear (by node name) with MatMulNBits over its packed blockwise weight, in place.
+    `weights` may compute each entry when asked (one linear in memory at a time); `spill` (a tensor proto
+    -> the same, its data moved to disk) is applied to each new initializer as it is made."""
 
     def build(node, fresh):
         lin, w = weights[node.name]
@@ -237,7 +242,7 @@ def apply_nbits(model: onnx.ModelProto, weights: dict[str, tuple[Linear, BlockWe
             accuracy_level=accuracy_level,
         ), inits  # fmt: skip
 
-    _substitute(model, set(weights), build)
+    _substitute(model, set(weights), build, spill)
 
 
 # -- fused MoE experts (export --moe fused) -----------------------------------------------------------
@@ -276,10 +281,11 @@ def pack_qmoe(weights: list[BlockWeight]) -> tuple[np.ndarray, np.ndarray, np.nd
             np.stack([z.reshape(n, -1) for _, _, z in packed]))  # fmt: skip
 
 
-def apply_qmoe(model: onnx.ModelProto, experts: dict[str, tuple[list[BlockWeight], list[BlockWeight]]],
-               accuracy_level: int = 4) -> None:  # fmt: skip
+def apply_qmoe(model: onnx.ModelProto, experts: Mapping[str, tuple[list[BlockWeight], list[BlockWeight]]],
+               accuracy_level: int = 4, spill=None) -> None:  # fmt: skip
     """Replace each MoE node (by name) with QMoE over its experts' (fc1, fc2) blockwise weights, in place.
-    Every other input and attribute (routing, SwiGLU layout) carries over."""
+    Every other input and attribute (routing, SwiGLU layout) carries over; `experts` and `spill` as in
+    apply_nbits."""
 
     def build(node, fresh):
         fc1, fc2 = experts[node.name]
@@ -297,7 +303,7 @@ def apply_qmoe(model: onnx.ModelProto, experts: dict[str, tuple[list[BlockWeight
             block_size=fc1[0].block_size, accuracy_level=accuracy_level,
         ), inits  # fmt: skip
 
-    _substitute(model, set(experts), build)
+    _substitute(model, set(experts), build, spill)
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -321,7 +327,7 @@ def _fresh(model: onnx.ModelProto):
     return base
 
 
-def _substitute(model: onnx.ModelProto, names: set[str], build) -> None:
+def _substitute(model: onnx.ModelProto, names: set[str], build, spill=None) -> None:
     """Replace the nodes named in `names` by `build(node, fresh) -> (new node, its new initializers)`, in
     place; initializers no node reads any more are dropped; the com.microsoft opset is imported."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -333,7 +339,7 @@ def _substitute(model: onnx.ModelProto, names: set[str], build) -> None:
             continue
         new, more = build(node, fresh)
         nodes.append(new)
-        new_inits += more
+        new_inits += [spill(t) for t in more] if spill is not None else more
     _replace(model, nodes, new_inits, inits)
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))

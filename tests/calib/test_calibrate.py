@@ -234,3 +234,40 @@ def test_exact_trunk_with_quantized_drafts(tiny_artifact, data_file, tmp_path):
             assert mixed.generate([5, 6, 7, 8], max_new_tokens=16, draft=k).token_ids == want
     with pytest.raises(NextnError, match="--mtp-scheme"):
         calibrate_artifact(tiny_artifact, tmp_path / "x", [data_file], [], CalibOptions(scheme="fp32", **FAST))
+
+
+@pytest.mark.parametrize("opts", [dict(scheme="int4", weight_method="rtn"),
+                                  dict(scheme="fp32", mtp_scheme="int4", weight_method="gptq")])  # fmt: skip
+def test_streamed_rewrite_equals_loading_every_tensor(tiny_artifact, data_file, tmp_path, opts):
+    """The weight-only schemes rewrite a tensor at a time (calib/streaming.py): the same weights.bin and
+    graphs as loading the graph's tensors whole."""
+    o = CalibOptions(**opts, **FAST, decode_report=False)
+    calibrate_artifact(tiny_artifact, tmp_path / "streamed", [data_file], [], o)
+    calibrate_artifact(tiny_artifact, tmp_path / "loaded", [data_file], [], o, in_memory=True)
+    assert (tmp_path / "streamed" / "weights.bin").read_bytes() == (tmp_path / "loaded" / "weights.bin").read_bytes()
+    for g in ("trunk.onnx", "mtp_0.onnx", "mtp_1.onnx"):
+        a, b = (onnx.load(str(tmp_path / d / g), load_external_data=False) for d in ("streamed", "loaded"))
+        assert a.SerializeToString() == b.SerializeToString(), g
+
+
+def test_streamed_rewrite_reads_one_tensor_at_a_time(tiny_artifact, data_file, tmp_path, monkeypatch):
+    """The streamed rewrite never loads a graph's tensors: each weight is read by itself, once."""
+    from nextn.calib import streaming
+
+    real_load, reads, readers = onnx.load, [], []
+    real_raw = streaming.TensorReader.raw
+
+    def load(path, load_external_data=True, **kw):
+        assert not load_external_data, path
+        return real_load(path, load_external_data=load_external_data, **kw)
+
+    def raw(self, t):  # one reader per graph
+        readers.append(self)
+        reads.append((id(self), t.name))
+        return real_raw(self, t)
+
+    monkeypatch.setattr(onnx, "load", load)
+    monkeypatch.setattr(streaming.TensorReader, "raw", raw)
+    calibrate_artifact(tiny_artifact, tmp_path / "q", [data_file], [],
+                       CalibOptions(scheme="int4", weight_method="rtn", **FAST, decode_report=False))  # fmt: skip
+    assert reads and len(reads) == len(set(reads))

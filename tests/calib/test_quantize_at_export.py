@@ -32,10 +32,16 @@ def test_quantize_at_export_equals_export_then_calibrate(tiny_checkpoint, ids_fi
     opts = CalibOptions(scheme=scheme, weight_method="rtn", samples=4, seq_len=24, eval_samples=1, min_top1=0.0,
                         decode_report=False)  # fmt: skip
     one = tmp_path / "one" / "art"
-    quantize_checkpoint(tiny_checkpoint, one, ExportOptions(), opts, [ids_file])
+    m1 = quantize_checkpoint(tiny_checkpoint, one, ExportOptions(), opts, [ids_file])
     fp32, two = tmp_path / "fp32", tmp_path / "two"
     export_checkpoint(tiny_checkpoint, fp32, ExportOptions())
-    calibrate_artifact(fp32, two, [ids_file], [], opts)
+    m2 = calibrate_artifact(fp32, two, [ids_file], [], opts)
+    # the one-command report compares with the checkpoint's fp32 logits computed a layer at a time, the
+    # other with the fp32 artifact in ONNX Runtime: the same figures up to float rounding
+    r1, r2 = m1["quantization"]["report"]["trunk"], m2["quantization"]["report"]["trunk"]
+    assert r1["positions"] == r2["positions"] and r1["top1_agreement"] == r2["top1_agreement"]
+    assert r1["kl_mean"] == pytest.approx(r2["kl_mean"], rel=1e-3, abs=1e-6)
+    assert r1["perplexity_fp32"] == pytest.approx(r2["perplexity_fp32"], rel=1e-4)
     assert (one / "weights.bin").read_bytes() == (two / "weights.bin").read_bytes()
     for g in ("trunk.onnx", "mtp_0.onnx", "mtp_1.onnx"):
         assert _nodes(one / g) == _nodes(two / g)
