@@ -19,8 +19,9 @@ over a read bandwidth. Peak memory and disk follow what was measured (BENCHMARKS
 holds a group of layers at a time; its peak is the runtime (~0.6 GB) plus one to two copies of what its
 truncated validation holds (embedding, head, the first dense and MoE layers; 2.02 GB measured for the 1.8B
 FP8 checkpoint, 7.2 GB of fp32 weights) and it writes the graphs' data and weights.bin beside the output
-(twice the artifact on disk); calibrate reads a whole fp32 artifact (peak RSS ~2.8x its weight bytes) and
-writes the quantized one beside it. Checked against real artifacts of the 1 GB
+(twice the artifact on disk). int4 (`export --quantize`) rewrites a tensor at a time; its peak is the
+report running the int4 graphs as `nextn run` does (~2.2x their bytes). int8 calibrates activation ranges on
+the whole fp32 artifact (peak RSS ~2.8x its weight bytes). Checked against real artifacts of the 1 GB
 preset: sizes and bytes per token within 0.2% at every scheme (tests check the tiny model the same way).
 """
 
@@ -34,7 +35,9 @@ from nextn.model.config import ModelConfig
 BLOCK = 64  # int4 / QMoE block size (calibrate's default)
 RUNTIME_RSS = 0.6e9  # torch, onnxscript and ONNX Runtime loaded, before any weight (measured)
 EXPORT_GROUP_RSS = (1.0, 2.0)  # the streamed export's peak over RUNTIME_RSS, in validation groups (see above)
-QUANTIZE_RSS = 2.8  # calibrate's peak RSS over the fp32 weight bytes (1 GB preset, rtn, int8 2.75x, int4 2.79x)
+QUANTIZE_RSS = 2.8  # int8 calibrate's peak RSS over the fp32 weight bytes (1 GB preset, rtn: 2.75x)
+REPORT_RSS = 2.2  # export --quantize int4: its report's ONNX Runtime session over the int4 bytes (pre-packed
+#                   copies + the mapped file; 2b preset: 3.35 GB peak for 1.25 GB)
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,8 @@ def plan(cfg: ModelConfig, bandwidth_gbs: float, context: int = 4096) -> dict:
             "artifact_bytes": int(size),
             # streamed export (fp32, bf16), or the streamed fp32 export then calibrate (int8, int4)
             "peak_rss_bytes": ([int(RUNTIME_RSS + group * f) for f in EXPORT_GROUP_RSS] if not quantized
-                               else [int(fp32_bytes * QUANTIZE_RSS)] * 2),  # fmt: skip
+                               else [int(fp32_bytes * QUANTIZE_RSS)] * 2 if name == "int8"
+                               else [int(RUNTIME_RSS + max(group * f, REPORT_RSS * size)) for f in EXPORT_GROUP_RSS]),  # fmt: skip
             # exporting: a graph's data, then weights.bin beside it (the fp32 export's, when quantizing)
             "disk_bytes": int(2 * (fp32_bytes if quantized else size)),
             "kv_bytes_per_token": kv_bytes,
