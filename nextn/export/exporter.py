@@ -73,17 +73,17 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
     graphs = ["trunk"] + [f"mtp_{k}" for k in range(n_mtp)]
     total = 3 + 2 * len(graphs) + 1
     step = Steps(progress, total)
-    forms, translations = export_forms(moe, opts.opset)
+    forms = ExportForms(moe, opts.opset)
     if opts.stream:
         step("read checkpoint structure")
         ckpt = Checkpoint(checkpoint)
         model, private = skeleton(ckpt, n_mtp, opts.attention == "absorbed", DTYPES[opts.dtype])
-        weights = StreamedWeights(ckpt, model, private, DTYPES[opts.dtype], forms.fused_moe, forms)
+        weights = StreamedWeights(ckpt, model, private, DTYPES[opts.dtype], forms)
         unique_bytes = weight_bytes(model, DTYPES[opts.dtype])
     else:
         step("load checkpoint")
         model, cfg = load_model(checkpoint, dtype=DTYPES[opts.dtype], mtp_layers=n_mtp,
-                                absorbed=opts.attention == "absorbed", stack_experts=moe == "fused")  # fmt: skip
+                                absorbed=opts.attention == "absorbed", stack_experts=forms.stack_experts)  # fmt: skip
         weights = None
         unique_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
     _check_disk(out, unique_bytes, extra=n_mtp * 2 * cfg.vocab_size * cfg.hidden_size * DTYPES[opts.dtype].itemsize)
@@ -95,7 +95,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
         io = {}
         for name in graphs:
             step(f"export {name}.onnx")
-            io[name] = _export_one(model, cfg, name, opts, dtype, forms, translations, weights, tmp / f"{name}.onnx")
+            io[name] = _export_one(model, cfg, name, opts, dtype, forms, weights, tmp / f"{name}.onnx")
         export_s = time.perf_counter() - t0
         if weights is not None:
             log.info("streamed: %d checkpoint group loads", weights.loads)
@@ -114,7 +114,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
             runs = {name: tmp / f"{name}.onnx" for name in graphs}
             del ref
         else:
-            cases, runs = _truncated_references(weights.ckpt, n_mtp, opts, dtype, forms, translations, tmp / ".twin")
+            cases, runs = _truncated_references(weights.ckpt, n_mtp, opts, dtype, forms, tmp / ".twin")
         model = weights = None
         gc.collect()
         trim_heap()
@@ -172,26 +172,33 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_forms(moe: str, opset: int):
-    """(forms, translations): `forms(model)` enters the export-only forms of the MoE and the rotary
-    (validated like everything else) on `model`; `translations` maps their custom ops to ONNX."""
-    translations = (fused_moe.onnx_translations() if moe == "fused" else {}) | (
-        fused_rope.onnx_translations() if opset >= fused_rope.ROPE_OPSET else {})  # fmt: skip
+@dataclasses.dataclass(frozen=True)
+class ExportForms:
+    """The export-only forms of the MoE and the rotary (validated like everything else): `forms(model)`
+    enters them on `model`; `translations()` maps their custom ops to ONNX."""
+
+    moe: str  # fused | sparse (resolved)
+    opset: int
+
+    @property
+    def stack_experts(self) -> bool:  # the fused MoE reads the experts from stacks the loader can fill
+        return self.moe == "fused"
+
+    def translations(self) -> dict:
+        return (fused_moe.onnx_translations() if self.moe == "fused" else {}) | (
+            fused_rope.onnx_translations() if self.opset >= fused_rope.ROPE_OPSET else {})  # fmt: skip
 
     @contextlib.contextmanager
-    def forms(model):
+    def __call__(self, model):
         with contextlib.ExitStack() as stack:
-            if moe == "fused":
+            if self.moe == "fused":
                 stack.enter_context(fused_moe.fused_experts(model))
-            if opset >= fused_rope.ROPE_OPSET:
+            if self.opset >= fused_rope.ROPE_OPSET:
                 stack.enter_context(fused_rope.fused_rope(model))
             yield
 
-    forms.fused_moe = moe == "fused"  # the loader stacks experts for it
-    return forms, translations
 
-
-def _export_one(model, cfg, name: str, opts: ExportOptions, dtype: str, forms, translations, weights, path: Path):
+def _export_one(model, cfg, name: str, opts: ExportOptions, dtype: str, forms: ExportForms, weights, path: Path):
     """Trace graph `name` inside the export forms and save it; returns its (inputs, outputs) specs.
 
     A model holding its weights is saved inside the forms (its tensors are the forms' values); a meta
@@ -206,7 +213,7 @@ def _export_one(model, cfg, name: str, opts: ExportOptions, dtype: str, forms, t
         example = tuple(t.to("meta") if isinstance(t, torch.Tensor) else tuple(x.to("meta") for x in t) for t in example)
     with forms(model):
         program = trace_graph(module, example, dynamic_shapes(which, cfg.num_hidden_layers), inputs, outputs,
-                              opts.opset, translations)  # fmt: skip
+                              opts.opset, forms.translations())  # fmt: skip
         if weights is None:
             save_graph(program, inputs, outputs, path)
     if weights is not None:
@@ -229,7 +236,7 @@ def truncated_layers(cfg) -> int:
     return min(cfg.num_hidden_layers, cfg.first_k_dense_replace + 1)
 
 
-def _truncated_references(ckpt: Checkpoint, n_mtp: int, opts: ExportOptions, dtype: str, forms, translations,
+def _truncated_references(ckpt: Checkpoint, n_mtp: int, opts: ExportOptions, dtype: str, forms: ExportForms,
                           scratch: Path) -> tuple[dict, dict]:  # fmt: skip
     """Validation without the whole model: (reference cases, graph file to run) per graph.
 
@@ -244,9 +251,9 @@ def _truncated_references(ckpt: Checkpoint, n_mtp: int, opts: ExportOptions, dty
     twin = copy.copy(ckpt)
     twin.config = dataclasses.replace(cfg, num_hidden_layers=truncated_layers(cfg), num_nextn_predict_layers=0)
     model, private = skeleton(twin, 0, absorbed, torch_dtype)
-    weights = StreamedWeights(twin, model, private, torch_dtype, stack_experts=forms.fused_moe, forms=forms)
+    weights = StreamedWeights(twin, model, private, torch_dtype, forms)
     scratch.mkdir()
-    _export_one(model, twin.config, "trunk", opts, dtype, forms, translations, weights, scratch / "trunk.onnx")
+    _export_one(model, twin.config, "trunk", opts, dtype, forms, weights, scratch / "trunk.onnx")
     weights.unload()
     ref = partial_model(twin, 0, absorbed, torch_dtype).float()
     cases, runs = {"trunk": reference_cases("trunk", ref, dtype)}, {"trunk": scratch / "trunk.onnx"}

@@ -47,31 +47,32 @@ class StreamedWeights:
     """Real values for the initializers of graphs traced on `model` (the meta skeleton), a group of
     checkpoint tensors at a time.
 
-    `forms(model)` is the export forms' context manager (the same one the trace ran inside): values
-    are read with it entered, as the whole-model export reads them.
+    `forms` (exporter.ExportForms) are the export forms the trace ran inside: values are read with them
+    entered on the model, as the whole-model export reads them.
     """
 
-    def __init__(self, ckpt, model, private, dtype: torch.dtype, stack_experts: bool, forms: Callable):
-        self.ckpt, self.model, self.dtype, self.stack, self.forms = ckpt, model, dtype, stack_experts, forms
+    def __init__(self, ckpt, model, private, dtype: torch.dtype, forms):
+        self.ckpt, self.model, self.dtype, self.forms = ckpt, model, dtype, forms
+        self.stack = forms.stack_experts
         self.private = private
         self.layers = ckpt.config.num_hidden_layers
         self.groups: dict[object, list[str]] = {}
         for name in wanted_names(ckpt, len(model.mtp), private):
-            self.groups.setdefault(self._checkpoint_group(name), []).append(name)
+            group = int(name.split(".")[2]) if name.startswith("model.layers.") else "top"
+            self.groups.setdefault(group, []).append(name)
         canonical = {id(p): n for n, p in model.named_parameters()}
         self.alias = {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
         self.meta_rotary, self.rotary = Rotary(ckpt.config).to("meta"), Rotary(ckpt.config)
         self.current: object = None
+        self.tensors: dict[str, torch.Tensor] = {}  # the current group's model tensors by name
         self.open = contextlib.ExitStack()
         self.small: dict[str, torch.Tensor] | None = None
         self.loads = 0  # groups loaded (a group is loaded again when the graph order comes back to it)
 
     # -- groups -------------------------------------------------------------------------------------
-    def _checkpoint_group(self, name: str) -> object:
-        parts = name.split(".")
-        return int(parts[2]) if name.startswith("model.layers.") else "top"
-
     def _group(self, fqn: str) -> object:
+        """The checkpoint group holding model tensor `fqn`: its layer's index (an MTP module's is
+        num_hidden_layers + k), or "top" (embedding, final norm, head)."""
         parts = self.alias.get(fqn, fqn).split(".")
         if parts[:2] == ["model", "layers"]:
             return int(parts[2])
