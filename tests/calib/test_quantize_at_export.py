@@ -22,20 +22,26 @@ def ids_file(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def fp32_artifact(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp32") / "a"
+    export_checkpoint(tiny_checkpoint, out, ExportOptions())
+    return out
+
+
 def _nodes(path):
     m = onnx.load(str(path), load_external_data=False)
     return [(n.op_type, list(n.input), list(n.output)) for n in m.graph.node]
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_quantize_at_export_equals_export_then_calibrate(tiny_checkpoint, ids_file, tmp_path, scheme):
+def test_quantize_at_export_equals_export_then_calibrate(tiny_checkpoint, fp32_artifact, ids_file, tmp_path, scheme):
     opts = CalibOptions(scheme=scheme, weight_method="rtn", samples=4, seq_len=24, eval_samples=1, min_top1=0.0,
                         decode_report=False)  # fmt: skip
     one = tmp_path / "one" / "art"
     m1 = quantize_checkpoint(tiny_checkpoint, one, ExportOptions(), opts, [ids_file])
-    fp32, two = tmp_path / "fp32", tmp_path / "two"
-    export_checkpoint(tiny_checkpoint, fp32, ExportOptions())
-    m2 = calibrate_artifact(fp32, two, [ids_file], [], opts)
+    two = tmp_path / "two"
+    m2 = calibrate_artifact(fp32_artifact, two, [ids_file], [], opts)
     # the one-command report compares with the checkpoint's fp32 logits computed a layer at a time, the
     # other with the fp32 artifact in ONNX Runtime: the same figures up to float rounding
     r1, r2 = m1["quantization"]["report"]["trunk"], m2["quantization"]["report"]["trunk"]

@@ -26,24 +26,23 @@ def assert_same_artifact(a, b):
 
 
 def test_streamed_equals_whole_model_export(hf_artifact, tmp_path):
-    """hf_artifact is exported streamed (the default); the whole-model export of the same checkpoint."""
+    """hf_artifact is exported streamed (the default); the whole-model export of the same checkpoint. On the
+    official-style one (no q_lora, plain rope, sharded, an MTP module): the others' forms (q_lora, YaRN, a
+    dense trunk, two MTP modules) are the tiny checkpoints' below and in the rest of the suite."""
     checkpoint, streamed = hf_artifact
+    if not checkpoint.name.startswith("noqlora-rope-mtp1-sharded"):
+        pytest.skip("one transformers-written checkpoint is enough here (the suite's time)")
     assert json.loads((streamed / "manifest.json").read_text())["validation_scope"] == "full"
     export_checkpoint(checkpoint, tmp_path / "whole", ExportOptions(stream=False))
     assert_same_artifact(tmp_path / "whole", streamed)
 
 
-@pytest.mark.parametrize(
-    "weights,opts",
-    [
-        ("fp8", dict(attention="naive")),  # FP8 dequantized, naive MLA
-        ("float32", dict(dtype="bf16", moe="sparse", mtp_layers=1)),  # 16-bit weights, per-expert MoE
-    ],
-)
-def test_streamed_equals_whole_model_export_forms(tmp_path, weights, opts):
+def test_streamed_equals_whole_model_export_forms(tmp_path):
+    """FP8 dequantized to 16-bit weights, naive MLA, per-expert MoE, the trunk alone."""
     from nextn.testing import tiny_config, write_random_checkpoint
 
-    ckpt = write_random_checkpoint(tmp_path / "c", tiny_config(), seed=3, weights=weights)
+    opts = dict(dtype="fp16", attention="naive", moe="sparse", mtp_layers=0)
+    ckpt = write_random_checkpoint(tmp_path / "c", tiny_config(), seed=3, weights="fp8")
     export_checkpoint(ckpt, tmp_path / "whole", ExportOptions(stream=False, **opts))
     export_checkpoint(ckpt, tmp_path / "streamed", ExportOptions(**opts))
     assert_same_artifact(tmp_path / "whole", tmp_path / "streamed")
@@ -52,10 +51,10 @@ def test_streamed_equals_whole_model_export_forms(tmp_path, weights, opts):
 def test_truncated_validation(tiny_checkpoint, tmp_path):
     """Validation of a model too large to hold: the trunk on a twin of its first dense and MoE layers, each MTP
     graph whole on normed random hidden states; the twin's files do not stay in the artifact."""
-    m = export_checkpoint(tiny_checkpoint, tmp_path / "a", ExportOptions(validation="truncated"))
+    m = export_checkpoint(tiny_checkpoint, tmp_path / "a", ExportOptions(validation="truncated", mtp_layers=1))
     assert m["validation_scope"].startswith("truncated: trunk graph of layers 0-1 of 3")
     graphs = {r["graph"] for r in m["validation"]}
-    assert graphs == {"trunk[:2]", "mtp_0", "mtp_1"}
+    assert graphs == {"trunk[:2]", "mtp_0"}
     assert all(r["max_abs"] <= r["bound"] for r in m["validation"])
     assert sorted(p.name for p in (tmp_path / "a").iterdir() if p.name.startswith(".")) == []
 
@@ -79,11 +78,13 @@ def test_truncated_validation_compares(tiny_checkpoint, tmp_path, monkeypatch):
     assert not (tmp_path / "a").exists()
 
 
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's peak (pytest's) at fork
 MEMORY_SCRIPT = """
-import resource, sys
+import sys
 from nextn.export.exporter import ExportOptions, export_checkpoint
-export_checkpoint(sys.argv[1], sys.argv[2], ExportOptions(stream=sys.argv[3] == "stream"))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+stream = sys.argv[3] == "stream"  # validating the truncated trunk, as past 1 GiB by default
+export_checkpoint(sys.argv[1], sys.argv[2], ExportOptions(stream=stream, validation="truncated" if stream else "full"))
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) * 1024)
 """
 
 
@@ -92,8 +93,8 @@ def test_streamed_export_memory(tmp_path):
     which holds the weights (each in its own process, the same imports and tracing; ru_maxrss)."""
     from nextn.testing import deepseek_like, write_random_checkpoint
 
-    cfg = deepseek_like(512, 8, vocab=8000, experts=16)  # ~110M parameters, 440 MB as fp32
-    ckpt = write_random_checkpoint(tmp_path / "c", cfg, weights="fp8")
+    cfg = deepseek_like(512, 8, vocab=4000, experts=32)  # ~55M parameters, 220 MB as fp32, mostly experts
+    ckpt = write_random_checkpoint(tmp_path / "c", cfg)
     peaks = {}
     for mode in ("stream", "whole"):
         out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(ckpt), str(tmp_path / mode), mode],
@@ -101,5 +102,6 @@ def test_streamed_export_memory(tmp_path):
         peaks[mode] = int(out.stdout.split()[-1])
     weights = (tmp_path / "stream" / "weights.bin").stat().st_size
     assert_same_artifact(tmp_path / "whole", tmp_path / "stream")
-    # the streamed export holds a few layers where the whole-model one holds all of them
+    # the streamed export holds a few layers (its truncated validation: embedding, head, layers 0-1, about
+    # a quarter of these weights) where the whole-model one holds all of them
     assert peaks["stream"] < peaks["whole"] - 0.5 * weights, (peaks, weights)
