@@ -36,7 +36,7 @@ from torch.onnx._internal.exporter._core import TorchTensor  # torch is pinned: 
 from nextn.errors import NextnError
 from nextn.export.optimize import FOLD_INPUT_LIMIT
 from nextn.model.reference import Rotary
-from nextn.model.weights import FP32_SUFFIXES, load_tensors, share, unload, wanted_names
+from nextn.model.weights import FP32_SUFFIXES, layer_groups, load_tensors, share, unload, wanted_names
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,7 @@ class StreamedWeights:
         self.stack = forms.stack_experts
         self.private = private
         self.layers = ckpt.config.num_hidden_layers
-        self.groups: dict[object, list[str]] = {}
-        for name in wanted_names(ckpt, len(model.mtp), private):
-            group = int(name.split(".")[2]) if name.startswith("model.layers.") else "top"
-            self.groups.setdefault(group, []).append(name)
+        self.groups = layer_groups(wanted_names(ckpt, len(model.mtp), private))
         canonical = {id(p): n for n, p in model.named_parameters()}
         self.alias = {n: canonical[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
         self.meta_rotary, self.rotary = Rotary(ckpt.config).to("meta"), Rotary(ckpt.config)

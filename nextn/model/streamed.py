@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from nextn.model.reference import Rotary, causal_mask
-from nextn.model.weights import load_tensors, share, skeleton, unload, wanted_names
+from nextn.model.weights import layer_groups, load_tensors, share, skeleton, unload, wanted_names
 
 
 @torch.no_grad()
@@ -23,14 +23,8 @@ def trunk_logits(ckpt, sequences: list[list[int]]) -> Iterator[np.ndarray]:
     cfg = ckpt.config
     model, private = skeleton(ckpt, 0, absorbed=False, dtype=torch.float32)
     model.rotary = Rotary(cfg)
-    layers: dict[int, list[str]] = {}
-    top = []
-    for name in wanted_names(ckpt, 0, private):
-        if name.startswith("model.layers."):
-            layers.setdefault(int(name.split(".")[2]), []).append(name)
-        else:
-            top.append(name)
-    load_tensors(model, ckpt, top, torch.float32)
+    groups = layer_groups(wanted_names(ckpt, 0, private))
+    load_tensors(model, ckpt, groups.get("top", []), torch.float32)
     share(model, private)
     states = []
     for ids in sequences:
@@ -40,7 +34,7 @@ def trunk_logits(ckpt, sequences: list[list[int]]) -> Iterator[np.ndarray]:
         states.append([x, cos, sin, causal_mask(pos, 0, None)])
     empty = model.empty_kv(1, torch.float32, "cpu")
     for i, block in enumerate(model.model.layers):
-        load_tensors(model, ckpt, layers.get(i, []), torch.float32)
+        load_tensors(model, ckpt, groups.get(i, []), torch.float32)
         for state in states:
             state[0], _ = block(state[0], model.rotary, state[1], state[2], state[3], empty, False)
         unload(block)

@@ -211,11 +211,20 @@ def wanted_names(ckpt, n_mtp: int, private: set[tuple[int, str]]) -> list[str]:
     return out
 
 
+def layer_groups(names: list[str]) -> dict[int | str, list[str]]:
+    """Checkpoint tensor names by what loads together a layer at a time: `model.layers.{i}.*` under i (an
+    MTP module's under num_hidden_layers + k), the rest (embedding, final norm, head) under "top"."""
+    groups: dict[int | str, list[str]] = {}
+    for name in names:
+        groups.setdefault(int(name.split(".")[2]) if name.startswith("model.layers.") else "top", []).append(name)
+    return groups
+
+
 def skeleton(ckpt, n_mtp: int, absorbed: bool, dtype: torch.dtype = torch.float32):
     """The reference `DeepseekV3` on the meta device (shapes and dtypes as `load_model` gives them at
-    `dtype`, no data), its MTP modules' embedding and
-    head shared with the trunk's unless the checkpoint's own copies differ; returns (model, private),
-    `private` the (k, name) of the copies that differ (DeepSeek ships them identical)."""
+    `dtype`, no data), its MTP modules' embedding and head shared with the trunk's unless the
+    checkpoint's own copies differ; returns (model, private), `private` the (k, name) of the copies that
+    differ (DeepSeek ships them identical)."""
     from nextn.model.reference import DeepseekV3
 
     cfg = ckpt.config
