@@ -1,9 +1,10 @@
 """`nextn calibrate`: an fp32 artifact and calibration data in, a quantized artifact and its report out.
 
     fp32 artifact ─ find linears per graph (rewrite.py)
-                  ─ probe graphs on the calibration sequences, real caches, decode + verify shapes (observe.py)
-                  ─ int8 / fp8: Q/DQ with calibrated activation ranges      ┐
-                    int4: MatMulNBits, round-to-nearest or GPTQ (gptq.py)    ┴─ pack_weights ─ manifest
+                  ─ int8 / fp8: probe graphs on the calibration sequences, real caches, decode + verify
+                    shapes (observe.py) ─ Q/DQ with calibrated activation ranges             ┐
+                  ─ int4: MatMulNBits / QMoE, round-to-nearest or GPTQ, a layer at a time      ┴─ pack_weights ─ manifest
+                    from the source checkpoint (sequential.py, gptq.py)
                   ─ quality report against the fp32 artifact (report.py) ─ refuse under the top-1 threshold
                   ─ move into place
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -28,9 +28,8 @@ import numpy as np
 import onnx
 
 from nextn.calib import data as calib_data
-from nextn.calib import observe, report, streaming
+from nextn.calib import observe, report, sequential, streaming
 from nextn.calib import experts as fused
-from nextn.calib.gptq import gptq
 from nextn.calib.rewrite import apply_nbits, apply_qdq, apply_qmoe, find_experts, find_linears, quantize_rtn, weight_kn
 from nextn.errors import NextnError
 from nextn.export.exporter import COPIED, Steps, check_output, move_into_place
@@ -45,7 +44,6 @@ METHODS = ("minmax", "entropy", "percentile")
 WEIGHT_METHODS = ("rtn", "gptq")
 BLOCK_SIZES = (16, 32, 64, 128)
 REPORT = "quality_report.json"  # the report, also kept in the manifest under quantization.report
-HESSIAN_RAM_FRACTION = 1 / 4  # GPTQ's per-input Hessians may take at most this share of physical memory
 
 Progress = Callable[[str, int, int], None]
 
@@ -136,22 +134,28 @@ def calibrate_artifact(
     del graphs
 
     passes = _passes(schemes, opts)
+    layer_gptq = opts.weight_method == "gptq" and "int4" in schemes.values()
     n_decode = len(ev.ids) if opts.decode_report and reference is None else 0
-    step = Steps(progress, passes * len(cal.ids) + len(schemes) + 2 + n_decode)
+    n_gptq = cfg["num_hidden_layers"] + len(schemes) - 1 if layer_gptq else 0
+    step = Steps(progress, passes * len(cal.ids) + n_gptq + len(schemes) + 2 + n_decode)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        stats, expert_stats = _observe(root, manifest, schemes, linears, moes, cal.ids, opts, passes, step,
-                                       tmp / "probe")  # fmt: skip
+        stats = _observe(root, manifest, schemes, linears, cal.ids, opts, passes, step, tmp / "probe")
         shutil.rmtree(tmp / "probe", ignore_errors=True)
+        gptq_out = None
+        if layer_gptq:
+            settings = sequential.GptqSettings(opts.block_size, opts.head_bits, BLOCK_SIZES)
+            gptq_out = sequential.sequential_gptq(Path(manifest["source"]), manifest, schemes, cal.ids, settings,
+                                                  tmp / "gptq", lambda: step("GPTQ: a layer at a time"))  # fmt: skip
         t0 = time.perf_counter()
         kept: list[dict] = []
         details = {}
         for name, g in manifest["graphs"].items():
             step(f"quantize {g['file']} ({schemes[name]})")
             details[name] = _quantize_graph(root / g["file"], tmp / g["file"], schemes[name], linears[name],
-                                            stats.get(name, {}), opts, kept, name, moes[name],
-                                            expert_stats.get(name, {}), in_memory)  # fmt: skip
+                                            stats.get(name, {}), opts, kept, name, moes[name], gptq_out,
+                                            in_memory)  # fmt: skip
         step("pack weights")
         packed = pack_weights([tmp / g["file"] for g in manifest["graphs"].values()], tmp / "weights.bin")
         for f in COPIED:
@@ -190,80 +194,48 @@ def calibrate_artifact(
 
 
 def _passes(schemes: dict[str, str], opts: CalibOptions) -> int:
-    act = any(s in ("int8", "fp8") for s in schemes.values())
-    gptq = any(s == "int4" for s in schemes.values()) and opts.weight_method == "gptq"
-    if not act and not gptq:
+    """Probe passes over the calibration data: activation ranges (int8 / fp8), then histograms if the
+    method needs them. int4 needs none (GPTQ runs the checkpoint itself, sequential.py)."""
+    if not any(s in ("int8", "fp8") for s in schemes.values()):
         return 0
-    return 2 if act and opts.method != "minmax" else 1
+    return 1 if opts.method == "minmax" else 2
 
 
-def _probed(scheme: str, lins, opts: CalibOptions) -> tuple[list[str], bool]:
-    """Activations a graph's probe reports, and whether they need Hessians."""
-    if scheme in ("int8", "fp8"):
-        return sorted({lin.x for lin in lins}), False
-    if scheme == "int4" and opts.weight_method == "gptq":
-        return sorted({lin.x for lin in lins}), True
-    return [], False
-
-
-def _expert_hessians(scheme: str, moes, opts: CalibOptions) -> list:
-    """The fused MoE nodes of a graph whose experts GPTQ quantizes (they need per-expert Hessians)."""
-    if opts.weight_method != "gptq" or fused.expert_bits(scheme) != 4:
-        return []
-    return [ex for ex in moes if fused.unsupported(ex, opts.block_size, BLOCK_SIZES) is None]
-
-
-def _observe(root, manifest, schemes, linears, moes, sequences, opts, passes, step, scratch: Path):
-    """Activation statistics per graph ({activation: TensorStats}) and per fused MoE node (ExpertStats)."""
+def _observe(root, manifest, schemes, linears, sequences, opts, passes, step, scratch: Path) -> dict:
+    """Activation statistics of the Q/DQ graphs: {graph: {activation: TensorStats}}."""
     if not passes:
-        return {}, {}
+        return {}
     from nextn.runtime.engines import SharedWeights
 
     shared = SharedWeights(root / manifest["weights"]["file"])
-    probes, stats, hess, experts = {}, {}, {}, {}
-    hessian_bytes = 0
+    probes, stats = {}, {}
     for name, g in manifest["graphs"].items():
-        lins, _ = linears[name]
-        probed, need_h = _probed(schemes[name], lins, opts)
-        exps = _expert_hessians(schemes[name], moes[name], opts)
-        extra = sorted({t for ex in exps for t in (ex.x, ex.probs)} - set(probed))
-        if name == "trunk" or probed or exps:  # the trunk always runs: the MTP graphs need its hidden states
-            probes[name] = observe.open_probe(name, root / g["file"], probed + extra, shared, scratch, opts.threads)
+        probed = sorted({lin.x for lin in linears[name][0]}) if schemes[name] in ("int8", "fp8") else []
+        if name == "trunk" or probed:  # the trunk always runs: the MTP graphs need its hidden states
+            probes[name] = observe.open_probe(name, root / g["file"], probed, shared, scratch, opts.threads)
             stats[name] = {p: observe.TensorStats() for p in probed}
-            hess[name] = need_h
-            arrays = shared.arrays(root / g["file"]) if exps else {}  # the probe mapped them: no second read
-            experts[name] = {ex.node: fused.ExpertStats(ex, arrays[ex.w13]) for ex in exps}
-            hessian_bytes += sum(fused.ExpertStats.nbytes(ex) for ex in exps)
-            if need_h:
-                k = {lin.x: lin.k for lin in lins}
-                hessian_bytes += sum(8 * k[p] ** 2 for p in probed)
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if hessian_bytes > ram * HESSIAN_RAM_FRACTION:
-        raise NextnError(f"--weight-method gptq: the Hessians need {hessian_bytes / 2**30:.1f} GiB (over 1/4 of RAM); "
-                         "use --weight-method rtn")  # fmt: skip
 
     def ranges(graph, arrays):
         for p, s in stats[graph].items():
-            s.update_range(arrays[p], hess[graph])
-        for es in experts[graph].values():
-            es.update(arrays[es.ex.x], arrays[es.ex.probs])
+            s.update_range(arrays[p])
 
     def hists(graph, arrays):
-        if schemes[graph] in ("int8", "fp8"):
-            for p, s in stats[graph].items():
-                s.update_hist(arrays[p])
+        for p, s in stats[graph].items():
+            s.update_hist(arrays[p])
 
     observe.drive(probes, manifest["config"], sequences, ranges, lambda: step("calibrate: ranges"))
     if passes == 2:
         observe.drive(probes, manifest["config"], sequences, hists, lambda: step("calibrate: histograms"))
-    return stats, experts
+    return stats
 
 
 def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts: CalibOptions,
-                    kept: list[dict], graph: str, moes: list, expert_stats: dict, in_memory: bool = False) -> dict:  # fmt: skip
+                    kept: list[dict], graph: str, moes: list, gptq_out: sequential.Quantized | None,
+                    in_memory: bool = False) -> dict:  # fmt: skip
     """Rewrite one graph into `dst` (+ its .data). int8 / fp8 Q/DQ load the graph's tensors; the
     weight-only schemes stream them, one weight in memory at a time (streaming.py; `in_memory`: load
-    them all instead, the reference the tests compare the streamed rewrite with)."""
+    them all instead, the reference the tests compare the streamed rewrite with). `gptq_out`: what
+    sequential GPTQ chose for the int4 weights (None: round-to-nearest)."""
     lins, routers = found
     stream = scheme in ("int4", "fp32") and not in_memory
     model = onnx.load(str(src), load_external_data=not stream)
@@ -290,11 +262,12 @@ def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts:
         methods = {"rtn": 0, "gptq": 0}
         by_node = {lin.node: lin for lin in lins}
         apply_nbits(model, streaming.LazyMap(by_node, lambda node: _quantize_linear(
-            model, by_node[node], stats.get(by_node[node].x), opts, methods, graph, read)), spill=spill)  # fmt: skip
+            model, by_node[node], opts, methods, graph, read, gptq_out)), spill=spill)  # fmt: skip
         detail |= {"linears": len(lins), "block_size": opts.block_size, "head_bits": opts.head_bits,
                    "weights": methods}  # fmt: skip
     if moes and scheme in SCHEMES:  # an "fp32" MTP graph keeps everything float, experts included
-        detail["experts"] = _quantize_experts(model, scheme, moes, expert_stats, opts, kept, graph, read, spill)
+        gptq_experts = gptq_out if scheme == "int4" else None  # int8's QMoE experts are round-to-nearest
+        detail["experts"] = _quantize_experts(model, scheme, moes, gptq_experts, opts, kept, graph, read, spill)
     if stream:
         streaming.save_streamed(model, dst, read, spill)
     else:
@@ -303,24 +276,28 @@ def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts:
     return detail
 
 
-def _quantize_linear(model, lin, s, opts: CalibOptions, methods: dict, graph: str, read):
-    """One linear's int4 (or head_bits) blockwise weight: GPTQ where asked and calibrated, else round-to-nearest."""
+def _quantize_linear(model, lin, opts: CalibOptions, methods: dict, graph: str, read,
+                     gptq_out: sequential.Quantized | None):  # fmt: skip
+    """One linear's int4 (or head_bits) blockwise weight: what sequential GPTQ chose for it, or round-to-nearest."""
     w = weight_kn(model, lin, read)
-    bits = opts.head_bits if lin.head else 4
-    if opts.weight_method == "gptq" and s is not None and s.rows and s.finite:
-        try:
-            q = gptq(w, s.hessian, opts.block_size, bits)
-            methods["gptq"] += 1
-            return lin, q
-        except np.linalg.LinAlgError:  # a Hessian damping could not make positive definite
-            log.warning("%s/%s: GPTQ's Hessian is singular; round-to-nearest instead", graph, lin.node)
-    # rtn asked for, GPTQ without calibration rows (an expert no token reached), or failed
-    methods["rtn"] += 1
-    return lin, quantize_rtn(w, opts.block_size, bits)
+    if gptq_out is not None:
+        found = gptq_out.linear(graph, w)
+        if found is None:
+            raise _not_from_source(graph, lin.node)
+        q, method = found
+    else:
+        q, method = quantize_rtn(w, opts.block_size, opts.head_bits if lin.head else 4), "rtn"
+    methods[method] += 1
+    return lin, q
 
 
-def _quantize_experts(model, scheme: str, moes: list, expert_stats: dict, opts: CalibOptions, kept: list[dict],
-                      graph: str, read, spill) -> dict:  # fmt: skip
+def _not_from_source(graph: str, node: str) -> NextnError:
+    return NextnError(f"--weight-method gptq: {graph} node {node}'s weights are not the source checkpoint's (changed "
+                      "since the export?); re-export it, or use --weight-method rtn")  # fmt: skip
+
+
+def _quantize_experts(model, scheme: str, moes: list, gptq_out: sequential.Quantized | None, opts: CalibOptions,
+                      kept: list[dict], graph: str, read, spill) -> dict:  # fmt: skip
     """Fused MoE nodes -> QMoE (experts.py); those QMoE cannot take stay float and are listed in `kept`.
     Each node's experts are read and quantized when the rewrite reaches it."""
     bits = fused.expert_bits(scheme)
@@ -337,8 +314,17 @@ def _quantize_experts(model, scheme: str, moes: list, expert_stats: dict, opts: 
 
     def quantize(node: str):
         ex, block = todo[node]
-        w13, w2 = (read(inits[n]).astype(np.float32, copy=False) for n in (ex.w13, ex.w2))
-        return fused.quantize_experts(w13, w2, expert_stats.get(ex.node), block, bits, methods)
+        w13 = read(inits[ex.w13]).astype(np.float32, copy=False)
+        if gptq_out is not None:
+            found = gptq_out.experts(graph, w13)
+            if found is None:
+                raise _not_from_source(graph, node)
+            fc1, fc2, counts = found
+            for m, n in counts.items():
+                methods[m] += n
+            return fc1, fc2
+        w2 = read(inits[ex.w2]).astype(np.float32, copy=False)
+        return fused.quantize_experts(w13, w2, None, block, bits, methods)
 
     apply_qmoe(model, streaming.LazyMap(todo, quantize), spill=spill)
     return {"moe_layers": len(todo), "bits": bits, "weights": methods, "block_sizes": sorted(sizes)}

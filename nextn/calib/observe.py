@@ -10,7 +10,7 @@ with real, growing KV caches:
 The trunk runs each chunk; MTP module k runs the same chunk one token further ahead (slot i holds
 token i+k+1 and the hidden of depth k-1 at slot i, as runtime/decoder.py feeds it). Every probed
 activation updates its statistics:
-  pass 1   amax (all methods) and, for GPTQ, the Hessian sum x x^T [K, K] per input
+  pass 1   amax (all methods)
   pass 2   a 2048-bin histogram of |x| over [0, amax] (entropy and percentile methods only)
 """
 
@@ -48,9 +48,8 @@ class TensorStats:
     rows: int = 0
     finite: bool = True
     hist: np.ndarray | None = None  # [BINS] counts of |x| over [0, amax]
-    hessian: np.ndarray | None = None  # [K, K] float64
 
-    def update_range(self, x: np.ndarray, hessian: bool) -> None:
+    def update_range(self, x: np.ndarray) -> None:
         if x.size == 0:
             return
         x2 = x.reshape(-1, x.shape[-1])
@@ -59,10 +58,6 @@ class TensorStats:
             return
         self.rows += x2.shape[0]
         self.amax = max(self.amax, float(np.abs(x2).max()))
-        if hessian:
-            xd = x2.astype(np.float64)
-            h = xd.T @ xd
-            self.hessian = h if self.hessian is None else self.hessian + h
 
     def update_hist(self, x: np.ndarray) -> None:
         if x.size == 0 or self.amax <= 0 or not self.finite:

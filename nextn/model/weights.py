@@ -262,11 +262,14 @@ def share(model, private: set[tuple[int, str]]) -> None:
             module.shared_head.head = model.lm_head
 
 
-def unload(module: nn.Module) -> None:
+def unload(module: nn.Module, keep: tuple[nn.Module, ...] = ()) -> None:
     """Every parameter of `module` back on the meta device and the experts' stacks dropped: the memory of
     what `load_tensors` gave it is released (views of the checkpoint's files let go of their pages). A
-    whole model then needs `share` again."""
+    whole model then needs `share` again. `keep`: submodules left loaded (an MTP module's embedding and
+    head, which are the trunk's)."""
     for m in module.modules():
+        if any(m is k for k in keep):
+            continue
         for n, p in list(m._parameters.items()):
             if p is not None and not p.is_meta:
                 m._parameters[n] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)

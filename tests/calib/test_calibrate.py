@@ -202,19 +202,6 @@ def test_a_few_sequences_still_hold_one_out(tmp_path):
     assert "not calibrated on" in ev.source
 
 
-def test_gptq_failure_falls_back_to_round_to_nearest(tiny_artifact, data_file, tmp_path, monkeypatch):
-    import nextn.calib.calibrate as calibrate
-
-    def singular(*a, **k):
-        raise np.linalg.LinAlgError("not positive definite")
-
-    monkeypatch.setattr(calibrate, "gptq", singular)
-    m = calibrate_artifact(tiny_artifact, tmp_path / "q", [data_file], [],
-                           CalibOptions(scheme="int4", **{**FAST, "eval_samples": 1}, decode_report=False))  # fmt: skip
-    trunk = m["quantization"]["graphs"]["trunk"]
-    assert trunk["weights"] == {"gptq": 0, "rtn": trunk["linears"]}
-
-
 def test_exact_trunk_with_quantized_drafts(tiny_artifact, data_file, tmp_path):
     """--scheme fp32 --mtp-scheme int4: the trunk graph and its weights stay as exported, so greedy output
     equals the fp32 artifact's at every K; only the MTP graphs are quantized (cheaper drafts)."""

@@ -123,7 +123,7 @@ def test_activation_range_methods():
     x = np.random.default_rng(6).standard_normal(100_000).astype(np.float32)
     x[:3] = [40.0, -35.0, 30.0]  # outliers
     s = TensorStats()
-    s.update_range(x[None], hessian=False)
+    s.update_range(x[None])
     s.update_hist(x)
     assert calibrated_amax(s, "minmax") == pytest.approx(40.0)
     assert 3.0 < calibrated_amax(s, "percentile", 99.99) < 6.0
@@ -132,7 +132,7 @@ def test_activation_range_methods():
 
 def test_histogram_keeps_values_a_hair_above_pass_one_max():
     s = TensorStats()
-    s.update_range(np.array([[1.0, -2.0]], np.float32), hessian=False)
+    s.update_range(np.array([[1.0, -2.0]], np.float32))
     s.update_hist(np.array([1.0, 2.0000002], np.float32))  # a threaded reduction may round up
     assert s.hist.sum() == 2 and s.hist[-1] == 1
 

@@ -1,0 +1,327 @@
+"""Sequential GPTQ: each layer's Hessians come from the inputs the already-quantized layers before it
+produce, with one layer of the model in memory at a time.
+
+GPTQ fits a layer's quantized weights to its calibration inputs (gptq.py). Measured on the fp32 model,
+every layer's inputs would be those of an unquantized model; run sequentially, as the GPTQ paper and
+its successors do, layer i sees what the quantized layers 0..i-1 really hand it, so each layer also
+absorbs part of the error of those before it. The artifact's source checkpoint runs a layer at a time
+(model/streamed.py's loop), inside the export forms the artifact was written in (fused MoE, fused rope:
+the same weights, laid out as the graphs hold them):
+
+    calibration ids ─ embed ─ x_0 [1, n, H] per sequence (all kept: the calibration activations)
+    layer i: load ─ run every x_i with hooks: H += x^T x per linear input, ExpertStats per fused MoE
+               ─ GPTQ each linear (experts per expert) ─ write the dequantized weights into the layer
+               ─ run again: x_{i+1} from the quantized layer ─ drop the layer
+    trunk head: GPTQ on norm(x_L); MTP module k: the same on (ids shifted k + 1, depth k-1's hidden)
+
+Memory: one layer, its Hessians (float64, refused over HESSIAN_RAM_FRACTION of RAM) and the calibration
+activations. Each quantized weight is spilled to `folder` under the fingerprint of its fp32 values [K, N]
+(experts: of the stacked w13), which is how the ONNX rewrite finds it: a graph's initializers carry no
+layer names, but their bytes are the checkpoint's under the same export forms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from nextn.calib import experts as fused
+from nextn.calib.gptq import gptq
+from nextn.calib.rewrite import BlockWeight, Experts, quantize_rtn
+from nextn.errors import NextnError
+
+log = logging.getLogger(__name__)
+
+HESSIAN_RAM_FRACTION = 1 / 4  # one layer's Hessians may take at most this share of physical memory
+
+
+def fingerprint(w: np.ndarray) -> str:
+    """Identity of a weight by its fp32 bytes and shape (a linear's [K, N], a fused MoE's w13 [E, 2I, H])."""
+    w = np.ascontiguousarray(w, np.float32)
+    return f"{'x'.join(map(str, w.shape))}-{hashlib.blake2b(w.data, digest_size=16).hexdigest()}"
+
+
+@dataclass
+class Quantized:
+    """The pass's quantized weights, spilled to `folder`: graph -> fingerprint -> file."""
+
+    folder: Path
+    files: dict[str, dict[str, Path]] = field(default_factory=dict)
+    used: set[Path] = field(default_factory=set)
+
+    def _save(self, graph: str, key: str, **arrays) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{graph}-{len(self.files.get(graph, {}))}.npz"
+        np.savez(path, **arrays)
+        self.files.setdefault(graph, {})[key] = path
+
+    def _load(self, graph: str, w: np.ndarray):
+        path = self.files.get(graph, {}).get(fingerprint(w))
+        if path is None:
+            return None
+        self.used.add(path)
+        return np.load(path)
+
+    def save_linear(self, graph: str, w_kn: np.ndarray, q: BlockWeight, method: str) -> None:
+        self._save(graph, fingerprint(w_kn), q=q.q, scale=q.scale, zero=q.zero, block=q.block_size, bits=q.bits,
+                   method=method)  # fmt: skip
+
+    def linear(self, graph: str, w_kn: np.ndarray) -> tuple[BlockWeight, str] | None:
+        """The BlockWeight GPTQ chose for the linear of `graph` whose fp32 weight is `w_kn`, and how."""
+        z = self._load(graph, w_kn)
+        if z is None:
+            return None
+        return BlockWeight(z["q"], z["scale"], z["zero"], int(z["block"]), int(z["bits"])), str(z["method"])
+
+    def save_experts(self, graph: str, w13: np.ndarray, fc1: list[BlockWeight], fc2: list[BlockWeight],
+                     methods: dict[str, int]) -> None:  # fmt: skip
+        arrays = {f"{name}_{part}": np.stack([getattr(b, part) for b in bws])
+                  for name, bws in (("fc1", fc1), ("fc2", fc2)) for part in ("q", "scale", "zero")}  # fmt: skip
+        self._save(graph, fingerprint(w13), **arrays, block=fc1[0].block_size, bits=fc1[0].bits,
+                   gptq=methods["gptq"], rtn=methods["rtn"])  # fmt: skip
+
+    def experts(self, graph: str, w13: np.ndarray):
+        """(fc1, fc2, methods) of the fused MoE of `graph` whose stacked fp32 w13 is `w13`, or None."""
+        z = self._load(graph, w13)
+        if z is None:
+            return None
+        block, bits = int(z["block"]), int(z["bits"])
+        fc1, fc2 = ([BlockWeight(q, s, zr, block, bits) for q, s, zr in zip(z[f"{n}_q"], z[f"{n}_scale"], z[f"{n}_zero"])]
+                    for n in ("fc1", "fc2"))  # fmt: skip
+        return fc1, fc2, {"gptq": int(z["gptq"]), "rtn": int(z["rtn"])}
+
+    def unused(self) -> int:
+        """Weights the pass quantized that no graph asked for (tests: the pass and the graphs agree)."""
+        return sum(len(f) for f in self.files.values()) - len(self.used)
+
+
+@dataclass
+class _Hessian:
+    h: torch.Tensor | None = None  # [K, K] float64
+    rows: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x2 = x.reshape(-1, x.shape[-1]).double()  # [N, K]
+        self.rows += x2.shape[0]
+        self.h = x2.T @ x2 if self.h is None else self.h.addmm_(x2.T, x2)
+
+
+class _Observer:
+    """Hooks on a part's linears and fused MoEs: the Hessians of their inputs over every call.
+
+    Linears fed the same tensor (q_a and kv_a, gate and up) share one Hessian: within one call of the
+    part, the tensors seen are held, so an input is recognised by identity, never by a reused address."""
+
+    def __init__(self, part: nn.Module, moe_block: Callable[[Experts], int | None], budget: int, where: str):
+        from nextn.model.reference import MoE
+
+        self.linears: dict[nn.Linear, _Hessian] = {}
+        self.moes: dict[nn.Module, fused.ExpertStats] = {}
+        self.moe_block = moe_block
+        self.seen: list[tuple[torch.Tensor, _Hessian]] = []
+        self.followers: set[nn.Linear] = set()
+        self.bytes, self.budget, self.where = 0, budget, where
+        self.hooks = []
+        for m in part.modules():
+            if isinstance(m, nn.Linear):
+                self.hooks.append(m.register_forward_pre_hook(self._linear))
+            elif isinstance(m, MoE) and "fused_w13" in m._buffers:
+                self.hooks.append(m.register_forward_pre_hook(self._moe))
+
+    def new_call(self) -> None:
+        self.seen.clear()
+
+    def _charge(self, nbytes: int) -> None:
+        self.bytes += nbytes
+        if self.bytes > self.budget:
+            raise NextnError(f"--weight-method gptq: the Hessians of {self.where} need over "
+                             f"{self.bytes / 2**30:.1f} GiB (more than {HESSIAN_RAM_FRACTION:.0%} of RAM); "
+                             "use --weight-method rtn")  # fmt: skip
+
+    def _linear(self, module: nn.Linear, args) -> None:
+        x = args[0]
+        shared = next((h for t, h in self.seen if t is x), None)
+        if module not in self.linears:
+            if shared is not None:
+                self.linears[module] = shared
+                self.followers.add(module)
+                return
+            self._charge(8 * module.in_features**2)
+            self.linears[module] = _Hessian()
+        if module in self.followers:
+            if shared is not self.linears[module]:
+                raise RuntimeError(f"{self.where}: a linear sharing its input's Hessian was fed another tensor")
+            return
+        self.linears[module].add(x.detach())
+        self.seen.append((x, self.linears[module]))
+
+    def _moe(self, module, args) -> None:
+        from nextn.model.reference import route
+
+        x = args[0].detach()
+        flat = x.reshape(-1, x.shape[-1]).float()  # [N, H]
+        if module not in self.moes:
+            e, i2, h = module.fused_w13.shape
+            ex = Experts("", "", "", "", "", e, h, i2 // 2)
+            if self.moe_block(ex) is None:  # QMoE cannot take these experts: the rewrite keeps them float
+                return
+            self._charge(fused.ExpertStats.nbytes(ex))
+            self.moes[module] = fused.ExpertStats(ex, module.fused_w13.numpy())
+        c = module.gate.cfg
+        ids, _ = route(flat, module.gate.weight, module.gate.e_score_correction_bias, c.num_experts_per_tok,
+                       c.n_group, c.topk_group, True, 1.0)  # [N, top_k]  # fmt: skip
+        probs = np.full((flat.shape[0], module.fused_w13.shape[0]), -np.inf, np.float32)  # [N, E]
+        np.put_along_axis(probs, ids.numpy(), 0.0, axis=1)
+        self.moes[module].update(flat.numpy(), probs)
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+@dataclass(frozen=True)
+class GptqSettings:
+    block_size: int
+    head_bits: int
+    block_sizes: tuple[int, ...]  # what the experts may fall back to (experts.expert_block_size)
+
+
+def _quantize_part(obs: _Observer, graph: str, out: Quantized, s: GptqSettings, heads: tuple[nn.Module, ...]) -> None:
+    """GPTQ every linear and fused MoE `obs` saw; their dequantized weights replace the fp32 ones in the
+    part (the heads' are only spilled: nothing downstream reads their logits, and their weight is shared)."""
+    for module, hess in obs.linears.items():
+        w = module.weight.detach().float()  # [N, K]
+        w_kn = w.t().contiguous().numpy()  # [K, N], as the graph's MatMul holds it
+        is_head = any(module is h for h in heads)
+        bits = s.head_bits if is_head else 4
+        q, method = None, "gptq"
+        try:
+            q = gptq(w_kn, hess.h.numpy(), s.block_size, bits)
+        except np.linalg.LinAlgError:  # a Hessian damping could not make positive definite
+            log.warning("%s: GPTQ's Hessian is singular; round-to-nearest instead", graph)
+            q, method = quantize_rtn(w_kn, s.block_size, bits), "rtn"
+        out.save_linear(graph, w_kn, q, method)
+        if not is_head:
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(q.dequantize().T))
+    for module, stats in obs.moes.items():
+        w13, w2 = module.fused_w13.numpy(), module.fused_w2.numpy()  # [E, 2I, H], [E, H, I]
+        methods = {"gptq": 0, "rtn": 0}
+        fc1, fc2 = fused.quantize_experts(w13, w2, stats, obs.moe_block(stats.ex), 4, methods)
+        out.save_experts(graph, w13, fc1, fc2, methods)
+        for e in range(w13.shape[0]):  # in place: the experts' parameters are views of the stacks
+            w13[e] = fc1[e].dequantize().T
+            w2[e] = fc2[e].dequantize().T
+
+
+def _observe_and_quantize(part: nn.Module, run: Callable[[_Observer | None], list], graph: str, out: Quantized,
+                          s: GptqSettings, heads: tuple[nn.Module, ...], where: str) -> None:  # fmt: skip
+    """Collect the part's Hessians over one run of every sequence, then quantize it in place."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    obs = _Observer(part, lambda ex: fused.expert_block_size(ex, s.block_size, s.block_sizes),
+                    int(ram * HESSIAN_RAM_FRACTION), where)  # fmt: skip
+    try:
+        run(obs)
+    finally:
+        obs.close()
+    _quantize_part(obs, graph, out, s, heads)
+
+
+@contextlib.contextmanager
+def _loaded(model, ckpt, names: list[str], forms, private, part: nn.Module, keep: tuple[nn.Module, ...] = ()):
+    """`part`'s checkpoint tensors loaded and the export forms entered; afterwards dropped again."""
+    from nextn.model.weights import load_tensors, share, unload
+
+    load_tensors(model, ckpt, names, torch.float32, forms.stack_experts)
+    share(model, private)
+    try:
+        with forms(model):
+            yield
+    finally:
+        unload(part, keep)
+        share(model, private)
+        ckpt.release()
+
+
+@torch.no_grad()
+def sequential_gptq(source: Path, manifest: dict, schemes: dict[str, str], sequences: list[list[int]],
+                    settings: GptqSettings, folder: Path, tick: Callable[[], None] = lambda: None) -> Quantized:  # fmt: skip
+    """Quantize the int4 graphs' linears and experts of the artifact `manifest` describes, layer by layer
+    from its source checkpoint; one tick per layer and MTP module."""
+    from nextn.export.exporter import ExportForms
+    from nextn.model.checkpoint import Checkpoint
+    from nextn.model.reference import Rotary, causal_mask
+    from nextn.model.weights import layer_groups, load_tensors, share, skeleton, wanted_names
+
+    if not (source / "config.json").is_file():
+        raise NextnError(f"--weight-method gptq: runs the artifact's source checkpoint a layer at a time, and "
+                         f"{source} is not there; use --weight-method rtn")  # fmt: skip
+    ckpt = Checkpoint(source)
+    cfg = ckpt.config
+    n_mtp = sum(1 for g in manifest["graphs"] if g != "trunk")
+    absorbed = manifest["attention"] == "absorbed"
+    forms = ExportForms(manifest["moe"], manifest["opset"])
+    model, private = skeleton(ckpt, n_mtp, absorbed, torch.float32)
+    model.rotary = Rotary(cfg)
+    groups = layer_groups(wanted_names(ckpt, n_mtp, private))
+    load_tensors(model, ckpt, groups.get("top", []), torch.float32)  # embedding, final norm, head: kept
+    share(model, private)
+    out = Quantized(folder)
+    heads = (model.lm_head, *(m.shared_head.head for m in model.mtp))
+
+    # trunk: x [1, n, H] per sequence, through each layer in turn
+    xs, ctx = [], []
+    for ids in sequences:
+        pos = torch.arange(len(ids))[None]  # [1, n]
+        xs.append(model.model.embed_tokens(torch.tensor([ids])))
+        ctx.append((*model.rotary(pos, torch.float32), causal_mask(pos, 0, None)))
+    empty = model.empty_kv(1, torch.float32, "cpu")
+    for i, block in enumerate(model.model.layers):
+        with _loaded(model, ckpt, groups.get(i, []), forms, private, block):
+
+            def run(obs, block=block):
+                ys = []
+                for x, (cos, sin, mask) in zip(xs, ctx):
+                    if obs:
+                        obs.new_call()
+                    ys.append(block(x, model.rotary, cos, sin, mask, empty, absorbed)[0])
+                return ys
+
+            if schemes["trunk"] == "int4":
+                _observe_and_quantize(block, run, "trunk", out, settings, heads, f"layer {i}")
+            xs = run(None)
+        tick()
+    hidden = [model.model.norm(x) for x in xs]  # [1, n, H]: the trunk's hidden output, MTP 0's input
+    if schemes["trunk"] == "int4":
+        _observe_and_quantize(model.lm_head, lambda obs: [model.lm_head(h) for h in hidden], "trunk", out, settings,
+                              heads, "the head")  # fmt: skip
+
+    for k in range(n_mtp):  # module k: slot j holds token j + k + 1 and depth k-1's hidden at slot j
+        graph, module = f"mtp_{k}", model.mtp[k]
+        feeds = [(torch.tensor([ids[k + 1 :]]), h[:, : len(ids) - k - 1], torch.arange(k + 1, len(ids))[None])
+                 for ids, h in zip(sequences, hidden) if len(ids) > k + 1]  # fmt: skip
+        with _loaded(model, ckpt, groups.get(cfg.num_hidden_layers + k, []), forms, private, module,
+                     keep=(model.model.embed_tokens, model.lm_head)):  # fmt: skip
+
+            def run(obs, k=k, feeds=feeds):
+                outs = []
+                for ids, h, pos in feeds:
+                    if obs:
+                        obs.new_call()
+                    outs.append(model.mtp_forward(k, ids, h, pos).hidden)
+                return outs
+
+            if schemes[graph] == "int4":
+                _observe_and_quantize(module, run, graph, out, settings, heads, f"MTP module {k}")
+            hidden = run(None)
+        tick()
+    return out
