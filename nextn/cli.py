@@ -432,7 +432,8 @@ def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends
 @click.option("--method", default="minmax", show_default=True, type=click.Choice(["minmax", "entropy", "percentile"]),
               help="Activation ranges (int8, fp8).")
 @click.option("--weight-method", default="gptq", show_default=True, type=click.Choice(["rtn", "gptq"]),
-              help="int4 weights: round-to-nearest or GPTQ on the calibration data.")
+              help="int4 weights: round-to-nearest, or GPTQ on the calibration data (sequential: runs the "
+                   "artifact's source checkpoint a layer at a time).")
 @click.option("--block-size", type=int, default=64, show_default=True,
               help="int4: input channels per scale (fused experts take the largest size <= this that divides them).")
 @click.option("--head-bits", type=int, default=8, show_default=True, help="int4: bits of the output head (4 or 8).")

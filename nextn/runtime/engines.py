@@ -14,6 +14,9 @@ which backend runs a graph. Backends:
 from __future__ import annotations
 
 import abc
+import contextlib
+import mmap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -50,16 +53,48 @@ class SharedWeights:
 
     Every external initializer is handed to ONNX Runtime as an OrtValue over the mapping
     (`SessionOptions.add_initializer`), so a tensor several graphs use (embedding, head) is in memory
-    once, pages load on first use, and nothing is copied. ONNX Runtime's weight pre-packing would make a
-    private packed copy per session, so it is off unless asked for (`prepack`; BENCHMARKS.md measures both).
+    once, pages load on first use, and nothing is copied. ONNX Runtime's weight pre-packing makes a
+    private packed copy per session, so it is off unless asked for (`prepack`; BENCHMARKS.md measures both);
+    while sessions pre-pack, `dropping_pages` keeps the originals from staying resident beside the copies.
     """
 
     _NP = {1: np.float32, 10: np.float16, 7: np.int64, 6: np.int32, 9: np.bool_, 2: np.uint8, 3: np.int8}
 
     def __init__(self, path: Path):
-        # Copy-on-write: pages are shared with the page cache until something writes to them.
-        self.map = np.memmap(path, dtype=np.uint8, mode="c")
+        # Read-only and shared with the page cache: nothing can write to the weights, so dropping this
+        # process's pages (drop_pages) can never lose data; a later read maps them again.
+        with open(path, "rb") as f:
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.map = np.frombuffer(self._mm, dtype=np.uint8)
         self.values: dict[tuple[int, int, int], tuple] = {}  # (offset, length, type) -> (array, OrtValue)
+
+    def drop_pages(self) -> None:
+        """Unmap the mapping's resident pages from this process (they stay in the page cache)."""
+        self._mm.madvise(mmap.MADV_DONTNEED)
+
+    @contextlib.contextmanager
+    def dropping_pages(self, interval_s: float = 0.02):
+        """Drop the mapping's pages every `interval_s` while the body runs, and once after.
+
+        For opening sessions that pre-pack: ONNX Runtime reads each weight once to build its packed copy
+        and never reads the original again, but the pages it read would stay resident in this process
+        beside the copies, twice the weights at the peak (2.32 GB for a 1.25 GB int4 artifact). Session
+        creation releases the GIL, so a thread can drop them as they are read (peak 1.35 GB). Weights no
+        kernel packs (the embedding, norms) are simply read again, once, on first use."""
+        stop = threading.Event()
+
+        def loop():
+            while not stop.wait(interval_s):
+                self.drop_pages()
+
+        thread = threading.Thread(target=loop, name="nextn-drop-pages", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.drop_pages()
 
     def add_to(self, so, graph: Path) -> None:
         for name, (_, value) in self._entries(graph).items():
@@ -208,8 +243,9 @@ def open_engines(
         if prepack is None:
             prepack = auto_prepack(manifest["weights"]["bytes"])
         shared = SharedWeights(root / manifest["weights"]["file"])
-        engines = {n: OrtEngine(n, *io[n], root / g["file"], device, threads, shared, prepack)
-                   for n, g in graphs.items()}  # fmt: skip
+        with shared.dropping_pages() if prepack and device == "cpu" else contextlib.nullcontext():
+            engines = {n: OrtEngine(n, *io[n], root / g["file"], device, threads, shared, prepack)
+                       for n, g in graphs.items()}  # fmt: skip
         return Engines(manifest, engines, {"backend": backend, "device": device, "threads": threads, "prepack": prepack})
 
     if manifest.get("quantization"):

@@ -49,3 +49,29 @@ def test_prepacking_is_automatic_for_weights_that_are_a_small_share_of_memory():
 
     assert auto_prepack(40 << 20)  # the embedded model
     assert not auto_prepack(1 << 50)
+
+
+def _resident_kib(array: np.ndarray) -> int:
+    """Resident KiB of the mapping that holds `array` (its region in /proc/self/smaps)."""
+    address, inside = array.ctypes.data, False
+    for line in open("/proc/self/smaps"):
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:  # a region's first line: start-end perms offset dev inode path
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and line.startswith("Rss:"):
+            return int(line.split()[1])
+    raise AssertionError("no mapping holds the array")
+
+
+def test_prepacked_sessions_do_not_keep_the_originals_resident(tiny_artifact):
+    """Pre-packing reads every packed weight once: its pages of the shared mapping are dropped while the
+    sessions open (otherwise they stay resident beside the packed copies), and the output is unchanged."""
+    with open_engines(tiny_artifact, prepack=False) as plain:
+        feed = _feed(plain.manifest)
+        want = plain["trunk"].run(feed)
+        touched = _resident_kib(plain["trunk"].shared.map)
+    with open_engines(tiny_artifact, prepack=True) as packed:
+        assert _resident_kib(packed["trunk"].shared.map) < touched / 4, (_resident_kib(packed["trunk"].shared.map), touched)
+        got = packed["trunk"].run(feed)
+        assert all(np.abs(x - y).max() < 1e-5 for x, y in zip(got, want))
