@@ -135,6 +135,8 @@ def calibrate_artifact(
 
     passes = _passes(schemes, opts)
     layer_gptq = opts.weight_method == "gptq" and "int4" in schemes.values()
+    if layer_gptq:  # before any calibration work
+        sequential.check_source(Path(manifest["source"]))
     n_decode = len(ev.ids) if opts.decode_report and reference is None else 0
     n_gptq = cfg["num_hidden_layers"] + len(schemes) - 1 if layer_gptq else 0
     step = Steps(progress, passes * len(cal.ids) + n_gptq + len(schemes) + 2 + n_decode)

@@ -38,6 +38,7 @@ from nextn.calib import experts as fused
 from nextn.calib.gptq import gptq
 from nextn.calib.rewrite import BlockWeight, Experts, quantize_rtn
 from nextn.errors import NextnError
+from nextn.model.weights import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -196,31 +197,38 @@ class GptqSettings:
 
 
 def _quantize_part(obs: _Observer, graph: str, out: Quantized, s: GptqSettings, heads: tuple[nn.Module, ...]) -> None:
-    """GPTQ every linear and fused MoE `obs` saw; their dequantized weights replace the fp32 ones in the
-    part (the heads' are only spilled: nothing downstream reads their logits, and their weight is shared)."""
-    for module, hess in obs.linears.items():
-        w = module.weight.detach().float()  # [N, K]
-        w_kn = w.t().contiguous().numpy()  # [K, N], as the graph's MatMul holds it
-        is_head = any(module is h for h in heads)
-        bits = s.head_bits if is_head else 4
-        q, method = None, "gptq"
-        try:
-            q = gptq(w_kn, hess.h.numpy(), s.block_size, bits)
-        except np.linalg.LinAlgError:  # a Hessian damping could not make positive definite
-            log.warning("%s: GPTQ's Hessian is singular; round-to-nearest instead", graph)
-            q, method = quantize_rtn(w_kn, s.block_size, bits), "rtn"
-        out.save_linear(graph, w_kn, q, method)
-        if not is_head:
-            with torch.no_grad():
-                module.weight.copy_(torch.from_numpy(q.dequantize().T))
-    for module, stats in obs.moes.items():
+    """GPTQ every fused MoE and linear `obs` saw; their dequantized weights replace the fp32 ones in the
+    part (the heads' are only spilled: nothing downstream reads their logits, and their weight is shared).
+    Each Hessian is let go once used: an MTP module's expert Hessians would otherwise still be held while
+    its head (the vocabulary-wide GPTQ) is quantized."""
+    obs.new_call()  # the last call's inputs
+    for module in list(obs.moes):
+        stats = obs.moes.pop(module)
         w13, w2 = module.fused_w13.numpy(), module.fused_w2.numpy()  # [E, 2I, H], [E, H, I]
         methods = {"gptq": 0, "rtn": 0}
         fc1, fc2 = fused.quantize_experts(w13, w2, stats, obs.moe_block(stats.ex), 4, methods)
+        del stats
         out.save_experts(graph, w13, fc1, fc2, methods)
         for e in range(w13.shape[0]):  # in place: the experts' parameters are views of the stacks
             w13[e] = fc1[e].dequantize().T
             w2[e] = fc2[e].dequantize().T
+    trim_heap()  # the experts' Hessians (13 MB each on the 2b preset) were heap blocks glibc would keep
+    for module in list(obs.linears):
+        hess = obs.linears.pop(module)  # a Hessian two linears share goes with the second
+        w_kn = module.weight.detach().float().t().contiguous().numpy()  # [K, N], as the graph's MatMul holds it
+        is_head = any(module is h for h in heads)
+        bits = s.head_bits if is_head else 4
+        try:
+            q, method = gptq(w_kn, hess.h.numpy(), s.block_size, bits), "gptq"
+        except np.linalg.LinAlgError:  # a Hessian damping could not make positive definite
+            log.warning("%s: GPTQ's Hessian is singular; round-to-nearest instead", graph)
+            q, method = quantize_rtn(w_kn, s.block_size, bits), "rtn"
+        del hess
+        out.save_linear(graph, w_kn, q, method)
+        if not is_head:
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(q.dequantize().T))
+    trim_heap()  # GPTQ's float64 work arrays of up to 32 MB come from the heap, which glibc would keep
 
 
 def _observe_and_quantize(part: nn.Module, run: Callable[[_Observer | None], list], graph: str, out: Quantized,
@@ -252,6 +260,12 @@ def _loaded(model, ckpt, names: list[str], forms, private, part: nn.Module, keep
         ckpt.release()
 
 
+def check_source(source: Path) -> None:
+    if not (source / "config.json").is_file():
+        raise NextnError(f"--weight-method gptq: runs the artifact's source checkpoint a layer at a time, and "
+                         f"{source} is not there; use --weight-method rtn")  # fmt: skip
+
+
 @torch.no_grad()
 def sequential_gptq(source: Path, manifest: dict, schemes: dict[str, str], sequences: list[list[int]],
                     settings: GptqSettings, folder: Path, tick: Callable[[], None] = lambda: None) -> Quantized:  # fmt: skip
@@ -262,9 +276,7 @@ def sequential_gptq(source: Path, manifest: dict, schemes: dict[str, str], seque
     from nextn.model.reference import Rotary, causal_mask
     from nextn.model.weights import layer_groups, load_tensors, share, skeleton, wanted_names
 
-    if not (source / "config.json").is_file():
-        raise NextnError(f"--weight-method gptq: runs the artifact's source checkpoint a layer at a time, and "
-                         f"{source} is not there; use --weight-method rtn")  # fmt: skip
+    check_source(source)
     ckpt = Checkpoint(source)
     cfg = ckpt.config
     n_mtp = sum(1 for g in manifest["graphs"] if g != "trunk")
@@ -302,8 +314,12 @@ def sequential_gptq(source: Path, manifest: dict, schemes: dict[str, str], seque
         tick()
     hidden = [model.model.norm(x) for x in xs]  # [1, n, H]: the trunk's hidden output, MTP 0's input
     if schemes["trunk"] == "int4":
-        _observe_and_quantize(model.lm_head, lambda obs: [model.lm_head(h) for h in hidden], "trunk", out, settings,
-                              heads, "the head")  # fmt: skip
+
+        def run_head(obs):
+            for h in hidden:  # each sequence's logits dropped at once: all of them would be n x V x 4 bytes
+                model.lm_head(h)
+
+        _observe_and_quantize(model.lm_head, run_head, "trunk", out, settings, heads, "the head")
 
     for k in range(n_mtp):  # module k: slot j holds token j + k + 1 and depth k-1's hidden at slot j
         graph, module = f"mtp_{k}", model.mtp[k]
