@@ -211,11 +211,12 @@ def _observe(root, manifest, schemes, linears, sequences, opts, passes, step, sc
 
     shared = SharedWeights(root / manifest["weights"]["file"])
     probes, stats = {}, {}
-    for name, g in manifest["graphs"].items():
-        probed = sorted({lin.x for lin in linears[name][0]}) if schemes[name] in ("int8", "fp8") else []
-        if name == "trunk" or probed:  # the trunk always runs: the MTP graphs need its hidden states
-            probes[name] = observe.open_probe(name, root / g["file"], probed, shared, scratch, opts.threads)
-            stats[name] = {p: observe.TensorStats() for p in probed}
+    with shared.dropping_pages():  # the probes pre-pack: their originals need not stay resident
+        for name, g in manifest["graphs"].items():
+            probed = sorted({lin.x for lin in linears[name][0]}) if schemes[name] in ("int8", "fp8") else []
+            if name == "trunk" or probed:  # the trunk always runs: the MTP graphs need its hidden states
+                probes[name] = observe.open_probe(name, root / g["file"], probed, shared, scratch, opts.threads)
+                stats[name] = {p: observe.TensorStats() for p in probed}
 
     def ranges(graph, arrays):
         for p, s in stats[graph].items():
@@ -234,12 +235,11 @@ def _observe(root, manifest, schemes, linears, sequences, opts, passes, step, sc
 def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts: CalibOptions,
                     kept: list[dict], graph: str, moes: list, gptq_out: sequential.Quantized | None,
                     in_memory: bool = False) -> dict:  # fmt: skip
-    """Rewrite one graph into `dst` (+ its .data). int8 / fp8 Q/DQ load the graph's tensors; the
-    weight-only schemes stream them, one weight in memory at a time (streaming.py; `in_memory`: load
-    them all instead, the reference the tests compare the streamed rewrite with). `gptq_out`: what
+    """Rewrite one graph into `dst` (+ its .data), one weight in memory at a time (streaming.py;
+    `in_memory`: load them all instead, the reference the tests compare the streamed rewrite with). `gptq_out`: what
     sequential GPTQ chose for the int4 weights (None: round-to-nearest)."""
     lins, routers = found
-    stream = scheme in ("int4", "fp32") and not in_memory
+    stream = not in_memory
     model = onnx.load(str(src), load_external_data=not stream)
     read = streaming.TensorReader(src.parent) if stream else onnx.numpy_helper.to_array
     spill = streaming.Spill(dst.parent / f"{dst.name}.data") if stream else None
@@ -255,7 +255,7 @@ def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts:
                 continue
             amax[lin.x] = observe.calibrated_amax(s, opts.method, opts.percentile)
             use.append(lin)
-        apply_qdq(model, use, amax, scheme)
+        apply_qdq(model, use, amax, scheme, read, spill)
         ranges = np.asarray(list(amax.values()) or [0.0])
         detail |= {"linears": len(use), "activations": len(amax), "method": opts.method,
                    "activation_amax": {"min": float(ranges.min()), "median": float(np.median(ranges)),

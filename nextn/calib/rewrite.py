@@ -125,8 +125,11 @@ def _zero(fmt: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.zeros(shape, np.int8 if fmt == "int8" else ml_dtypes.float8_e4m3fn)
 
 
-def apply_qdq(model: onnx.ModelProto, linears: list[Linear], act_amax: dict[str, float], fmt: str) -> None:
-    """Rewrite `linears` (each with a calibrated activation in `act_amax`) into the Q/DQ form, in place."""
+def apply_qdq(model: onnx.ModelProto, linears: list[Linear], act_amax: dict[str, float], fmt: str,
+              read=numpy_helper.to_array, spill=None) -> None:  # fmt: skip
+    """Rewrite `linears` (each with a calibrated activation in `act_amax`) into the Q/DQ form, in place.
+    `read` and `spill` as for apply_nbits: each weight read when its node is reached, its quantized
+    tensors moved to disk as they are made."""
     by_node = {lin.node: lin for lin in linears}
     inits = {t.name: t for t in model.graph.initializer}
     new_inits: list[onnx.TensorProto] = []
@@ -151,10 +154,11 @@ def apply_qdq(model: onnx.ModelProto, linears: list[Linear], act_amax: dict[str,
                                  name=f"{base}_DequantizeLinear"),  # fmt: skip
             ]
             act_done[lin.x] = f"{base}_dq"
-        wq, ws = quantize_weight_qdq(weight_kn(model, lin), fmt)
+        wq, ws = quantize_weight_qdq(weight_kn(model, lin, read), fmt)
         wb = fresh(lin.node, w_sfx)
-        new_inits += [numpy_helper.from_array(wq, f"{wb}_w_q"), numpy_helper.from_array(ws, f"{wb}_w_scale"),
-                      numpy_helper.from_array(_zero(fmt, ws.shape), f"{wb}_w_zero")]  # fmt: skip
+        made = [numpy_helper.from_array(wq, f"{wb}_w_q"), numpy_helper.from_array(ws, f"{wb}_w_scale"),
+                numpy_helper.from_array(_zero(fmt, ws.shape), f"{wb}_w_zero")]  # fmt: skip
+        new_inits += [spill(t) for t in made] if spill is not None else made
         axis = {"axis": 1} if ws.ndim == 1 else {}
         nodes += [
             helper.make_node("DequantizeLinear", [f"{wb}_w_q", f"{wb}_w_scale", f"{wb}_w_zero"], [f"{wb}_w_dq"],

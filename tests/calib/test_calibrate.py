@@ -224,10 +224,11 @@ def test_exact_trunk_with_quantized_drafts(tiny_artifact, data_file, tmp_path):
 
 
 @pytest.mark.parametrize("opts", [dict(scheme="int4", weight_method="rtn"),
-                                  dict(scheme="fp32", mtp_scheme="int4", weight_method="gptq")])  # fmt: skip
+                                  dict(scheme="fp32", mtp_scheme="int4", weight_method="gptq"),
+                                  dict(scheme="int8")])  # fmt: skip
 def test_streamed_rewrite_equals_loading_every_tensor(tiny_artifact, data_file, tmp_path, opts):
-    """The weight-only schemes rewrite a tensor at a time (calib/streaming.py): the same weights.bin and
-    graphs as loading the graph's tensors whole."""
+    """Every scheme rewrites a tensor at a time (calib/streaming.py): the same weights.bin and graphs as
+    loading the graph's tensors whole."""
     o = CalibOptions(**opts, **FAST, decode_report=False)
     calibrate_artifact(tiny_artifact, tmp_path / "streamed", [data_file], [], o)
     calibrate_artifact(tiny_artifact, tmp_path / "loaded", [data_file], [], o, in_memory=True)
