@@ -266,69 +266,69 @@ def check_source(source: Path) -> None:
                          f"{source} is not there; use --weight-method rtn")  # fmt: skip
 
 
-@torch.no_grad()
-def sequential_gptq(source: Path, manifest: dict, schemes: dict[str, str], sequences: list[list[int]],
-                    settings: GptqSettings, folder: Path, tick: Callable[[], None] = lambda: None) -> Quantized:  # fmt: skip
-    """Quantize the int4 graphs' linears and experts of the artifact `manifest` describes, layer by layer
-    from its source checkpoint; one tick per layer and MTP module."""
-    from nextn.export.exporter import ExportForms
-    from nextn.model.checkpoint import Checkpoint
-    from nextn.model.reference import Rotary, causal_mask
-    from nextn.model.weights import layer_groups, load_tensors, share, skeleton, wanted_names
+@dataclass
+class _Pass:
+    """The state of one pass: the model (top group loaded), where each layer's tensors are, what to quantize."""
 
-    check_source(source)
-    ckpt = Checkpoint(source)
-    cfg = ckpt.config
-    n_mtp = sum(1 for g in manifest["graphs"] if g != "trunk")
-    absorbed = manifest["attention"] == "absorbed"
-    forms = ExportForms(manifest["moe"], manifest["opset"])
-    model, private = skeleton(ckpt, n_mtp, absorbed, torch.float32)
-    model.rotary = Rotary(cfg)
-    groups = layer_groups(wanted_names(ckpt, n_mtp, private))
-    load_tensors(model, ckpt, groups.get("top", []), torch.float32)  # embedding, final norm, head: kept
-    share(model, private)
-    out = Quantized(folder)
-    heads = (model.lm_head, *(m.shared_head.head for m in model.mtp))
+    model: nn.Module
+    ckpt: object
+    groups: dict
+    forms: object  # exporter.ExportForms
+    private: set
+    schemes: dict[str, str]
+    settings: GptqSettings
+    out: Quantized
+    tick: Callable[[], None]
 
-    # trunk: x [1, n, H] per sequence, through each layer in turn
-    xs, ctx = [], []
-    for ids in sequences:
-        pos = torch.arange(len(ids))[None]  # [1, n]
-        xs.append(model.model.embed_tokens(torch.tensor([ids])))
-        ctx.append((*model.rotary(pos, torch.float32), causal_mask(pos, 0, None)))
-    empty = model.empty_kv(1, torch.float32, "cpu")
-    for i, block in enumerate(model.model.layers):
-        with _loaded(model, ckpt, groups.get(i, []), forms, private, block):
+    def _quantize(self, part, run, graph: str, where: str) -> None:
+        if self.schemes[graph] == "int4":
+            heads = (self.model.lm_head, *(m.shared_head.head for m in self.model.mtp))
+            _observe_and_quantize(part, run, graph, self.out, self.settings, heads, where)
 
-            def run(obs, block=block):
-                ys = []
-                for x, (cos, sin, mask) in zip(xs, ctx):
-                    if obs:
-                        obs.new_call()
-                    ys.append(block(x, model.rotary, cos, sin, mask, empty, absorbed)[0])
-                return ys
+    def trunk(self, sequences: list[list[int]]) -> list[torch.Tensor]:
+        """Every layer in turn over x [1, n, H] per sequence, then the head; the trunk's hidden outputs."""
+        from nextn.model.reference import causal_mask
 
-            if schemes["trunk"] == "int4":
-                _observe_and_quantize(block, run, "trunk", out, settings, heads, f"layer {i}")
-            xs = run(None)
-        tick()
-    hidden = [model.model.norm(x) for x in xs]  # [1, n, H]: the trunk's hidden output, MTP 0's input
-    if schemes["trunk"] == "int4":
+        model = self.model
+        xs, ctx = [], []
+        for ids in sequences:
+            pos = torch.arange(len(ids))[None]  # [1, n]
+            xs.append(model.model.embed_tokens(torch.tensor([ids])))
+            ctx.append((*model.rotary(pos, torch.float32), causal_mask(pos, 0, None)))
+        empty = model.empty_kv(1, torch.float32, "cpu")
+        for i, block in enumerate(model.model.layers):
+            with _loaded(model, self.ckpt, self.groups.get(i, []), self.forms, self.private, block):
+
+                def run(obs, block=block):
+                    ys = []
+                    for x, (cos, sin, mask) in zip(xs, ctx):
+                        if obs:
+                            obs.new_call()
+                        ys.append(block(x, model.rotary, cos, sin, mask, empty, model.absorbed)[0])
+                    return ys
+
+                self._quantize(block, run, "trunk", f"layer {i}")
+                xs = run(None)
+            self.tick()
+        hidden = [model.model.norm(x) for x in xs]  # [1, n, H]: the trunk's hidden output, MTP 0's input
 
         def run_head(obs):
             for h in hidden:  # each sequence's logits dropped at once: all of them would be n x V x 4 bytes
                 model.lm_head(h)
 
-        _observe_and_quantize(model.lm_head, run_head, "trunk", out, settings, heads, "the head")
+        self._quantize(model.lm_head, run_head, "trunk", "the head")
+        return hidden
 
-    for k in range(n_mtp):  # module k: slot j holds token j + k + 1 and depth k-1's hidden at slot j
-        graph, module = f"mtp_{k}", model.mtp[k]
+    def mtp(self, k: int, sequences: list[list[int]], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        """MTP module k (slot j: token j + k + 1 and depth k-1's hidden at slot j); its hidden outputs."""
+        model, module = self.model, self.model.mtp[k]
         feeds = [(torch.tensor([ids[k + 1 :]]), h[:, : len(ids) - k - 1], torch.arange(k + 1, len(ids))[None])
                  for ids, h in zip(sequences, hidden) if len(ids) > k + 1]  # fmt: skip
-        with _loaded(model, ckpt, groups.get(cfg.num_hidden_layers + k, []), forms, private, module,
+        names = self.groups.get(model.cfg.num_hidden_layers + k, [])
+        with _loaded(model, self.ckpt, names, self.forms, self.private, module,
                      keep=(model.model.embed_tokens, model.lm_head)):  # fmt: skip
 
-            def run(obs, k=k, feeds=feeds):
+            def run(obs):
                 outs = []
                 for ids, h, pos in feeds:
                     if obs:
@@ -336,8 +336,33 @@ def sequential_gptq(source: Path, manifest: dict, schemes: dict[str, str], seque
                     outs.append(model.mtp_forward(k, ids, h, pos).hidden)
                 return outs
 
-            if schemes[graph] == "int4":
-                _observe_and_quantize(module, run, graph, out, settings, heads, f"MTP module {k}")
+            self._quantize(module, run, f"mtp_{k}", f"MTP module {k}")
             hidden = run(None)
-        tick()
-    return out
+        self.tick()
+        return hidden
+
+
+@torch.no_grad()
+def sequential_gptq(source: Path, manifest: dict, schemes: dict[str, str], sequences: list[list[int]],
+                    settings: GptqSettings, folder: Path, tick: Callable[[], None] = lambda: None) -> Quantized:  # fmt: skip
+    """Quantize the int4 graphs' linears and experts of the artifact `manifest` describes, layer by layer
+    from its source checkpoint; one tick per layer and MTP module."""
+    from nextn.export.exporter import ExportForms
+    from nextn.model.checkpoint import Checkpoint
+    from nextn.model.reference import Rotary
+    from nextn.model.weights import layer_groups, load_tensors, share, skeleton, wanted_names
+
+    check_source(source)
+    ckpt = Checkpoint(source)
+    n_mtp = sum(1 for g in manifest["graphs"] if g != "trunk")
+    model, private = skeleton(ckpt, n_mtp, manifest["attention"] == "absorbed", torch.float32)
+    model.rotary = Rotary(ckpt.config)
+    groups = layer_groups(wanted_names(ckpt, n_mtp, private))
+    load_tensors(model, ckpt, groups.get("top", []), torch.float32)  # embedding, final norm, head: kept
+    share(model, private)
+    run = _Pass(model, ckpt, groups, ExportForms(manifest["moe"], manifest["opset"]), private, schemes, settings,
+                Quantized(folder), tick)  # fmt: skip
+    hidden = run.trunk(sequences)
+    for k in range(n_mtp):
+        hidden = run.mtp(k, sequences, hidden)
+    return run.out
