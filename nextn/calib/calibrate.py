@@ -386,8 +386,8 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, export_opts, op
                         progress: Progress | None = None) -> dict:  # fmt: skip
     """`nextn export CHECKPOINT -o OUT --quantize SCHEME`: export fp32 (streamed) into a temporary folder
     beside `out`, quantize it from there into `out` with calibrate_artifact (the same code and options as
-    `nextn calibrate`; int4 streams a tensor at a time; the report compares with the checkpoint's own fp32
-    logits computed a layer at a time), then remove the fp32 export. No fp32 artifact is left behind, but
+    `nextn calibrate`; the rewrite streams a tensor at a time; the report compares with the checkpoint's own
+    fp32 logits computed a layer at a time), then remove the fp32 export. No fp32 artifact is left behind, but
     its files exist on disk until the quantized artifact is in place."""
     from nextn.export.exporter import export_checkpoint
 

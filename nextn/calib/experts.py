@@ -1,9 +1,9 @@
 """Fused MoE experts (`nextn export --moe fused`): their calibration statistics and QMoE weights.
 
-A fused MoE node hides its experts' matrix products, so the probe reports what feeds them instead: the
-node's input x [N, H] and router_probs [N, E] (finite exactly at the experts a token picked). Expert e's
-fc1 (gate/up) input is then the rows of x that picked e, and its fc2 (down) input is silu(gate) * up of
-those rows, recomputed here from the fp32 weights:
+A fused MoE node hides its experts' matrix products, so sequential GPTQ (sequential.py) sees what feeds
+them instead: the MoE's input x [N, H] and the routing as router_probs [N, E] (finite exactly at the experts
+a token picked). Expert e's fc1 (gate/up) input is then the rows of x that picked e, and its fc2 (down)
+input is silu(gate) * up of those rows, recomputed here from the fp32 weights:
 
     x [N, H] ─ rows where router_probs[:, e] is finite ─ x_e [n_e, H] ─────────────── H1_e += x_e^T x_e
                                                            └ x_e @ w13[e]^T ─ silu(gate) * up ─ a_e [n_e, I] ─ H2_e += a_e^T a_e

@@ -5,7 +5,7 @@ GPTQ fits a layer's quantized weights to its calibration inputs (gptq.py). Measu
 every layer's inputs would be those of an unquantized model; run sequentially, as the GPTQ paper and
 its successors do, layer i sees what the quantized layers 0..i-1 really hand it, so each layer also
 absorbs part of the error of those before it. The artifact's source checkpoint runs a layer at a time
-(model/streamed.py's loop), inside the export forms the artifact was written in (fused MoE, fused rope:
+(model/streamed.py's TopLoaded), inside the export forms the artifact was written in (fused MoE, fused rope:
 the same weights, laid out as the graphs hold them):
 
     calibration ids ─ embed ─ x_0 [1, n, H] per sequence (all kept: the calibration activations)
@@ -22,7 +22,6 @@ layer names, but their bytes are the checkpoint's under the same export forms.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -38,6 +37,7 @@ from nextn.calib import experts as fused
 from nextn.calib.gptq import gptq
 from nextn.calib.rewrite import BlockWeight, Experts, quantize_rtn
 from nextn.errors import NextnError
+from nextn.model.streamed import TopLoaded
 from nextn.model.weights import trim_heap
 
 log = logging.getLogger(__name__)
@@ -108,11 +108,9 @@ class Quantized:
 @dataclass
 class _Hessian:
     h: torch.Tensor | None = None  # [K, K] float64
-    rows: int = 0
 
     def add(self, x: torch.Tensor) -> None:
         x2 = x.reshape(-1, x.shape[-1]).double()  # [N, K]
-        self.rows += x2.shape[0]
         self.h = x2.T @ x2 if self.h is None else self.h.addmm_(x2.T, x2)
 
 
@@ -225,13 +223,12 @@ def _quantize_part(obs: _Observer, graph: str, out: Quantized, s: GptqSettings, 
             q, method = quantize_rtn(w_kn, s.block_size, bits), "rtn"
         del hess
         out.save_linear(graph, w_kn, q, method)
-        if not is_head:
-            with torch.no_grad():
-                module.weight.copy_(torch.from_numpy(q.dequantize().T))
+        if not is_head:  # (sequential_gptq runs under torch.no_grad)
+            module.weight.copy_(torch.from_numpy(q.dequantize().T))
     trim_heap()  # GPTQ's float64 work arrays of up to 32 MB come from the heap, which glibc would keep
 
 
-def _observe_and_quantize(part: nn.Module, run: Callable[[_Observer | None], list], graph: str, out: Quantized,
+def _observe_and_quantize(part: nn.Module, run: Callable[[_Observer | None], object], graph: str, out: Quantized,
                           s: GptqSettings, heads: tuple[nn.Module, ...], where: str) -> None:  # fmt: skip
     """Collect the part's Hessians over one run of every sequence, then quantize it in place."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -244,37 +241,12 @@ def _observe_and_quantize(part: nn.Module, run: Callable[[_Observer | None], lis
     _quantize_part(obs, graph, out, s, heads)
 
 
-@contextlib.contextmanager
-def _loaded(model, ckpt, names: list[str], forms, private, part: nn.Module, keep: tuple[nn.Module, ...] = ()):
-    """`part`'s checkpoint tensors loaded and the export forms entered; afterwards dropped again."""
-    from nextn.model.weights import load_tensors, share, unload
-
-    load_tensors(model, ckpt, names, torch.float32, forms.stack_experts)
-    share(model, private)
-    try:
-        with forms(model):
-            yield
-    finally:
-        unload(part, keep)
-        share(model, private)
-        ckpt.release()
-
-
-def check_source(source: Path) -> None:
-    if not (source / "config.json").is_file():
-        raise NextnError(f"--weight-method gptq: runs the artifact's source checkpoint a layer at a time, and "
-                         f"{source} is not there; use --weight-method rtn")  # fmt: skip
-
-
 @dataclass
 class _Pass:
-    """The state of one pass: the model (top group loaded), where each layer's tensors are, what to quantize."""
+    """One pass: the model with its top group loaded, the export forms, what to quantize and where to."""
 
-    model: nn.Module
-    ckpt: object
-    groups: dict
+    top: TopLoaded
     forms: object  # exporter.ExportForms
-    private: set
     schemes: dict[str, str]
     settings: GptqSettings
     out: Quantized
@@ -282,26 +254,25 @@ class _Pass:
 
     def _quantize(self, part, run, graph: str, where: str) -> None:
         if self.schemes[graph] == "int4":
-            heads = (self.model.lm_head, *(m.shared_head.head for m in self.model.mtp))
+            model = self.top.model
+            heads = (model.lm_head, *(m.shared_head.head for m in model.mtp))
             _observe_and_quantize(part, run, graph, self.out, self.settings, heads, where)
+
+    def _layer(self, index: int, part: nn.Module):
+        return self.top.layer(index, part, self.forms, self.forms.stack_experts)
 
     def trunk(self, sequences: list[list[int]]) -> list[torch.Tensor]:
         """Every layer in turn over x [1, n, H] per sequence, then the head; the trunk's hidden outputs."""
-        from nextn.model.reference import causal_mask
-
-        model = self.model
-        xs, ctx = [], []
-        for ids in sequences:
-            pos = torch.arange(len(ids))[None]  # [1, n]
-            xs.append(model.model.embed_tokens(torch.tensor([ids])))
-            ctx.append((*model.rotary(pos, torch.float32), causal_mask(pos, 0, None)))
+        model = self.top.model
+        inputs = self.top.prefill_inputs(sequences)  # [x, cos, sin, mask] per sequence
+        xs = [state.pop(0) for state in inputs]  # the hidden states, replaced layer by layer; [cos, sin, mask] stay
         empty = model.empty_kv(1, torch.float32, "cpu")
         for i, block in enumerate(model.model.layers):
-            with _loaded(model, self.ckpt, self.groups.get(i, []), self.forms, self.private, block):
+            with self._layer(i, block):
 
                 def run(obs, block=block):
                     ys = []
-                    for x, (cos, sin, mask) in zip(xs, ctx):
+                    for x, (cos, sin, mask) in zip(xs, inputs):
                         if obs:
                             obs.new_call()
                         ys.append(block(x, model.rotary, cos, sin, mask, empty, model.absorbed)[0])
@@ -321,12 +292,10 @@ class _Pass:
 
     def mtp(self, k: int, sequences: list[list[int]], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         """MTP module k (slot j: token j + k + 1 and depth k-1's hidden at slot j); its hidden outputs."""
-        model, module = self.model, self.model.mtp[k]
+        model, module = self.top.model, self.top.model.mtp[k]
         feeds = [(torch.tensor([ids[k + 1 :]]), h[:, : len(ids) - k - 1], torch.arange(k + 1, len(ids))[None])
                  for ids, h in zip(sequences, hidden) if len(ids) > k + 1]  # fmt: skip
-        names = self.groups.get(model.cfg.num_hidden_layers + k, [])
-        with _loaded(model, self.ckpt, names, self.forms, self.private, module,
-                     keep=(model.model.embed_tokens, model.lm_head)):  # fmt: skip
+        with self._layer(model.cfg.num_hidden_layers + k, module):
 
             def run(obs):
                 outs = []
@@ -342,6 +311,12 @@ class _Pass:
         return hidden
 
 
+def check_source(source: Path) -> None:
+    if not (source / "config.json").is_file():
+        raise NextnError(f"--weight-method gptq: runs the artifact's source checkpoint a layer at a time, and "
+                         f"{source} is not there; use --weight-method rtn")  # fmt: skip
+
+
 @torch.no_grad()
 def sequential_gptq(source: Path, manifest: dict, schemes: dict[str, str], sequences: list[list[int]],
                     settings: GptqSettings, folder: Path, tick: Callable[[], None] = lambda: None) -> Quantized:  # fmt: skip
@@ -349,19 +324,11 @@ def sequential_gptq(source: Path, manifest: dict, schemes: dict[str, str], seque
     from its source checkpoint; one tick per layer and MTP module."""
     from nextn.export.exporter import ExportForms
     from nextn.model.checkpoint import Checkpoint
-    from nextn.model.reference import Rotary
-    from nextn.model.weights import layer_groups, load_tensors, share, skeleton, wanted_names
 
     check_source(source)
-    ckpt = Checkpoint(source)
     n_mtp = sum(1 for g in manifest["graphs"] if g != "trunk")
-    model, private = skeleton(ckpt, n_mtp, manifest["attention"] == "absorbed", torch.float32)
-    model.rotary = Rotary(ckpt.config)
-    groups = layer_groups(wanted_names(ckpt, n_mtp, private))
-    load_tensors(model, ckpt, groups.get("top", []), torch.float32)  # embedding, final norm, head: kept
-    share(model, private)
-    run = _Pass(model, ckpt, groups, ExportForms(manifest["moe"], manifest["opset"]), private, schemes, settings,
-                Quantized(folder), tick)  # fmt: skip
+    top = TopLoaded.open(Checkpoint(source), n_mtp, manifest["attention"] == "absorbed")
+    run = _Pass(top, ExportForms(manifest["moe"], manifest["opset"]), schemes, settings, Quantized(folder), tick)
     hidden = run.trunk(sequences)
     for k in range(n_mtp):
         hidden = run.mtp(k, sequences, hidden)

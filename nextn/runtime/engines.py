@@ -100,10 +100,6 @@ class SharedWeights:
         for name, (_, value) in self._entries(graph).items():
             so.add_initializer(name, value)
 
-    def arrays(self, graph: Path) -> dict[str, np.ndarray]:
-        """The graph's external initializers by name: views of the mapping (copy-on-write, nothing read yet)."""
-        return {name: view for name, (view, _) in self._entries(graph).items()}
-
     def _entries(self, graph: Path) -> dict[str, tuple]:
         """name -> (view of the mapping, OrtValue over it) for each external initializer of `graph`."""
         import onnx

@@ -81,10 +81,10 @@ def test_each_layer_sees_the_quantized_layers_before_it(tiny_artifact, ids_file,
 def test_one_layer_in_memory_and_every_weight_used(tiny_artifact, ids_file, tmp_path, monkeypatch):
     """While the pass runs, at most one decoder layer (trunk or MTP) holds real weights; every weight it
     quantized is one a graph asked for, and every int4 linear and expert got GPTQ's choice."""
-    from nextn.model import weights
+    from nextn.model import streamed
 
     loaded, made = [], []
-    real_load, real_pass = weights.load_tensors, sequential.sequential_gptq
+    real_load, real_pass = streamed.load_tensors, sequential.sequential_gptq
 
     def load_tensors(model, *a, **k):
         real_load(model, *a, **k)
@@ -96,7 +96,7 @@ def test_one_layer_in_memory_and_every_weight_used(tiny_artifact, ids_file, tmp_
         made.append(real_pass(*a, **k))
         return made[-1]
 
-    monkeypatch.setattr(weights, "load_tensors", load_tensors)
+    monkeypatch.setattr(streamed, "load_tensors", load_tensors)  # what TopLoaded loads every group with
     monkeypatch.setattr(sequential, "sequential_gptq", run)
     m = calibrate_artifact(tiny_artifact, tmp_path / "q", [ids_file], [], CalibOptions(scheme="int4", **FAST))
     assert loaded and max(loaded) == 1
