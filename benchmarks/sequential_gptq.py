@@ -39,8 +39,8 @@ def main() -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         print(f"part {done[0]}: {time.perf_counter() - t0:.0f} s, peak RSS {peak:.2f} GB", flush=True)
 
-    q = sequential.sequential_gptq(args.checkpoint, manifest, {g: "int4" for g in graphs}, sequences,
-                                   sequential.GptqSettings(64, 8, BLOCK_SIZES), args.scratch, tick)  # fmt: skip
+    q = sequential.sequential_pass(args.checkpoint, manifest, {g: "int4" for g in graphs}, sequences,
+                                   sequential.PassSettings(64, 8, BLOCK_SIZES), args.scratch, tick)  # fmt: skip
     print(f"{sum(len(f) for f in q.files.values())} weights in {time.perf_counter() - t0:.0f} s")
 
 

@@ -1,8 +1,8 @@
 """`nextn calibrate`: an fp32 artifact and calibration data in, a quantized artifact and its report out.
 
     fp32 artifact ─ find linears per graph (rewrite.py)
-                  ─ int8 / fp8: probe graphs on the calibration sequences, real caches, decode + verify
-                    shapes (observe.py) ─ Q/DQ with calibrated activation ranges             ┐
+                  ─ int8 / fp8: activation ranges, a layer at a time from the source checkpoint
+                    (sequential.py; without it: probes of the fp32 graphs, observe.py) ─ Q/DQ  ┐
                   ─ int4: MatMulNBits / QMoE, round-to-nearest or GPTQ, a layer at a time      ┴─ pack_weights ─ manifest
                     from the source checkpoint (sequential.py, gptq.py)
                   ─ quality report against the fp32 artifact (report.py) ─ refuse under the top-1 threshold
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -34,6 +35,7 @@ from nextn.calib.rewrite import apply_nbits, apply_qdq, apply_qmoe, find_experts
 from nextn.errors import NextnError
 from nextn.export.exporter import COPIED, Steps, check_output, move_into_place
 from nextn.export.manifest import read_manifest, tool_versions, write_manifest
+from nextn.export.stream import DeferredWeights
 from nextn.export.writer import pack_weights
 from nextn.model.weights import trim_heap
 
@@ -43,6 +45,7 @@ SCHEMES = ("int8", "fp8", "int4")
 METHODS = ("minmax", "entropy", "percentile")
 WEIGHT_METHODS = ("rtn", "gptq")
 BLOCK_SIZES = (16, 32, 64, 128)
+REPORT_FP32_RAM_FRACTION = 1 / 4  # above, the report takes the source checkpoint's logits a layer at a time
 REPORT = "quality_report.json"  # the report, also kept in the manifest under quantization.report
 
 Progress = Callable[[str, int, int], None]
@@ -98,11 +101,15 @@ def _schemes(manifest: dict, o: CalibOptions) -> dict[str, str]:
 def calibrate_artifact(
     artifact: str | Path, out: str | Path, data: list[Path], eval_data: list[Path], opts: CalibOptions,
     progress: Progress | None = None, in_memory: bool = False, reference: Path | None = None,
+    deferred: DeferredWeights | None = None,
 ) -> dict:  # fmt: skip
     """Quantize `artifact` into `out`; return the new manifest (its "quantization" holds the report).
     `in_memory`: rewrite each graph with all its tensors loaded (the reference for the streamed rewrite).
     `reference`: the checkpoint `artifact` was exported from; the report then compares with its fp32
-    logits computed a layer at a time instead of running the fp32 artifact (and has no decoding runs)."""
+    logits computed a layer at a time instead of running the fp32 artifact (and has no decoding runs). It
+    is the artifact's source checkpoint anyway when the fp32 weights are over REPORT_FP32_RAM_FRACTION of RAM.
+    `deferred`: the artifact's graphs were saved without their weights (export_checkpoint's `deferred`),
+    which the rewrite reads from the checkpoint through it."""
     root, out = Path(artifact), Path(out)
     check_options(opts)
     src, dst = root.resolve(), out.resolve()
@@ -133,31 +140,42 @@ def calibrate_artifact(
     moes = {name: find_experts(m) for name, m in graphs.items()}
     del graphs
 
-    passes = _passes(schemes, opts)
+    source = Path(manifest["source"])
     layer_gptq = opts.weight_method == "gptq" and "int4" in schemes.values()
     if layer_gptq:  # before any calibration work
-        sequential.check_source(Path(manifest["source"]))
+        sequential.check_source(source)
+    qdq = any(s in ("int8", "fp8") for s in schemes.values())
+    ranges_from_source = qdq and sequential.has_source(source)
+    passes = _passes(schemes, opts) if qdq and not ranges_from_source else 0
+    layer_pass = layer_gptq or ranges_from_source
+    if reference is None and sequential.has_source(source) and _fp32_too_large(manifest):
+        reference = source  # the report without the fp32 artifact in ONNX Runtime (and without decoding runs)
+        log.info("the fp32 artifact is over %.0f%% of RAM: the report compares with %s a layer at a time",
+                 100 * REPORT_FP32_RAM_FRACTION, source)  # fmt: skip
     n_decode = len(ev.ids) if opts.decode_report and reference is None else 0
-    n_gptq = cfg["num_hidden_layers"] + len(schemes) - 1 if layer_gptq else 0
-    step = Steps(progress, passes * len(cal.ids) + n_gptq + len(schemes) + 2 + n_decode)
+    n_layers = cfg["num_hidden_layers"] + len(schemes) - 1 if layer_pass else 0
+    step = Steps(progress, passes * len(cal.ids) + n_layers + len(schemes) + 2 + n_decode)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         stats = _observe(root, manifest, schemes, linears, cal.ids, opts, passes, step, tmp / "probe")
         shutil.rmtree(tmp / "probe", ignore_errors=True)
-        gptq_out = None
-        if layer_gptq:
-            settings = sequential.GptqSettings(opts.block_size, opts.head_bits, BLOCK_SIZES)
-            gptq_out = sequential.sequential_gptq(Path(manifest["source"]), manifest, schemes, cal.ids, settings,
-                                                  tmp / "gptq", lambda: step("GPTQ: a layer at a time"))  # fmt: skip
+        layered = None
+        if layer_pass:
+            settings = sequential.PassSettings(opts.block_size, opts.head_bits, BLOCK_SIZES, opts.method != "minmax")
+            passed = {g: "int4-rtn" if s == "int4" and not layer_gptq else s for g, s in schemes.items()}
+            layered = sequential.sequential_pass(source, manifest, passed, cal.ids, settings, tmp / "gptq",
+                                                 lambda: step("calibrate: a layer at a time"))  # fmt: skip
+        gptq_out = layered if layer_gptq else None
         t0 = time.perf_counter()
         kept: list[dict] = []
         details = {}
         for name, g in manifest["graphs"].items():
             step(f"quantize {g['file']} ({schemes[name]})")
+            ranges = layered if ranges_from_source else stats.get(name, {})
             details[name] = _quantize_graph(root / g["file"], tmp / g["file"], schemes[name], linears[name],
-                                            stats.get(name, {}), opts, kept, name, moes[name], gptq_out,
-                                            in_memory)  # fmt: skip
+                                            ranges, opts, kept, name, moes[name], gptq_out, in_memory,
+                                            deferred)  # fmt: skip
         step("pack weights")
         packed = pack_weights([tmp / g["file"] for g in manifest["graphs"].values()], tmp / "weights.bin")
         for f in COPIED:
@@ -172,7 +190,7 @@ def calibrate_artifact(
             "graphs": details,
             "options": asdict(opts),
             "source_artifact": str(root.resolve()),
-            "source_weights_sha256": manifest["files"][manifest["weights"]["file"]]["sha256"],
+            "source_weights_sha256": None if deferred else manifest["files"][manifest["weights"]["file"]]["sha256"],
             "quantize_seconds": round(time.perf_counter() - t0, 2),
         }
         write_manifest(tmp, new)  # the report's engines open the artifact through it
@@ -193,6 +211,13 @@ def calibrate_artifact(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fp32_too_large(manifest: dict) -> bool:
+    """Whether the report's fp32 side should not run the fp32 artifact: its weights (which ONNX Runtime
+    pre-packs, about once more their bytes) over REPORT_FP32_RAM_FRACTION of physical memory."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return manifest["weights"]["bytes"] > REPORT_FP32_RAM_FRACTION * ram
 
 
 def _passes(schemes: dict[str, str], opts: CalibOptions) -> int:
@@ -232,22 +257,25 @@ def _observe(root, manifest, schemes, linears, sequences, opts, passes, step, sc
     return stats
 
 
-def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts: CalibOptions,
-                    kept: list[dict], graph: str, moes: list, gptq_out: sequential.Quantized | None,
-                    in_memory: bool = False) -> dict:  # fmt: skip
+def _quantize_graph(src: Path, dst: Path, scheme: str, found, ranges: dict | sequential.Quantized,
+                    opts: CalibOptions, kept: list[dict], graph: str, moes: list,
+                    gptq_out: sequential.Quantized | None, in_memory: bool = False,
+                    deferred: DeferredWeights | None = None) -> dict:  # fmt: skip
     """Rewrite one graph into `dst` (+ its .data), one weight in memory at a time (streaming.py;
-    `in_memory`: load them all instead, the reference the tests compare the streamed rewrite with). `gptq_out`: what
-    sequential GPTQ chose for the int4 weights (None: round-to-nearest)."""
+    `in_memory`: load them all instead, the reference the tests compare the streamed rewrite with).
+    `ranges`: the int8 / fp8 linears' input statistics, from the layer-at-a-time pass (by weight) or the
+    probes (by activation name). `gptq_out`: what sequential GPTQ chose for the int4 weights (None:
+    round-to-nearest)."""
     lins, routers = found
     stream = not in_memory
     model = onnx.load(str(src), load_external_data=not stream)
-    read = streaming.TensorReader(src.parent) if stream else onnx.numpy_helper.to_array
+    read = streaming.TensorReader(src.parent, deferred) if stream else onnx.numpy_helper.to_array
     spill = streaming.Spill(dst.parent / f"{dst.name}.data") if stream else None
     detail: dict = {"scheme": scheme, "linears": 0, "routers_float": len(routers)}
     if scheme in ("int8", "fp8"):
         amax, use = {}, []
         for lin in lins:
-            s = stats[lin.x]
+            s = _input_stats(ranges, graph, lin, model, read)
             reason = ("no calibration token reached it" if s.rows == 0 else "non-finite activations" if not s.finite
                       else "activation always zero" if s.amax <= 0 else None)  # fmt: skip
             if reason:
@@ -256,10 +284,11 @@ def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts:
             amax[lin.x] = observe.calibrated_amax(s, opts.method, opts.percentile)
             use.append(lin)
         apply_qdq(model, use, amax, scheme, read, spill)
-        ranges = np.asarray(list(amax.values()) or [0.0])
-        detail |= {"linears": len(use), "activations": len(amax), "method": opts.method,
-                   "activation_amax": {"min": float(ranges.min()), "median": float(np.median(ranges)),
-                                       "max": float(ranges.max())}}  # fmt: skip
+        chosen = np.asarray(list(amax.values()) or [0.0])
+        source = "fp32 graphs (probes)" if isinstance(ranges, dict) else "source checkpoint (a layer at a time)"
+        detail |= {"linears": len(use), "activations": len(amax), "method": opts.method, "ranges_from": source,
+                   "activation_amax": {"min": float(chosen.min()), "median": float(np.median(chosen)),
+                                       "max": float(chosen.max())}}  # fmt: skip
     elif scheme == "int4":
         methods = {"rtn": 0, "gptq": 0}
         by_node = {lin.node: lin for lin in lins}
@@ -276,6 +305,16 @@ def _quantize_graph(src: Path, dst: Path, scheme: str, found, stats: dict, opts:
         onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{dst.name}.data", size_threshold=streaming.SIZE_THRESHOLD)  # fmt: skip
     return detail
+
+
+def _input_stats(ranges: dict | sequential.Quantized, graph: str, lin, model, read) -> observe.TensorStats:
+    if isinstance(ranges, dict):
+        return ranges[lin.x]
+    found = ranges.input_stats(graph, weight_kn(model, lin, read))
+    if found is None:
+        raise NextnError(f"{graph} node {lin.node}'s weights are not the source checkpoint's (changed since the "
+                         "export?); re-export it")  # fmt: skip
+    return found
 
 
 def _quantize_linear(model, lin, opts: CalibOptions, methods: dict, graph: str, read,
@@ -384,11 +423,12 @@ def _scheme_text(manifest: dict) -> str:
 
 def quantize_checkpoint(checkpoint: str | Path, out: str | Path, export_opts, opts: CalibOptions, data: list[Path],
                         progress: Progress | None = None) -> dict:  # fmt: skip
-    """`nextn export CHECKPOINT -o OUT --quantize SCHEME`: export fp32 (streamed) into a temporary folder
-    beside `out`, quantize it from there into `out` with calibrate_artifact (the same code and options as
-    `nextn calibrate`; the rewrite streams a tensor at a time; the report compares with the checkpoint's own
-    fp32 logits computed a layer at a time), then remove the fp32 export. No fp32 artifact is left behind, but
-    its files exist on disk until the quantized artifact is in place."""
+    """`nextn export CHECKPOINT -o OUT --quantize SCHEME`: export the fp32 graphs without their weights
+    (export_checkpoint's `deferred`: references into the checkpoint) into a temporary folder beside `out`,
+    then quantize them into `out` with calibrate_artifact (the same code and options as `nextn calibrate`):
+    the rewrite reads each weight from the checkpoint when it reaches it, a group of layers loaded at a
+    time, activation ranges come from the checkpoint a layer at a time, and the report compares with the
+    checkpoint's own fp32 logits. No fp32 weights are ever written; the temporary folder holds graphs only."""
     from nextn.export.exporter import export_checkpoint
 
     out = Path(out)
@@ -401,7 +441,9 @@ def quantize_checkpoint(checkpoint: str | Path, out: str | Path, export_opts, op
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32.", dir=out.parent))
     try:
-        export_checkpoint(checkpoint, scratch / "fp32", export_opts, progress)
-        return calibrate_artifact(scratch / "fp32", out, data, [], opts, progress, reference=Path(checkpoint))
+        deferred = DeferredWeights()
+        export_checkpoint(checkpoint, scratch / "fp32", export_opts, progress, deferred)
+        return calibrate_artifact(scratch / "fp32", out, data, [], opts, progress, reference=Path(checkpoint),
+                                  deferred=deferred)  # fmt: skip
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

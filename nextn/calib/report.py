@@ -100,7 +100,9 @@ def decoding(base, quant, sequences: list[list[int]], draft: int, tick: Callable
 
 
 def artifact_bytes(manifest: dict) -> int:
-    return sum(f["bytes"] for f in manifest["files"].values())
+    """Its files' bytes; a deferred export's weights (export --quantize: never written) at their size."""
+    deferred = manifest["weights"]["bytes"] if manifest["weights"].get("deferred") else 0
+    return sum(f["bytes"] for f in manifest["files"].values()) + deferred
 
 
 def format_report(r: dict) -> str:

@@ -1,5 +1,5 @@
-"""Sequential GPTQ: each layer's Hessians come from the inputs the already-quantized layers before it
-produce, with one layer of the model in memory at a time.
+"""The layer-at-a-time calibration pass: sequential GPTQ for int4 graphs, activation ranges for int8 /
+fp8 graphs, with one layer of the model in memory at a time.
 
 GPTQ fits a layer's quantized weights to its calibration inputs (gptq.py). Measured on the fp32 model,
 every layer's inputs would be those of an unquantized model; run sequentially, as the GPTQ paper and
@@ -18,6 +18,12 @@ Memory: one layer, its Hessians (float64, refused over HESSIAN_RAM_FRACTION of R
 activations. Each quantized weight is spilled to `folder` under the fingerprint of its fp32 values [K, N]
 (experts: of the stacked w13), which is how the ONNX rewrite finds it: a graph's initializers carry no
 layer names, but their bytes are the checkpoint's under the same export forms.
+
+int8 / fp8 graphs (Q/DQ) need the range of every linear's input instead: the same pass runs their
+layers unchanged with hooks that collect observe.TensorStats (amax; a second run of the layer for the
+histogram when the method needs one), keyed the same way by the linear's weight fingerprint. The
+activations are a causal model's, so a full-sequence prefill sees the values the decode and verify
+chunks of observe.drive see (up to float rounding), without the fp32 graphs open.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch import nn
 
 from nextn.calib import experts as fused
 from nextn.calib.gptq import gptq
+from nextn.calib.observe import TensorStats
 from nextn.calib.rewrite import BlockWeight, Experts, quantize_rtn
 from nextn.errors import NextnError
 from nextn.model.streamed import TopLoaded
@@ -53,11 +60,17 @@ def fingerprint(w: np.ndarray) -> str:
 
 @dataclass
 class Quantized:
-    """The pass's quantized weights, spilled to `folder`: graph -> fingerprint -> file."""
+    """The pass's quantized weights, spilled to `folder`: graph -> fingerprint -> file; and the activation
+    statistics of the Q/DQ graphs' linears: graph -> fingerprint -> TensorStats."""
 
     folder: Path
     files: dict[str, dict[str, Path]] = field(default_factory=dict)
     used: set[Path] = field(default_factory=set)
+    ranges: dict[str, dict[str, TensorStats]] = field(default_factory=dict)
+
+    def input_stats(self, graph: str, w_kn: np.ndarray) -> TensorStats | None:
+        """The statistics of the input of `graph`'s linear whose fp32 weight is `w_kn` (None: no such linear)."""
+        return self.ranges.get(graph, {}).get(fingerprint(w_kn))
 
     def _save(self, graph: str, key: str, **arrays) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -188,13 +201,44 @@ class _Observer:
 
 
 @dataclass(frozen=True)
-class GptqSettings:
+class PassSettings:
     block_size: int
     head_bits: int
     block_sizes: tuple[int, ...]  # what the experts may fall back to (experts.expert_block_size)
+    histograms: bool = False  # int8 / fp8: also |x| histograms (entropy and percentile ranges)
 
 
-def _quantize_part(obs: _Observer, graph: str, out: Quantized, s: GptqSettings, heads: tuple[nn.Module, ...]) -> None:
+class _RangeObserver:
+    """Hooks on a part's linears: their inputs' statistics, into `stats` under each weight's fingerprint.
+    Every linear of the part gets an entry, reached or not (an expert no token was routed to keeps
+    rows = 0, as a probe reports it)."""
+
+    def __init__(self, part: nn.Module, stats: dict[str, TensorStats]):
+        from nextn.model.reference import MoE
+
+        self.stats, self.hist, self.hooks = {}, False, []
+        fused_experts = {id(lin) for m in part.modules() if isinstance(m, MoE) and "fused_w13" in m._buffers
+                         for lin in m.experts.modules()}  # a fused MoE runs them as one op: no graph linears  # fmt: skip
+        for m in part.modules():
+            if isinstance(m, nn.Linear) and id(m) not in fused_experts:
+                w_kn = m.weight.detach().float().t().contiguous().numpy()  # [K, N], as the graph's MatMul holds it
+                self.stats[m] = stats.setdefault(fingerprint(w_kn), TensorStats())
+                self.hooks.append(m.register_forward_pre_hook(self._linear))
+
+    def new_call(self) -> None:
+        pass
+
+    def _linear(self, module: nn.Linear, args) -> None:
+        x = args[0].detach().float().numpy()  # [1, n, K] or [rows, K] (a sparse MoE's routed rows)
+        s = self.stats[module]
+        s.update_hist(x) if self.hist else s.update_range(x)
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def _quantize_part(obs: _Observer, graph: str, out: Quantized, s: PassSettings, heads: tuple[nn.Module, ...]) -> None:
     """GPTQ every fused MoE and linear `obs` saw; their dequantized weights replace the fp32 ones in the
     part (the heads' are only spilled: nothing downstream reads their logits, and their weight is shared).
     Each Hessian is let go once used: an MTP module's expert Hessians would otherwise still be held while
@@ -223,13 +267,13 @@ def _quantize_part(obs: _Observer, graph: str, out: Quantized, s: GptqSettings, 
             q, method = quantize_rtn(w_kn, s.block_size, bits), "rtn"
         del hess
         out.save_linear(graph, w_kn, q, method)
-        if not is_head:  # (sequential_gptq runs under torch.no_grad)
+        if not is_head:  # (sequential_pass runs under torch.no_grad)
             module.weight.copy_(torch.from_numpy(q.dequantize().T))
     trim_heap()  # GPTQ's float64 work arrays of up to 32 MB come from the heap, which glibc would keep
 
 
 def _observe_and_quantize(part: nn.Module, run: Callable[[_Observer | None], object], graph: str, out: Quantized,
-                          s: GptqSettings, heads: tuple[nn.Module, ...], where: str) -> None:  # fmt: skip
+                          s: PassSettings, heads: tuple[nn.Module, ...], where: str) -> None:  # fmt: skip
     """Collect the part's Hessians over one run of every sequence, then quantize it in place."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     obs = _Observer(part, lambda ex: fused.expert_block_size(ex, s.block_size, s.block_sizes),
@@ -248,15 +292,30 @@ class _Pass:
     top: TopLoaded
     forms: object  # exporter.ExportForms
     schemes: dict[str, str]
-    settings: GptqSettings
+    settings: PassSettings
     out: Quantized
     tick: Callable[[], None]
 
-    def _quantize(self, part, run, graph: str, where: str) -> None:
-        if self.schemes[graph] == "int4":
+    def _calibrate(self, part, run, graph: str, where: str):
+        """Calibrate `part` as its graph's scheme asks. Returns its outputs when the observed run gave them
+        (weights unchanged), else None: the caller runs the quantized part again."""
+        scheme = self.schemes[graph]
+        if scheme == "int4":
             model = self.top.model
             heads = (model.lm_head, *(m.shared_head.head for m in model.mtp))
             _observe_and_quantize(part, run, graph, self.out, self.settings, heads, where)
+            return None
+        if scheme not in ("int8", "fp8"):
+            return None
+        obs = _RangeObserver(part, self.out.ranges.setdefault(graph, {}))
+        try:
+            ys = run(obs)
+            if self.settings.histograms:  # over [0, amax]: a second run once amax is known
+                obs.hist = True
+                run(obs)
+        finally:
+            obs.close()
+        return ys
 
     def _layer(self, index: int, part: nn.Module):
         return self.top.layer(index, part, self.forms, self.forms.stack_experts)
@@ -278,16 +337,18 @@ class _Pass:
                         ys.append(block(x, model.rotary, cos, sin, mask, empty, model.absorbed)[0])
                     return ys
 
-                self._quantize(block, run, "trunk", f"layer {i}")
-                xs = run(None)
+                ys = self._calibrate(block, run, "trunk", f"layer {i}")
+                xs = ys if ys is not None else run(None)
             self.tick()
         hidden = [model.model.norm(x) for x in xs]  # [1, n, H]: the trunk's hidden output, MTP 0's input
 
         def run_head(obs):
             for h in hidden:  # each sequence's logits dropped at once: all of them would be n x V x 4 bytes
+                if obs:
+                    obs.new_call()
                 model.lm_head(h)
 
-        self._quantize(model.lm_head, run_head, "trunk", "the head")
+        self._calibrate(model.lm_head, run_head, "trunk", "the head")
         return hidden
 
     def mtp(self, k: int, sequences: list[list[int]], hidden: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -305,23 +366,28 @@ class _Pass:
                     outs.append(model.mtp_forward(k, ids, h, pos).hidden)
                 return outs
 
-            self._quantize(module, run, f"mtp_{k}", f"MTP module {k}")
-            hidden = run(None)
+            outs = self._calibrate(module, run, f"mtp_{k}", f"MTP module {k}")
+            hidden = outs if outs is not None else run(None)
         self.tick()
         return hidden
 
 
+def has_source(source: Path) -> bool:
+    return (source / "config.json").is_file()
+
+
 def check_source(source: Path) -> None:
-    if not (source / "config.json").is_file():
+    if not has_source(source):
         raise NextnError(f"--weight-method gptq: runs the artifact's source checkpoint a layer at a time, and "
                          f"{source} is not there; use --weight-method rtn")  # fmt: skip
 
 
 @torch.no_grad()
-def sequential_gptq(source: Path, manifest: dict, schemes: dict[str, str], sequences: list[list[int]],
-                    settings: GptqSettings, folder: Path, tick: Callable[[], None] = lambda: None) -> Quantized:  # fmt: skip
-    """Quantize the int4 graphs' linears and experts of the artifact `manifest` describes, layer by layer
-    from its source checkpoint; one tick per layer and MTP module."""
+def sequential_pass(source: Path, manifest: dict, schemes: dict[str, str], sequences: list[list[int]],
+                    settings: PassSettings, folder: Path, tick: Callable[[], None] = lambda: None) -> Quantized:  # fmt: skip
+    """Calibrate the graphs of the artifact `manifest` describes, layer by layer from its source checkpoint:
+    GPTQ for the int4 graphs' linears and experts, input statistics for the int8 / fp8 graphs' linears
+    (a graph of another scheme, or none, only runs); one tick per layer and MTP module."""
     from nextn.export.exporter import ExportForms
     from nextn.model.checkpoint import Checkpoint
 

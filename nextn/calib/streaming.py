@@ -29,12 +29,14 @@ SIZE_THRESHOLD = 1024  # onnx.save_model's: tensors whose raw_data object is thi
 class TensorReader:
     """An initializer's data as an array, read alone: inline from the proto, external with one read."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, folder: Path, deferred=None):
+        self.folder, self.deferred = folder, deferred  # deferred: export.stream.DeferredWeights
         self.fds: dict[str, int] = {}
 
     def raw(self, t: onnx.TensorProto) -> bytes:
         info = ExternalDataInfo(t)
+        if self.deferred is not None and info.location == self.deferred.LOCATION:
+            return self.deferred.raw(info.offset, info.length)
         fd = self.fds.get(info.location)
         if fd is None:
             fd = self.fds[info.location] = os.open(self.folder / info.location, os.O_RDONLY)
@@ -43,6 +45,9 @@ class TensorReader:
     def __call__(self, t: onnx.TensorProto) -> np.ndarray:
         if t.data_location != onnx.TensorProto.EXTERNAL:
             return numpy_helper.to_array(t)
+        info = ExternalDataInfo(t)
+        if self.deferred is not None and info.location == self.deferred.LOCATION:
+            return self.deferred.array(info.offset, info.length)  # no bytes or proto copies in between
         inline = onnx.TensorProto()
         inline.CopyFrom(t)  # no data in it: the copy is the header
         del inline.external_data[:]

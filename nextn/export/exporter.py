@@ -28,7 +28,7 @@ from nextn.export import fused_moe, fused_rope
 from nextn.export.graphs import MtpGraph, TrunkGraph, dynamic_shapes, example_inputs, mtp_io, trunk_io
 from nextn.export.manifest import FORMAT_VERSION, tool_versions, write_manifest
 from nextn.export.validate import check_cases, fp32_twin, make_session, reference_cases
-from nextn.export.stream import StreamedWeights, weight_bytes
+from nextn.export.stream import DeferredWeights, StreamedWeights, materialize, weight_bytes
 from nextn.export.writer import pack_weights, save_graph, trace_graph
 from nextn.model.checkpoint import Checkpoint
 from nextn.model.weights import load_model, mtp_prefix, partial_model, skeleton, trim_heap
@@ -57,10 +57,18 @@ class ExportOptions:
 Progress = Callable[[str, int, int], None]  # (what, step, total steps)
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptions, progress: Progress | None = None) -> dict:
-    """Export `checkpoint` to the artifact folder `out`; return the manifest."""
+def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptions, progress: Progress | None = None,
+                      deferred: DeferredWeights | None = None) -> dict:  # fmt: skip
+    """Export `checkpoint` to the artifact folder `out`; return the manifest.
+
+    `deferred` (`nextn export --quantize`): the graphs are written without their large weights, which stay
+    in the checkpoint until the quantizing rewrite reads them through `deferred`; no weights.bin, and the
+    graphs are validated on a truncated twin (nothing could run the deferred ones)."""
     checkpoint, out = Path(checkpoint), Path(out)
     _check_options(opts, out)
+    if deferred is not None and (not opts.stream or opts.validation == "full"):
+        raise NextnError("--quantize: the fp32 graphs are never written whole, so their validation is truncated "
+                         "(the quality report checks the whole quantized model); drop --validation full")  # fmt: skip
     cfg = Checkpoint(checkpoint).config  # reads headers only: bad checkpoints fail here
     n_mtp = cfg.num_nextn_predict_layers if opts.mtp_layers is None else opts.mtp_layers
     if n_mtp > cfg.num_nextn_predict_layers:
@@ -86,7 +94,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
                                 absorbed=opts.attention == "absorbed", stack_experts=forms.stack_experts)  # fmt: skip
         weights = None
         unique_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values())
-    _check_disk(out, unique_bytes, extra=n_mtp * 2 * cfg.vocab_size * cfg.hidden_size * DTYPES[opts.dtype].itemsize)
+    if deferred is None:
+        _check_disk(out, unique_bytes, extra=n_mtp * 2 * cfg.vocab_size * cfg.hidden_size * DTYPES[opts.dtype].itemsize)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -95,12 +104,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
         io = {}
         for name in graphs:
             step(f"export {name}.onnx")
-            io[name] = _export_one(model, cfg, name, opts, dtype, forms, weights, tmp / f"{name}.onnx")
+            io[name] = _export_one(model, cfg, name, opts, dtype, forms, weights, tmp / f"{name}.onnx", deferred)
         export_s = time.perf_counter() - t0
         if weights is not None:
             log.info("streamed: %d checkpoint group loads", weights.loads)
             weights.unload()
-        scope = _validation_scope(opts, unique_bytes)
+        scope = "truncated" if deferred is not None else _validation_scope(opts, unique_bytes)
         step(f"compute reference outputs ({scope} validation)")
         if scope == "full":
             if weights is not None:
@@ -115,11 +124,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
             del ref
         else:
             cases, runs = _truncated_references(weights.ckpt, n_mtp, opts, dtype, forms, tmp / ".twin")
+            if deferred is not None:  # the MTP graphs run whole: with their weights, written for the check
+                runs |= {g: materialize(runs[g], deferred, tmp / ".twin" / f"{g}.onnx") for g in graphs if g != "trunk"}
         model = weights = None
         gc.collect()
         trim_heap()
         step("pack shared weights")
-        packed = pack_weights([tmp / f"{g}.onnx" for g in graphs], tmp / "weights.bin")
+        if deferred is None:
+            packed = pack_weights([tmp / f"{g}.onnx" for g in graphs], tmp / "weights.bin")
+        else:
+            packed = {"bytes": deferred.end, "deferred": DeferredWeights.LOCATION}  # never written
         validation = []
         for name in graphs:
             step(f"validate {name}.onnx in ONNX Runtime")
@@ -198,7 +212,8 @@ class ExportForms:
             yield
 
 
-def _export_one(model, cfg, name: str, opts: ExportOptions, dtype: str, forms: ExportForms, weights, path: Path):
+def _export_one(model, cfg, name: str, opts: ExportOptions, dtype: str, forms: ExportForms, weights, path: Path,
+                deferred: DeferredWeights | None = None):  # fmt: skip
     """Trace graph `name` inside the export forms and save it; returns its (inputs, outputs) specs.
 
     A model holding its weights is saved inside the forms (its tensors are the forms' values); a meta
@@ -217,7 +232,7 @@ def _export_one(model, cfg, name: str, opts: ExportOptions, dtype: str, forms: E
         if weights is None:
             save_graph(program, inputs, outputs, path)
     if weights is not None:
-        save_graph(program, inputs, outputs, path, weights)
+        save_graph(program, inputs, outputs, path, weights, deferred)
     return inputs, outputs
 
 

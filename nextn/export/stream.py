@@ -26,8 +26,10 @@ import contextlib
 import logging
 import mmap
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import torch
 from torch import nn
@@ -140,8 +142,9 @@ class StreamedWeights:
             value.const_value = ir.Tensor(stand_ins.add(fqn, raw), name=value.name)
         return stand_ins
 
-    def bind(self, model: ir.Model, stand_ins: StandIns) -> None:
-        """After optimization: every large initializer becomes a lazy tensor over the real weights."""
+    def bind(self, model: ir.Model, stand_ins: StandIns, deferred: DeferredWeights | None = None) -> None:
+        """After optimization: every large initializer becomes a lazy tensor over the real weights, or with
+        `deferred`, a reference into its never-written file (read from the checkpoint when asked)."""
         for name, value in model.graph.initializers.items():
             tensor = value.const_value
             if isinstance(tensor, TorchTensor) or tensor is None or tensor.size <= FOLD_INPUT_LIMIT:
@@ -150,7 +153,13 @@ class StreamedWeights:
             if view is None:
                 raise NextnError(f"streaming export: initializer {name} was computed from weights during "
                                  f"optimization by an op streaming cannot replay")  # fmt: skip
-            value.const_value = ir.LazyTensor(self._reader(*view), dtype=tensor.dtype, shape=tensor.shape, name=name)
+            if deferred is None:
+                value.const_value = ir.LazyTensor(self._reader(*view), dtype=tensor.dtype, shape=tensor.shape, name=name)
+            else:
+                nbytes = int(tensor.nbytes)
+                offset = deferred.add(view, self._reader(*view), nbytes)
+                value.const_value = ir.ExternalTensor(deferred.LOCATION, offset, nbytes, tensor.dtype,
+                                                      shape=tensor.shape, name=name)  # fmt: skip
         stand_ins.close()
 
     def _reader(self, fqn: str, offset: int, shape: tuple, strides: tuple) -> Callable[[], ir.TensorProtocol]:
@@ -160,6 +169,63 @@ class StreamedWeights:
             return TorchTensor(out)
 
         return read
+
+
+class DeferredWeights:
+    """The large weights of graphs saved without them (`nextn export --quantize`: no fp32 artifact on disk).
+
+    Each is an external-data reference into LOCATION, a file that is never written, at an offset of its
+    own; `raw(offset, length)` computes its bytes from the checkpoint when the quantizing rewrite asks
+    (StreamedWeights: a group of layers loaded at a time, as the export writes them)."""
+
+    LOCATION = "weights.deferred"
+
+    def __init__(self):
+        self.readers: dict[int, Callable[[], ir.TensorProtocol]] = {}
+        self.offsets: dict[tuple, int] = {}
+        self.end = 0  # the bytes the weights would take, each distinct one once (the embedding and head are shared)
+
+    def add(self, key: tuple, read: Callable[[], ir.TensorProtocol], nbytes: int) -> int:
+        """The offset of the weight `key` (its checkpoint view), `read` its reader."""
+        if key not in self.offsets:
+            self.offsets[key], self.end = self.end, self.end + -(-nbytes // 64) * 64
+            self.readers[self.offsets[key]] = read
+        return self.offsets[key]
+
+    def array(self, offset: int, length: int) -> np.ndarray:
+        """The weight at `offset` as a read-only array, without a copy where the checkpoint group's tensor
+        is already in the graph's layout (a fused MoE's expert stack is a third of a layer)."""
+        data = self.readers[offset]().numpy()
+        if data.nbytes != length:
+            raise NextnError(f"deferred weights: {length} bytes expected at {offset}, the checkpoint gave {data.nbytes}")
+        data = data.view()
+        data.flags.writeable = False
+        return data
+
+    def raw(self, offset: int, length: int) -> bytes:
+        return self.array(offset, length).tobytes()
+
+
+def materialize(graph: Path, deferred: DeferredWeights, dst: Path) -> Path:
+    """A copy at `dst` of a graph saved with deferred weights, its weights written to `dst`.data (what
+    validation runs: one MTP graph, never the trunk)."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    model = onnx.load(str(graph), load_external_data=False)
+    with open(dst.parent / f"{dst.name}.data", "wb") as out:
+        for t in model.graph.initializer:
+            info = ExternalDataInfo(t) if t.data_location == onnx.TensorProto.EXTERNAL else None
+            if info is None or info.location != deferred.LOCATION:
+                continue
+            out.write(b"\0" * (-out.tell() % 64))
+            offset = out.tell()
+            out.write(deferred.raw(info.offset, info.length))
+            del t.external_data[:]
+            for key, value in (("location", f"{dst.name}.data"), ("offset", str(offset)), ("length", str(info.length))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+    onnx.save(model, str(dst))
+    return dst
 
 
 class StandIns:

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import onnx
+import onnx_ir
 import torch
 from onnx.external_data_helper import ExternalDataInfo
 
@@ -63,17 +64,22 @@ def trace_graph(
         )
 
 
-def save_graph(program, inputs: list[TensorSpec], outputs: list[TensorSpec], path: Path, weights=None) -> None:
+def save_graph(program, inputs: list[TensorSpec], outputs: list[TensorSpec], path: Path, weights=None,
+               deferred=None) -> None:  # fmt: skip
     """Optimize a traced graph and save it to `path` (+ `path`.data) with readable symbolic dimensions.
     `weights` (a stream.StreamedWeights) when the graph was traced on the meta device: its initializers
-    get stand-ins for optimization and are read from the checkpoint while saving."""
+    get stand-ins for optimization and are read from the checkpoint while saving; with `deferred`
+    (stream.DeferredWeights) the large ones are not read at all: the graph is saved referring to them."""
     stand_ins = weights.stand_in(program.model) if weights is not None else None
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
         optimize_graph(program.model)
     if weights is not None:
-        weights.bind(program.model, stand_ins)
-    program.save(str(path), external_data=True)
+        weights.bind(program.model, stand_ins, deferred)
+    if deferred is not None:
+        onnx_ir.save(program.model, str(path))  # external tensors stay references; the small ones inline
+    else:
+        program.save(str(path), external_data=True)
     program.release()
     model = onnx.load(str(path), load_external_data=False)
     _name_dims(model, inputs, outputs)

@@ -2,6 +2,7 @@
 no fp32 artifact left behind."""
 
 import subprocess
+from pathlib import Path
 import sys
 
 import numpy as np
@@ -48,10 +49,39 @@ def test_quantize_at_export_equals_export_then_calibrate(tiny_checkpoint, fp32_a
     assert r1["positions"] == r2["positions"] and r1["top1_agreement"] == r2["top1_agreement"]
     assert r1["kl_mean"] == pytest.approx(r2["kl_mean"], rel=1e-3, abs=1e-6)
     assert r1["perplexity_fp32"] == pytest.approx(r2["perplexity_fp32"], rel=1e-4)
+    s1, s2 = m1["quantization"]["report"]["size"], m2["quantization"]["report"]["size"]
+    assert s1["bytes"] == s2["bytes"] and s1["fp32_bytes"] == pytest.approx(s2["fp32_bytes"], rel=0.05), (s1, s2)
     assert (one / "weights.bin").read_bytes() == (two / "weights.bin").read_bytes()
     for g in ("trunk.onnx", "mtp_0.onnx", "mtp_1.onnx"):
         assert _nodes(one / g) == _nodes(two / g)
     assert [p.name for p in (tmp_path / "one").iterdir()] == ["art"]  # the fp32 export is gone
+
+
+def test_no_fp32_weights_are_written(tiny_checkpoint, fp32_artifact, ids_file, tmp_path, monkeypatch):
+    """While the rewrite runs, the temporary fp32 export holds graphs only: every tensor the fp32 artifact
+    keeps outside its graphs is a reference into a file never written (read from the checkpoint when the
+    rewrite reaches it), and the folder is smaller than those tensors' bytes."""
+    from onnx.external_data_helper import ExternalDataInfo
+
+    from nextn.calib import calibrate
+    from nextn.export.stream import DeferredWeights
+
+    seen, real = {}, calibrate.calibrate_artifact
+
+    def spy(artifact, *a, **k):
+        seen["bytes"] = sum(p.stat().st_size for p in Path(artifact).rglob("*") if p.is_file())
+        seen["deferred"] = sum(ExternalDataInfo(t).length for g in Path(artifact).glob("*.onnx")
+                               for t in onnx.load(str(g), load_external_data=False).graph.initializer
+                               if t.data_location == onnx.TensorProto.EXTERNAL
+                               and ExternalDataInfo(t).location == DeferredWeights.LOCATION)  # fmt: skip
+        assert not [p for p in Path(artifact).iterdir() if p.name == "weights.bin" or p.suffix == ".data"]
+        return real(artifact, *a, **k)
+
+    monkeypatch.setattr(calibrate, "calibrate_artifact", spy)
+    opts = CalibOptions(scheme="int4", weight_method="rtn", samples=2, seq_len=16, eval_samples=1, min_top1=0.0)
+    quantize_checkpoint(tiny_checkpoint, tmp_path / "q", ExportOptions(), opts, [ids_file])
+    fp32_bytes = (fp32_artifact / "weights.bin").stat().st_size  # shared embedding and head once
+    assert seen["deferred"] >= 0.7 * fp32_bytes and seen["bytes"] < seen["deferred"], (seen, fp32_bytes)
 
 
 def test_export_quantize_cli(tiny_checkpoint, ids_file, tmp_path):
@@ -69,6 +99,7 @@ def test_export_quantize_cli(tiny_checkpoint, ids_file, tmp_path):
         (["--data", ids_file], "--data/--min-top1: only with --quantize"),
         (["--quantize", "int4", "--dtype", "bf16", "--data", ids_file], "quantizes an fp32 export"),
         (["--quantize", "int4"], "has no tokenizer.json; give calibration token ids"),
+        (["--quantize", "int8", "--data", ids_file, "--validation", "full"], "drop --validation full"),
     ]:
         r = nextn("export", tiny_checkpoint, "-o", tmp_path / "bad", *args)
         assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -47,7 +47,7 @@ def test_each_layer_sees_the_quantized_layers_before_it(tiny_artifact, ids_file,
     quantized artifact's own layer 0 feeds it (within ONNX Runtime's int8-activation rounding), far
     from the fp32 model's, which is what one pass over the fp32 graphs would have used."""
     hessians, sequences = {}, []
-    real_gptq, real_pass = sequential.gptq, sequential.sequential_gptq
+    real_gptq, real_pass = sequential.gptq, sequential.sequential_pass
 
     def gptq(w, h, *a, **k):
         hessians[sequential.fingerprint(w)] = h.copy()
@@ -58,7 +58,7 @@ def test_each_layer_sees_the_quantized_layers_before_it(tiny_artifact, ids_file,
         return real_pass(source, manifest, schemes, seqs, *a, **k)
 
     monkeypatch.setattr(sequential, "gptq", gptq)
-    monkeypatch.setattr(sequential, "sequential_gptq", run)
+    monkeypatch.setattr(sequential, "sequential_pass", run)
     out = tmp_path / "q"
     m = calibrate_artifact(tiny_artifact, out, [ids_file], [], CalibOptions(scheme="int4", **FAST))
     assert m["quantization"]["graphs"]["trunk"]["weights"]["rtn"] == 0
@@ -84,7 +84,7 @@ def test_one_layer_in_memory_and_every_weight_used(tiny_artifact, ids_file, tmp_
     from nextn.model import streamed
 
     loaded, made = [], []
-    real_load, real_pass = streamed.load_tensors, sequential.sequential_gptq
+    real_load, real_pass = streamed.load_tensors, sequential.sequential_pass
 
     def load_tensors(model, *a, **k):
         real_load(model, *a, **k)
@@ -97,7 +97,7 @@ def test_one_layer_in_memory_and_every_weight_used(tiny_artifact, ids_file, tmp_
         return made[-1]
 
     monkeypatch.setattr(streamed, "load_tensors", load_tensors)  # what TopLoaded loads every group with
-    monkeypatch.setattr(sequential, "sequential_gptq", run)
+    monkeypatch.setattr(sequential, "sequential_pass", run)
     m = calibrate_artifact(tiny_artifact, tmp_path / "q", [ids_file], [], CalibOptions(scheme="int4", **FAST))
     assert loaded and max(loaded) == 1
     assert made[0].unused() == 0
@@ -129,3 +129,77 @@ def test_source_checkpoint_missing_or_changed_is_a_clear_error(tiny_artifact, ti
     manifest["source"] = str(tmp_path / "gone")  # round-to-nearest needs no checkpoint
     (art / "manifest.json").write_text(json.dumps(manifest))
     calibrate_artifact(art, tmp_path / "q", [ids_file], [], CalibOptions(scheme="int4", weight_method="rtn", **FAST))
+
+
+def test_layer_pass_ranges_are_the_probes_ranges(tiny_artifact, ids_file, tmp_path):
+    """int8 / fp8 activation statistics from the checkpoint a layer at a time (full-sequence prefills) equal
+    those of ONNX Runtime probes of the fp32 graphs (decode and verify chunks with real caches): the same
+    rows, amax to float rounding, histograms but for values on a bin edge. Every graph linear is found."""
+    from nextn.calib import calibrate
+    from nextn.calib.calibrate import BLOCK_SIZES
+
+    manifest = read_manifest(tiny_artifact, verify=False)
+    schemes = {g: "int8" for g in manifest["graphs"]}
+    sequences = [list(map(int, line.split())) for line in ids_file.read_text().split("\n") if line][:4]
+    settings = sequential.PassSettings(64, 8, BLOCK_SIZES, histograms=True)
+    layered = sequential.sequential_pass(Path(manifest["source"]), manifest, schemes, sequences, settings, tmp_path / "p")
+    graphs = {g: onnx.load(str(tiny_artifact / m["file"])) for g, m in manifest["graphs"].items()}
+    linears = {g: find_linears(graph) for g, graph in graphs.items()}
+    probed = calibrate._observe(tiny_artifact, manifest, schemes, linears, sequences, CalibOptions(method="entropy"),
+                                2, lambda *a: None, tmp_path / "probe")  # fmt: skip
+    checked = 0
+    for g, (lins, _) in linears.items():
+        assert lins
+        for lin in lins:
+            mine, theirs = layered.input_stats(g, weight_kn(graphs[g], lin)), probed[g][lin.x]
+            assert mine.rows == theirs.rows > 0, (g, lin.node)
+            assert mine.amax == pytest.approx(theirs.amax, rel=1e-5), (g, lin.node)
+            assert mine.hist.sum() == theirs.hist.sum()
+            assert np.abs(mine.hist - theirs.hist).sum() <= 0.002 * mine.hist.sum() + 2, (g, lin.node)
+            checked += 1
+    assert checked == sum(len(lins) for lins, _ in linears.values())
+
+
+def test_int8_ranges_from_the_checkpoint_else_the_fp32_graphs(tiny_artifact, tiny_checkpoint, ids_file, tmp_path):
+    """With the source checkpoint the ranges come from the layer-at-a-time pass; without it calibrate
+    probes the fp32 graphs as before (nothing else needs the checkpoint); a changed one is an error."""
+    opts = CalibOptions(scheme="int8", **FAST)
+    m = calibrate_artifact(tiny_artifact, tmp_path / "q1", [ids_file], [], opts)
+    assert m["quantization"]["graphs"]["trunk"]["ranges_from"].startswith("source checkpoint")
+    art = tmp_path / "a"
+    shutil.copytree(tiny_artifact, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["source"] = str(tmp_path / "gone")
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    m2 = calibrate_artifact(art, tmp_path / "q2", [ids_file], [], opts)
+    assert m2["quantization"]["graphs"]["trunk"]["ranges_from"].startswith("fp32 graphs")
+    a1, a2 = (m_["quantization"]["graphs"]["trunk"]["activation_amax"] for m_ in (m, m2))
+    assert a1 == pytest.approx(a2, rel=1e-5)
+    manifest["source"] = str(tiny_checkpoint)  # another checkpoint: its weights are not the graphs'
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(NextnError, match="weights are not the source checkpoint's"):
+        calibrate_artifact(art, tmp_path / "q3", [ids_file], [], opts)
+    assert not (tmp_path / "q3").exists()
+
+
+def test_a_large_fp32_artifact_is_not_opened_for_the_report(tiny_artifact, ids_file, tmp_path, monkeypatch):
+    """Over REPORT_FP32_RAM_FRACTION of RAM, the report's fp32 side is the source checkpoint a layer at a
+    time (no fp32 session, no decoding runs): the same agreement figures as from the fp32 artifact."""
+    from nextn.calib import calibrate
+    from nextn.runtime import engines
+
+    opts = CalibOptions(scheme="int4", weight_method="rtn", **{**FAST, "decode_report": True})
+    small = calibrate_artifact(tiny_artifact, tmp_path / "a", [ids_file], [], opts)["quantization"]["report"]
+    opened, real = [], engines.open_engines
+
+    def spy(root, *a, **k):
+        opened.append(Path(root).resolve())
+        return real(root, *a, **k)
+
+    monkeypatch.setattr(engines, "open_engines", spy)
+    monkeypatch.setattr(calibrate, "REPORT_FP32_RAM_FRACTION", 0.0)
+    large = calibrate_artifact(tiny_artifact, tmp_path / "b", [ids_file], [], opts)["quantization"]["report"]
+    assert small["decoding"] is not None and large["decoding"] is None
+    assert tiny_artifact.resolve() not in opened and opened
+    assert large["trunk"]["top1_agreement"] == small["trunk"]["top1_agreement"]
+    assert large["trunk"]["kl_mean"] == pytest.approx(small["trunk"]["kl_mean"], rel=1e-3)
