@@ -176,6 +176,9 @@ def calibrate_artifact(
             details[name] = _quantize_graph(root / g["file"], tmp / g["file"], schemes[name], linears[name],
                                             ranges, opts, kept, name, moes[name], gptq_out, in_memory,
                                             deferred)  # fmt: skip
+        if deferred is not None:
+            deferred.release()  # the checkpoint group the rewrite read last
+            trim_heap()
         step("pack weights")
         packed = pack_weights([tmp / g["file"] for g in manifest["graphs"].values()], tmp / "weights.bin")
         for f in COPIED:

@@ -86,7 +86,7 @@ class StreamedWeights:
         share(self.model, self.private)
         self.model.rotary = self.meta_rotary
         self.ckpt.release()  # the file maps go with the views: their pages leave this process
-        self.current = None
+        self.current, self.tensors = None, {}  # (the group's tensors must not outlive it: two would be held)
 
     def _load(self, group: object, names: list[str]) -> dict[str, torch.Tensor]:
         """Load `names` into the skeleton, enter the export forms; the model's tensors by name."""
@@ -157,7 +157,7 @@ class StreamedWeights:
                 value.const_value = ir.LazyTensor(self._reader(*view), dtype=tensor.dtype, shape=tensor.shape, name=name)
             else:
                 nbytes = int(tensor.nbytes)
-                offset = deferred.add(view, self._reader(*view), nbytes)
+                offset = deferred.add(view, self._reader(*view), nbytes, self)
                 value.const_value = ir.ExternalTensor(deferred.LOCATION, offset, nbytes, tensor.dtype,
                                                       shape=tensor.shape, name=name)  # fmt: skip
         stand_ins.close()
@@ -184,13 +184,21 @@ class DeferredWeights:
         self.readers: dict[int, Callable[[], ir.TensorProtocol]] = {}
         self.offsets: dict[tuple, int] = {}
         self.end = 0  # the bytes the weights would take, each distinct one once (the embedding and head are shared)
+        self.sources: list[StreamedWeights] = []
 
-    def add(self, key: tuple, read: Callable[[], ir.TensorProtocol], nbytes: int) -> int:
+    def add(self, key: tuple, read: Callable[[], ir.TensorProtocol], nbytes: int, source: StreamedWeights) -> int:
         """The offset of the weight `key` (its checkpoint view), `read` its reader."""
         if key not in self.offsets:
             self.offsets[key], self.end = self.end, self.end + -(-nbytes // 64) * 64
             self.readers[self.offsets[key]] = read
+        if source not in self.sources:
+            self.sources.append(source)
         return self.offsets[key]
+
+    def release(self) -> None:
+        """Drop the checkpoint group the last read loaded (it is loaded again if asked for)."""
+        for source in self.sources:
+            source.unload()
 
     def array(self, offset: int, length: int) -> np.ndarray:
         """The weight at `offset` as a read-only array, without a copy where the checkpoint group's tensor

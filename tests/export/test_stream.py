@@ -105,3 +105,31 @@ def test_streamed_export_memory(tmp_path):
     # the streamed export holds a few layers (its truncated validation: embedding, head, layers 0-1, about
     # a quarter of these weights) where the whole-model one holds all of them
     assert peaks["stream"] < peaks["whole"] - 0.5 * weights, (peaks, weights)
+
+
+def test_a_group_switch_holds_one_group(tiny_checkpoint, monkeypatch):
+    """When the graph order asks for another checkpoint group, the previous group's tensors are let go
+    before the next is loaded (they were held until the new group was in: two layers at once)."""
+    from nextn.export import stream
+    from nextn.export.exporter import ExportForms
+    from nextn.model.checkpoint import Checkpoint
+    from nextn.model.weights import skeleton
+
+    ckpt = Checkpoint(tiny_checkpoint)
+    model, private = skeleton(ckpt, 1, True, torch.float32)
+    weights = stream.StreamedWeights(ckpt, model, private, torch.float32, ExportForms("fused", 23))
+    held, real = [], stream.load_tensors
+
+    def spy(*a, **k):
+        held.append(len(weights.tensors))
+        return real(*a, **k)
+
+    monkeypatch.setattr(stream, "load_tensors", spy)
+    names = [n for n, _ in model.named_parameters() if ".layers.0." in n or ".layers.1." in n]
+    first = next(n for n in names if ".layers.0." in n)
+    second = next(n for n in names if ".layers.1." in n)
+    assert weights.value(first).shape == weights.value(first).shape  # one load
+    weights.value(second)
+    assert held == [0, 0]
+    weights.unload()
+    assert weights.tensors == {}
