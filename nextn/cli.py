@@ -70,9 +70,9 @@ def format_plan(path: str, p: dict) -> str:
         lines.append(f"{name:<7} {gb(s['artifact_bytes']):>11} {rss:>19} {gb(s['disk_bytes']):>11} "
                      f"{s['kv_bytes_per_token'] / 1e3:>8.1f} kB {gb(s['read_bytes_per_token']):>13} "
                      f"{s['decode_floor_ms']:>11.1f} ms")  # fmt: skip
-    lines.append("peak RSS: the export streams (a group of layers at a time); int4 (export --quantize) quantizes a "
-                 "tensor at a time, then its report runs the int4 graphs; int8 probes the whole fp32 artifact; "
-                 "disk: graph data and weights.bin, int8/int4 also the fp32 export")
+    lines.append("peak RSS: the export streams (a group of layers at a time); int8/int4 (export --quantize) write no "
+                 "fp32 weights, quantize a tensor at a time, then their report runs the quantized graphs; "
+                 "disk: graph data and weights.bin")
     return "\n".join(lines)
 
 

@@ -17,12 +17,14 @@ Bytes one decoded token reads: the trunk's weights with routed experts at top_k 
 embedding at one row (bench/floor.py counts the same from a stored graph). The decode floor is those bytes
 over a read bandwidth. Peak memory and disk follow what was measured (BENCHMARKS.md): the streamed export
 holds a group of layers at a time; its peak is the runtime (~0.6 GB) plus one to two copies of what its
-truncated validation holds (embedding, head, the first dense and MoE layers; 2.02 GB measured for the 1.8B
+truncated validation holds (embedding, head, the first dense and MoE layers; 1.38 GB measured for the 1.8B
 FP8 checkpoint, 7.2 GB of fp32 weights) and it writes the graphs' data and weights.bin beside the output
-(twice the artifact on disk). int4 (`export --quantize`) rewrites a tensor at a time; its peak is the
-report running the int4 graphs as `nextn run` does (~1.4x their bytes: ONNX Runtime's pre-packed
-copies). int8 rewrites a tensor at a time too, but calibrates activation ranges on the whole fp32 artifact
-(its pre-packed copies: ~1.1x the fp32 weight bytes over the runtime). Checked against real artifacts of the 1 GB
+(twice the artifact on disk). `export --quantize` writes no fp32 weights (the graphs refer to the
+checkpoint's): it rewrites a tensor at a time and takes int8 ranges a layer at a time; its peak is the
+report running the quantized graphs as `nextn run` does (ONNX Runtime's pre-packed copies: ~1.4x the int4
+bytes, ~REPORT_RSS["int8"] the int8 bytes), and on disk the quantized output twice (graphs' .data, then
+weights.bin) with the embedding and head once more per MTP graph, or what validation writes (the truncated
+twin and one MTP graph in fp32) if that is more. Checked against real artifacts of the 1 GB
 preset: sizes and bytes per token within 0.2% at every scheme (tests check the tiny model the same way).
 """
 
@@ -36,11 +38,10 @@ from nextn.model.config import ModelConfig
 BLOCK = 64  # int4 / QMoE block size (calibrate's default)
 RUNTIME_RSS = 0.6e9  # torch, onnxscript and ONNX Runtime loaded, before any weight (measured)
 EXPORT_GROUP_RSS = (1.0, 2.0)  # the streamed export's peak over RUNTIME_RSS, in validation groups (see above)
-QUANTIZE_RSS = 1.1  # int8 (export --quantize): its probes' peak over RUNTIME_RSS, in fp32 weight bytes (ONNX
-#                     Runtime's pre-packed copies; 1 GB preset: 1.77 GB for 1.1 GB, 2.98 GB before issue 16)
-REPORT_RSS = 1.4  # export --quantize int4: its report's ONNX Runtime session over the int4 bytes (pre-packed
-#                   copies; the mapped originals dropped as they are packed; 2b preset: 2.34 GB peak for 1.25 GB)
-
+REPORT_RSS = {  # export --quantize: its report's ONNX Runtime session over the quantized bytes (pre-packed
+    "int4": 1.4,  # copies; the mapped originals dropped as they are packed; 2b preset: 2.34 GB peak for 1.25 GB)
+    "int8": 1.3,  # 2b preset: 3.13 GB peak for 2.09 GB; 1 GB preset: 1.20 GB for 0.41 GB (1.77 GB with fp32 probes)
+}
 
 @dataclass(frozen=True)
 class Scheme:
@@ -120,7 +121,6 @@ def plan(cfg: ModelConfig, bandwidth_gbs: float, context: int = 4096) -> dict:
     all_t, trunk_t = tensors(cfg), trunk_shapes(cfg)
     share = cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 1.0
     params = sum(math.prod(s) for s in all_t.values())
-    fp32_bytes = params * 4
     kv_elem = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * (cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
     out = {"parameters": params, "trunk_parameters": sum(math.prod(s) for s in trunk_t.values()),
            "bandwidth_gbs": bandwidth_gbs, "context": context, "schemes": {}}  # fmt: skip
@@ -133,14 +133,17 @@ def plan(cfg: ModelConfig, bandwidth_gbs: float, context: int = 4096) -> dict:
         kv_bytes = kv_elem * (2 if name == "bf16" else 4)
         quantized = name in ("int8", "int4")
         group = sum(tensor_bytes(sch, cfg, n, s) for n, s in trunk_t.items() if _validation_group(cfg, n))
+        fp32_group = sum(tensor_bytes(SCHEMES["fp32"], cfg, n, s) for n, s in trunk_t.items() if _validation_group(cfg, n))
+        shared = sum(tensor_bytes(sch, cfg, n, s) for n, s in trunk_t.items() if category(n, s) == "head"
+                     or "embed_tokens" in n)  # each MTP graph's .data holds them again until packed  # fmt: skip
         out["schemes"][name] = {
             "artifact_bytes": int(size),
             # streamed export (fp32, bf16), or the streamed fp32 export then calibrate (int8, int4)
             "peak_rss_bytes": ([int(RUNTIME_RSS + group * f) for f in EXPORT_GROUP_RSS] if not quantized
-                               else [int(RUNTIME_RSS + fp32_bytes * QUANTIZE_RSS)] * 2 if name == "int8"
-                               else [int(RUNTIME_RSS + max(group * f, REPORT_RSS * size)) for f in EXPORT_GROUP_RSS]),  # fmt: skip
-            # exporting: a graph's data, then weights.bin beside it (the fp32 export's, when quantizing)
-            "disk_bytes": int(2 * (fp32_bytes if quantized else size)),
+                               else [int(RUNTIME_RSS + max(group * f, REPORT_RSS[name] * size)) for f in EXPORT_GROUP_RSS]),  # fmt: skip
+            # a graph's data, then weights.bin beside it (quantizing: no fp32 weights but validation's copies)
+            "disk_bytes": int(2 * size if not quantized
+                              else max(2 * size + shared * cfg.num_nextn_predict_layers, 2 * fp32_group)),
             "kv_bytes_per_token": kv_bytes,
             "read_bytes_per_token": int(read + kv_bytes * context),  # weights + the cache at `context`
             "decode_floor_ms": (read + kv_bytes * context) / (bandwidth_gbs * 1e9) * 1e3,
