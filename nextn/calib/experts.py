@@ -55,6 +55,7 @@ class ExpertStats:
 
     ex: Experts
     w13: np.ndarray  # [E, 2I, H]
+    experts: range | None = None  # the experts to collect (sequential GPTQ's chunks); None: all
     rows: np.ndarray = field(init=False)  # [E]
     h1: list = field(init=False)  # E x [H, H] or None
     h2: list = field(init=False)  # E x [I, I] or None
@@ -69,7 +70,7 @@ class ExpertStats:
         picked = np.isfinite(probs.reshape(-1, self.ex.n_experts))  # [N, E]
         if not np.isfinite(x2).all():
             return
-        for e in range(self.ex.n_experts):
+        for e in self.experts or range(self.ex.n_experts):
             xe = x2[picked[:, e]]  # [n_e, H]
             if not len(xe):
                 continue
@@ -81,17 +82,19 @@ class ExpertStats:
             self.h2[e] = a.T @ a if self.h2[e] is None else self.h2[e] + a.T @ a
 
     @staticmethod
-    def nbytes(ex: Experts) -> int:
-        """Memory held while observing: the float64 Hessians and the fp32 w13 the fc2 inputs are computed from."""
-        return ex.n_experts * (8 * (ex.hidden**2 + ex.inter**2) + 4 * 2 * ex.inter * ex.hidden)
+    def nbytes(ex: Experts, n_experts: int | None = None) -> int:
+        """Memory held while observing `n_experts` (None: all): the float64 Hessians and the fp32 w13 the fc2
+        inputs are computed from."""
+        n = ex.n_experts if n_experts is None else n_experts
+        return n * (8 * (ex.hidden**2 + ex.inter**2) + 4 * 2 * ex.inter * ex.hidden)
 
 
 def quantize_experts(w13: np.ndarray, w2: np.ndarray, stats: ExpertStats | None, block_size: int, bits: int,
-                     methods: dict[str, int]) -> tuple[list[BlockWeight], list[BlockWeight]]:  # fmt: skip
-    """Every expert's fc1 (W [H, 2I]) and fc2 (W [I, H]) as BlockWeights: GPTQ where `stats` saw the expert,
-    else round-to-nearest; `methods` counts which (per matrix)."""
+                     methods: dict[str, int], experts: range | None = None) -> tuple[list[BlockWeight], list[BlockWeight]]:  # fmt: skip
+    """Each expert's (of `experts`; None: all) fc1 (W [H, 2I]) and fc2 (W [I, H]) as BlockWeights: GPTQ where
+    `stats` saw the expert, else round-to-nearest; `methods` counts which (per matrix)."""
     fc1, fc2 = [], []
-    for e in range(w13.shape[0]):
+    for e in experts or range(w13.shape[0]):
         h1, h2 = (stats.h1[e], stats.h2[e]) if stats is not None else (None, None)
         for w, h, out in ((w13[e].T, h1, fc1), (w2[e].T, h2, fc2)):
             q = None

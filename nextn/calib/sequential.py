@@ -14,8 +14,8 @@ the same weights, laid out as the graphs hold them):
                ─ run again: x_{i+1} from the quantized layer ─ drop the layer
     trunk head: GPTQ on norm(x_L); MTP module k: the same on (ids shifted k + 1, depth k-1's hidden)
 
-Memory: one layer, its Hessians (float64, refused over HESSIAN_RAM_FRACTION of RAM) and the calibration
-activations. Each quantized weight is spilled to `folder` under the fingerprint of its fp32 values [K, N]
+Memory: one layer, its Hessians (float64, at most HESSIAN_RAM_FRACTION of RAM: a fused MoE's experts in
+chunks that fit, the layer run once per chunk) and the calibration activations. Each quantized weight is spilled to `folder` under the fingerprint of its fp32 values [K, N]
 (experts: of the stacked w13), which is how the ONNX rewrite finds it: a graph's initializers carry no
 layer names, but their bytes are the checkpoint's under the same export forms.
 
@@ -133,24 +133,30 @@ class _Observer:
     Linears fed the same tensor (q_a and kv_a, gate and up) share one Hessian: within one call of the
     part, the tensors seen are held, so an input is recognised by identity, never by a reused address."""
 
-    def __init__(self, part: nn.Module, moe_block: Callable[[Experts], int | None], budget: int, where: str):
+    def __init__(self, part: nn.Module, moe_block: Callable[[Experts], int | None], budget: int, where: str,
+                 experts: range | None = None, linears: bool = True):  # fmt: skip
+        """`experts`: the fused MoE's experts to collect (None: all); `linears`: whether to collect the
+        linears' (a later chunk of experts does not)."""
         from nextn.model.reference import MoE
 
         self.linears: dict[nn.Linear, _Hessian] = {}
         self.moes: dict[nn.Module, fused.ExpertStats] = {}
-        self.moe_block = moe_block
+        self.moe_block, self.experts = moe_block, experts
         self.seen: list[tuple[torch.Tensor, _Hessian]] = []
         self.followers: set[nn.Linear] = set()
         self.bytes, self.budget, self.where = 0, budget, where
         self.hooks = []
         for m in part.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and linears:
                 self.hooks.append(m.register_forward_pre_hook(self._linear))
             elif isinstance(m, MoE) and "fused_w13" in m._buffers:
                 self.hooks.append(m.register_forward_pre_hook(self._moe))
 
     def new_call(self) -> None:
         self.seen.clear()
+
+    def linear_bytes(self) -> int:
+        return sum(8 * h.h.shape[0] ** 2 for h in {id(h): h for h in self.linears.values()}.values() if h.h is not None)
 
     def _charge(self, nbytes: int) -> None:
         self.bytes += nbytes
@@ -186,8 +192,8 @@ class _Observer:
             ex = Experts("", "", "", "", "", e, h, i2 // 2)
             if self.moe_block(ex) is None:  # QMoE cannot take these experts: the rewrite keeps them float
                 return
-            self._charge(fused.ExpertStats.nbytes(ex))
-            self.moes[module] = fused.ExpertStats(ex, module.fused_w13.numpy())
+            self._charge(fused.ExpertStats.nbytes(ex, None if self.experts is None else len(self.experts)))
+            self.moes[module] = fused.ExpertStats(ex, module.fused_w13.numpy(), self.experts)
         c = module.gate.cfg
         ids, _ = route(flat, module.gate.weight, module.gate.e_score_correction_bias, c.num_experts_per_tok,
                        c.n_group, c.topk_group, True, 1.0)  # [N, top_k]  # fmt: skip
@@ -238,23 +244,66 @@ class _RangeObserver:
             hook.remove()
 
 
-def _quantize_part(obs: _Observer, graph: str, out: Quantized, s: PassSettings, heads: tuple[nn.Module, ...]) -> None:
-    """GPTQ every fused MoE and linear `obs` saw; their dequantized weights replace the fp32 ones in the
-    part (the heads' are only spilled: nothing downstream reads their logits, and their weight is shared).
-    Each Hessian is let go once used: an MTP module's expert Hessians would otherwise still be held while
-    its head (the vocabulary-wide GPTQ) is quantized."""
-    obs.new_call()  # the last call's inputs
+def expert_chunks(n_experts: int, per_expert: int, room: int) -> list[range | None]:
+    """The experts of a fused MoE in chunks whose Hessians (`per_expert` bytes each) fit in `room` bytes:
+    [None] (all at once) when they all fit, or when not even one does (the observer then refuses)."""
+    per = room // per_expert if per_expert else n_experts
+    if per >= n_experts or per < 1:
+        return [None]
+    return [range(a, min(n_experts, a + per)) for a in range(0, n_experts, per)]
+
+
+def _chunks_for(part: nn.Module, moe_block: Callable[[Experts], int | None], budget: int) -> list[range | None]:
+    """A part's expert chunks: what of the Hessian budget its linears leave (counted as if none shared one)."""
+    from nextn.model.reference import MoE
+
+    moes = [m for m in part.modules() if isinstance(m, MoE) and "fused_w13" in m._buffers]
+    if not moes:
+        return [None]
+    (moe,) = moes  # a decoder layer or MTP block holds one MoE
+    inside = {id(lin) for lin in moe.experts.modules()}  # the fused MoE's own: never called as linears
+    linear_bytes = sum(8 * m.in_features**2 for m in part.modules() if isinstance(m, nn.Linear) and id(m) not in inside)
+    e, i2, h = moe.fused_w13.shape
+    ex = Experts("", "", "", "", "", e, h, i2 // 2)
+    if moe_block(ex) is None:
+        return [None]
+    return expert_chunks(e, fused.ExpertStats.nbytes(ex, 1), budget - linear_bytes)
+
+
+def _quantize_experts(obs: _Observer, results: dict, s: PassSettings) -> None:
+    """GPTQ the experts `obs` collected (a chunk, or all), into `results`: module -> (fc1, fc2, methods) by
+    expert. The weights stay fp32 until every chunk is done (write_experts): a later chunk's run must see
+    the same layer."""
     for module in list(obs.moes):
         stats = obs.moes.pop(module)
         w13, w2 = module.fused_w13.numpy(), module.fused_w2.numpy()  # [E, 2I, H], [E, H, I]
-        methods = {"gptq": 0, "rtn": 0}
-        fc1, fc2 = fused.quantize_experts(w13, w2, stats, obs.moe_block(stats.ex), 4, methods)
+        fc1, fc2, methods = results.setdefault(module, ({}, {}, {"gptq": 0, "rtn": 0}))
+        experts = stats.experts or range(w13.shape[0])
+        q1, q2 = fused.quantize_experts(w13, w2, stats, obs.moe_block(stats.ex), 4, methods, experts)
+        fc1.update(zip(experts, q1))
+        fc2.update(zip(experts, q2))
         del stats
+    trim_heap()  # the experts' Hessians (13 MB each on the 2b preset) were heap blocks glibc would keep
+
+
+def _write_experts(results: dict, graph: str, out: Quantized) -> None:
+    """Spill each MoE's experts under the fingerprint of its fp32 w13, then write their dequantized weights."""
+    for module, (fc1, fc2, methods) in results.items():
+        w13, w2 = module.fused_w13.numpy(), module.fused_w2.numpy()
+        n = w13.shape[0]
+        fc1, fc2 = [fc1[e] for e in range(n)], [fc2[e] for e in range(n)]
         out.save_experts(graph, w13, fc1, fc2, methods)
-        for e in range(w13.shape[0]):  # in place: the experts' parameters are views of the stacks
+        for e in range(n):  # in place: the experts' parameters are views of the stacks
             w13[e] = fc1[e].dequantize().T
             w2[e] = fc2[e].dequantize().T
-    trim_heap()  # the experts' Hessians (13 MB each on the 2b preset) were heap blocks glibc would keep
+
+
+def _quantize_linears(obs: _Observer, graph: str, out: Quantized, s: PassSettings, heads: tuple[nn.Module, ...]) -> None:
+    """GPTQ every linear `obs` saw; their dequantized weights replace the fp32 ones in the part (the heads'
+    are only spilled: nothing downstream reads their logits, and their weight is shared). Each Hessian is
+    let go once used: an MTP module's expert Hessians would otherwise still be held while its head (the
+    vocabulary-wide GPTQ) is quantized."""
+    obs.new_call()  # the last call's inputs
     for module in list(obs.linears):
         hess = obs.linears.pop(module)  # a Hessian two linears share goes with the second
         w_kn = module.weight.detach().float().t().contiguous().numpy()  # [K, N], as the graph's MatMul holds it
@@ -274,15 +323,31 @@ def _quantize_part(obs: _Observer, graph: str, out: Quantized, s: PassSettings, 
 
 def _observe_and_quantize(part: nn.Module, run: Callable[[_Observer | None], object], graph: str, out: Quantized,
                           s: PassSettings, heads: tuple[nn.Module, ...], where: str) -> None:  # fmt: skip
-    """Collect the part's Hessians over one run of every sequence, then quantize it in place."""
+    """Collect the part's Hessians over a run of every sequence, then quantize it in place. When its
+    experts' Hessians do not fit beside its linears' in the budget, the part runs once per chunk of
+    experts (the linears' are collected in the first), all from the same fp32 part."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    obs = _Observer(part, lambda ex: fused.expert_block_size(ex, s.block_size, s.block_sizes),
-                    int(ram * HESSIAN_RAM_FRACTION), where)  # fmt: skip
-    try:
-        run(obs)
-    finally:
-        obs.close()
-    _quantize_part(obs, graph, out, s, heads)
+    budget = int(ram * HESSIAN_RAM_FRACTION)
+    def moe_block(ex: Experts) -> int | None:
+        return fused.expert_block_size(ex, s.block_size, s.block_sizes)
+
+    chunks = _chunks_for(part, moe_block, budget)
+    if len(chunks) > 1:
+        log.info("%s: the experts' Hessians in %d chunks of %d: the part runs %d times", where, len(chunks),
+                 len(chunks[0]), len(chunks))  # fmt: skip
+    results: dict = {}
+    first = None
+    for c, experts in enumerate(chunks):
+        held = first.linear_bytes() if first else 0  # the linears' Hessians, kept until the last chunk
+        obs = _Observer(part, moe_block, budget - held, where, experts, linears=c == 0)
+        try:
+            run(obs)
+        finally:
+            obs.close()
+        _quantize_experts(obs, results, s)
+        first = first or obs
+    _write_experts(results, graph, out)
+    _quantize_linears(first, graph, out, s, heads)
 
 
 @dataclass

@@ -203,3 +203,41 @@ def test_a_large_fp32_artifact_is_not_opened_for_the_report(tiny_artifact, ids_f
     assert tiny_artifact.resolve() not in opened and opened
     assert large["trunk"]["top1_agreement"] == small["trunk"]["top1_agreement"]
     assert large["trunk"]["kl_mean"] == pytest.approx(small["trunk"]["kl_mean"], rel=1e-3)
+
+
+def test_experts_in_chunks_give_the_same_weights(tiny_artifact, ids_file, tmp_path, monkeypatch):
+    """Expert Hessians over the budget are collected a chunk of experts at a time (the part runs once per
+    chunk): every weight GPTQ chooses is the one it chooses with all experts at once."""
+    from nextn.calib.calibrate import BLOCK_SIZES
+
+    assert sequential.expert_chunks(8, 10, 100) == [None]
+    assert sequential.expert_chunks(8, 10, 30) == [range(0, 3), range(3, 6), range(6, 8)]
+    assert sequential.expert_chunks(8, 10, 5) == [None]  # not one fits: the observer refuses, naming the part
+    manifest = read_manifest(tiny_artifact, verify=False)
+    schemes = {g: "int4" for g in manifest["graphs"]}
+    sequences = [list(map(int, line.split())) for line in ids_file.read_text().split("\n") if line][:3]
+    settings = sequential.PassSettings(64, 8, BLOCK_SIZES)
+    source = Path(manifest["source"])
+    whole = sequential.sequential_pass(source, manifest, schemes, sequences, settings, tmp_path / "a")
+    chunks, real = [], sequential.expert_chunks
+
+    def three_at_a_time(n, per_expert, room):
+        chunks.append(real(n, per_expert, 3 * per_expert))
+        return chunks[-1]
+
+    held, real_quantize = [], sequential._quantize_experts
+
+    def count_held(obs, *a):
+        held.extend(sum(h is not None for h in stats.h1) for stats in obs.moes.values())
+        return real_quantize(obs, *a)
+
+    monkeypatch.setattr(sequential, "expert_chunks", three_at_a_time)
+    monkeypatch.setattr(sequential, "_quantize_experts", count_held)
+    chunked = sequential.sequential_pass(source, manifest, schemes, sequences, settings, tmp_path / "b")
+    assert chunks and all(len(c) > 1 for c in chunks)
+    assert held and max(held) <= 3  # Hessians of at most one chunk at a time
+    assert {g: set(f) for g, f in whole.files.items()} == {g: set(f) for g, f in chunked.files.items()}
+    for graph, files in whole.files.items():
+        for key, path in files.items():
+            a, b = np.load(path), np.load(chunked.files[graph][key])
+            assert all(np.array_equal(a[n], b[n]) for n in a.files), (graph, key)
