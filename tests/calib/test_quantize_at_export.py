@@ -35,32 +35,9 @@ def _nodes(path):
     return [(n.op_type, list(n.input), list(n.output)) for n in m.graph.node]
 
 
-@pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_quantize_at_export_equals_export_then_calibrate(tiny_checkpoint, fp32_artifact, ids_file, tmp_path, scheme):
-    opts = CalibOptions(scheme=scheme, weight_method="rtn", samples=4, seq_len=24, eval_samples=1, min_top1=0.0,
-                        decode_report=False)  # fmt: skip
-    one = tmp_path / "one" / "art"
-    m1 = quantize_checkpoint(tiny_checkpoint, one, ExportOptions(), opts, [ids_file])
-    two = tmp_path / "two"
-    m2 = calibrate_artifact(fp32_artifact, two, [ids_file], [], opts)
-    # the one-command report compares with the checkpoint's fp32 logits computed a layer at a time, the
-    # other with the fp32 artifact in ONNX Runtime: the same figures up to float rounding
-    r1, r2 = m1["quantization"]["report"]["trunk"], m2["quantization"]["report"]["trunk"]
-    assert r1["positions"] == r2["positions"] and r1["top1_agreement"] == r2["top1_agreement"]
-    assert r1["kl_mean"] == pytest.approx(r2["kl_mean"], rel=1e-3, abs=1e-6)
-    assert r1["perplexity_fp32"] == pytest.approx(r2["perplexity_fp32"], rel=1e-4)
-    s1, s2 = m1["quantization"]["report"]["size"], m2["quantization"]["report"]["size"]
-    assert s1["bytes"] == s2["bytes"] and s1["fp32_bytes"] == pytest.approx(s2["fp32_bytes"], rel=0.05), (s1, s2)
-    assert (one / "weights.bin").read_bytes() == (two / "weights.bin").read_bytes()
-    for g in ("trunk.onnx", "mtp_0.onnx", "mtp_1.onnx"):
-        assert _nodes(one / g) == _nodes(two / g)
-    assert [p.name for p in (tmp_path / "one").iterdir()] == ["art"]  # the fp32 export is gone
-
-
-def test_no_fp32_weights_are_written(tiny_checkpoint, fp32_artifact, ids_file, tmp_path, monkeypatch):
-    """While the rewrite runs, the temporary fp32 export holds graphs only: every tensor the fp32 artifact
-    keeps outside its graphs is a reference into a file never written (read from the checkpoint when the
-    rewrite reaches it), and the folder is smaller than those tensors' bytes."""
+def _spy_on_the_scratch(monkeypatch) -> dict:
+    """What the temporary fp32 export holds when the rewrite starts: its bytes, and the bytes its graphs
+    refer to in the never-written deferred file."""
     from onnx.external_data_helper import ExternalDataInfo
 
     from nextn.calib import calibrate
@@ -74,14 +51,40 @@ def test_no_fp32_weights_are_written(tiny_checkpoint, fp32_artifact, ids_file, t
                                for t in onnx.load(str(g), load_external_data=False).graph.initializer
                                if t.data_location == onnx.TensorProto.EXTERNAL
                                and ExternalDataInfo(t).location == DeferredWeights.LOCATION)  # fmt: skip
-        assert not [p for p in Path(artifact).iterdir() if p.name == "weights.bin" or p.suffix == ".data"]
+        seen["written"] = [p.name for p in Path(artifact).iterdir() if p.name == "weights.bin" or p.suffix == ".data"]
         return real(artifact, *a, **k)
 
     monkeypatch.setattr(calibrate, "calibrate_artifact", spy)
-    opts = CalibOptions(scheme="int4", weight_method="rtn", samples=2, seq_len=16, eval_samples=1, min_top1=0.0)
-    quantize_checkpoint(tiny_checkpoint, tmp_path / "q", ExportOptions(), opts, [ids_file])
+    return seen
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_quantize_at_export_equals_export_then_calibrate(tiny_checkpoint, fp32_artifact, ids_file, tmp_path, scheme,
+                                                         monkeypatch):  # fmt: skip
+    """The same bytes as export + calibrate, and no fp32 weights written on the way: while the rewrite runs
+    the temporary export holds graphs only, every tensor the fp32 artifact keeps outside its graphs being a
+    reference into a file never written (read from the checkpoint when the rewrite reaches it)."""
+    opts = CalibOptions(scheme=scheme, weight_method="rtn", samples=4, seq_len=24, eval_samples=1, min_top1=0.0,
+                        decode_report=False)  # fmt: skip
+    one = tmp_path / "one" / "art"
+    seen = _spy_on_the_scratch(monkeypatch)
+    m1 = quantize_checkpoint(tiny_checkpoint, one, ExportOptions(), opts, [ids_file])
     fp32_bytes = (fp32_artifact / "weights.bin").stat().st_size  # shared embedding and head once
-    assert seen["deferred"] >= 0.7 * fp32_bytes and seen["bytes"] < seen["deferred"], (seen, fp32_bytes)
+    assert not seen["written"] and seen["deferred"] >= 0.7 * fp32_bytes and seen["bytes"] < seen["deferred"], seen
+    two = tmp_path / "two"
+    m2 = calibrate_artifact(fp32_artifact, two, [ids_file], [], opts)
+    # the one-command report compares with the checkpoint's fp32 logits computed a layer at a time, the
+    # other with the fp32 artifact in ONNX Runtime: the same figures up to float rounding
+    r1, r2 = m1["quantization"]["report"]["trunk"], m2["quantization"]["report"]["trunk"]
+    assert r1["positions"] == r2["positions"] and r1["top1_agreement"] == r2["top1_agreement"]
+    assert r1["kl_mean"] == pytest.approx(r2["kl_mean"], rel=1e-3, abs=1e-6)
+    assert r1["perplexity_fp32"] == pytest.approx(r2["perplexity_fp32"], rel=1e-4)
+    s1, s2 = m1["quantization"]["report"]["size"], m2["quantization"]["report"]["size"]
+    assert s1["bytes"] == s2["bytes"] and s1["fp32_bytes"] == pytest.approx(s2["fp32_bytes"], rel=0.05), (s1, s2)
+    assert (one / "weights.bin").read_bytes() == (two / "weights.bin").read_bytes()
+    for g in ("trunk.onnx", "mtp_0.onnx", "mtp_1.onnx"):
+        assert _nodes(one / g) == _nodes(two / g)
+    assert [p.name for p in (tmp_path / "one").iterdir()] == ["art"]  # the scratch is gone
 
 
 def test_export_quantize_cli(tiny_checkpoint, ids_file, tmp_path):
