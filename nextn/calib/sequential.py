@@ -118,6 +118,30 @@ class Quantized:
         return sum(len(f) for f in self.files.values()) - len(self.used)
 
 
+def _fused_moes(part: nn.Module) -> list[nn.Module]:
+    """The part's MoEs in the fused export form (their experts run as one op, not as graph linears)."""
+    from nextn.model.reference import MoE
+
+    return [m for m in part.modules() if isinstance(m, MoE) and "fused_w13" in m._buffers]
+
+
+def _graph_linears(part: nn.Module) -> list[nn.Linear]:
+    """The part's linears the graph holds as MatMuls: all but a fused MoE's experts."""
+    inside = {id(lin) for moe in _fused_moes(part) for lin in moe.experts.modules()}
+    return [m for m in part.modules() if isinstance(m, nn.Linear) and id(m) not in inside]
+
+
+def _experts(moe: nn.Module) -> Experts:
+    """A fused MoE's shape, as calib/experts.py takes it."""
+    e, i2, h = moe.fused_w13.shape  # [E, 2I, H]
+    return Experts("", "", "", "", "", e, h, i2 // 2)
+
+
+def _weight_kn(linear: nn.Linear) -> np.ndarray:
+    """[K, N] fp32, as the graph's MatMul holds the weight (what fingerprints are taken of)."""
+    return linear.weight.detach().float().t().contiguous().numpy()
+
+
 @dataclass
 class _Hessian:
     h: torch.Tensor | None = None  # [K, K] float64
@@ -137,20 +161,14 @@ class _Observer:
                  experts: range | None = None, linears: bool = True):  # fmt: skip
         """`experts`: the fused MoE's experts to collect (None: all); `linears`: whether to collect the
         linears' (a later chunk of experts does not)."""
-        from nextn.model.reference import MoE
-
         self.linears: dict[nn.Linear, _Hessian] = {}
         self.moes: dict[nn.Module, fused.ExpertStats] = {}
         self.moe_block, self.experts = moe_block, experts
         self.seen: list[tuple[torch.Tensor, _Hessian]] = []
         self.followers: set[nn.Linear] = set()
         self.bytes, self.budget, self.where = 0, budget, where
-        self.hooks = []
-        for m in part.modules():
-            if isinstance(m, nn.Linear) and linears:
-                self.hooks.append(m.register_forward_pre_hook(self._linear))
-            elif isinstance(m, MoE) and "fused_w13" in m._buffers:
-                self.hooks.append(m.register_forward_pre_hook(self._moe))
+        self.hooks = [m.register_forward_pre_hook(self._linear) for m in (_graph_linears(part) if linears else [])]
+        self.hooks += [m.register_forward_pre_hook(self._moe) for m in _fused_moes(part)]
 
     def new_call(self) -> None:
         self.seen.clear()
@@ -188,8 +206,7 @@ class _Observer:
         x = args[0].detach()
         flat = x.reshape(-1, x.shape[-1]).float()  # [N, H]
         if module not in self.moes:
-            e, i2, h = module.fused_w13.shape
-            ex = Experts("", "", "", "", "", e, h, i2 // 2)
+            ex = _experts(module)
             if self.moe_block(ex) is None:  # QMoE cannot take these experts: the rewrite keeps them float
                 return
             self._charge(fused.ExpertStats.nbytes(ex, None if self.experts is None else len(self.experts)))
@@ -220,16 +237,10 @@ class _RangeObserver:
     rows = 0, as a probe reports it)."""
 
     def __init__(self, part: nn.Module, stats: dict[str, TensorStats]):
-        from nextn.model.reference import MoE
-
         self.stats, self.hist, self.hooks = {}, False, []
-        fused_experts = {id(lin) for m in part.modules() if isinstance(m, MoE) and "fused_w13" in m._buffers
-                         for lin in m.experts.modules()}  # a fused MoE runs them as one op: no graph linears  # fmt: skip
-        for m in part.modules():
-            if isinstance(m, nn.Linear) and id(m) not in fused_experts:
-                w_kn = m.weight.detach().float().t().contiguous().numpy()  # [K, N], as the graph's MatMul holds it
-                self.stats[m] = stats.setdefault(fingerprint(w_kn), TensorStats())
-                self.hooks.append(m.register_forward_pre_hook(self._linear))
+        for m in _graph_linears(part):
+            self.stats[m] = stats.setdefault(fingerprint(_weight_kn(m)), TensorStats())
+            self.hooks.append(m.register_forward_pre_hook(self._linear))
 
     def new_call(self) -> None:
         pass
@@ -255,19 +266,15 @@ def expert_chunks(n_experts: int, per_expert: int, room: int) -> list[range | No
 
 def _chunks_for(part: nn.Module, moe_block: Callable[[Experts], int | None], budget: int) -> list[range | None]:
     """A part's expert chunks: what of the Hessian budget its linears leave (counted as if none shared one)."""
-    from nextn.model.reference import MoE
-
-    moes = [m for m in part.modules() if isinstance(m, MoE) and "fused_w13" in m._buffers]
+    moes = _fused_moes(part)
     if not moes:
         return [None]
     (moe,) = moes  # a decoder layer or MTP block holds one MoE
-    inside = {id(lin) for lin in moe.experts.modules()}  # the fused MoE's own: never called as linears
-    linear_bytes = sum(8 * m.in_features**2 for m in part.modules() if isinstance(m, nn.Linear) and id(m) not in inside)
-    e, i2, h = moe.fused_w13.shape
-    ex = Experts("", "", "", "", "", e, h, i2 // 2)
+    linear_bytes = sum(8 * m.in_features**2 for m in _graph_linears(part))
+    ex = _experts(moe)
     if moe_block(ex) is None:
         return [None]
-    return expert_chunks(e, fused.ExpertStats.nbytes(ex, 1), budget - linear_bytes)
+    return expert_chunks(ex.n_experts, fused.ExpertStats.nbytes(ex, 1), budget - linear_bytes)
 
 
 def _quantize_experts(obs: _Observer, results: dict, s: PassSettings) -> None:
@@ -306,7 +313,7 @@ def _quantize_linears(obs: _Observer, graph: str, out: Quantized, s: PassSetting
     obs.new_call()  # the last call's inputs
     for module in list(obs.linears):
         hess = obs.linears.pop(module)  # a Hessian two linears share goes with the second
-        w_kn = module.weight.detach().float().t().contiguous().numpy()  # [K, N], as the graph's MatMul holds it
+        w_kn = _weight_kn(module)
         is_head = any(module is h for h in heads)
         bits = s.head_bits if is_head else 4
         try:
