@@ -23,6 +23,8 @@ import onnx
 from onnx import numpy_helper
 from onnx.external_data_helper import ExternalDataInfo
 
+from nextn.export.writer import point_to
+
 SIZE_THRESHOLD = 1024  # onnx.save_model's: tensors whose raw_data object is this large go external
 
 
@@ -75,11 +77,7 @@ class Spill:
         offset = self.file.tell()
         self.file.write(t.raw_data)
         t.ClearField("raw_data")
-        del t.external_data[:]
-        t.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(self.file.tell() - offset))):
-            entry = t.external_data.add()
-            entry.key, entry.value = key, value
+        point_to(t, self.path.name, offset, self.file.tell() - offset)
         return t
 
     def close(self) -> None:

@@ -31,12 +31,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx.external_data_helper import ExternalDataInfo
 import torch
 from torch import nn
 from torch.onnx._internal.exporter._core import TorchTensor  # torch is pinned: the exporter's own tensor
 
 from nextn.errors import NextnError
 from nextn.export.optimize import FOLD_INPUT_LIMIT
+from nextn.export.writer import point_to
 from nextn.model.reference import Rotary
 from nextn.model.weights import FP32_SUFFIXES, layer_groups, load_tensors, share, unload, wanted_names
 
@@ -217,8 +219,6 @@ class DeferredWeights:
 def materialize(graph: Path, deferred: DeferredWeights, dst: Path) -> Path:
     """A copy at `dst` of a graph saved with deferred weights, its weights written to `dst`.data (what
     validation runs: one MTP graph, never the trunk)."""
-    from onnx.external_data_helper import ExternalDataInfo
-
     model = onnx.load(str(graph), load_external_data=False)
     with open(dst.parent / f"{dst.name}.data", "wb") as out:
         for t in model.graph.initializer:
@@ -228,10 +228,7 @@ def materialize(graph: Path, deferred: DeferredWeights, dst: Path) -> Path:
             out.write(b"\0" * (-out.tell() % 64))
             offset = out.tell()
             out.write(deferred.raw(info.offset, info.length))
-            del t.external_data[:]
-            for key, value in (("location", f"{dst.name}.data"), ("offset", str(offset)), ("length", str(info.length))):
-                entry = t.external_data.add()
-                entry.key, entry.value = key, value
+            point_to(t, f"{dst.name}.data", offset, info.length)
     onnx.save(model, str(dst))
     return dst
 

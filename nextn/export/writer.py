@@ -124,6 +124,15 @@ def _name_dims(model: onnx.ModelProto, inputs: list[TensorSpec], outputs: list[T
     assert set(rename.values()) <= {BATCH, NEW, PAST, TOTAL}, rename
 
 
+def point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make `tensor` an external-data reference to `length` bytes at `offset` of the file `location`."""
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
 def pack_weights(graphs: list[Path], weights: Path) -> dict:
     """Move the external tensors of `graphs` into one file, each distinct tensor once.
 
@@ -158,11 +167,7 @@ def pack_weights(graphs: list[Path], weights: Path) -> dict:
                     out.write(blob)
                     first_name[digest] = tensor.name
                 users.setdefault(digest, set()).add(gi)
-                offset, length = stored[digest]
-                del tensor.external_data[:]
-                for key, value in (("location", weights.name), ("offset", str(offset)), ("length", str(length))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
+                point_to(tensor, weights.name, *stored[digest])
                 references += 1
             for h in handles.values():
                 h.close()
