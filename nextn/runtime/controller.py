@@ -27,8 +27,8 @@ measured 5-10% of a 128-token generation for two probes); from K* = 0 that catch
 ever drafting again, and the doubling keeps it to a few percent. A probe teaches acceptance only:
 costs are refined from steps at the same K as the step before (a lone step at another K finds other
 weights in the CPU caches than a run of them does, measured 20-40% off). While drafting, ANCHOR_LEN
-plain steps in every ANCHOR_EVERY keep the plain level measured, and a drafting step dearer than its
-calibrated ratio raises that ratio (costs.py): a calibration that read drafting too cheap (this VM can
+plain steps in every ANCHOR_EVERY keep the plain level measured, and each drafting step moves its ratio
+toward what it cost (costs.py, a median tracker): a calibration that read drafting too cheap (this VM can
 move 20-30% within it) is corrected within a few dozen steps, after which plain decoding wins. While plain
 decoding wins, the choice is recomputed every RECHECK steps only.
 

@@ -16,13 +16,16 @@ prompt, through the decoder itself, in rounds; each round gives every K's ratio 
 seconds apart (this VM's speed drifts 10-30% within seconds: only such paired ratios hold), and the
 median over rounds is kept. Online (decoder.steady says which steps count): plain steps after plain steps
 move the level by EMA (a plain step just after drafting finds other weights in the CPU caches); a drafting
-step that costs more than its ratio says raises that ratio by EMA (never lowers it: one calibration on
-this VM can read a ratio 20-30% low, and drafting on that loses, while a ratio read high only costs a gain). The online ratios live
-for the process; the calibration's ratios and the level are saved per artifact and machine under
-<cache>/costs/ when the model closes, and the next process starts there.
+step moves its ratio one small step up or down toward what it cost over the level, so the ratio follows the
+median of such steps: a calibration that read drafting 20-30% too cheap (this VM can) is raised within a
+few dozen steps, and one read too dear comes down. The online ratios live for the process; the
+calibration's ratios and the level are saved per artifact and machine under <cache>/costs/ when the model
+closes, and the next process starts there.
 
-Refining the ratios both ways from unpaired steps was tried and dropped: a figure for K = 0 observed just
-after drafting steps read 20-40% high, and the controller then drafted where it lost.
+Tried and dropped: refining per-K figures from unpaired steps (a K = 0 step just after drafting steps read
+20-40% high, and the controller then drafted where it lost), and raising a ratio by EMA and never lowering
+it (it tracked the noise's upper tail: on this VM it crept up until plain decoding won where K = 1..3 each
+measured 1.2-1.3x faster).
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ CALIB_SETTLE = 8  # untimed steps before them: the prompt's MTP catch-up, and th
 # what a run at that K keeps there (steps just after a switch of K measured 10-30% off on the embedded model)
 CALIB_SECONDS = 2.5  # time budget of one batch size's calibration (at least 2 rounds are always run)
 EMA = 0.15  # weight of each new online observation of a step's cost
-OUTLIER = 2.0  # an observation is clipped to [1/OUTLIER, OUTLIER] x the current figure (a VM hiccup is one step)
+OUTLIER = 2.0  # a plain step is clipped to [1/OUTLIER, OUTLIER] x the level (a VM hiccup is one step)
+RATIO_STEP = 1.02  # a drafting step moves its ratio up or down by this factor (from 1.5 to 2.0 in 15 steps)
 
 
 @dataclass
@@ -59,7 +63,7 @@ class BatchCosts:
     mtp: float  # per drafted token (all rows), as calibrated
     host: float  # per step, outside the engine calls and drafting, as calibrated
 
-    seen: list[float] | None = None  # ratio[K] as raised online in this process (not saved)
+    seen: list[float] | None = None  # ratio[K] as refined online in this process (not saved)
 
     @property
     def step(self) -> list[float]:
@@ -85,8 +89,8 @@ class CostModel:
         return self.batches[b]
 
     def observe(self, b: int, k: int, ms: float) -> None:
-        """One decode step of b rows at K = k took `ms` (a step that counts: decoder.steady): a plain step moves the level,
-        a drafting step dearer than its ratio says raises that ratio (both by EMA, clipped to OUTLIER)."""
+        """One decode step of b rows at K = k took `ms` (a step that counts: decoder.steady): a plain step moves the level
+        (EMA, clipped to OUTLIER), a drafting step moves its ratio one RATIO_STEP toward what it cost."""
         c = self.at(b)
         if k >= len(c.ratio) or c.level <= 0:
             return
@@ -94,10 +98,12 @@ class CostModel:
             c.level += EMA * (min(max(ms, c.level / OUTLIER), c.level * OUTLIER) - c.level)
             self.changed = True
             return
+        # The ratio follows the median of what drafting steps cost over the level: a fixed step up or down
+        # (a median tracker: a hiccup moves it no more than any other step). Raising it only, by EMA, as
+        # 0.2 did, tracked an upper quantile instead: on this VM's noise it crept up step after step until
+        # plain decoding won where every fixed K measured faster (BENCHMARKS.md, "Drafting that pays").
         seen = c.seen = c.seen or list(c.ratio)
-        x = min(ms / c.level, seen[k] * OUTLIER)
-        if x > seen[k]:
-            seen[k] += EMA * (x - seen[k])
+        seen[k] *= RATIO_STEP if ms / c.level > seen[k] else 1 / RATIO_STEP
 
     # -- the cache file ----------------------------------------------------------------------------
     def _load(self, path: Path) -> None:
