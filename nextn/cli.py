@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from nextn.embedded import QUANT_SCHEMES
+from nextn.embedded import DRAFT_SCHEMES, QUANT_SCHEMES
 from nextn.errors import NextnError
 from nextn.runtime.sampling import AcceptRule
 
@@ -247,7 +247,7 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, draft, accept, relaxed_top
             prompt = [int(x) for x in prompt_ids.split(",") if x.strip()]
         except ValueError:
             raise NextnError(f"--prompt-ids {prompt_ids!r}: expected comma-separated integers") from None
-    artifact = artifact or _embedded_artifact()
+    artifact = artifact or _embedded_default()
     if verify_all:
         _verify(artifact)
     kwargs = dict(max_new_tokens=max_new_tokens, draft=parse_draft("--draft", draft), temperature=temperature,
@@ -365,7 +365,7 @@ def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends
         from nextn.bench.sweep import run_sweep, sweep_table
         from nextn.embedded import cache_root
 
-        artifact = artifact or _embedded_artifact()
+        artifact = artifact or _embedded_default()
         root = Path(sweep_dir) if sweep_dir else cache_root() / "sweep"
         with _progress("sweep") as progress:
             doc = run_sweep([s.strip() for s in sweep.split(",") if s.strip()], root, Path(artifact),
@@ -396,7 +396,7 @@ def bench(artifact, drafts, batches, prompt_len, gen_len, prompts_file, backends
                           repeats=repeats, threads=threads)  # fmt: skip
         if not cfg.backends:
             raise NextnError("--backend: give at least one of ort, torch")
-        artifact = artifact or _embedded_artifact()
+        artifact = artifact or _embedded_default()
         if verify_all:
             _verify(artifact)
         with _progress("bench") as progress:
@@ -473,7 +473,7 @@ def verify(artifact):
     """Check every file of ARTIFACT (default: the embedded model's export) against the sha256 in its
     manifest. Opening an artifact checks sizes and hashes only the files changed since they were last
     verified on this machine; this reads every byte."""
-    artifact = artifact or _embedded_artifact()
+    artifact = artifact or _embedded_default()
     files, size = _verify(artifact)
     click.echo(f"{artifact}: {files} files, {_bytes(size)}: every sha256 matches its manifest")
 
@@ -488,10 +488,19 @@ def _verify(artifact: str) -> tuple[int, int]:
 
 
 def _embedded_artifact() -> str:
+    """The embedded model's fp32 export (what calibrate quantizes)."""
     from nextn.embedded import embedded_artifact
 
     with _progress("export the embedded model (once)") as progress:
         return str(embedded_artifact(progress))
+
+
+def _embedded_default() -> str:
+    """The embedded model as run, bench, serve and verify take it by default: fp32 trunk, int4 drafts."""
+    from nextn.embedded import embedded_default
+
+    with _progress("prepare the embedded model (once)") as progress:
+        return str(embedded_default(progress=progress))
 
 
 @cli.command()
@@ -503,20 +512,23 @@ def _embedded_artifact() -> str:
 @click.option("--threads", type=int, default=1, show_default=True, help="Intra-op threads.")
 @click.option("--quant", default=None, type=click.Choice(QUANT_SCHEMES),
               help="Run the embedded model quantized (nextn calibrate's defaults, once, cached) instead of fp32.")
+@click.option("--drafts", default="int4", show_default=True, type=click.Choice(DRAFT_SCHEMES),
+              help="Without --quant: the MTP graphs that draft (the trunk, and so the output, is fp32 either way).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def demo(prompt, max_new_tokens, draft, repeats, threads, quant, as_json):
+def demo(prompt, max_new_tokens, draft, repeats, threads, quant, drafts, as_json):
     """Export the embedded model (cached), generate with drafting off and on, show acceptance and speedup."""
     from nextn.demo import DEFAULT_PROMPT, run_demo
 
     with _progress("demo") as progress:
         r = run_demo(prompt or DEFAULT_PROMPT, max_new_tokens, parse_draft("--draft", draft), repeats, threads, progress,
-                     quant)  # fmt: skip
+                     quant, drafts)  # fmt: skip
     if as_json:
         click.echo(json.dumps(r.to_dict()))
         return
     p, d = r.plain, r.drafted
     per_pos = _per_position(d, "{:.0%}")
     click.echo(f"artifact: {r.artifact}")
+    click.echo(f"model:    {r.describe()}")
     click.echo("--- prompt ---")
     click.echo(r.prompt.rstrip("\n"))
     click.echo("--- greedy continuation " + ("(identical with and without drafting) ---" if r.identical
@@ -581,7 +593,7 @@ def serve(artifact, host, port, max_batch, max_queue, draft, prefill_chunk, mode
     from nextn.embedded import EMBEDDED_NAME
 
     name = model_name or (Path(artifact).resolve().name if artifact else EMBEDDED_NAME)
-    artifact = artifact or _embedded_artifact()
+    artifact = artifact or _embedded_default()
     if verify_all:
         _verify(artifact)
     config = ServeConfig(name, max_batch, max_queue, parse_draft("--draft", draft), prefill_chunk)

@@ -1,6 +1,8 @@
 """`nextn demo`: the whole pipeline on the embedded model in one call.
 
-Export (cached; with `quant`, also quantized once by `nextn calibrate`), then the same greedy generation
+Export (cached), its MTP graphs quantized once to int4 for drafting (the trunk stays fp32, so the output is
+the fp32 model's; `drafts="fp32"` keeps the exported ones; with `quant` the whole model is quantized once by
+`nextn calibrate` instead), then the same greedy generation
 with drafting off and on: the tokens must be
 identical (lossless), the drafting run shows per-position acceptance and the speedup. Each mode runs
 `repeats` times after a warm-up and the median run is reported, because single runs on a shared
@@ -32,6 +34,14 @@ class DemoResult:
     drafted: dict  # stats of the median run with drafting
     step_cost: list[float] | None = None  # auto: a step drafting K tokens over a plain one, K = 0.. (this machine)
     quant: str | None = None  # the embedded model's quantization (None: fp32)
+    drafts: str = "int4"  # without quant: the MTP graphs' weights (the trunk is fp32 either way)
+
+    def describe(self) -> str:
+        if self.quant:
+            return f"the embedded model quantized to {self.quant} (trunk and drafts)"
+        if self.drafts == "fp32":
+            return "the embedded model in fp32 (trunk and drafts as exported)"
+        return f"the embedded model: trunk fp32 as exported (the output is fp32's), drafts from {self.drafts} MTP graphs"
 
     @property
     def speedup(self) -> float:
@@ -40,7 +50,7 @@ class DemoResult:
     def to_dict(self) -> dict:
         return {"artifact": self.artifact, "prompt": self.prompt, "text": self.text, "identical": self.identical,
                 "draft": self.draft, "speedup": self.speedup, "plain": self.plain, "drafted": self.drafted,
-                "step_cost": self.step_cost, "quant": self.quant}  # fmt: skip
+                "step_cost": self.step_cost, "quant": self.quant, "drafts": self.drafts}  # fmt: skip
 
 
 def run_demo(
@@ -51,15 +61,16 @@ def run_demo(
     threads: int = 1,
     progress: Callable[[str, int, int], None] | None = None,
     quant: str | None = None,
+    drafts: str = "int4",
 ) -> DemoResult:
     import nextn
-    from nextn.embedded import embedded_artifact, embedded_quantized
+    from nextn.embedded import embedded_default, embedded_quantized
     from nextn.errors import NextnError
 
     if (draft != "auto" and draft < 1) or repeats < 1 or max_new_tokens < 1:
         raise NextnError("--draft (auto or a K), --repeats and --max-new-tokens must be at least 1")
 
-    artifact = embedded_quantized(quant, progress) if quant else embedded_artifact(progress)
+    artifact = embedded_quantized(quant, progress) if quant else embedded_default(drafts, progress)
     with nextn.load(artifact, threads=threads) as model:
         if progress:
             progress("generate", 1, 2 * repeats + 1)
@@ -83,7 +94,7 @@ def run_demo(
     plain, drafted = (_median_run(runs[0]), _median_run(runs[draft]))
     identical = all(r.token_ids == runs[0][0].token_ids for k in runs for r in runs[k])
     return DemoResult(str(artifact), prompt, plain.text or "", identical, draft, plain.stats, drafted.stats, ratio,
-                      quant)  # fmt: skip
+                      quant, drafts)  # fmt: skip
 
 
 def _median_run(results: list):

@@ -3,7 +3,9 @@
 `nextn/assets/stdlib-coder/` is a DeepSeek-V3-style checkpoint (10 trunk layers, 2 MTP modules)
 trained by `python -m nextn.train` on the Python standard library's source. Every command that takes a
 checkpoint or an artifact uses it when none is given; its export lives in the user's cache folder
-under a key of the package version and the weights' hash, so a new version re-exports it.
+under a key of the package version and the weights' hash, so a new version re-exports it. What run, bench,
+serve and the demo open by default is `embedded_default()`: that export's fp32 trunk with int4 MTP graphs
+drafting, calibrated once and cached beside it.
 """
 
 from __future__ import annotations
@@ -44,25 +46,49 @@ def _cache_key() -> str:
 
 
 QUANT_SCHEMES = ("int8", "int4")
+DRAFT_SCHEMES = ("int4", "fp32")  # the MTP graphs the embedded model drafts with by default; fp32: as exported
 
 
 def embedded_quantized(scheme: str, progress: Callable[[str, int, int], None] | None = None) -> Path:
     """The embedded model quantized with `nextn calibrate --scheme SCHEME` (its defaults: the stdlib
     training split, a quality report on held-out files), cached beside its fp32 export."""
-    from nextn.calib.calibrate import CalibOptions, calibrate_artifact
+    from nextn.calib.calibrate import CalibOptions
     from nextn.errors import NextnError
-    from nextn.export.manifest import MANIFEST
 
     if scheme not in QUANT_SCHEMES:
         raise NextnError(f"--quant {scheme}: choose one of {', '.join(QUANT_SCHEMES)}")
+    return _calibrated(CalibOptions(scheme=scheme, force=True), scheme, progress)
+
+
+def embedded_default(drafts: str = "int4", progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """The embedded model as every command runs it when given no artifact: the fp32 export's trunk as it
+    is (so every output is the fp32 model's, token for token) with its MTP graphs' weights in int4
+    (`nextn calibrate --scheme fp32 --mtp-scheme int4 --weight-method rtn`): a draft then costs ~0.4x
+    what an fp32 one does, and accepts as often (BENCHMARKS.md, "Drafting that pays"). drafts="fp32": the
+    export itself."""
+    from nextn.calib.calibrate import CalibOptions
+    from nextn.errors import NextnError
+
+    if drafts not in DRAFT_SCHEMES:
+        raise NextnError(f"--drafts {drafts}: choose one of {', '.join(DRAFT_SCHEMES)}")
+    if drafts == "fp32":
+        return embedded_artifact(progress)
+    opts = CalibOptions(scheme="fp32", mtp_scheme=drafts, weight_method="rtn", force=True)
+    return _calibrated(opts, f"drafts-{drafts}", progress)
+
+
+def _calibrated(opts, name: str, progress) -> Path:
+    """The fp32 export calibrated with `opts`, once, cached beside it."""
+    from nextn.calib.calibrate import calibrate_artifact
+    from nextn.export.manifest import MANIFEST
+
     fp32 = embedded_artifact(progress)
-    opts = CalibOptions(scheme=scheme, force=True)
     # the options' digest in the name: a release that changes calibrate's defaults quantizes afresh
     digest = hashlib.sha256(json.dumps(asdict(opts), sort_keys=True).encode()).hexdigest()[:8]
-    out = fp32.with_name(f"{fp32.name}-{scheme}-{digest}")
+    out = fp32.with_name(f"{fp32.name}-{name}-{digest}")
     if (out / MANIFEST).is_file():
         return out
-    log.info("quantizing the embedded model (%s) to %s", scheme, out)
+    log.info("quantizing the embedded model (%s) to %s", name, out)
     calibrate_artifact(fp32, out, [], [], opts, progress)
     return out
 

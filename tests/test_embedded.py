@@ -67,15 +67,31 @@ def test_drafts_are_accepted(embedded_cache, heldout):
     assert accepted / drafted >= 0.6
 
 
-def test_demo_end_to_end(embedded_cache):
+def test_demo_end_to_end(embedded_cache, heldout):
+    """The demo (and every command given no artifact) runs the fp32 export's trunk with int4 MTP graphs
+    drafting, cached beside the export: its output is the fp32 export's, token for token, at every K."""
+    import nextn
+
     r = CliRunner().invoke(cli, ["demo", "--repeats", "1", "--max-new-tokens", "24", "--draft", "2", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
-    assert d["identical"] and d["artifact"] == str(embedded_cache)
+    artifact = Path(d["artifact"])  # <export>-drafts-int4-<digest of calibrate's options>
+    assert d["identical"] and d["drafts"] == "int4" and artifact.name.startswith(f"{embedded_cache.name}-drafts-int4-")
     assert d["plain"]["new_tokens"] == d["drafted"]["new_tokens"] > 0
     assert len(d["drafted"]["accepted_per_position"]) == 2 and d["speedup"] > 0
+    scheme = json.loads((artifact / "manifest.json").read_text())["quantization"]["report"]["scheme"]
+    assert scheme["trunk"] == "fp32" and scheme["mtp"] == "int4"
+    with nextn.load(embedded_cache) as exact, nextn.load(artifact) as cheap:
+        for m in (exact, cheap):
+            m.eos_ids = ()
+        for prompt in heldout[:2]:
+            want = exact.generate(prompt, max_new_tokens=32, draft=0).token_ids
+            assert all(cheap.generate(prompt, max_new_tokens=32, draft=k).token_ids == want for k in (0, 1, 3, "auto"))
     r = CliRunner().invoke(cli, ["demo", "--repeats", "1", "--max-new-tokens", "8"])
     assert r.exit_code == 0 and "speedup" in r.output and "identical with and without drafting" in r.output
+    assert "drafts from int4 MTP graphs" in r.output
+    r = CliRunner().invoke(cli, ["demo", "--repeats", "1", "--max-new-tokens", "8", "--drafts", "fp32", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["artifact"] == str(embedded_cache)
 
 
 @pytest.mark.slow
