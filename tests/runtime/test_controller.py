@@ -219,3 +219,24 @@ def test_online_ratio_follows_the_median_of_noisy_steps(tmp_path):
     ctrl.next_probe = 10**9
     assert ctrl.choose().k == 1
 
+
+
+def test_a_few_rejections_do_not_stop_drafting_and_plain_steps_fade_them():
+    """On an artifact that accepts 80% at position 1, two rejections in a row (5% likely at any step) keep
+    K = 1; a run of them turns drafting off; plain steps then fade them and drafting resumes without a probe.
+    (0.2 weighed the artifact's rate as 4 observations and faded only on drafting steps: two rejections
+    stopped drafting, and it stayed stopped until a probe.)"""
+    ctrl = _controller([1.0, 1.4], [0.8], trials=1e6)
+    ctrl.next_probe = 10**9
+    row = ctrl.rows[0]
+    row.observe(1, 0)
+    row.observe(1, 0)
+    assert ctrl.choose().k == 1
+    for _ in range(10):
+        row.observe(1, 0)
+    assert ctrl.choose().k == 0
+    ks = []
+    for _ in range(40):
+        row.observe(0, 0)
+        ks.append(ctrl.choose().k)
+    assert ks[0] == 0 and ks[-1] == 1
