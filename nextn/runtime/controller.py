@@ -12,16 +12,19 @@ K = 0 is plain decoding, so drafting switches off by itself where it does not pa
 a batch where verifying is expensive) and back on where it does.
 
 Acceptance per position is estimated per sequence: its own recent observations (counts that fade by
-DECAY per drafting step, because acceptance moves with the text) on top of an artifact-wide rate (every
+DECAY per step, because acceptance moves with the text) on top of an artifact-wide rate (every
 sequence's observations, or the artifact's quantization report, or a cached earlier run) worth
 PRIOR_WEIGHT observations. A position nobody has tried yet starts at UNTRIED_RATE.
 
 Exploration: a choice only learns about what it runs. Probe steps draft one position deeper than the
 choice (K* + 1; all of max_draft when the artifact has never been drafted on), first after PROBE_FIRST
 steps, then at doubling intervals up to PROBE_MAX, restarting when the choice changes, and only where
-they could change it: with acceptance PROBE_OPTIMISM above the estimate, K* + 1 would have to beat K*
-(on the embedded fp32 model a 2-token step costs ~1.9 plain steps, so no acceptance makes K = 1 pay,
-and plain decoding runs without probes). While drafting, a deeper probe waits while the MTP module it
+they could change it: with acceptance PROBE_OPTIMISM / sqrt(rows) above the estimate, K* + 1 would have
+to beat K* (on a model where a 2-token step costs ~1.9 plain steps no acceptance makes K = 1 pay, and
+plain decoding runs without probes; a pass's tokens are summed over its rows, whose mean acceptance
+strays from the artifact's by ~1/sqrt(rows) as much as one row's: at batch 4 the probes from plain
+decoding, each catching a module up over every row's tokens since it last ran, cost 3-5% of the steps
+with the full optimism and found nothing). While drafting, a deeper probe waits while the MTP module it
 needs has fallen behind (its cache would first be caught up over every token since it last ran:
 measured 5-10% of a 128-token generation for two probes); from K* = 0 that catch-up is the price of
 ever drafting again, and the doubling keeps it to a few percent. A probe teaches acceptance only:
@@ -202,7 +205,9 @@ class DraftController:
         return max(range(choice.k + 1), key=lambda k: e[k] - 1 - k * mtp * rate)
 
     def _promising(self, active: list[int], k: int, to_beat: float, ms: float) -> bool:
-        """Whether drafting k would beat `to_beat` tokens per ms were acceptance PROBE_OPTIMISM higher."""
-        tokens = sum(expected_tokens([min(1.0, a + PROBE_OPTIMISM) for a in self.rows[r].rates()[:k]])[k]
+        """Whether drafting k would beat `to_beat` tokens per ms were acceptance PROBE_OPTIMISM / sqrt(rows)
+        higher."""
+        up = PROBE_OPTIMISM / len(active) ** 0.5
+        tokens = sum(expected_tokens([min(1.0, a + up) for a in self.rows[r].rates()[:k]])[k]
                      for r in active)  # fmt: skip
         return tokens / ms > to_beat

@@ -240,3 +240,13 @@ def test_a_few_rejections_do_not_stop_drafting_and_plain_steps_fade_them():
         row.observe(0, 0)
         ks.append(ctrl.choose().k)
     assert ks[0] == 0 and ks[-1] == 1
+
+
+def test_probes_from_plain_shrink_with_the_rows_of_a_pass():
+    """A 2-token pass costs 1.78 plain ones and the artifact accepts 77%: K = 0 wins. One row could be a
+    text that accepts 15% more (K = 1 would then win), so it is probed; four rows' mean strays half as
+    far, so a pass of four is not (each such probe first catches a module up over every row's tokens)."""
+    one = _controller([1.0, 1.78], [0.77], trials=1e6)
+    assert 1 in [one.choose().k for _ in range(300)]
+    four = _controller([1.0, 1.78], [0.77], trials=1e6, rows=4)
+    assert [four.choose().k for _ in range(300)] == [0] * 300
