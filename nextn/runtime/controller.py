@@ -137,6 +137,7 @@ class Choice:
     expected_ms: float
     plain_ms: float  # the same step at K = 0 (one token per row)
     probe: bool
+    anchor: bool = False  # a plain step while drafting wins: measures the level (never a probe: it counts as a cost)
 
 
 class DraftController:
@@ -175,9 +176,11 @@ class DraftController:
             self.interval = PROBE_FIRST
             self.next_probe = min(self.next_probe, self.step + PROBE_FIRST)
         self.best = best
-        k, probe = best, False
+        k, probe, anchor = best, False, False
         if best > 0 and self.step % ANCHOR_EVERY >= ANCHOR_EVERY - ANCHOR_LEN:
-            k, probe = 0, True
+            # 0.2 flagged these as probes, which kept them out of the step costs: the level stayed the
+            # calibration's while drafting, and as this VM's speed moved the drafting steps' ratios moved with it
+            k, anchor = 0, True
         elif self.step >= self.next_probe and top > best:
             never = self.rows[active[0]].prior.trials[0] == 0
             deeper = top if never else best + 1
@@ -190,7 +193,7 @@ class DraftController:
         if best == 0:  # plain decoding wins (an anchor's plain step is not such a choice)
             self.plain_until = self.step + RECHECK - 1
             self.plain = Choice(0, tokens[0], ms[0], ms[0], False)
-        return Choice(k, tokens[k], ms[k], ms[0], probe)
+        return Choice(k, tokens[k], ms[k], ms[0], probe, anchor)
 
     def row_depth(self, row: SequenceAcceptance, choice: Choice, batch: int) -> int:
         """How many of the pass's `choice.k` drafts one row should take. The pass is choice.k + 1 wide

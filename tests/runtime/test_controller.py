@@ -73,9 +73,12 @@ def test_controller_keeps_plain_anchors_while_drafting_and_learns_dearer_steps()
 
     ctrl = _controller([1.0, 1.2, 1.4], [0.9, 0.9], trials=1e6)
     ctrl.next_probe = 10**9
-    ks = [ctrl.choose().k for _ in range(2 * ANCHOR_EVERY)]
+    choices = [ctrl.choose() for _ in range(2 * ANCHOR_EVERY)]
+    ks = [c.k for c in choices]
     assert ks[:ANCHOR_EVERY - ANCHOR_LEN] == [2] * (ANCHOR_EVERY - ANCHOR_LEN)
     assert ks[ANCHOR_EVERY - ANCHOR_LEN : ANCHOR_EVERY] == [0] * ANCHOR_LEN and ks[ANCHOR_EVERY] == 2
+    anchors = choices[ANCHOR_EVERY - ANCHOR_LEN : ANCHOR_EVERY]
+    assert all(c.anchor and not c.probe for c in anchors)  # they count as plain steps' costs (the level)
     for _ in range(40):  # steps at K = 2 and K = 1 keep costing 4 plain steps: the calibration was wrong
         ctrl.costs.observe(1, 2, 4.0)
         ctrl.costs.observe(1, 1, 4.0)
@@ -250,3 +253,16 @@ def test_probes_from_plain_shrink_with_the_rows_of_a_pass():
     assert 1 in [one.choose().k for _ in range(300)]
     four = _controller([1.0, 1.78], [0.77], trials=1e6, rows=4)
     assert [four.choose().k for _ in range(300)] == [0] * 300
+
+
+def test_report_acceptance_is_conditional():
+    """A quantization report gives the share of all drafts at each position that were accepted (Stats'
+    accepted_per_position); the controller's prior wants position j given the ones before it accepted."""
+    from nextn.runtime.decoder import report_acceptance
+
+    runs = {"K=0": {"accepted_per_position": []}, "K=3": {"accepted_per_position": [0.8, 0.6, 0.3]}}
+    manifest = {"quantization": {"report": {"decoding": {"quantized": runs}}}}
+    assert report_acceptance(manifest) == pytest.approx([0.8, 0.75, 0.5])
+    runs["K=3"]["accepted_per_position"] = [0.0, 0.0, 0.0]
+    assert report_acceptance(manifest) == [0.0, 0.0, 0.0]
+    assert report_acceptance({}) is None
