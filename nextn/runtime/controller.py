@@ -29,10 +29,14 @@ needs has fallen behind (its cache would first be caught up over every token sin
 measured 5-10% of a 128-token generation for two probes); from K* = 0 that catch-up is the price of
 ever drafting again, and the doubling keeps it to a few percent. A probe teaches acceptance only:
 costs are refined from steps at the same K as the step before (a lone step at another K finds other
-weights in the CPU caches than a run of them does, measured 20-40% off). While drafting, ANCHOR_LEN
-plain steps in every ANCHOR_EVERY keep the plain level measured, and each drafting step moves its ratio
-toward what it cost (costs.py, a median tracker): a calibration that read drafting too cheap (this VM can
-move 20-30% within it) is corrected within a few dozen steps, after which plain decoding wins. While plain
+weights in the CPU caches than a run of them does, measured 20-40% off). Each drafting step moves its
+ratio toward what it cost over the plain level (costs.py, a median tracker): a calibration that read
+drafting too cheap (this VM can move 20-30% within it) is corrected within a few dozen steps, after which
+plain decoding wins. The level moves with plain steps that follow plain steps only. 0.2 also ran 3 plain
+"anchor" steps in every 32 while drafting, meant to keep the level measured; flagged as probes they never
+did, and counted they read it 35% high (a plain step amid drafting runs cold: the verify-and-draft graph
+holds its own copy of the trunk's packed weights), which made drafting look cheap; they are gone (~3%
+of every drafting run). While plain
 decoding wins, the choice is recomputed every RECHECK steps only.
 
 K depends only on steps already taken, never on the step being decided, so greedy output is identical
@@ -52,8 +56,6 @@ PRIOR_WEIGHT = 12.0  # the artifact-wide rate counts as this many of a sequence'
 UNTRIED_RATE = 0.5  # acceptance assumed at a position never drafted on this artifact
 PROBE_FIRST, PROBE_MAX = 8, 256  # steps between probes: first, and the cap of the doubling
 PROBE_OPTIMISM = 0.15  # a probe is worth it if acceptance this much above the estimate would make it the choice
-ANCHOR_EVERY, ANCHOR_LEN = 32, 3  # while drafting, this many plain steps in every ANCHOR_EVERY: the level the
-# drafting steps are weighed against stays measured (the first of them, after drafting, is not counted)
 MARGIN = 1.05  # drafting must promise this many times K = 0's tokens per ms (costs are known to ~5-10% here)
 CONFIDENT_TRIALS = 32  # artifact-wide trials at position 1 past which probing starts at 4 x PROBE_FIRST
 
@@ -137,7 +139,6 @@ class Choice:
     expected_ms: float
     plain_ms: float  # the same step at K = 0 (one token per row)
     probe: bool
-    anchor: bool = False  # a plain step while drafting wins: measures the level (never a probe: it counts as a cost)
 
 
 class DraftController:
@@ -176,12 +177,8 @@ class DraftController:
             self.interval = PROBE_FIRST
             self.next_probe = min(self.next_probe, self.step + PROBE_FIRST)
         self.best = best
-        k, probe, anchor = best, False, False
-        if best > 0 and self.step % ANCHOR_EVERY >= ANCHOR_EVERY - ANCHOR_LEN:
-            # 0.2 flagged these as probes, which kept them out of the step costs: the level stayed the
-            # calibration's while drafting, and as this VM's speed moved the drafting steps' ratios moved with it
-            k, anchor = 0, True
-        elif self.step >= self.next_probe and top > best:
+        k, probe = best, False
+        if self.step >= self.next_probe and top > best:
             never = self.rows[active[0]].prior.trials[0] == 0
             deeper = top if never else best + 1
             if never or (self._promising(active, deeper, rate[best] * MARGIN, ms[deeper])
@@ -190,10 +187,10 @@ class DraftController:
             self.next_probe = self.step + self.interval
             self.interval = min(2 * self.interval, PROBE_MAX)
         self.step += 1
-        if best == 0:  # plain decoding wins (an anchor's plain step is not such a choice)
+        if best == 0:  # plain decoding wins
             self.plain_until = self.step + RECHECK - 1
             self.plain = Choice(0, tokens[0], ms[0], ms[0], False)
-        return Choice(k, tokens[k], ms[k], ms[0], probe, anchor)
+        return Choice(k, tokens[k], ms[k], ms[0], probe)
 
     def row_depth(self, row: SequenceAcceptance, choice: Choice, batch: int) -> int:
         """How many of the pass's `choice.k` drafts one row should take. The pass is choice.k + 1 wide

@@ -68,17 +68,10 @@ def test_controller_picks_the_best_k(ratio, rates):
     assert choice.expected_ms == pytest.approx(ratio[choice.k]) and choice.plain_ms == pytest.approx(1.0)
 
 
-def test_controller_keeps_plain_anchors_while_drafting_and_learns_dearer_steps():
-    from nextn.runtime.controller import ANCHOR_EVERY, ANCHOR_LEN
-
+def test_controller_drafts_without_plain_steps_and_learns_dearer_steps():
     ctrl = _controller([1.0, 1.2, 1.4], [0.9, 0.9], trials=1e6)
     ctrl.next_probe = 10**9
-    choices = [ctrl.choose() for _ in range(2 * ANCHOR_EVERY)]
-    ks = [c.k for c in choices]
-    assert ks[:ANCHOR_EVERY - ANCHOR_LEN] == [2] * (ANCHOR_EVERY - ANCHOR_LEN)
-    assert ks[ANCHOR_EVERY - ANCHOR_LEN : ANCHOR_EVERY] == [0] * ANCHOR_LEN and ks[ANCHOR_EVERY] == 2
-    anchors = choices[ANCHOR_EVERY - ANCHOR_LEN : ANCHOR_EVERY]
-    assert all(c.anchor and not c.probe for c in anchors)  # they count as plain steps' costs (the level)
+    assert [ctrl.choose().k for _ in range(100)] == [2] * 100  # no plain steps while drafting wins
     for _ in range(40):  # steps at K = 2 and K = 1 keep costing 4 plain steps: the calibration was wrong
         ctrl.costs.observe(1, 2, 4.0)
         ctrl.costs.observe(1, 1, 4.0)

@@ -124,22 +124,3 @@ def test_streaming_generator_is_thread_free_and_can_be_abandoned(tiny_artifact):
 
 def test_cost_batch_sizes():
     assert [cost_batch(b) for b in (1, 2, 3, 4, 5, 7, 8, 15, 16, 64)] == [1, 2, 3, 4, 4, 4, 8, 8, 16, 64]
-
-
-def test_anchor_steps_keep_the_level_measured_while_drafting(tiny_artifact):
-    """While auto drafts, its anchor steps (plain) move the plain level toward what plain steps cost now:
-    a level read 100x too high by the calibration comes down (0.2 kept anchors out of the costs)."""
-    from nextn.runtime.controller import ANCHOR_EVERY
-
-    with nextn.load(tiny_artifact) as model:
-        dec = model.decoder
-        dec.prepare_auto(1)
-        c = dec.costs().at(1)
-        c.level, c.ratio = c.level * 100, [1.0] + [1.0 + 0.01 * k for k in range(1, len(c.ratio))]
-        high = c.level
-        engine = StepEngine(dec, max_batch=1)
-        engine.add(Request(list(range(3, 10)), max_new_tokens=6 * ANCHOR_EVERY, draft="auto"))
-        while engine.has_work:
-            engine.step()
-        assert c.level < high / 2
-
