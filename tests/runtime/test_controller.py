@@ -259,3 +259,14 @@ def test_report_acceptance_is_conditional():
     runs["K=3"]["accepted_per_position"] = [0.0, 0.0, 0.0]
     assert report_acceptance(manifest) == [0.0, 0.0, 0.0]
     assert report_acceptance({}) is None
+
+
+def test_no_probe_from_plain_for_a_shared_pass_whose_modules_lag():
+    """K = 0 wins narrowly (a 2-token pass costs 1.75 plain ones, 80% accepted), so a probe could pay; one
+    row probes even though its module must catch up first, four rows sharing the pass do not."""
+    lagging = lambda k: False  # noqa: E731 - every module behind, as after plain steps
+    one = _controller([1.0, 1.75], [0.8], trials=1e6)
+    assert 1 in [one.choose(ready=lagging).k for _ in range(300)]
+    four = _controller([1.0, 1.75], [0.8], trials=1e6, rows=4)
+    assert [four.choose(ready=lagging).k for _ in range(300)] == [0] * 300
+    assert 1 in [four.choose().k for _ in range(300)]  # (caught up, it would probe)
