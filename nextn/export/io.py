@@ -78,23 +78,3 @@ def trunk_into(layers_new: Sequence[tuple[Any, Any]], hidden=None) -> dict[str, 
     if hidden is not None:
         into[HIDDEN] = hidden
     return into
-
-
-# -- the verify-and-draft graph (runtime/fused.py): the trunk and MTP module 0 in one call ------------------
-# It takes the trunk's inputs and module 0's past; module 0 runs on every slot the trunk ran, each with the
-# trunk's greedy token for the next position (what greedy decoding appends wherever the drafts before it were
-# accepted), so one call verifies the step's drafts, catches module 0 up over the accepted slots and drafts
-# the next step's first token. Outputs: the trunk's, then these.
-FUSED_PREFIX = "mtp0/"  # module 0's inputs, outputs and every name inside it
-DRAFT_TOKENS = "draft_tokens"  # [B, S]: module 0's greedy draft at each slot
-
-
-def fused_outputs(layers: int) -> list[str]:
-    c, k = new()
-    return [*trunk_outputs(layers), DRAFT_TOKENS, FUSED_PREFIX + HIDDEN_OUT, FUSED_PREFIX + c, FUSED_PREFIX + k]
-
-
-def fused_pasts() -> tuple[str, str]:
-    """(c_kv, k_pe) input names of module 0's past in the verify-and-draft graph."""
-    c, k = past()
-    return FUSED_PREFIX + c, FUSED_PREFIX + k

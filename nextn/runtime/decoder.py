@@ -167,9 +167,6 @@ class Decoder:
         self.prefill_chunk = prefill_chunk
         # the trunk's cache I/O names per layer (io.py), spelled once per decoder: a step builds its feed from them
         self.past_names, self.new_names = [io.past(i) for i in range(self.layers)], [io.new(i) for i in range(self.layers)]
-        c, k = io.new()
-        self.fused_new = (io.FUSED_PREFIX + c, io.FUSED_PREFIX + k)
-        self.fused_draft_at = io.fused_outputs(self.layers).index(io.DRAFT_TOKENS)
         # draft="auto" looks at K = 0 .. max_draft: every module once, then two recursions with the last one
         self.max_draft = (self.n_mtp + 2 if self.n_mtp else 0) if max_draft is None else max_draft
         self._costs: CostModel | None = None
@@ -240,11 +237,8 @@ class Decoder:
             stats.mtp_ms += ms
         return out
 
-    def trunk(self, st: _State, tokens: list[int], stats: Stats, fused: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Run the trunk on `tokens` at positions n.. and append them to its cache. -> logits, hidden.
-        `fused`: through the verify-and-draft graph (runtime/fused.py; greedy steps whose module 0 is
-        current), which also runs module 0 on these slots and keeps its drafts for the next step."""
-        self._settle(st)
+    def trunk(self, st: _State, tokens: list[int], stats: Stats) -> tuple[np.ndarray, np.ndarray]:
+        """Run the trunk on `tokens` at positions n.. and append them to its cache. -> logits, hidden."""
         n, s = st.n, len(tokens)
         feed = {io.INPUT_IDS: np.asarray([tokens], np.int64), io.POSITION_IDS: np.arange(n, n + s, dtype=np.int64)[None],
                 io.ATTENTION_MASK: np.ones((1, n + s), np.int64)}  # fmt: skip
@@ -252,48 +246,17 @@ class Decoder:
         for (past_c, past_k), (new_c, new_k), c_kv, k_pe in zip(self.past_names, self.new_names, st.kv_c, st.kv_k):
             feed[past_c], feed[past_k] = c_kv[:, :n], k_pe[:, :n]
             into[new_c], into[new_k] = c_kv[:, n : n + s], k_pe[:, n : n + s]
-        if fused:  # module 0's past, and its new entries and hiddens straight into its caches
-            (past_c, past_k), (new_c, new_k) = io.fused_pasts(), self.fused_new
-            feed[past_c], feed[past_k] = st.mtp_c[0][:, :n], st.mtp_k[0][:, :n]
-            into[new_c], into[new_k] = st.mtp_c[0][:, n : n + s], st.mtp_k[0][:, n : n + s]
-            into[io.FUSED_PREFIX + io.HIDDEN_OUT] = st.mtp_hidden[0][None, n : n + s]
-            t = time.perf_counter()
-            out = self.engines.verify_draft().run(feed, into)
-            stats.trunk_ms += (time.perf_counter() - t) * 1e3
-            st.fused = (n, out[self.fused_draft_at][0])  # [S]: the next first draft, for each accepted length
-        else:
-            out = self._run("trunk", feed, stats, into)
+        out = self._run("trunk", feed, stats, into)
         st.n = n + s
         return out[io.LOGITS_AT][0], out[io.HIDDEN_AT][0]  # [S, V], [S, H]
 
-    def can_fuse(self, st: _State) -> bool:
-        """Whether a greedy step may verify through the verify-and-draft graph now: module 0 current (it
-        drafted this step) and the graph there."""
-        return self.n_mtp > 0 and st.mtp_valid[0] == st.n and self.engines.verify_draft() is not None
-
-    def _settle(self, st: _State) -> int | None:
-        """After a fused pass, once the step accepted a tokens (st.n = n0 + a + 1): module 0's slots up to
-        n0 + a are valid; -> its draft for the token after t_{st.n} (None without a fused pass)."""
-        if st.fused is None:
-            return None
-        n0, drafts = st.fused
-        st.fused = None
-        a = st.n - n0 - 1
-        if not 0 <= a < len(drafts):
-            return None
-        st.mtp_valid[0] = max(st.mtp_valid[0], st.n)
-        return int(drafts[a])
-
-    def trunk_rows(self, states: list[_State], tokens: list[list[int]], stats: list[Stats],
-                   fused: bool = False) -> list[np.ndarray]:  # fmt: skip
+    def trunk_rows(self, states: list[_State], tokens: list[list[int]], stats: list[Stats]) -> list[np.ndarray]:
         """One trunk pass for b sequences, row r running `tokens[r]` at its positions n_r.. and appending
         them to its own cache. The pasts are gathered into [b, P, R] (P = max n_r; a shorter row's missing
         slots and a narrower row's padding tokens are masked, so they change nothing). -> logits per row.
-        One row takes trunk(): zero-copy views of its own caches (`fused`: see trunk)."""
+        One row takes trunk(): zero-copy views of its own caches."""
         if len(states) == 1:
-            return [self.trunk(states[0], tokens[0], stats[0], fused)[0]]
-        for st in states:
-            self._settle(st)
+            return [self.trunk(states[0], tokens[0], stats[0])[0]]
         b, s = len(states), max(len(t) for t in tokens)
         p = max(st.n for st in states)
         ids, pos = np.zeros((b, s), np.int64), np.zeros((b, s), np.int64)
@@ -351,12 +314,7 @@ class Decoder:
             return st.tokens[idx] if idx <= n else drafts[idx - n - 1]
 
         last = None
-        fused = self._settle(st)  # module 0 ran in the last verify pass: its draft is there
         for k in range(min(k_total, self.n_mtp)):
-            if k == 0 and fused is not None:
-                drafts.append(fused)
-                last = st.mtp_hidden[0][n - 1]
-                continue
             start = st.mtp_valid[k]
             src = st.hidden if k == 0 else st.mtp_hidden[k - 1]
             for a in range(start, n, self.prefill_chunk):  # chunked like prefill (long prompts)
@@ -480,7 +438,6 @@ class _State:
     def reset(self) -> None:
         """Empty, for another sequence (stale slots are never read: lengths say what is valid)."""
         self.mtp_valid = [0] * len(self.mtp_c)
-        self.fused: tuple[int, np.ndarray] | None = None  # (n before a fused pass, module 0's draft per slot)
         self.last_k = -1  # K of the previous step
         self.n = 0
         self.tokens: list[int] = []

@@ -120,8 +120,6 @@ class StepEngine:
     def add(self, request: Request) -> Sequence:
         """Queue a request (checked first: a bad one raises NextnError and changes nothing)."""
         self.dec.check([request.prompt], request.draft, request.params, request.accept)
-        if request.draft != 0 and request.params.greedy and not request.accept.relaxed:
-            self.dec.engines.verify_draft()  # opened (once) before the sequence's clock starts
         seq = Sequence(self, request)
         if seq.acceptance is not None and self.controller is None:
             self.controller = self.dec.controller(1)
@@ -196,11 +194,7 @@ class StepEngine:
         drafts = [dec.draft(seq.state, k, seq.stats) if k else [] for seq, k in zip(rows, ks)]
         starts = [seq.state.n for seq in rows]
         tokens = [[seq.state.tokens[seq.state.n], *d] for seq, d in zip(rows, drafts)]
-        # one greedy row that drafted: verify and draft the next step's first token in one call (fused.py)
-        r0 = rows[0].request
-        fused = (len(rows) == 1 and ks[0] > 0 and r0.params.greedy and not r0.accept.relaxed
-                 and dec.can_fuse(rows[0].state))  # fmt: skip
-        logits = dec.trunk_rows([s.state for s in rows], tokens, [s.stats for s in rows], fused)
+        logits = dec.trunk_rows([s.state for s in rows], tokens, [s.stats for s in rows])
         for seq, d, lg, n in zip(rows, drafts, logits, starts):
             r = seq.request
             a, tok = accept_drafts(lg, d, r.params, seq.rng, r.accept)

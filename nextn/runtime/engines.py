@@ -18,7 +18,6 @@ import contextlib
 import mmap
 import threading
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -67,7 +66,6 @@ class SharedWeights:
         with open(path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.map = np.frombuffer(self._mm, dtype=np.uint8)
-        self.root = path.parent
         self.values: dict[tuple[int, int, int], tuple] = {}  # (offset, length, type) -> (array, OrtValue)
 
     def drop_pages(self) -> None:
@@ -98,25 +96,17 @@ class SharedWeights:
             thread.join()
             self.drop_pages()
 
-    def add_to(self, so, graph) -> None:
-        """Hand `graph`'s (a path, or a ModelProto) external initializers to session options `so`."""
+    def add_to(self, so, graph: Path) -> None:
         for name, (_, value) in self._entries(graph).items():
             so.add_initializer(name, value)
 
-    def covers(self, model) -> bool:
-        """Whether every external initializer of `model` (a ModelProto) is one add_to hands over."""
-        import onnx
-
-        external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-        return all(t.data_type in self._NP for t in external)
-
-    def _entries(self, graph) -> dict[str, tuple]:
+    def _entries(self, graph: Path) -> dict[str, tuple]:
         """name -> (view of the mapping, OrtValue over it) for each external initializer of `graph`."""
         import onnx
         import onnxruntime as ort
         from onnx.external_data_helper import ExternalDataInfo
 
-        model = graph if isinstance(graph, onnx.ModelProto) else onnx.load(str(graph), load_external_data=False)
+        model = onnx.load(str(graph), load_external_data=False)
         out = {}
         for t in model.graph.initializer:
             if t.data_location != onnx.TensorProto.EXTERNAL or t.data_type not in self._NP:
@@ -132,10 +122,7 @@ class SharedWeights:
 
 
 class OrtEngine(Engine):
-    """`path`: the graph's file, or a ModelProto built in memory (runtime/fused.py) whose every external
-    initializer `shared` provides."""
-
-    def __init__(self, name, inputs, outputs, path, device: str, threads: int,
+    def __init__(self, name, inputs, outputs, path: Path, device: str, threads: int,
                  shared: SharedWeights | None = None, prepack: bool = False):  # fmt: skip
         super().__init__(name, inputs, outputs)
         import onnxruntime as ort
@@ -156,11 +143,7 @@ class OrtEngine(Engine):
                 raise NextnError("--device cuda: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
             providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
             providers.append("CPUExecutionProvider")
-        model = str(path)
-        if hasattr(path, "SerializeToString"):  # built in memory: external data paths resolve from the artifact
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(shared.root))
-            model = path.SerializeToString()
-        self.session = ort.InferenceSession(model, so, providers=providers)
+        self.session = ort.InferenceSession(str(path), so, providers=providers)
 
     def run(self, feed, out=None):
         # A plain run over the caller's arrays (ONNX Runtime wraps contiguous numpy inputs without a copy),
@@ -208,25 +191,14 @@ class TorchEngine(Engine):
 class Engines(dict):
     """The artifact's engines by graph name, closed together."""
 
-    def __init__(self, manifest: dict, engines: dict[str, Engine], setup: dict | None = None,
-                 open_fused: Callable[[], Engine | None] | None = None):  # fmt: skip
+    def __init__(self, manifest: dict, engines: dict[str, Engine], setup: dict | None = None):
         super().__init__(engines)
         self.manifest = manifest
         self.setup = setup  # backend, device, threads, pre-packing: what step costs depend on
-        self._open_fused, self._fused = open_fused, None
-
-    def verify_draft(self) -> Engine | None:
-        """The trunk and MTP module 0 as one graph (runtime/fused.py), opened on first use (a greedy drafting
-        step); None where there is none (the torch backend, no MTP module, weights ONNX Runtime loads itself)."""
-        if self._open_fused is not None:
-            self._fused, self._open_fused = self._open_fused(), None
-        return self._fused
 
     def close(self) -> None:
         for e in self.values():
             e.close()
-        if self._fused is not None:
-            self._fused.close()
 
     def __enter__(self) -> Engines:
         return self
@@ -267,28 +239,10 @@ def open_engines(
         if prepack is None:
             prepack = auto_prepack(manifest["weights"]["bytes"])
         shared = SharedWeights(root / manifest["weights"]["file"])
-        def session(name, inputs, outputs, graph):
-            with shared.dropping_pages() if prepack and device == "cpu" else contextlib.nullcontext():
-                return OrtEngine(name, inputs, outputs, graph, device, threads, shared, prepack)
-
-        engines = {n: session(n, *io[n], root / g["file"]) for n, g in graphs.items()}
-
-        def open_fused() -> Engine | None:
-            from nextn.export import io as names
-            from nextn.runtime.fused import compose
-
-            if "mtp_0" not in graphs or device != "cpu":
-                return None
-            if prepack and not auto_prepack(2 * manifest["weights"]["bytes"]):
-                return None  # its own pre-packed copy of the trunk would pass pre-packing's share of memory
-            model = compose(root / graphs["trunk"]["file"], root / graphs["mtp_0"]["file"])
-            if not shared.covers(model):
-                return None  # an initializer the mapping does not hand over (bf16): ONNX Runtime would need the file
-            layers = manifest["config"]["num_hidden_layers"]
-            return session("verify_draft", [*io["trunk"][0], *names.fused_pasts()], names.fused_outputs(layers), model)
-
-        setup = {"backend": backend, "device": device, "threads": threads, "prepack": prepack}
-        return Engines(manifest, engines, setup, open_fused)
+        with shared.dropping_pages() if prepack and device == "cpu" else contextlib.nullcontext():
+            engines = {n: OrtEngine(n, *io[n], root / g["file"], device, threads, shared, prepack)
+                       for n, g in graphs.items()}  # fmt: skip
+        return Engines(manifest, engines, {"backend": backend, "device": device, "threads": threads, "prepack": prepack})
 
     if manifest.get("quantization"):
         raise NextnError(f"--backend torch: {root} is a quantized artifact; the torch backend runs the fp32 "
