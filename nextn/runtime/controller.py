@@ -34,10 +34,10 @@ ratio toward what it cost over the plain level (costs.py, a median tracker): a c
 drafting too cheap (this VM can move 20-30% within it) is corrected within a few dozen steps, after which
 plain decoding wins. The level moves with plain steps that follow plain steps only. 0.2 also ran 3 plain
 "anchor" steps in every 32 while drafting, meant to keep the level measured; flagged as probes they never
-did, and counted they read it 35% high (a plain step amid drafting runs cold: the verify-and-draft graph
-holds its own copy of the trunk's packed weights), which made drafting look cheap; they are gone (~3%
-of every drafting run). While plain
-decoding wins, the choice is recomputed every RECHECK steps only.
+did, and counting them was tried: a plain step amid drafting runs cold (other graphs' weights in the CPU
+caches, here a second session's packed copy of the trunk) and they read the level ~35% high, which made
+drafting look cheap. They are gone (~3% of every drafting run). While plain decoding wins, the choice is
+recomputed every RECHECK steps only.
 
 K depends only on steps already taken, never on the step being decided, so greedy output is identical
 to K = 0 and sampling keeps the target distribution (every K is lossless on its own).
