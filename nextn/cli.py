@@ -470,7 +470,7 @@ def calibrate(artifact, out, data, eval_data, scheme, mtp_scheme, method, weight
 @cli.command()
 @click.argument("artifact", required=False, type=click.Path())
 def verify(artifact):
-    """Check every file of ARTIFACT (default: the embedded model's export) against the sha256 in its
+    """Check every file of ARTIFACT (default: the embedded model as run opens it) against the sha256 in its
     manifest. Opening an artifact checks sizes and hashes only the files changed since they were last
     verified on this machine; this reads every byte."""
     artifact = artifact or _embedded_default()

@@ -23,7 +23,7 @@ they could change it: with acceptance PROBE_OPTIMISM / sqrt(rows) above the esti
 to beat K* (on a model where a 2-token step costs ~1.9 plain steps no acceptance makes K = 1 pay, and
 plain decoding runs without probes; a pass's tokens are summed over its rows, whose mean acceptance
 strays from the artifact's by ~1/sqrt(rows) as much as one row's: at batch 4 the probes from plain
-decoding, each catching a module up over every row's tokens since it last ran, cost 3-5% of the steps
+decoding, each catching a module up over every row's tokens since it last ran, cost 5-7% of the steps
 with the full optimism and found nothing). While drafting, a deeper probe waits while the MTP module it
 needs has fallen behind (its cache would first be caught up over every token since it last ran:
 measured 5-10% of a 128-token generation for two probes); from K* = 0 that catch-up is the price of
