@@ -277,7 +277,7 @@ def _chunks_for(part: nn.Module, moe_block: Callable[[Experts], int | None], bud
     return expert_chunks(ex.n_experts, fused.ExpertStats.nbytes(ex, 1), budget - linear_bytes)
 
 
-def _quantize_experts(obs: _Observer, results: dict, s: PassSettings) -> None:
+def _quantize_experts(obs: _Observer, results: dict) -> None:
     """GPTQ the experts `obs` collected (a chunk, or all), into `results`: module -> (fc1, fc2, methods) by
     expert. The weights stay fp32 until every chunk is done (write_experts): a later chunk's run must see
     the same layer."""
@@ -335,6 +335,7 @@ def _observe_and_quantize(part: nn.Module, run: Callable[[_Observer | None], obj
     experts (the linears' are collected in the first), all from the same fp32 part."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     budget = int(ram * HESSIAN_RAM_FRACTION)
+
     def moe_block(ex: Experts) -> int | None:
         return fused.expert_block_size(ex, s.block_size, s.block_sizes)
 
@@ -351,7 +352,7 @@ def _observe_and_quantize(part: nn.Module, run: Callable[[_Observer | None], obj
             run(obs)
         finally:
             obs.close()
-        _quantize_experts(obs, results, s)
+        _quantize_experts(obs, results)
         first = first or obs
     _write_experts(results, graph, out)
     _quantize_linears(first, graph, out, s, heads)

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 from onnx.external_data_helper import ExternalDataInfo
+import onnx_ir as ir
 import torch
 from torch import nn
 from torch.onnx._internal.exporter._core import TorchTensor  # torch is pinned: the exporter's own tensor

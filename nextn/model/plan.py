@@ -43,6 +43,7 @@ REPORT_RSS = {  # export --quantize: its report's ONNX Runtime session over the 
     "int8": 1.3,  # 2b preset: 3.13 GB peak for 2.09 GB; 1 GB preset: 1.20 GB for 0.41 GB (1.77 GB with fp32 probes)
 }
 
+
 @dataclass(frozen=True)
 class Scheme:
     name: str
@@ -122,6 +123,8 @@ def plan(cfg: ModelConfig, bandwidth_gbs: float, context: int = 4096) -> dict:
     share = cfg.num_experts_per_tok / cfg.n_routed_experts if cfg.n_routed_experts else 1.0
     params = sum(math.prod(s) for s in all_t.values())
     kv_elem = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * (cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
+    # what validation writes in fp32 when quantizing (the truncated twin's layers): the same for every scheme
+    fp32_group = sum(tensor_bytes(SCHEMES["fp32"], cfg, n, s) for n, s in trunk_t.items() if _validation_group(cfg, n))
     out = {"parameters": params, "trunk_parameters": sum(math.prod(s) for s in trunk_t.values()),
            "bandwidth_gbs": bandwidth_gbs, "context": context, "schemes": {}}  # fmt: skip
     for name, sch in SCHEMES.items():
@@ -133,7 +136,6 @@ def plan(cfg: ModelConfig, bandwidth_gbs: float, context: int = 4096) -> dict:
         kv_bytes = kv_elem * (2 if name == "bf16" else 4)
         quantized = name in ("int8", "int4")
         group = sum(tensor_bytes(sch, cfg, n, s) for n, s in trunk_t.items() if _validation_group(cfg, n))
-        fp32_group = sum(tensor_bytes(SCHEMES["fp32"], cfg, n, s) for n, s in trunk_t.items() if _validation_group(cfg, n))
         shared = sum(tensor_bytes(sch, cfg, n, s) for n, s in trunk_t.items() if category(n, s) == "head"
                      or "embed_tokens" in n)  # each MTP graph's .data holds them again until packed  # fmt: skip
         out["schemes"][name] = {
