@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from nextn.errors import NextnError
-from nextn.export import fused_moe, fused_rope
+from nextn.export import fused_moe, fused_rope, lean_attention
 from nextn.export.graphs import MtpGraph, TrunkGraph, dynamic_shapes, example_inputs, mtp_io, trunk_io
 from nextn.export.manifest import FORMAT_VERSION, tool_versions, write_manifest
 from nextn.export.validate import check_cases, fp32_twin, make_session, reference_cases
@@ -188,11 +188,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, opts: ExportOptio
 
 @dataclasses.dataclass(frozen=True)
 class ExportForms:
-    """The export-only forms of the MoE and the rotary (validated like everything else): `forms(model)`
+    """The export-only forms of the MoE, the rotary and the absorbed attention (validated like everything
+    else; lean_attention.py, at the rotary's opset and up): `forms(model)`
     enters them on `model`; `translations()` maps their custom ops to ONNX."""
 
     moe: str  # fused | sparse (resolved)
     opset: int
+
+    @property
+    def onnxruntime_ops(self) -> bool:  # the fused MoE needs ONNX Runtime: its other contrib ops may go in too
+        return self.moe == "fused"
 
     @property
     def stack_experts(self) -> bool:  # the fused MoE reads the experts from stacks the loader can fill
@@ -209,6 +214,7 @@ class ExportForms:
                 stack.enter_context(fused_moe.fused_experts(model))
             if self.opset >= fused_rope.ROPE_OPSET:
                 stack.enter_context(fused_rope.fused_rope(model))
+                stack.enter_context(lean_attention.lean_attention(model))  # absorbed models only
             yield
 
 
@@ -230,9 +236,9 @@ def _export_one(model, cfg, name: str, opts: ExportOptions, dtype: str, forms: E
         program = trace_graph(module, example, dynamic_shapes(which, cfg.num_hidden_layers), inputs, outputs,
                               opts.opset, forms.translations())  # fmt: skip
         if weights is None:
-            save_graph(program, inputs, outputs, path)
+            save_graph(program, inputs, outputs, path, onnxruntime_ops=forms.onnxruntime_ops)
     if weights is not None:
-        save_graph(program, inputs, outputs, path, weights, deferred)
+        save_graph(program, inputs, outputs, path, weights, deferred, onnxruntime_ops=forms.onnxruntime_ops)
     return inputs, outputs
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import types
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -123,7 +124,8 @@ def onnx_translations() -> dict:
             probs = op.Cast(probs, to=x.dtype)
         y = moe_op(x, probs, w13, None, w2, k=top_k, activation_type="swiglu", swiglu_fusion=1,
                    activation_alpha=1.0, activation_beta=0.0, normalize_routing_weights=0)  # fmt: skip
-        return op.Mul(y, op.CastLike(op.Constant(value_float=scale), y))
+        # the scale as a constant of the activations' dtype: a CastLike would stay a node of its own in every layer
+        return op.Mul(y, op.Constant(value=ir.tensor(np.array(scale, dtype=x.dtype.numpy()))))
 
     return {torch.ops.nextn.fused_moe.default: translate}
 

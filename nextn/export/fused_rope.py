@@ -13,6 +13,7 @@ The cache keeps the same k_pe. Inside `fused_rope`, the model's weights are perm
 as the custom op nextn::rope; on exit both are restored.
 
     x [B, S, n, D] ─ Reshape [B, S, n*D] ─ RotaryEmbedding(cos, sin [B, S, D/2], num_heads=n) ─ Reshape [B, S, n, D]
+    x [B, S, D]    ─ RotaryEmbedding(num_heads=1)           (the rope key in lean_attention.py's form: one node)
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ ROPE_OPSET = 23  # RotaryEmbedding is an opset-23 op; older opsets keep the trac
 
 @torch.library.custom_op("nextn::rope", mutates_args=())
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, S, n, D] in halves layout, cos/sin [B, S, D/2] -> rotated, halves layout (the reference's arithmetic)."""
+    """x [B, S, *heads, D] in halves layout (heads: none, n, or n x 1), cos/sin [B, S, D/2] -> rotated, halves
+    layout (the reference's arithmetic)."""
     x1, x2 = x.chunk(2, dim=-1)
-    c, s = cos[:, :, None, :], sin[:, :, None, :]  # [B, S, 1, D/2]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    b, s, half = cos.shape
+    c, s_ = (t.view(b, s, *[1] * (x.dim() - 3), half) for t in (cos, sin))  # [B, S, 1.., D/2]
+    return torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_], dim=-1)
 
 
 @rope.register_fake
@@ -39,17 +42,39 @@ def _(x, cos, sin):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("nextn::rope_rows", mutates_args=())
+def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, n, 1, D] in halves layout (row N = b * S + s of a [B, S] batch), cos/sin [N, 1, D/2] -> rotated:
+    RotaryEmbedding's own 4-D layout (batch, heads, sequence, D), so the graph needs no reshape around it."""
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[:, None], sin[:, None]  # [N, 1, 1, D/2]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+@rope_rows.register_fake
+def _(x, cos, sin):
+    return torch.empty_like(x)
+
+
 def onnx_translations() -> dict:
-    """torch.onnx `custom_translation_table` entry for nextn::rope."""
+    """torch.onnx `custom_translation_table` entries for nextn::rope and nextn::rope_rows."""
     from onnxscript import opset23 as op
 
     def translate(x, cos, sin):
-        n, d = x.shape[2], x.shape[3]  # static: heads and rope dims
+        heads, d = [int(n) for n in x.shape[2:-1]], int(x.shape[-1])  # static: head dims and rope dims
+        if not heads:  # [B, S, D]: one head, RotaryEmbedding takes it as it is
+            return op.RotaryEmbedding(x, cos, sin, interleaved=0, num_heads=1)
+        n = 1
+        for h in heads:
+            n *= h
         flat = op.Reshape(x, op.Constant(value_ints=[0, 0, n * d]))  # [B, S, n*D]
         y = op.RotaryEmbedding(flat, cos, sin, interleaved=0, num_heads=n)
-        return op.Reshape(y, op.Constant(value_ints=[0, 0, n, d]))
+        return op.Reshape(y, op.Constant(value_ints=[0, 0, *heads, d]))
 
-    return {torch.ops.nextn.rope.default: translate}
+    def translate_rows(x, cos, sin):
+        return op.RotaryEmbedding(x, cos, sin, interleaved=0)  # 4-D input: heads from its shape
+
+    return {torch.ops.nextn.rope.default: translate, torch.ops.nextn.rope_rows.default: translate_rows}
 
 
 def _deinterleave(d: int) -> torch.Tensor:

@@ -65,15 +65,16 @@ def trace_graph(
 
 
 def save_graph(program, inputs: list[TensorSpec], outputs: list[TensorSpec], path: Path, weights=None,
-               deferred=None) -> None:  # fmt: skip
+               deferred=None, onnxruntime_ops: bool = False) -> None:  # fmt: skip
     """Optimize a traced graph and save it to `path` (+ `path`.data) with readable symbolic dimensions.
     `weights` (a stream.StreamedWeights) when the graph was traced on the meta device: its initializers
     get stand-ins for optimization and are read from the checkpoint while saving; with `deferred`
-    (stream.DeferredWeights) the large ones are not read at all: the graph is saved referring to them."""
+    (stream.DeferredWeights) the large ones are not read at all: the graph is saved referring to them.
+    `onnxruntime_ops`: the graph may take ONNX Runtime's contrib ops (optimize.fuse_skip_norms)."""
     stand_ins = weights.stand_in(program.model) if weights is not None else None
     with warnings.catch_warnings(), _quiet():
         warnings.simplefilter("ignore")
-        optimize_graph(program.model)
+        optimize_graph(program.model, onnxruntime_ops=onnxruntime_ops)
     if weights is not None:
         weights.bind(program.model, stand_ins, deferred)
     if deferred is not None:

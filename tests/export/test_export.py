@@ -122,10 +122,11 @@ def test_manifest(hf_artifact):
         past = "past.0.c_kv" if name == "trunk" else "past.c_kv"
         assert dims[past] == ["batch", "past_len", cfg.kv_lora_rank]
         assert model.opset_import[0].version == m["opset"] == 23
-        # Standard ONNX ops, but for ONNX Runtime's fused MoE where the form is fused (--moe sparse: none;
-        # test_fused_moe.py).
+        # Standard ONNX ops, but for ONNX Runtime's fused MoE and residual norms where the form is fused
+        # (--moe sparse: none; test_fused_moe.py, test_lean_attention.py).
         contrib = {n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")}
-        assert contrib <= ({"MoE", "MoEGroupRouter"} if m["moe"] == "fused" else set())
+        fused = {"MoE", "MoEGroupRouter", "SkipSimplifiedLayerNormalization"}
+        assert contrib <= (fused if m["moe"] == "fused" else set())
     for f, meta in m["files"].items():
         assert sha256_file(artifact / f) == meta["sha256"]
     assert {"torch", "onnx", "onnxruntime", "onnxscript", "nextn"} <= set(m["tools"])
