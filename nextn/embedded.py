@@ -37,8 +37,9 @@ def cache_root() -> Path:
 
 def _cache_key() -> str:
     from nextn import __version__
+    from nextn.export.manifest import GRAPH_FORMS
 
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"graph forms {GRAPH_FORMS}".encode())  # new export forms: exported afresh
     ckpt = embedded_checkpoint()
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         h.update((ckpt / name).read_bytes())
