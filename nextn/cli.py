@@ -226,7 +226,8 @@ def export(checkpoint: str | None, out: str, dtype: str, mtp_layers: int | None,
 @click.option("--stop", multiple=True, help="Stop string (repeatable).")
 @click.option("--backend", default="ort", show_default=True, help="ort or torch.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--threads", type=int, default=0, help="Intra-op threads (0: the backend's default).")
+@click.option("--threads", type=int, default=0,
+              help="Intra-op threads of the trunk (0: the backend's default); the MTP drafts run on one.")
 @click.option("--prepack/--no-prepack", default=None,
               help="ONNX Runtime pre-packs weights per graph: faster, more memory [default: when the weights take "
                    "at most 1/8 of RAM].")  # fmt: skip
@@ -341,7 +342,8 @@ def _name_list(flag: str, value: str, allowed: tuple[str, ...]) -> tuple[str, ..
               help="transformers (eager generate, use_mtp off and on), none, or auto: transformers when installed.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per configuration.")
 @click.option("--warmup", type=int, default=1, show_default=True)
-@click.option("--threads", type=int, default=1, show_default=True, help="Intra-op threads, for every backend.")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="Intra-op threads of the trunk, for every backend (ONNX Runtime's drafts run on one).")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write every raw figure to this file.")
 @click.option("--plot", "plot_out", type=click.Path(), default=None, help="Write a PNG plot to this file.")
 @click.option("--sweep", "sweep", default=None,
@@ -509,7 +511,8 @@ def _embedded_default() -> str:
 @click.option("--draft", default="auto", show_default=True,
               help="The drafting run: auto (K chosen per step) or a fixed K >= 1.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per mode (the median is shown).")
-@click.option("--threads", type=int, default=1, show_default=True, help="Intra-op threads.")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="Intra-op threads of the trunk (the drafts run on one).")
 @click.option("--quant", default=None, type=click.Choice(QUANT_SCHEMES),
               help="Run the embedded model quantized (nextn calibrate's defaults, once, cached) instead of fp32.")
 @click.option("--drafts", default="int4", show_default=True, type=click.Choice(DRAFT_SCHEMES),
@@ -567,7 +570,8 @@ def demo(prompt, max_new_tokens, draft, repeats, threads, quant, drafts, as_json
 @click.option("--model-name", default=None, help="The name clients ask for [default: the artifact's folder name].")
 @click.option("--backend", default="ort", show_default=True, help="ort or torch.")
 @click.option("--threads", type=int, default=0,
-              help="Intra-op threads per engine (0: the backend's default; with --replicas, the cores split evenly).")
+              help="Intra-op threads of the trunk (0: the backend's default; with --replicas, the cores split evenly); "
+                   "the MTP drafts run on one.")
 @click.option("--replicas", type=int, default=0,
               help="Serve N replicas as a Ray Serve deployment (each its own engine) [default: no Ray, one engine].")
 @click.option("--ray-address", default=None, help="With --replicas: join this Ray cluster [default: start a local one].")

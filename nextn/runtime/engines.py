@@ -207,6 +207,13 @@ class Engines(dict):
         self.close()
 
 
+# Intra-op threads of the MTP graphs' sessions, whatever `threads` the trunk gets. A draft is one decoder layer
+# and a head: its ops are too small to split (on the embedded model a 2-thread draft cost ~2x a 1-thread one),
+# and each session has its own pool, so a second multi-thread pool spinning beside the trunk's oversubscribes
+# the cores: with both at 2 threads on 2 cores, K = 3 took 2.1 ms a token against 1.2 ms for plain decoding
+# (auto 0.71x), while trunk 2 + drafts 1 made plain decoding 11% and drafting 4% faster than 1 + 1.
+DRAFT_THREADS = 1
+
 # Pre-packing keeps a second, per-session copy of the weights: worth it (BENCHMARKS.md: up to 1.4x per
 # decode step on small models) while that copy is a small share of the machine's memory.
 PREPACK_MAX_RAM_FRACTION = 1 / 8
@@ -223,7 +230,8 @@ def open_engines(
     artifact: str | Path, backend: str = "ort", device: str = "cpu", threads: int = 0, verify: bool | str = True,
     prepack: bool | None = None,
 ) -> Engines:
-    """Open every graph of an artifact with one backend. `verify`: see manifest.read_manifest (True: the
+    """Open every graph of an artifact with one backend. `threads`: intra-op threads of the trunk (0: the
+    backend's default); ONNX Runtime runs the MTP graphs on DRAFT_THREADS. `verify`: see manifest.read_manifest (True: the
     sha256 of files changed since last verified on this machine; "full": of every file); `prepack`
     lets ONNX Runtime keep its own pre-packed copy of the weights per session (faster, more memory);
     None (auto): pre-pack when the weights take at most PREPACK_MAX_RAM_FRACTION of physical memory."""
@@ -240,9 +248,12 @@ def open_engines(
             prepack = auto_prepack(manifest["weights"]["bytes"])
         shared = SharedWeights(root / manifest["weights"]["file"])
         with shared.dropping_pages() if prepack and device == "cpu" else contextlib.nullcontext():
-            engines = {n: OrtEngine(n, *io[n], root / g["file"], device, threads, shared, prepack)
+            engines = {n: OrtEngine(n, *io[n], root / g["file"], device, threads if n == "trunk" else DRAFT_THREADS,
+                                    shared, prepack)
                        for n, g in graphs.items()}  # fmt: skip
-        return Engines(manifest, engines, {"backend": backend, "device": device, "threads": threads, "prepack": prepack})
+        setup = {"backend": backend, "device": device, "threads": threads, "draft_threads": DRAFT_THREADS,
+                 "prepack": prepack}  # fmt: skip
+        return Engines(manifest, engines, setup)
 
     if manifest.get("quantization"):
         raise NextnError(f"--backend torch: {root} is a quantized artifact; the torch backend runs the fp32 "

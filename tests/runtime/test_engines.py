@@ -44,6 +44,15 @@ def test_weights_are_mapped_once_for_all_graphs(tiny_artifact):
         assert all(arr.base is not None for arr, _ in mapping.values.values())  # views, not copies
 
 
+def test_drafts_run_on_one_thread_whatever_the_trunk_takes(tiny_artifact):
+    # Two multi-thread pools spinning side by side oversubscribe the cores: drafting at 2 threads lost to plain
+    # decoding on 2 cores (BENCHMARKS.md); the MTP graphs' sessions take one thread, the trunk what is asked.
+    with open_engines(tiny_artifact, threads=2) as engines:
+        threads = {n: e.session.get_session_options().intra_op_num_threads for n, e in engines.items()}
+        assert threads == {"trunk": 2, "mtp_0": 1, "mtp_1": 1}
+        assert engines.setup["threads"] == 2 and engines.setup["draft_threads"] == 1  # the step costs' key
+
+
 def test_prepacking_is_automatic_for_weights_that_are_a_small_share_of_memory():
     from nextn.runtime.engines import auto_prepack
 
