@@ -4,7 +4,7 @@
 
 Random weights of the embedded sizes (8 layers, E 8, H 256, I 96, top 2), fresh routing every call, 1 thread.
 """
-import numpy as np, onnx, onnxruntime as ort, time, statistics
+import numpy as np, onnxruntime as ort, time, statistics
 from onnx import helper as h, TensorProto as TP, numpy_helper as nh
 E,H,I,K,L=8,256,96,2,8
 rng=np.random.default_rng(0)
