@@ -82,7 +82,8 @@ def fuse_skip_norms(model: ir.Model) -> int:
                 or eps is None or norm.attributes.get_int("stash_type", 1) != 1):  # fmt: skip
             continue
         a, b = add.inputs
-        if any(v.dtype != ir.DataType.FLOAT or v.shape is None or v.is_initializer() for v in (a, b)) or a.shape != b.shape:
+        if a.shape != b.shape or any(v.dtype != ir.DataType.FLOAT or v.shape is None or v.is_initializer()
+                                     for v in (a, b)):  # fmt: skip
             continue
         outputs = [ir.Value(name=norm.outputs[0].name + "_skip"), ir.Value(name=""), ir.Value(name=""),
                    ir.Value(name=add.outputs[0].name + "_skip")]  # fmt: skip

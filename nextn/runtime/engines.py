@@ -208,10 +208,10 @@ class Engines(dict):
 
 
 # Intra-op threads of the MTP graphs' sessions, whatever `threads` the trunk gets. A draft is one decoder layer
-# and a head: its ops are too small to split (on the embedded model a 2-thread draft cost ~2x a 1-thread one),
-# and each session has its own pool, so a second multi-thread pool spinning beside the trunk's oversubscribes
-# the cores: with both at 2 threads on 2 cores, K = 3 took 2.1 ms a token against 1.2 ms for plain decoding
-# (auto 0.71x), while trunk 2 + drafts 1 made plain decoding 11% and drafting 4% faster than 1 + 1.
+# and a head: its ops are too small to split, and each session has its own pool, so a second multi-thread pool
+# spinning beside the trunk's oversubscribes the cores. On 2 cores with both at 2 threads, K = 3 took 2.4 ms a
+# token against 1.24 ms for plain decoding (auto 0.77x); trunk 2 + drafts 1 made plain decoding and drafting
+# both 7% faster than 1 + 1 (benchmarks/draft_threads.py, BENCHMARKS.md).
 DRAFT_THREADS = 1
 
 # Pre-packing keeps a second, per-session copy of the weights: worth it (BENCHMARKS.md: up to 1.4x per
@@ -231,7 +231,8 @@ def open_engines(
     prepack: bool | None = None,
 ) -> Engines:
     """Open every graph of an artifact with one backend. `threads`: intra-op threads of the trunk (0: the
-    backend's default); ONNX Runtime runs the MTP graphs on DRAFT_THREADS. `verify`: see manifest.read_manifest (True: the
+    backend's default); ONNX Runtime runs the MTP graphs on DRAFT_THREADS. `verify`: see
+    manifest.read_manifest (True: the
     sha256 of files changed since last verified on this machine; "full": of every file); `prepack`
     lets ONNX Runtime keep its own pre-packed copy of the weights per session (faster, more memory);
     None (auto): pre-pack when the weights take at most PREPACK_MAX_RAM_FRACTION of physical memory."""

@@ -73,7 +73,7 @@ def test_fuse_skip_norms_same_values_and_output_names(norm_is_output):
     assert ops == ["SkipSimplifiedLayerNormalization", "MatMul", "Add"]
     assert [o.name for o in fused.graph.output] == [o.name for o in proto.graph.output]
     rng = np.random.default_rng(0)
-    feed = {"a": rng.standard_normal((2, 3, 8), dtype=np.float32), "b": rng.standard_normal((2, 3, 8), dtype=np.float32)}
+    feed = {n: rng.standard_normal((2, 3, 8), dtype=np.float32) for n in ("a", "b")}
     run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
            for m in (proto, fused)]  # fmt: skip
     for want, got in zip(*run):
