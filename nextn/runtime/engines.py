@@ -240,6 +240,8 @@ def open_engines(
         raise NextnError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
     if device not in DEVICES:
         raise NextnError(f"--device {device}: choose one of {', '.join(DEVICES)}")
+    if threads < 0:
+        raise NextnError(f"--threads {threads}: must be >= 0 (0: the backend's default)")
     root = Path(artifact)
     manifest = read_manifest(root, verify=verify)
     graphs = manifest["graphs"]

@@ -53,6 +53,13 @@ def test_drafts_run_on_one_thread_whatever_the_trunk_takes(tiny_artifact):
         assert engines.setup["threads"] == 2 and engines.setup["draft_threads"] == 1  # the step costs' key
 
 
+def test_negative_threads_are_refused(tiny_artifact):
+    from nextn.errors import NextnError
+
+    with pytest.raises(NextnError, match="--threads -1: must be >= 0"):
+        open_engines(tiny_artifact, threads=-1)
+
+
 def test_prepacking_is_automatic_for_weights_that_are_a_small_share_of_memory():
     from nextn.runtime.engines import auto_prepack
 
