@@ -2,24 +2,25 @@
 
 Every ONNX node costs a kernel launch and often a copy, and the reference's absorbed form (model/reference.py)
 puts the heads in a batch dimension: the query is transposed to [B, nh, S, R + D], the latent key unsqueezed
-to [B, 1, T, R + D], the output transposed back, and each rotary is wrapped in Reshapes and a Gather: ~33
-nodes a layer after ONNX Runtime's own fusions.
-The latent key is shared by every head, so heads can be rows instead: one GEMM per sequence against the
-key, no transposes, and the rope key rotated as it comes out of its projection:
+to [B, 1, T, R + D], the output transposed back, each rotary is wrapped in Reshapes and a Gather, and every
+step copies the whole cache twice (past + new, then [c_kv; k_pe]). The latent key is shared by every head,
+so heads can be rows instead: one GEMM per sequence against the key, no transposes; and the past and the
+new entries are attended as they are, side by side, so no step copies the cache:
 
-    q [B, S, nh*(dn+D)] ─ Reshape [B*S, nh, 1, dn+D] ─ Split ─ q_nope ─ MatMul(W_UK [nh, dn, R]) ─ [B*S, nh, 1, R] ─┐
-                                                         └─ q_pe [B*S, nh, 1, D] ─ RotaryEmbedding ─────────────── Concat
-    q [B, S*nh, R+D] (Reshape) @ k^T, k = [c_kv; k_pe] [B, T, R+D] ─ * scale ─ Where(mask rows) ─ Softmax [B, S*nh, T]
-      ─ @ c_kv [B, T, R] ─ Reshape [B*S, nh, 1, R] ─ MatMul(W_UV^T [nh, R, dv]) ─ Reshape [B, S, nh*dv] ─ o_proj
+    q [B, S, nh*(dn+D)] ─ Reshape [B*S, nh, 1, dn+D] ─ Split ─ q_nope @ W_UK [nh, dn, R] ─ Reshape ─ q_lat [B, S*nh, R]
+                                                          └─ q_pe ─ RotaryEmbedding ─ Reshape ─ q_rot [B, S*nh, D]
+    scores = [q_lat @ past.c_kv^T + q_rot @ past.k_pe^T | q_lat @ new.c_kv^T + q_rot @ new.k_pe^T] * scale  [B, S*nh, T]
+    p = Softmax(Where(mask rows, scores)) ─ Split [P | S] ─ p_past @ past.c_kv + p_new @ new.c_kv  [B, S*nh, R]
+      ─ Reshape [B*S, nh, 1, R] @ W_UV^T [nh, R, dv] ─ Reshape [B, S, nh*dv] ─ o_proj
 
 W_UK and W_UV^T broadcast over the B*S rows (each head's 1-row product, in one MatMul node); the query's
 rotary takes [B*S, nh, 1, D] as RotaryEmbedding's own (batch, heads, sequence, D) layout with cos/sin as
-[B*S, 1, D/2]. Those and the mask rows [B, S*nh, T] are the same expressions in every layer, computed once
-after common-subexpression elimination. The arithmetic is the reference's absorbed form, the same products
-in another order: the graphs are validated against the reference as every export is. Weights are not
-changed, so artifacts exported with or without this form calibrate alike. Measured (BENCHMARKS.md): 7 nodes
-fewer a layer after ONNX Runtime's fusions, ~3% of a step on the embedded model and ~6% on the 1 GB one
-(with the fused norms); both steps are bound by the bytes they read more than by their node count.
+[B*S, 1, D/2], and the key's rotary its 3-D one. Those and the mask rows [B, S*nh, T] are the same
+expressions in every layer, computed once after common-subexpression elimination. The arithmetic is the
+reference's absorbed form, the same products in another order: the graphs are validated against the
+reference as every export is. Weights are not changed, so artifacts exported with or without this form
+calibrate alike. Measured (BENCHMARKS.md, with the fused norms): a step of the embedded model 2% cheaper
+after a past of 100 and 16% after 1024 (the copies grew with the past), 4-5% on the 1 GB model after 64.
 """
 
 from __future__ import annotations
@@ -43,16 +44,19 @@ def _lean_forward(self: MLA, x, rotary, cos, sin, mask, past: LayerKV, absorbed:
     q_nope, q_pe = q.view(b * s, nh, 1, dn + dr).split([dn, dr], dim=-1)  # [B*S, nh, 1, dn], [B*S, nh, 1, D]
     c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([r, dr], dim=-1)  # [B, S, R], [B, S, D]
     new = LayerKV(self.kv_a_layernorm(c_kv), rope(k_pe, cos, sin))
-    all_ckv = torch.cat([past.c_kv, new.c_kv], dim=1)  # [B, T, R]
-    key = torch.cat([all_ckv, torch.cat([past.k_pe, new.k_pe], dim=1)], dim=-1)  # [B, T, R + D]
-
     w = self.kv_b_proj.weight.view(nh, dn + dv, r)
     w_uk, w_uv_t = w[:, :dn], w[:, dn:].transpose(-1, -2)  # [nh, dn, R], [nh, R, dv]
     cos_rows, sin_rows = cos.view(b * s, 1, -1), sin.view(b * s, 1, -1)  # [B*S, 1, D/2]: the same in every layer
-    q_cat = torch.cat([q_nope @ w_uk, rope_rows(q_pe, cos_rows, sin_rows)], dim=-1).view(b, s * nh, r + dr)
+    q_lat = (q_nope @ w_uk).view(b, s * nh, r)  # [B, S*nh, R]
+    q_rot = rope_rows(q_pe, cos_rows, sin_rows).view(b, s * nh, dr)  # [B, S*nh, D]
+
+    def scores(c, k):  # [B, S*nh, len]: against the cache as it is, never copied
+        return (q_lat @ c.transpose(-1, -2)) * cfg.softmax_scale + (q_rot @ k.transpose(-1, -2)) * cfg.softmax_scale
+
     rows = mask[:, 0, :, None, :].expand(b, s, nh, mask.shape[-1]).reshape(b, s * nh, -1)  # [B, S*nh, T]
-    p = _softmax((q_cat @ key.transpose(-1, -2)) * cfg.softmax_scale, rows)  # [B, S*nh, T]
-    o = (p @ all_ckv).view(b * s, nh, 1, r) @ w_uv_t  # [B*S, nh, 1, dv]
+    p = _softmax(torch.cat([scores(past.c_kv, past.k_pe), scores(new.c_kv, new.k_pe)], dim=-1), rows)
+    p_past, p_new = p.split([past.c_kv.shape[1], s], dim=-1)
+    o = (p_past @ past.c_kv + p_new @ new.c_kv).view(b * s, nh, 1, r) @ w_uv_t  # [B*S, nh, 1, dv]
     return self.o_proj(o.reshape(b, s, nh * dv)), new
 
 
