@@ -21,8 +21,9 @@ MANIFEST = "manifest.json"
 ARRAY_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "float32"}
 FORMAT_VERSION = 1
 # Bumped when the export forms (exporter.ExportForms) change the graphs a checkpoint becomes; the embedded
-# model's cache key holds it, so a cached export of older forms is not reused. 2: lean attention, fused norms.
-GRAPH_FORMS = 2
+# model's cache key holds it, so a cached export of older forms is not reused. 2: lean attention, fused norms;
+# 3: the lean attention reads the past cache where it lies.
+GRAPH_FORMS = 3
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22, progress=None, start: int = 0, total: int = 0) -> str:
