@@ -147,9 +147,14 @@ def print_table(doc: dict) -> None:
             print(f"| {r['variant']} | {r['threads']} | {r['tpot_ms']:.2f} | {r['read_mb']:.1f} | "
                   f"{r['tpot_over_floor']:.2f} | {llama_format(r['variant'])} {r['llama_cpp_tpot_ms']:.2f} | "
                   f"{r['vs_llama_cpp']:.2f} ({lo:.2f}-{hi:.2f}) |")
-        print("\nread bandwidth (median of rounds): " + ", ".join(f"{v:.1f} GB/s at {t} thread(s)"
-                                                                for t, v in doc["read_gbs"].items()))  # fmt: skip
-        return
+    else:
+        _print_issue_table(doc)
+    print("\nread bandwidth (median of rounds): " + ", ".join(f"{v:.1f} GB/s at {t} thread(s)"
+                                                            for t, v in doc["read_gbs"].items()))  # fmt: skip
+
+
+def _print_issue_table(doc: dict) -> None:
+    """nextn's rows beside issue 14's llama.cpp figures (another run)."""
     print("\n| variant | threads | TPOT ms | MB read / token | achieved GB/s | TPOT / floor (range) "
           "| llama.cpp (issue 14) TPOT / floor |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -164,8 +169,6 @@ def print_table(doc: dict) -> None:
         lo, hi = r["tpot_over_floor_range"]
         print(f"| {r['variant']} | {r['threads']} | {r['tpot_ms']:.2f} | {r['read_mb']:.1f} | "
               f"{r['read_mb'] / r['tpot_ms']:.1f} | {r['tpot_over_floor']:.2f} ({lo:.2f}-{hi:.2f}) | {llama} |")
-    print("\nread bandwidth (median of rounds): " + ", ".join(f"{v:.1f} GB/s at {t} thread(s)"
-                                                            for t, v in doc["read_gbs"].items()))  # fmt: skip
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ as the custom op nextn::rope; on exit both are restored.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -27,14 +28,18 @@ from nextn.model.reference import MLA
 ROPE_OPSET = 23  # RotaryEmbedding is an opset-23 op; older opsets keep the traced form
 
 
+def _rotate_halves(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The reference's rotation of x [..., D] (halves layout) by c/s broadcast against [..., D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
 @torch.library.custom_op("nextn::rope", mutates_args=())
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, S, *heads, D] in halves layout (heads: none, n, or n x 1), cos/sin [B, S, D/2] -> rotated, halves
     layout (the reference's arithmetic)."""
-    x1, x2 = x.chunk(2, dim=-1)
     b, s, half = cos.shape
-    c, s_ = (t.view(b, s, *[1] * (x.dim() - 3), half) for t in (cos, sin))  # [B, S, 1.., D/2]
-    return torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_], dim=-1)
+    return _rotate_halves(x, *(t.view(b, s, *[1] * (x.dim() - 3), half) for t in (cos, sin)))  # [B, S, 1.., D/2]
 
 
 @rope.register_fake
@@ -46,9 +51,7 @@ def _(x, cos, sin):
 def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [N, n, 1, D] in halves layout (row N = b * S + s of a [B, S] batch), cos/sin [N, 1, D/2] -> rotated:
     RotaryEmbedding's own 4-D layout (batch, heads, sequence, D), so the graph needs no reshape around it."""
-    x1, x2 = x.chunk(2, dim=-1)
-    c, s = cos[:, None], sin[:, None]  # [N, 1, 1, D/2]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return _rotate_halves(x, cos[:, None], sin[:, None])  # cos/sin [N, 1, 1, D/2]
 
 
 @rope_rows.register_fake
@@ -64,9 +67,7 @@ def onnx_translations() -> dict:
         heads, d = [int(n) for n in x.shape[2:-1]], int(x.shape[-1])  # static: head dims and rope dims
         if not heads:  # [B, S, D]: one head, RotaryEmbedding takes it as it is
             return op.RotaryEmbedding(x, cos, sin, interleaved=0, num_heads=1)
-        n = 1
-        for h in heads:
-            n *= h
+        n = math.prod(heads)
         flat = op.Reshape(x, op.Constant(value_ints=[0, 0, n * d]))  # [B, S, n*D]
         y = op.RotaryEmbedding(flat, cos, sin, interleaved=0, num_heads=n)
         return op.Reshape(y, op.Constant(value_ints=[0, 0, *heads, d]))

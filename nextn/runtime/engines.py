@@ -231,9 +231,8 @@ def open_engines(
     prepack: bool | None = None,
 ) -> Engines:
     """Open every graph of an artifact with one backend. `threads`: intra-op threads of the trunk (0: the
-    backend's default); ONNX Runtime runs the MTP graphs on DRAFT_THREADS. `verify`: see
-    manifest.read_manifest (True: the
-    sha256 of files changed since last verified on this machine; "full": of every file); `prepack`
+    backend's default); ONNX Runtime runs the MTP graphs on DRAFT_THREADS. `verify`: see manifest.read_manifest
+    (True: the sha256 of files changed since last verified on this machine; "full": of every file); `prepack`
     lets ONNX Runtime keep its own pre-packed copy of the weights per session (faster, more memory);
     None (auto): pre-pack when the weights take at most PREPACK_MAX_RAM_FRACTION of physical memory."""
     if backend not in BACKENDS:
