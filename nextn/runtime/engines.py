@@ -67,6 +67,7 @@ class SharedWeights:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.map = np.frombuffer(self._mm, dtype=np.uint8)
         self.values: dict[tuple[int, int, int], tuple] = {}  # (offset, length, type) -> (array, OrtValue)
+        self._graphs: dict[Path, dict[str, tuple]] = {}  # graph -> _entries(graph)
 
     def drop_pages(self) -> None:
         """Unmap the mapping's resident pages from this process (they stay in the page cache)."""
@@ -96,12 +97,23 @@ class SharedWeights:
             thread.join()
             self.drop_pages()
 
-    def add_to(self, so, graph: Path) -> None:
+    def add_to(self, so, graph: Path, replaced: dict | None = None) -> None:
+        """Hand `graph`'s external initializers to the session options; `replaced` (name -> OrtValue, which
+        the caller keeps alive with its array as long as the session lives) instead of the mapping's."""
         for name, (_, value) in self._entries(graph).items():
-            so.add_initializer(name, value)
+            so.add_initializer(name, (replaced or {}).get(name, value))
+
+    def array(self, graph: Path, name: str) -> np.ndarray:
+        """The mapping's view of `graph`'s external initializer `name`."""
+        return self._entries(graph)[name][0]
 
     def _entries(self, graph: Path) -> dict[str, tuple]:
         """name -> (view of the mapping, OrtValue over it) for each external initializer of `graph`."""
+        if graph not in self._graphs:
+            self._graphs[graph] = self._read_entries(graph)
+        return self._graphs[graph]
+
+    def _read_entries(self, graph: Path) -> dict[str, tuple]:
         import onnx
         import onnxruntime as ort
         from onnx.external_data_helper import ExternalDataInfo
@@ -123,7 +135,7 @@ class SharedWeights:
 
 class OrtEngine(Engine):
     def __init__(self, name, inputs, outputs, path: Path, device: str, threads: int,
-                 shared: SharedWeights | None = None, prepack: bool = False):  # fmt: skip
+                 shared: SharedWeights | None = None, prepack: bool = False, halve_experts: bool = False):  # fmt: skip
         super().__init__(name, inputs, outputs)
         import onnxruntime as ort
 
@@ -133,8 +145,14 @@ class OrtEngine(Engine):
             so.intra_op_num_threads = threads
         if not prepack:
             so.add_session_config_entry("session.disable_prepacking", "1")
+        model: str | bytes = str(path)
+        self.halves: dict[str, tuple] = {}  # name -> (array, OrtValue): the session borrows them, kept as long
         if shared is not None and device == "cpu":
-            shared.add_to(so, path)
+            if halve_experts:
+                model, halves = _halved_model(path, shared)
+                self.halves = {n: (a, ort.OrtValue.ortvalue_from_numpy(a)) for n, a in halves.items()}
+                so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+            shared.add_to(so, path, {n: v for n, (_, v) in self.halves.items()})
         self.shared = shared  # the session borrows the mapping's memory: keep it alive as long
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
@@ -143,7 +161,7 @@ class OrtEngine(Engine):
                 raise NextnError("--device cuda: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
             providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
             providers.append("CPUExecutionProvider")
-        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        self.session = ort.InferenceSession(model, so, providers=providers)
 
     def run(self, feed, out=None):
         # A plain run over the caller's arrays (ONNX Runtime wraps contiguous numpy inputs without a copy),
@@ -160,6 +178,18 @@ class OrtEngine(Engine):
 
     def close(self):
         self.session = None
+
+
+def _halved_model(path: Path, shared: SharedWeights) -> tuple[bytes | str, dict[str, np.ndarray]]:
+    """The graph at `path` with its routed experts in halves (expert_halves.py), serialized, and the halved
+    stacks; the path itself when it has no expert stack to halve."""
+    import onnx
+
+    from nextn.runtime.expert_halves import halve_experts
+
+    model = onnx.load(str(path), load_external_data=False)
+    halves = halve_experts(model, lambda name: shared.array(path, name))
+    return (model.SerializeToString(), halves) if halves else (str(path), {})
 
 
 class TorchEngine(Engine):
@@ -234,7 +264,8 @@ def open_engines(
     backend's default); ONNX Runtime runs the MTP graphs on DRAFT_THREADS. `verify`: see manifest.read_manifest
     (True: the sha256 of files changed since last verified on this machine; "full": of every file); `prepack`
     lets ONNX Runtime keep its own pre-packed copy of the weights per session (faster, more memory);
-    None (auto): pre-pack when the weights take at most PREPACK_MAX_RAM_FRACTION of physical memory."""
+    None (auto): pre-pack when the weights take at most PREPACK_MAX_RAM_FRACTION of physical memory. The
+    sessions that pre-pack also take their routed experts in halves (expert_halves.py), another private copy."""
     if backend not in BACKENDS:
         raise NextnError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
     if device not in DEVICES:
@@ -251,7 +282,7 @@ def open_engines(
         shared = SharedWeights(root / manifest["weights"]["file"])
         with shared.dropping_pages() if prepack and device == "cpu" else contextlib.nullcontext():
             engines = {n: OrtEngine(n, *io[n], root / g["file"], device, threads if n == "trunk" else DRAFT_THREADS,
-                                    shared, prepack)
+                                    shared, prepack, halve_experts=prepack)
                        for n, g in graphs.items()}  # fmt: skip
         setup = {"backend": backend, "device": device, "threads": threads, "draft_threads": DRAFT_THREADS,
                  "prepack": prepack}  # fmt: skip
