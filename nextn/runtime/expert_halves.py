@@ -71,7 +71,7 @@ def _halved_stacks(node: onnx.NodeProto, array) -> dict[str, np.ndarray] | None:
         w13, w2 = array(ins[2]), array(ins[4])  # [E, 2I, H], [E, H, I]
         if w2.shape[2] % 2:
             return None
-        return {ins[2]: _rows_in_halves(w13), ins[4]: _columns_in_halves(w2) * w2.dtype.type(2)}
+        return {ins[2]: _rows_in_halves(w13), ins[4]: _columns_in_halves(w2, 2.0)}
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     bits, block = attrs.get("expert_weight_bits"), attrs.get("block_size", 0)
     names = [ins[i] if len(ins) > i else "" for i in (2, 3, 5, 6, 11, 12)]
@@ -83,17 +83,30 @@ def _halved_stacks(node: onnx.NodeProto, array) -> dict[str, np.ndarray] | None:
     if inter % (2 * block) or (bits == 4 and half_blocks % 2):  # a half must be whole blocks and zero-point bytes
         return None
     return {names[0]: _rows_in_halves(fc1_q), names[1]: _rows_in_halves(fc1_s), names[4]: _rows_in_halves(fc1_z),
-            names[2]: _columns_in_halves(fc2_q), names[3]: _columns_in_halves(fc2_s) * fc2_s.dtype.type(2),
+            names[2]: _columns_in_halves(fc2_q), names[3]: _columns_in_halves(fc2_s, 2.0),
             names[5]: _columns_in_halves(fc2_z)}  # fmt: skip
 
 
-def _rows_in_halves(w: np.ndarray) -> np.ndarray:
-    """[E, 2R, C] -> [2E, R, C]: every expert's first R rows, then every expert's last R."""
+def _rows_in_halves(w: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """[E, 2R, C] -> [2E, R, C]: every expert's first R rows, then every expert's last R (times `scale`)."""
     e, r2, c = w.shape
-    return np.ascontiguousarray(w.reshape(e, 2, r2 // 2, c).transpose(1, 0, 2, 3)).reshape(2 * e, r2 // 2, c)
+    out = np.empty((2, e, r2 // 2, c), w.dtype)
+    for half in range(2):  # one pass over the source: block copies of whole rows
+        _copy(w[:, half * (r2 // 2) : (half + 1) * (r2 // 2)], out[half], scale)
+    return out.reshape(2 * e, r2 // 2, c)
 
 
-def _columns_in_halves(w: np.ndarray) -> np.ndarray:
-    """[E, R, 2C] -> [2E, R, C]: every expert's first C columns, then every expert's last C."""
+def _columns_in_halves(w: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """[E, R, 2C] -> [2E, R, C]: every expert's first C columns, then every expert's last C (times `scale`)."""
     e, r, c2 = w.shape
-    return np.ascontiguousarray(w.reshape(e, r, 2, c2 // 2).transpose(2, 0, 1, 3)).reshape(2 * e, r, c2 // 2)
+    out = np.empty((2, e, r, c2 // 2), w.dtype)
+    for half in range(2):
+        _copy(w[..., half * (c2 // 2) : (half + 1) * (c2 // 2)], out[half], scale)
+    return out.reshape(2 * e, r, c2 // 2)
+
+
+def _copy(src: np.ndarray, dst: np.ndarray, scale: float) -> None:
+    if scale == 1.0:
+        np.copyto(dst, src)
+    else:  # float stacks and scales only; a power of two: exact
+        np.multiply(src, src.dtype.type(scale), out=dst)
