@@ -67,7 +67,7 @@ class SharedWeights:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.map = np.frombuffer(self._mm, dtype=np.uint8)
         self.values: dict[tuple[int, int, int], tuple] = {}  # (offset, length, type) -> (array, OrtValue)
-        self._graphs: dict[Path, dict[str, tuple]] = {}  # graph -> _entries(graph)
+        self._graphs: dict[Path, dict[str, tuple]] = {}  # graph -> entries(graph)
 
     def drop_pages(self) -> None:
         """Unmap the mapping's resident pages from this process (they stay in the page cache)."""
@@ -97,17 +97,15 @@ class SharedWeights:
             thread.join()
             self.drop_pages()
 
-    def add_to(self, so, graph: Path, replaced: dict | None = None) -> None:
+    def add_to(self, so, graph: Path, replaced: dict | None = None, only: set[str] | None = None) -> None:
         """Hand `graph`'s external initializers to the session options; `replaced` (name -> OrtValue, which
-        the caller keeps alive with its array as long as the session lives) instead of the mapping's."""
-        for name, (_, value) in self._entries(graph).items():
-            so.add_initializer(name, (replaced or {}).get(name, value))
+        the caller keeps alive with its array as long as the session lives) instead of the mapping's; `only`:
+        just these names (those a rewritten graph still reads)."""
+        for name, (_, value) in self.entries(graph).items():
+            if only is None or name in only:
+                so.add_initializer(name, (replaced or {}).get(name, value))
 
-    def array(self, graph: Path, name: str) -> np.ndarray:
-        """The mapping's view of `graph`'s external initializer `name`."""
-        return self._entries(graph)[name][0]
-
-    def _entries(self, graph: Path) -> dict[str, tuple]:
+    def entries(self, graph: Path) -> dict[str, tuple]:
         """name -> (view of the mapping, OrtValue over it) for each external initializer of `graph`."""
         if graph not in self._graphs:
             self._graphs[graph] = self._read_entries(graph)
@@ -135,7 +133,7 @@ class SharedWeights:
 
 class OrtEngine(Engine):
     def __init__(self, name, inputs, outputs, path: Path, device: str, threads: int,
-                 shared: SharedWeights | None = None, prepack: bool = False, halve_experts: bool = False):  # fmt: skip
+                 shared: SharedWeights | None = None, prepack: bool = False, load_forms: bool = False):  # fmt: skip
         super().__init__(name, inputs, outputs)
         import onnxruntime as ort
 
@@ -147,12 +145,14 @@ class OrtEngine(Engine):
             so.add_session_config_entry("session.disable_prepacking", "1")
         model: str | bytes = str(path)
         self.halves: dict[str, tuple] = {}  # name -> (array, OrtValue): the session borrows them, kept as long
+        self.merged = 0  # groups of sibling products merged (merged_matmuls.py)
         if shared is not None and device == "cpu":
-            if halve_experts:
-                model, halves = _halved_model(path, shared)
+            kept = None
+            if load_forms:
+                model, halves, self.merged, kept = _load_forms(path, shared)
                 self.halves = {n: (a, ort.OrtValue.ortvalue_from_numpy(a)) for n, a in halves.items()}
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-            shared.add_to(so, path, {n: v for n, (_, v) in self.halves.items()})
+            shared.add_to(so, path, {n: v for n, (_, v) in self.halves.items()}, kept)
         self.shared = shared  # the session borrows the mapping's memory: keep it alive as long
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
@@ -180,16 +180,27 @@ class OrtEngine(Engine):
         self.session = None
 
 
-def _halved_model(path: Path, shared: SharedWeights) -> tuple[bytes | str, dict[str, np.ndarray]]:
-    """The graph at `path` with its routed experts in halves (expert_halves.py), serialized, and the halved
-    stacks; the path itself when it has no expert stack to halve."""
+def _load_forms(path: Path, shared: SharedWeights) -> tuple[bytes | str, dict[str, np.ndarray], int, set[str] | None]:
+    """The graph at `path` in the layouts that suit ONNX Runtime's CPU threads: routed experts in halves
+    (expert_halves.py) and sibling products merged (merged_matmuls.py). -> the graph (serialized; its path
+    when neither applies), the halved stacks, the groups merged, and the initializers it still reads."""
     import onnx
 
     from nextn.runtime.expert_halves import halve_experts
+    from nextn.runtime.merged_matmuls import merge_sibling_matmuls
 
     model = onnx.load(str(path), load_external_data=False)
-    halves = halve_experts(model, lambda name: shared.array(path, name))
-    return (model.SerializeToString(), halves) if halves else (str(path), {})
+    stored = {t.name: t for t in model.graph.initializer}
+
+    def read(name: str) -> np.ndarray:  # the mapping's view, or a small tensor stored in the graph itself
+        mapped = shared.entries(path).get(name)
+        return mapped[0] if mapped else onnx.numpy_helper.to_array(stored[name], str(path.parent))
+
+    halves = halve_experts(model, read)
+    merged = merge_sibling_matmuls(model, read)
+    if not halves and not merged:
+        return str(path), {}, 0, None
+    return model.SerializeToString(), halves, merged, {t.name for t in model.graph.initializer}
 
 
 class TorchEngine(Engine):
@@ -265,7 +276,8 @@ def open_engines(
     (True: the sha256 of files changed since last verified on this machine; "full": of every file); `prepack`
     lets ONNX Runtime keep its own pre-packed copy of the weights per session (faster, more memory);
     None (auto): pre-pack when the weights take at most PREPACK_MAX_RAM_FRACTION of physical memory. The
-    sessions that pre-pack also take their routed experts in halves (expert_halves.py), another private copy."""
+    sessions that pre-pack also take their graphs in the layouts that suit ONNX Runtime's threads (routed
+    experts in halves, sibling products merged: private copies too; _load_forms)."""
     if backend not in BACKENDS:
         raise NextnError(f"--backend {backend}: choose one of {', '.join(BACKENDS)}")
     if device not in DEVICES:
@@ -282,7 +294,7 @@ def open_engines(
         shared = SharedWeights(root / manifest["weights"]["file"])
         with shared.dropping_pages() if prepack and device == "cpu" else contextlib.nullcontext():
             engines = {n: OrtEngine(n, *io[n], root / g["file"], device, threads if n == "trunk" else DRAFT_THREADS,
-                                    shared, prepack, halve_experts=prepack)
+                                    shared, prepack, load_forms=prepack)
                        for n, g in graphs.items()}  # fmt: skip
         setup = {"backend": backend, "device": device, "threads": threads, "draft_threads": DRAFT_THREADS,
                  "prepack": prepack}  # fmt: skip

@@ -91,3 +91,19 @@ def test_prepacked_sessions_do_not_keep_the_originals_resident(tiny_artifact):
         assert _resident_kib(packed["trunk"].shared.map) < touched / 4, (_resident_kib(packed["trunk"].shared.map), touched)
         got = packed["trunk"].run(feed)
         assert all(np.abs(x - y).max() < 1e-5 for x, y in zip(got, want))
+
+
+def test_sessions_that_prepack_take_the_load_forms_and_compute_the_same(tiny_artifact):
+    # Experts in halves and sibling products merged (runtime/expert_halves.py, merged_matmuls.py): the same
+    # outputs as the graph as exported.
+    from nextn.runtime.engines import OrtEngine
+
+    with open_engines(tiny_artifact, threads=2, prepack=True) as engines:
+        trunk = engines["trunk"]
+        assert all(e.halves and e.merged for e in engines.values())  # every graph: a fused MoE, q_a beside kv_a
+        whole = OrtEngine("trunk", trunk.inputs, trunk.outputs, tiny_artifact / "trunk.onnx", "cpu", 2, trunk.shared)
+        feed = _feed(engines.manifest)
+        for got, want in zip(trunk.run(feed), whole.run(feed)):
+            assert np.abs(got - want).max() < 1e-5
+    with open_engines(tiny_artifact, prepack=False) as engines:
+        assert not engines["trunk"].halves and not engines["trunk"].merged  # no private copies: the mapping only

@@ -90,19 +90,3 @@ def test_a_qmoe_whose_halves_split_a_zero_point_byte_is_left_alone():
     model = _qmoe(np.random.default_rng(2), bits=4, block=64)  # fc2: 2 blocks, one zero-point byte holds both
     halved, stacks = _halved(model)
     assert stacks == {} and [n.op_type for n in halved.graph.node] == ["QMoE"]
-
-
-@pytest.mark.slow
-def test_sessions_that_prepack_take_the_experts_in_halves(tiny_artifact):
-    from nextn.runtime.engines import OrtEngine, open_engines
-    from tests.runtime.test_engines import _feed as trunk_feed
-
-    with open_engines(tiny_artifact, threads=2, prepack=True) as engines:
-        trunk = engines["trunk"]
-        assert trunk.halves and all(e.halves for e in engines.values())  # every graph has a fused MoE
-        whole = OrtEngine("trunk", trunk.inputs, trunk.outputs, tiny_artifact / "trunk.onnx", "cpu", 2, trunk.shared)
-        feed = trunk_feed(engines.manifest)
-        for got, want in zip(trunk.run(feed), whole.run(feed)):
-            assert np.abs(got - want).max() < 1e-5
-    with open_engines(tiny_artifact, prepack=False) as engines:
-        assert not engines["trunk"].halves  # no private copies: the mapping's pages are all there is
