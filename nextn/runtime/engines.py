@@ -255,6 +255,10 @@ class Engines(dict):
 # both 7% faster than 1 + 1 (benchmarks/draft_threads.py, BENCHMARKS.md).
 DRAFT_THREADS = 1
 
+# The graph rewrites a pre-packing session applies when it opens (_load_forms), numbered: step costs measured
+# with other forms (the costs cache, keyed by `setup`) are measured again. 1: experts in halves, siblings merged.
+LOAD_FORMS = 1
+
 # Pre-packing keeps a second, per-session copy of the weights: worth it (BENCHMARKS.md: up to 1.4x per
 # decode step on small models) while that copy is a small share of the machine's memory.
 PREPACK_MAX_RAM_FRACTION = 1 / 8
@@ -297,7 +301,7 @@ def open_engines(
                                     shared, prepack, load_forms=prepack)
                        for n, g in graphs.items()}  # fmt: skip
         setup = {"backend": backend, "device": device, "threads": threads, "draft_threads": DRAFT_THREADS,
-                 "prepack": prepack}  # fmt: skip
+                 "prepack": prepack, "load_forms": LOAD_FORMS if prepack else 0}  # fmt: skip
         return Engines(manifest, engines, setup)
 
     if manifest.get("quantization"):
