@@ -37,12 +37,16 @@ def halve_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) ->
     stacks' declared shapes). `array(name)` reads an initializer. -> the new stacks by initializer name,
     to hand to the session in place of the file's (their declared bytes are the file's, same size)."""
     inits = {t.name: t for t in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
     halved: dict[str, np.ndarray] = {}
     nodes = []
     for node in model.graph.node:
         if node.domain == MS_DOMAIN and node.op_type in ("MoE", "QMoE"):
             stacks = _halved_stacks(node, array)
-            if stacks is not None and all(name in inits for name in stacks):
+            if stacks is not None and all(name in inits and readers[name] == 1 for name in stacks):  # its own stacks
                 probs = node.input[1]
                 doubled = helper.make_node("Concat", [probs, probs], [probs + HALVES_SUFFIX], axis=1,
                                            name=node.name + HALVES_SUFFIX)  # fmt: skip
