@@ -197,8 +197,11 @@ def _load_forms(path: Path, shared: SharedWeights) -> tuple[bytes | str, dict[st
         return mapped[0] if mapped else onnx.numpy_helper.to_array(stored[name], str(path.parent))
 
     halves = halve_experts(model, read)
+    inline = [n for n in halves if stored[n].data_location != onnx.TensorProto.EXTERNAL]
+    for name in inline:  # a small stack stored in the graph: its halves go there too (the mapping has no such name)
+        stored[name].CopyFrom(onnx.numpy_helper.from_array(halves.pop(name), name))
     merged = merge_sibling_matmuls(model, read)
-    if not halves and not merged:
+    if not halves and not inline and not merged:
         return str(path), {}, 0, None
     return model.SerializeToString(), halves, merged, {t.name for t in model.graph.initializer}
 

@@ -44,9 +44,11 @@ def halve_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) ->
     halved: dict[str, np.ndarray] = {}
     nodes = []
     for node in model.graph.node:
-        if node.domain == MS_DOMAIN and node.op_type in ("MoE", "QMoE"):
+        weights = [name for name in node.input[2:] if name]
+        own = all(name in inits and readers[name] == 1 for name in weights)  # stacks no other node reads
+        if node.domain == MS_DOMAIN and node.op_type in ("MoE", "QMoE") and own:
             stacks = _halved_stacks(node, array)
-            if stacks is not None and all(name in inits and readers[name] == 1 for name in stacks):  # its own stacks
+            if stacks is not None:
                 probs = node.input[1]
                 doubled = helper.make_node("Concat", [probs, probs], [probs + HALVES_SUFFIX], axis=1,
                                            name=node.name + HALVES_SUFFIX)  # fmt: skip

@@ -90,3 +90,21 @@ def test_a_qmoe_whose_halves_split_a_zero_point_byte_is_left_alone():
     model = _qmoe(np.random.default_rng(2), bits=4, block=64)  # fc2: 2 blocks, one zero-point byte holds both
     halved, stacks = _halved(model)
     assert stacks == {} and [n.op_type for n in halved.graph.node] == ["QMoE"]
+
+
+def test_a_session_halves_stacks_stored_in_the_graph_too(tmp_path):
+    # A small model's stacks are stored in the graph file, not in weights.bin: their halves must replace the
+    # graph's own bytes (handed over like the mapped ones, the session read the old bytes at the new shape).
+    from nextn.runtime.engines import OrtEngine, SharedWeights
+
+    rng = np.random.default_rng(3)
+    w13 = rng.standard_normal((E, 2 * I, H)).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((E, H, I)).astype(np.float32) * 0.1
+    model = _graph("MoE", {"w13": w13, "w2": w2}, ["w13", "", "w2"], **MOE_ATTRS)
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    (tmp_path / "weights.bin").write_bytes(b"\0")  # nothing mapped
+    engine = OrtEngine("g", ["x", "probs"], ["y"], tmp_path / "g.onnx", "cpu", 2, SharedWeights(tmp_path / "weights.bin"),
+                       prepack=True, load_forms=True)  # fmt: skip
+    feed = _feed(rng)
+    want = _run(model, feed, 2)
+    assert np.abs(engine.run(feed)[0] - want).max() < 1e-5 * np.abs(want).max()
