@@ -343,7 +343,8 @@ def _name_list(flag: str, value: str, allowed: tuple[str, ...]) -> tuple[str, ..
 @click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs per configuration.")
 @click.option("--warmup", type=int, default=1, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True,
-              help="Intra-op threads of the trunk, for every backend (ONNX Runtime's drafts run on one).")
+              help="Intra-op threads of the trunk, for every backend (0: each backend's default; ONNX Runtime's "
+                   "drafts run on one).")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write every raw figure to this file.")
 @click.option("--plot", "plot_out", type=click.Path(), default=None, help="Write a PNG plot to this file.")
 @click.option("--sweep", "sweep", default=None,

@@ -16,8 +16,9 @@ def results_table(doc: dict):
     from rich.table import Table
 
     m = doc["machine"]
+    threads = f"{m['threads_used']} thread(s)" if m["threads_used"] else "the backends' default threads"
     t = Table(title=f"nextn bench: {Path(doc['artifact']).name} ({doc['dtype']}) on {m['cpu']}, "
-                    f"{m['threads_used']} thread(s) of {m['cores']} cores")  # fmt: skip
+                    f"{threads} of {m['cores']} cores")  # fmt: skip
     for col in ("backend", "batch", "K", "TTFT ms", "TPOT ms", "token ms p50/p90/p99", "tok/s", "accept len",
                 "accept per position", "vs K=0", "projected", "efficiency", "steps per K"):  # fmt: skip
         t.add_column(col, justify="left" if col in ("backend", "accept per position", "steps per K") else "right")

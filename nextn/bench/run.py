@@ -34,7 +34,10 @@ def run_bench(artifact: str | Path, cfg: BenchConfig, prompts_file: Path | None 
         raise NextnError(f"--draft {max(fixed)}: {artifact} has no MTP module")
     if min(fixed, default=0) < 0 or min(cfg.batches) < 1 or cfg.repeats < 1 or cfg.gen_len < 2 or cfg.prompt_len < 1:
         raise NextnError("--draft must be auto or >= 0; --batch, --repeats, --prompt-len >= 1; --gen-len >= 2")
-    torch.set_num_threads(cfg.threads)  # the transformers baseline and the torch backend
+    if cfg.threads < 0:
+        raise NextnError(f"--threads {cfg.threads}: must be >= 0 (0: each backend's default)")
+    if cfg.threads:  # the transformers baseline and the torch backend; 0 leaves torch's default
+        torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     costs: dict[tuple[str, int], BatchCosts] = {}
     with contextlib.ExitStack() as stack:

@@ -133,6 +133,16 @@ def test_bench_bad_flags(tiny_artifact):
     assert r.exit_code == 1 and "--backend 'tensorrt'" in r.output
     r = CliRunner().invoke(cli, ["bench", str(tiny_artifact), "--quant", "int4"])
     assert r.exit_code == 1 and "--quant: only with --sweep" in r.output
+    r = CliRunner().invoke(cli, ["bench", str(tiny_artifact), "--threads", "-1"])  # torch took it and raised
+    assert r.exit_code == 1 and "--threads -1: must be >= 0" in r.output and "Traceback" not in r.output
+
+
+def test_bench_at_the_backends_default_threads(tiny_artifact):
+    # --threads 0 is the backends' default, as for `nextn run` (torch.set_num_threads(0) raised a traceback)
+    r = CliRunner().invoke(cli, ["bench", str(tiny_artifact), "--draft", "0", "--repeats", "1", "--gen-len", "4",
+                                 "--prompt-len", "4", "--baseline", "none", "--threads", "0"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "the backends' default threads" in r.output
 
 
 @pytest.mark.slow
