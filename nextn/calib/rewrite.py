@@ -59,6 +59,12 @@ class Linear:
     head: bool = False  # produces a graph output (the logits)
 
 
+def feeds_only_routers(users: list[onnx.NodeProto]) -> bool:
+    """Whether a linear whose output goes to `users` is a MoE router: its scores pick experts, so it stays
+    exactly as exported (SiLU's Sigmoid has a Mul beside it, so a gate projection is not one)."""
+    return bool(users) and all(c.op_type in ROUTER_OPS for c in users)
+
+
 def find_linears(model: onnx.ModelProto) -> tuple[list[Linear], list[str]]:
     """The graph's quantizable linears, and the names of the router linears left in float."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -79,8 +85,7 @@ def find_linears(model: onnx.ModelProto) -> tuple[list[Linear], list[str]]:
             plain = attrs.get("alpha", 1.0) == 1.0 and not attrs.get("transA", 0) and len(node.input) == 2
             if not plain or not attrs.get("transB", 0):
                 continue
-        users = consumers.get(node.output[0], [])
-        if users and all(c.op_type in ROUTER_OPS for c in users):  # SiLU's Sigmoid has a Mul beside it
+        if feeds_only_routers(consumers.get(node.output[0], [])):
             routers.append(node.name)
             continue
         transposed = node.op_type == "Gemm"

@@ -28,7 +28,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-MS_DOMAIN = "com.microsoft"
+from nextn.calib.rewrite import MS_DOMAIN
+
 HALVES_SUFFIX = ".halves"
 
 

@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-MS_DOMAIN = "com.microsoft"
-ROUTER_OPS = ("Sigmoid", "Softmax", "MoEGroupRouter")
+from nextn.calib.rewrite import MS_DOMAIN, feeds_only_routers
+
 MERGED_SUFFIX = ".merged"
 
 
@@ -75,8 +75,7 @@ def merge_sibling_matmuls(model: onnx.ModelProto, array: Callable[[str], np.ndar
 
 def _merge_key(node: onnx.NodeProto, inits: dict, readers: dict) -> tuple | None:
     """What siblings must share to merge (None: this node never merges)."""
-    consumers = [r.op_type for o in node.output for r in readers.get(o, [])]
-    if consumers and all(op in ROUTER_OPS for op in consumers):  # a router's scores
+    if feeds_only_routers([r for o in node.output for r in readers.get(o, [])]):
         return None
     if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits":
         if len(node.input) != 4 or not all(i in inits for i in node.input[1:]):
