@@ -27,12 +27,17 @@ decoding, each catching a module up over every row's tokens since it last ran, c
 with the full optimism and found nothing). While drafting, a deeper probe waits while the MTP module it
 needs has fallen behind (its cache would first be caught up over every token since it last ran:
 measured 5-10% of a 128-token generation for two probes); from K* = 0 that catch-up is the price of
-ever drafting again, and the doubling keeps it to a few percent. A probe teaches acceptance only:
-costs are refined from steps at the same K as the step before (a lone step at another K finds other
-weights in the CPU caches than a run of them does, measured 20-40% off). Each drafting step moves its
-ratio toward what it cost over the plain level (costs.py, a median tracker): a calibration that read
-drafting too cheap (this VM can move 20-30% within it) is corrected within a few dozen steps, after which
-plain decoding wins. The level moves with plain steps that follow plain steps only. 0.2 also ran 3 plain
+ever drafting again, and the doubling keeps it to a few percent. A probe is a burst of PROBE_BURST
+steps at the deeper K: its first step catches the module up and teaches acceptance only (a lone step at
+another K finds other weights in the CPU caches than a run of them does, measured 20-40% off), the rest
+are steps like any other at that K and teach what they cost too. Each drafting step moves its ratio
+toward what it cost over the plain level (costs.py, a median tracker): a calibration that read drafting
+too cheap (this VM can move 20-30% within it) is corrected within a few dozen steps, after which plain
+decoding wins; one that read it too dear is corrected by the bursts (with single-step probes it never
+was: on a 2-core AMD VM a calibration read a 2-token step at 1.72 plain steps where bench measured 1.45,
+and auto stayed plain, 0.94x, where every fixed K ran 1.12-1.38x faster). While drafting, a deeper K's
+step cost is doubted by COST_OPTIMISM as well as its acceptance, or a calibration that read it too dear
+would never be tested either. The level moves with plain steps that follow plain steps only. 0.2 also ran 3 plain
 "anchor" steps in every 32 while drafting, meant to keep the level measured; flagged as probes they never
 did, and counting them was tried: a plain step amid drafting runs cold (other graphs' weights in the CPU
 caches, here a second session's packed copy of the trunk) and they read the level ~35% high, which made
@@ -55,7 +60,9 @@ RECHECK = 8  # while plain decoding wins, the choice is recomputed every this ma
 PRIOR_WEIGHT = 12.0  # the artifact-wide rate counts as this many of a sequence's own observations
 UNTRIED_RATE = 0.5  # acceptance assumed at a position never drafted on this artifact
 PROBE_FIRST, PROBE_MAX = 8, 256  # steps between probes: first, and the cap of the doubling
+PROBE_BURST = 4  # steps a probe drafts at its depth: one that catches up, then PROBE_BURST - 1 whose cost counts
 PROBE_OPTIMISM = 0.15  # a probe is worth it if acceptance this much above the estimate would make it the choice
+COST_OPTIMISM = 0.15  # while drafting, and its step this much cheaper (calibrations here read 15-25% off)
 MARGIN = 1.05  # drafting must promise this many times K = 0's tokens per ms (costs are known to ~5-10% here)
 CONFIDENT_TRIALS = 32  # artifact-wide trials at position 1 past which probing starts at 4 x PROBE_FIRST
 
@@ -151,6 +158,7 @@ class DraftController:
         self.step = 0
         self.best = -1
         self.plain_until = 0  # steps before this one reuse a plain choice without recomputing it
+        self.burst_k, self.burst_left = 0, 0  # a probe's depth and its steps still to run
         self.plain = Choice(0, float(len(rows)), 0.0, 0.0, False)
         confident = prior.trials[0] >= CONFIDENT_TRIALS
         self.interval = PROBE_FIRST * (4 if confident else 1)
@@ -162,7 +170,7 @@ class DraftController:
         """K for the next step of rows `active` (default: all), at most `limit` (the tokens still wanted).
         `ready(k)`: whether drafting k tokens needs no MTP module that has fallen behind (default: yes).
         `batch`: the batch size whose step costs apply (default: every row shares the trunk pass)."""
-        if self.step < self.plain_until and self.step < self.next_probe:
+        if self.step < self.plain_until and self.step < self.next_probe and not self.burst_left:
             self.step += 1
             return self.plain
         active = list(range(len(self.rows))) if active is None else active
@@ -178,6 +186,12 @@ class DraftController:
             self.next_probe = min(self.next_probe, self.step + PROBE_FIRST)
         self.best = best
         k, probe = best, False
+        if self.burst_left:  # the rest of a probe's burst: steps like any other at its depth
+            self.burst_left -= 1
+            if top >= self.burst_k > best:
+                self.step += 1
+                return Choice(self.burst_k, tokens[self.burst_k], ms[self.burst_k], ms[0], False)
+            self.burst_left = 0
         if self.step >= self.next_probe and top > best:
             never = self.rows[active[0]].prior.trials[0] == 0
             deeper = top if never else best + 1
@@ -186,8 +200,15 @@ class DraftController:
             # 7% of a run and found nothing); there the artifact-wide rate, which single rows keep
             # learning, decides.
             fits = ready is None or ready(deeper) or (best == 0 and len(active) == 1)
-            if never or (fits and self._promising(active, deeper, rate[best] * MARGIN, ms[deeper])):
+            # While drafting, a deeper step's cost is doubted too: a calibration that read it too dear would
+            # otherwise never be tested (auto kept K = 1 at 1.13x where K = 3 ran 1.36x). From plain decoding
+            # only acceptance is: there a probe first catches up, and where a 2-token step costs ~1.9 plain
+            # ones no burst is worth it.
+            cheaper = ms[deeper] * (1 - COST_OPTIMISM if best else 1.0)
+            if never or (fits and self._promising(active, deeper, rate[best] * MARGIN, cheaper)):
                 k, probe = deeper, True
+                # never drafted: one step at every position (a random-weight model would pay a burst there)
+                self.burst_k, self.burst_left = deeper, 0 if never else PROBE_BURST - 1
             self.next_probe = self.step + self.interval
             self.interval = min(2 * self.interval, PROBE_MAX)
         self.step += 1

@@ -18,7 +18,10 @@ median over rounds is kept. Online (decoder.steady says which steps count): plai
 move the level by EMA (a plain step just after drafting finds other weights in the CPU caches); a drafting
 step moves its ratio one small step up or down toward what it cost over the level, so the ratio follows the
 median of such steps: a calibration that read drafting 20-30% too cheap (this VM can) is raised within a
-few dozen steps, and one read too dear comes down. The online ratios live for the process; the
+few dozen steps, and one read too dear comes down (where plain decoding wins, through the controller's
+probes, which draft a burst of steps). The online ratios live for the process (saving them was tried:
+the level moves only with plain steps, so while drafting the ratios drift against a stale level, and
+saved they compounded: 1.72 -> 0.97 for a 2-token step over three bench runs); the
 calibration's ratios and the level are saved per artifact and machine under <cache>/costs/ when the model
 closes, and the next process starts there.
 
