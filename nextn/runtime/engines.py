@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import logging
 import mmap
 import threading
 from pathlib import Path
@@ -23,6 +24,8 @@ import numpy as np
 
 from nextn.errors import NextnError
 from nextn.export.manifest import read_manifest
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("ort", "torch")
 DEVICES = ("cpu", "cuda")
@@ -265,13 +268,17 @@ LOAD_FORMS = 1
 # Pre-packing keeps a second, per-session copy of the weights: worth it (BENCHMARKS.md: up to 1.4x per
 # decode step on small models) while that copy is a small share of the machine's memory.
 PREPACK_MAX_RAM_FRACTION = 1 / 8
+# ... and a quantized artifact's MatMulNBits / QMoE need it: unpacked, ONNX Runtime dequantizes every weight
+# at every call (the 1 GB int4 trunk: 432 ms a token against 10 ms; int8 1.85x slower). The packed copy
+# replaces the mapping's pages (dropping_pages), so up to half of memory it is still about one copy.
+QUANTIZED_PREPACK_MAX_RAM_FRACTION = 1 / 2
 
 
-def auto_prepack(weight_bytes: int) -> bool:
+def auto_prepack(weight_bytes: int, quantized: bool = False) -> bool:
     import os
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return weight_bytes <= ram * PREPACK_MAX_RAM_FRACTION
+    return weight_bytes <= ram * (QUANTIZED_PREPACK_MAX_RAM_FRACTION if quantized else PREPACK_MAX_RAM_FRACTION)
 
 
 def open_engines(
@@ -282,7 +289,8 @@ def open_engines(
     backend's default); ONNX Runtime runs the MTP graphs on DRAFT_THREADS. `verify`: see manifest.read_manifest
     (True: the sha256 of files changed since last verified on this machine; "full": of every file); `prepack`
     lets ONNX Runtime keep its own pre-packed copy of the weights per session (faster, more memory);
-    None (auto): pre-pack when the weights take at most PREPACK_MAX_RAM_FRACTION of physical memory. The
+    None (auto): pre-pack when the weights take at most PREPACK_MAX_RAM_FRACTION of physical memory (a
+    quantized artifact: QUANTIZED_PREPACK_MAX_RAM_FRACTION, since it is 40x slower unpacked). The
     sessions that pre-pack also take their graphs in the layouts that suit ONNX Runtime's threads (routed
     experts in halves, sibling products merged: private copies too; _load_forms)."""
     if backend not in BACKENDS:
@@ -296,8 +304,12 @@ def open_engines(
     graphs = manifest["graphs"]
     io = {n: ([s["name"] for s in g["inputs"]], [s["name"] for s in g["outputs"]]) for n, g in graphs.items()}
     if backend == "ort":
+        quantized = bool(manifest.get("quantization"))
         if prepack is None:
-            prepack = auto_prepack(manifest["weights"]["bytes"])
+            prepack = auto_prepack(manifest["weights"]["bytes"], quantized)
+        if quantized and not prepack:
+            log.warning("%s: a quantized artifact without pre-packing runs its quantized products ~40x slower "
+                        "(ONNX Runtime dequantizes every weight at every call)", root)
         shared = SharedWeights(root / manifest["weights"]["file"])
         with shared.dropping_pages() if prepack and device == "cpu" else contextlib.nullcontext():
             engines = {n: OrtEngine(n, *io[n], root / g["file"], device, threads if n == "trunk" else DRAFT_THREADS,

@@ -67,6 +67,19 @@ def test_prepacking_is_automatic_for_weights_that_are_a_small_share_of_memory():
     assert not auto_prepack(1 << 50)
 
 
+def test_a_quantized_artifact_prepacks_up_to_half_of_memory():
+    """Unpacked, ONNX Runtime's MatMulNBits and QMoE dequantize every weight at every call (the 1 GB int4
+    trunk ran 40x slower), so a quantized artifact too large for the fp32 rule still pre-packs."""
+    import os
+
+    from nextn.runtime.engines import auto_prepack
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert not auto_prepack(ram // 4)
+    assert auto_prepack(ram // 4, quantized=True)
+    assert not auto_prepack(ram, quantized=True)  # larger than memory can hold twice over: mapped, unpacked
+
+
 def _resident_kib(array: np.ndarray) -> int:
     """Resident KiB of the mapping that holds `array` (its region in /proc/self/smaps)."""
     address, inside = array.ctypes.data, False
