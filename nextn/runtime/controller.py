@@ -37,7 +37,9 @@ decoding wins; one that read it too dear is corrected by the bursts (with single
 was: on a 2-core AMD VM a calibration read a 2-token step at 1.72 plain steps where bench measured 1.45,
 and auto stayed plain, 0.94x, where every fixed K ran 1.12-1.38x faster). While drafting, a deeper K's
 step cost is doubted by COST_OPTIMISM as well as its acceptance, or a calibration that read it too dear
-would never be tested either. The level moves with plain steps that follow plain steps only. 0.2 also ran 3 plain
+would never be tested either. The level moves with plain steps that follow plain steps only; while
+drafting, a plain burst every LEVEL_EVERY drafting steps re-measures it (its first step not counted), or
+after the machine sped up a stale level would keep auto drafting where plain decoding had come to win. 0.2 also ran 3 plain
 "anchor" steps in every 32 while drafting, meant to keep the level measured; flagged as probes they never
 did, and counting them was tried: a plain step amid drafting runs cold (other graphs' weights in the CPU
 caches, here a second session's packed copy of the trunk) and they read the level ~35% high, which made
@@ -64,6 +66,7 @@ PROBE_BURST = 4  # steps a probe drafts at its depth: one that catches up, then 
 PROBE_OPTIMISM = 0.15  # a probe is worth it if acceptance this much above the estimate would make it the choice
 COST_OPTIMISM = 0.15  # while drafting, and its step this much cheaper (calibrations here read 15-25% off)
 MARGIN = 1.05  # drafting must promise this many times K = 0's tokens per ms (costs are known to ~5-10% here)
+LEVEL_EVERY = 128  # while drafting, a plain burst (PROBE_BURST steps) this many drafting steps apart re-measures the level
 CONFIDENT_TRIALS = 32  # artifact-wide trials at position 1 past which probing starts at 4 x PROBE_FIRST
 
 
@@ -159,6 +162,8 @@ class DraftController:
         self.best = -1
         self.plain_until = 0  # steps before this one reuse a plain choice without recomputing it
         self.burst_k, self.burst_left = 0, 0  # a probe's depth and its steps still to run
+        self.drafting = 0  # drafting steps since the last plain one
+        self.plain_left = 0  # steps still to run of a plain burst (re-measuring the level while drafting)
         self.plain = Choice(0, float(len(rows)), 0.0, 0.0, False)
         confident = prior.trials[0] >= CONFIDENT_TRIALS
         self.interval = PROBE_FIRST * (4 if confident else 1)
@@ -186,6 +191,17 @@ class DraftController:
             self.next_probe = min(self.next_probe, self.step + PROBE_FIRST)
         self.best = best
         k, probe = best, False
+        if best and (self.plain_left or self.drafting >= LEVEL_EVERY) and not self.burst_left:
+            # The level (a plain step's ms) moves only with plain steps, and a drafting K's ratio follows
+            # what its steps cost over that level: after the machine speeds up (this VM moved 2x within
+            # minutes) a stale level makes plain decoding look dearer than it is and auto keeps drafting
+            # where it loses. The burst's first step runs cold and is not counted (decoder.steady).
+            self.plain_left = (self.plain_left or PROBE_BURST) - 1
+            self.drafting = 0
+            self.step += 1
+            return Choice(0, tokens[0], ms[0], ms[0], False)
+        self.drafting = self.drafting + 1 if best else 0
+        self.plain_left = self.plain_left if best else 0
         if self.burst_left:  # the rest of a probe's burst: steps like any other at its depth
             self.burst_left -= 1
             if top >= self.burst_k > best:

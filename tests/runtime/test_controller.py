@@ -318,3 +318,28 @@ def test_while_drafting_a_deeper_k_read_too_dear_is_probed_and_taken():
         ks.append(choice.k)
     assert ks[0] == 1 and 2 in ks[:100]
     assert ks[-100:].count(2) >= 95
+
+
+def test_while_drafting_plain_bursts_keep_the_level_current():
+    """The level was measured while the machine was slow (1.4 ms a plain step; now 1.0, a K = 1 step 1.5).
+    While 90% of drafts are accepted K = 1 wins either way, and its ratio follows its steps over the stale
+    level (down to ~1.07). Then the text turns hard (40% accepted): K = 1 now yields 1.4 tokens for 1.5 ms,
+    plain decoding 1 for 1.0, so plain wins; against the stale level (1.4) it looked dearer and drafting went
+    on. Plain bursts every LEVEL_EVERY drafting steps re-measure the level (a burst's first step, just after
+    drafting, is not counted, as the engine does), and auto turns plain."""
+    from nextn.runtime.controller import LEVEL_EVERY
+
+    ctrl = _controller([1.0, 1.5], [0.9], trials=1e6)
+    ctrl.costs.batches[1].level = 1.4
+    true_ms, last_k, ks = [1.0, 1.5], -1, []
+    for step in range(800):
+        if step == 400:
+            ctrl.rows[0].prior.trials, ctrl.rows[0].prior.hits = [1e6], [0.4e6]
+        choice = ctrl.choose()
+        if not choice.probe and (choice.k or last_k == 0):  # decoder.steady
+            ctrl.costs.observe(1, choice.k, true_ms[choice.k])
+        last_k = choice.k
+        ks.append(choice.k)
+    assert ks[:400].count(1) >= 380 and ks[: LEVEL_EVERY + 5].count(0) >= 4  # drafting, with a plain burst
+    assert ctrl.costs.batches[1].level < 1.1
+    assert ks[-200:].count(0) >= 190
