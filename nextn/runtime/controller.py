@@ -20,8 +20,8 @@ Exploration: a choice only learns about what it runs. Probe steps draft one posi
 choice (K* + 1; all of max_draft when the artifact has never been drafted on), first after PROBE_FIRST
 steps, then at doubling intervals up to PROBE_MAX, restarting when the choice changes, and only where
 they could change it: with acceptance PROBE_OPTIMISM / sqrt(rows) above the estimate, K* + 1 would have
-to beat K* (on a model where a 2-token step costs ~1.9 plain steps no acceptance makes K = 1 pay, and
-plain decoding runs without probes; a pass's tokens are summed over its rows, whose mean acceptance
+to beat K* (on a model where a 2-token step costs ~2.2 plain steps, even 15% cheaper, no acceptance
+makes K = 1 pay, and plain decoding runs without probes; a pass's tokens are summed over its rows, whose mean acceptance
 strays from the artifact's by ~1/sqrt(rows) as much as one row's: at batch 4 the probes from plain
 decoding, each catching a module up over every row's tokens since it last ran, cost 5-7% of the steps
 with the full optimism and found nothing). While drafting, a deeper probe waits while the MTP module it
@@ -37,10 +37,11 @@ decoding wins; one that read it too dear is corrected by the bursts (with single
 was: on a 2-core AMD VM a calibration read a 2-token step at 1.72 plain steps where bench measured 1.45,
 and auto stayed plain, 0.94x, where every fixed K ran 1.12-1.38x faster). While drafting, a deeper K's
 step cost is doubted by COST_OPTIMISM as well as its acceptance, or a calibration that read it too dear
-would never be tested either. The level moves with plain steps that follow plain steps only; while
-drafting, a plain burst every LEVEL_EVERY drafting steps re-measures it (its first step not counted), or
-after the machine sped up a stale level would keep auto drafting where plain decoding had come to win. 0.2 also ran 3 plain
-"anchor" steps in every 32 while drafting, meant to keep the level measured; flagged as probes they never
+would never be tested either; so is the first K's from plain decoding for a single row (a fresh clone read
+a 2-token step at 2.06 plain steps, and no acceptance made K = 1 worth a probe). The level moves with
+plain steps that follow plain steps only; while drafting, a plain burst every LEVEL_EVERY drafting steps
+re-measures it (its first step not counted), or after the machine sped up a stale level would keep auto
+drafting where plain decoding had come to win. 0.2 also ran 3 plain "anchor" steps in every 32 while drafting, meant to keep the level measured; flagged as probes they never
 did, and counting them was tried: a plain step amid drafting runs cold (other graphs' weights in the CPU
 caches, here a second session's packed copy of the trunk) and they read the level ~35% high, which made
 drafting look cheap. They are gone (~3% of every drafting run). While plain decoding wins, the choice is
@@ -64,7 +65,7 @@ UNTRIED_RATE = 0.5  # acceptance assumed at a position never drafted on this art
 PROBE_FIRST, PROBE_MAX = 8, 256  # steps between probes: first, and the cap of the doubling
 PROBE_BURST = 4  # steps a probe drafts at its depth: one that catches up, then PROBE_BURST - 1 whose cost counts
 PROBE_OPTIMISM = 0.15  # a probe is worth it if acceptance this much above the estimate would make it the choice
-COST_OPTIMISM = 0.15  # while drafting, and its step this much cheaper (calibrations here read 15-25% off)
+COST_OPTIMISM = 0.15  # ... and its step this much cheaper (calibrations here read 15-25% off; not for a plain shared pass)
 MARGIN = 1.05  # drafting must promise this many times K = 0's tokens per ms (costs are known to ~5-10% here)
 LEVEL_EVERY = 128  # while drafting, a plain burst (PROBE_BURST steps) this many drafting steps apart re-measures the level
 CONFIDENT_TRIALS = 32  # artifact-wide trials at position 1 past which probing starts at 4 x PROBE_FIRST
@@ -216,11 +217,11 @@ class DraftController:
             # 7% of a run and found nothing); there the artifact-wide rate, which single rows keep
             # learning, decides.
             fits = ready is None or ready(deeper) or (best == 0 and len(active) == 1)
-            # While drafting, a deeper step's cost is doubted too: a calibration that read it too dear would
-            # otherwise never be tested (auto kept K = 1 at 1.13x where K = 3 ran 1.36x). From plain decoding
-            # only acceptance is: there a probe first catches up, and where a 2-token step costs ~1.9 plain
-            # ones no burst is worth it.
-            cheaper = ms[deeper] * (1 - COST_OPTIMISM if best else 1.0)
+            # The deeper step's cost is doubted too: a calibration that read it too dear would otherwise never
+            # be tested (auto kept K = 1 at 1.13x where K = 3 ran 1.36x; a fresh clone's calibration read a
+            # 2-token step at 2.06 plain steps and stayed plain). Not from plain decoding for a shared pass:
+            # there every row's module catches up first (at batch 4, 5-7% of a run for probes that found nothing).
+            cheaper = ms[deeper] * (1 - COST_OPTIMISM if best or len(active) == 1 else 1.0)
             if never or (fits and self._promising(active, deeper, rate[best] * MARGIN, cheaper)):
                 k, probe = deeper, True
                 # never drafted: one step at every position (a random-weight model would pay a burst there)

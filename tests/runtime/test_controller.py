@@ -163,8 +163,9 @@ def test_calibration_keeps_paired_ratios_and_the_level_follows(tmp_path):
 
 
 def test_no_probe_where_drafting_cannot_pay():
-    # a 2-token verify costs 1.95 plain steps: even perfect acceptance of 1 draft loses, so no probes at all
-    ctrl = _controller([1.0, 1.95, 2.9, 3.3], [0.8, 0.8, 0.8])
+    # a 2-token verify costs 2.3 plain steps: even 15% cheaper, and with acceptance 0.15 higher, 1 draft
+    # loses, so no probes at all
+    ctrl = _controller([1.0, 2.3, 2.9, 3.3], [0.8, 0.8, 0.8])
     assert [ctrl.choose().k for _ in range(300)] == [0] * 300
     # cheap verifies with the same acceptance: K = 0 is not chosen, and probes look one deeper
     ctrl = _controller([1.0, 1.05, 1.1, 1.15], [0.8, 0.8, 0.8])
@@ -343,3 +344,18 @@ def test_while_drafting_plain_bursts_keep_the_level_current():
     assert ks[:400].count(1) >= 380 and ks[: LEVEL_EVERY + 5].count(0) >= 4  # drafting, with a plain burst
     assert ctrl.costs.batches[1].level < 1.1
     assert ks[-200:].count(0) >= 190
+
+
+def test_a_single_row_doubts_a_dear_first_draft_from_plain_decoding():
+    """A fresh clone's calibration read a 2-token step at 2.06 plain steps; it costs 1.6 and 73% of drafts are
+    accepted (1.73 tokens for 1.6: K = 1 wins). With acceptance 0.15 higher alone K = 1 did not look worth a
+    probe (1.88 / 2.06 < MARGIN), so auto stayed plain; doubting the cost too, one row probes in bursts and
+    drafting takes over."""
+    ctrl = _controller([1.0, 2.06], [0.73], trials=1e6)
+    ks = []
+    for step in range(800):
+        choice = ctrl.choose()
+        if choice.k and not choice.probe:
+            ctrl.costs.observe(1, choice.k, 1.6)
+        ks.append(choice.k)
+    assert ks[:20] == [0] * 20 and ks[-100:].count(1) >= 95
