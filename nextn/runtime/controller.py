@@ -41,11 +41,11 @@ would never be tested either; so is the first K's from plain decoding for a sing
 a 2-token step at 2.06 plain steps, and no acceptance made K = 1 worth a probe). The level moves with
 plain steps that follow plain steps only; while drafting, a plain burst every LEVEL_EVERY drafting steps
 re-measures it (its first step not counted), or after the machine sped up a stale level would keep auto
-drafting where plain decoding had come to win. 0.2 also ran 3 plain "anchor" steps in every 32 while drafting, meant to keep the level measured; flagged as probes they never
-did, and counting them was tried: a plain step amid drafting runs cold (other graphs' weights in the CPU
-caches, here a second session's packed copy of the trunk) and they read the level ~35% high, which made
-drafting look cheap. They are gone (~3% of every drafting run). While plain decoding wins, the choice is
-recomputed every RECHECK steps only.
+drafting where plain decoding had come to win. 0.2 also ran 3 plain "anchor" steps in every 32 while
+drafting, meant to keep the level measured; flagged as probes they never did, and counting them was tried: a
+plain step amid drafting runs cold (other graphs' weights in the CPU caches, here a second session's packed
+copy of the trunk) and they read the level ~35% high, which made drafting look cheap. They are gone (~3% of
+every drafting run). While plain decoding wins, the choice is recomputed every RECHECK steps only.
 
 K depends only on steps already taken, never on the step being decided, so greedy output is identical
 to K = 0 and sampling keeps the target distribution (every K is lossless on its own).
@@ -65,9 +65,9 @@ UNTRIED_RATE = 0.5  # acceptance assumed at a position never drafted on this art
 PROBE_FIRST, PROBE_MAX = 8, 256  # steps between probes: first, and the cap of the doubling
 PROBE_BURST = 4  # steps a probe drafts at its depth: one that catches up, then PROBE_BURST - 1 whose cost counts
 PROBE_OPTIMISM = 0.15  # a probe is worth it if acceptance this much above the estimate would make it the choice
-COST_OPTIMISM = 0.15  # ... and its step this much cheaper (calibrations here read 15-25% off; not for a plain shared pass)
+COST_OPTIMISM = 0.15  # ... and its step this much cheaper (calibrations read 15-25% off here; not: shared, plain)
 MARGIN = 1.05  # drafting must promise this many times K = 0's tokens per ms (costs are known to ~5-10% here)
-LEVEL_EVERY = 128  # while drafting, a plain burst (PROBE_BURST steps) this many drafting steps apart re-measures the level
+LEVEL_EVERY = 128  # while drafting, a plain burst (PROBE_BURST steps) every this many steps re-measures the level
 CONFIDENT_TRIALS = 32  # artifact-wide trials at position 1 past which probing starts at 4 x PROBE_FIRST
 
 

@@ -273,6 +273,24 @@ def test_no_probe_from_plain_for_a_shared_pass_whose_modules_lag():
     assert 1 in [four.choose().k for _ in range(300)]  # (caught up, it would probe)
 
 
+def _decode(ctrl, steps: int, true_ms: list[float], before=None, accepted=None) -> list:
+    """`steps` steps of one row as the step engine runs them on made-up costs: each step's choice, its cost
+    `true_ms[K]` observed where decoder.steady would count it (never a probe's; a plain one only after a
+    plain one), and `accepted(step, k)` drafts accepted when given. `before(step)` runs first. -> choices."""
+    out, last_k = [], -1
+    for step in range(steps):
+        if before:
+            before(step)
+        choice = ctrl.choose()
+        if not choice.probe and (choice.k or last_k == 0):
+            ctrl.costs.observe(1, choice.k, true_ms[choice.k])
+        if accepted:
+            ctrl.rows[0].observe(choice.k, accepted(step, choice.k))
+        last_k = choice.k
+        out.append(choice)
+    return out
+
+
 def test_a_calibration_that_read_drafting_too_dear_is_corrected_from_plain_decoding():
     """The calibration read a 2-token step at 1.85 plain steps; it costs 1.3, and 80% of drafts are
     accepted: K = 1 wins (1.8 tokens for 1.3) but the controller starts plain. A probe drafts a burst of
@@ -282,13 +300,7 @@ def test_a_calibration_that_read_drafting_too_dear_is_corrected_from_plain_decod
     from nextn.runtime.controller import PROBE_BURST
 
     ctrl = _controller([1.0, 1.85], [0.8], trials=1e6)
-    ks = []
-    for step in range(400):
-        choice = ctrl.choose()
-        if choice.k and not choice.probe:
-            ctrl.costs.observe(1, choice.k, 1.3)
-        ctrl.rows[0].observe(choice.k, int(choice.k > 0 and step % 5 != 0))  # 4 in 5 accepted
-        ks.append((choice.k, choice.probe))
+    ks = [(c.k, c.probe) for c in _decode(ctrl, 400, [1.0, 1.3], accepted=lambda step, k: int(k > 0 and step % 5 != 0))]
     first = ks.index((1, True))
     assert ks[first : first + PROBE_BURST] == [(1, True)] + [(1, False)] * (PROBE_BURST - 1)  # a burst
     assert ks[first + PROBE_BURST] == (0, False)  # one burst cannot move the ratio that far ...
@@ -307,16 +319,10 @@ def test_a_never_drafted_artifact_probes_one_step_not_a_burst():
 def test_while_drafting_a_deeper_k_read_too_dear_is_probed_and_taken():
     """Drafting at K = 1; the calibration read a 3-token step at 2.2 plain steps where it costs 1.6 (as on
     a 2-core AMD VM, where K = 1..3 read 20-25% dear), so K = 2 (2.42 tokens) looks worse than K = 1 (1.8
-    tokens for 1.3) even with acceptance 0.15 higher. Doubting the cost as well, the controller probes K = 2 in bursts, whose
-    steps bring its ratio down, and K = 2 takes over."""
+    tokens for 1.3) even with acceptance 0.15 higher. Doubting the cost as well, the controller probes K = 2
+    in bursts, whose steps bring its ratio down, and K = 2 takes over."""
     ctrl = _controller([1.0, 1.3, 2.2], [0.8, 0.77], trials=1e6)
-    true_ms = [1.0, 1.3, 1.6]
-    ks = []
-    for _ in range(800):
-        choice = ctrl.choose()
-        if not choice.probe:
-            ctrl.costs.observe(1, choice.k, true_ms[choice.k])
-        ks.append(choice.k)
+    ks = [c.k for c in _decode(ctrl, 800, [1.0, 1.3, 1.6])]
     assert ks[0] == 1 and 2 in ks[:100]
     assert ks[-100:].count(2) >= 95
 
@@ -332,15 +338,13 @@ def test_while_drafting_plain_bursts_keep_the_level_current():
 
     ctrl = _controller([1.0, 1.5], [0.9], trials=1e6)
     ctrl.costs.batches[1].level = 1.4
-    true_ms, last_k, ks = [1.0, 1.5], -1, []
-    for step in range(800):
+    prior = ctrl.rows[0].prior
+
+    def hard_text(step):
         if step == 400:
-            ctrl.rows[0].prior.trials, ctrl.rows[0].prior.hits = [1e6], [0.4e6]
-        choice = ctrl.choose()
-        if not choice.probe and (choice.k or last_k == 0):  # decoder.steady
-            ctrl.costs.observe(1, choice.k, true_ms[choice.k])
-        last_k = choice.k
-        ks.append(choice.k)
+            prior.trials, prior.hits = [1e6], [0.4e6]
+
+    ks = [c.k for c in _decode(ctrl, 800, [1.0, 1.5], before=hard_text)]
     assert ks[:400].count(1) >= 380 and ks[: LEVEL_EVERY + 5].count(0) >= 4  # drafting, with a plain burst
     assert ctrl.costs.batches[1].level < 1.1
     assert ks[-200:].count(0) >= 190
@@ -352,10 +356,5 @@ def test_a_single_row_doubts_a_dear_first_draft_from_plain_decoding():
     probe (1.88 / 2.06 < MARGIN), so auto stayed plain; doubting the cost too, one row probes in bursts and
     drafting takes over."""
     ctrl = _controller([1.0, 2.06], [0.73], trials=1e6)
-    ks = []
-    for step in range(800):
-        choice = ctrl.choose()
-        if choice.k and not choice.probe:
-            ctrl.costs.observe(1, choice.k, 1.6)
-        ks.append(choice.k)
+    ks = [c.k for c in _decode(ctrl, 800, [1.0, 1.6])]
     assert ks[:20] == [0] * 20 and ks[-100:].count(1) >= 95
