@@ -16,36 +16,36 @@ DECAY per step, because acceptance moves with the text) on top of an artifact-wi
 sequence's observations, or the artifact's quantization report, or a cached earlier run) worth
 PRIOR_WEIGHT observations. A position nobody has tried yet starts at UNTRIED_RATE.
 
-Exploration: a choice only learns about what it runs. Probe steps draft one position deeper than the
-choice (K* + 1; all of max_draft when the artifact has never been drafted on), first after PROBE_FIRST
-steps, then at doubling intervals up to PROBE_MAX, restarting when the choice changes, and only where
-they could change it: with acceptance PROBE_OPTIMISM / sqrt(rows) above the estimate, K* + 1 would have
-to beat K* (on a model where a 2-token step costs ~2.2 plain steps, even 15% cheaper, no acceptance
-makes K = 1 pay, and plain decoding runs without probes; a pass's tokens are summed over its rows, whose mean acceptance
-strays from the artifact's by ~1/sqrt(rows) as much as one row's: at batch 4 the probes from plain
-decoding, each catching a module up over every row's tokens since it last ran, cost 5-7% of the steps
-with the full optimism and found nothing). While drafting, a deeper probe waits while the MTP module it
-needs has fallen behind (its cache would first be caught up over every token since it last ran:
-measured 5-10% of a 128-token generation for two probes); from K* = 0 that catch-up is the price of
-ever drafting again, and the doubling keeps it to a few percent. A probe is a burst of PROBE_BURST
-steps at the deeper K: its first step catches the module up and teaches acceptance only (a lone step at
-another K finds other weights in the CPU caches than a run of them does, measured 20-40% off), the rest
-are steps like any other at that K and teach what they cost too. Each drafting step moves its ratio
-toward what it cost over the plain level (costs.py, a median tracker): a calibration that read drafting
-too cheap (this VM can move 20-30% within it) is corrected within a few dozen steps, after which plain
-decoding wins; one that read it too dear is corrected by the bursts (with single-step probes it never
-was: on a 2-core AMD VM a calibration read a 2-token step at 1.72 plain steps where bench measured 1.45,
-and auto stayed plain, 0.94x, where every fixed K ran 1.12-1.38x faster). While drafting, a deeper K's
-step cost is doubted by COST_OPTIMISM as well as its acceptance, or a calibration that read it too dear
-would never be tested either; so is the first K's from plain decoding for a single row (a fresh clone read
-a 2-token step at 2.06 plain steps, and no acceptance made K = 1 worth a probe). The level moves with
-plain steps that follow plain steps only; while drafting, a plain burst every LEVEL_EVERY drafting steps
-re-measures it (its first step not counted), or after the machine sped up a stale level would keep auto
-drafting where plain decoding had come to win. 0.2 also ran 3 plain "anchor" steps in every 32 while
-drafting, meant to keep the level measured; flagged as probes they never did, and counting them was tried: a
-plain step amid drafting runs cold (other graphs' weights in the CPU caches, here a second session's packed
-copy of the trunk) and they read the level ~35% high, which made drafting look cheap. They are gone (~3% of
-every drafting run). While plain decoding wins, the choice is recomputed every RECHECK steps only.
+Exploration: a choice only learns about what it runs. Probe steps draft one position deeper than the choice
+(K* + 1; all of max_draft when the artifact has never been drafted on), first after PROBE_FIRST steps, then
+at doubling intervals up to PROBE_MAX, restarting when the choice changes, and only where they could change
+it: with acceptance PROBE_OPTIMISM / sqrt(rows) above the estimate, K* + 1 would have to beat K* (on a model
+where a 2-token step costs ~2.2 plain steps, even 15% cheaper, no acceptance makes K = 1 pay, and plain
+decoding runs without probes; a pass's tokens are summed over its rows, whose mean acceptance strays from
+the artifact's by ~1/sqrt(rows) as much as one row's: at batch 4 the probes from plain decoding, each
+catching a module up over every row's tokens since it last ran, cost 5-7% of the steps with the full
+optimism and found nothing). While drafting, a deeper probe waits while the MTP module it needs has fallen
+behind (its cache would first be caught up over every token since it last ran: measured 5-10% of a 128-token
+generation for two probes); from K* = 0 that catch-up is the price of ever drafting again, and the doubling
+keeps it to a few percent. A probe is a burst of PROBE_BURST steps at the deeper K: its first step catches
+the module up and teaches acceptance only (a lone step at another K finds other weights in the CPU caches
+than a run of them does, measured 20-40% off), the rest are steps like any other at that K and teach what
+they cost too. Each drafting step moves its ratio toward what it cost over the plain level (costs.py, a
+median tracker): a calibration that read drafting too cheap (this VM can move 20-30% within it) is corrected
+within a few dozen steps, after which plain decoding wins; one that read it too dear is corrected by the
+bursts (with single-step probes it never was: on a 2-core AMD VM a calibration read a 2-token step at 1.72
+plain steps where bench measured 1.45, and auto stayed plain, 0.94x, where every fixed K ran 1.12-1.38x
+faster). While drafting, a deeper K's step cost is doubted by COST_OPTIMISM as well as its acceptance, or a
+calibration that read it too dear would never be tested either; so is the first K's from plain decoding for
+a single row (a fresh clone read a 2-token step at 2.06 plain steps, and no acceptance made K = 1 worth a
+probe). The level moves with plain steps that follow plain steps only; while drafting, a plain burst every
+LEVEL_EVERY drafting steps re-measures it (its first step not counted), or after the machine sped up a stale
+level would keep auto drafting where plain decoding had come to win. 0.2 also ran 3 plain "anchor" steps in
+every 32 while drafting, meant to keep the level measured; flagged as probes they never did, and counting
+them was tried: a plain step amid drafting runs cold (other graphs' weights in the CPU caches, here a second
+session's packed copy of the trunk) and they read the level ~35% high, which made drafting look cheap. They
+are gone (~3% of every drafting run). While plain decoding wins, the choice is recomputed every RECHECK
+steps only.
 
 K depends only on steps already taken, never on the step being decided, so greedy output is identical
 to K = 0 and sampling keeps the target distribution (every K is lossless on its own).
@@ -65,7 +65,7 @@ UNTRIED_RATE = 0.5  # acceptance assumed at a position never drafted on this art
 PROBE_FIRST, PROBE_MAX = 8, 256  # steps between probes: first, and the cap of the doubling
 PROBE_BURST = 4  # steps a probe drafts at its depth: one that catches up, then PROBE_BURST - 1 whose cost counts
 PROBE_OPTIMISM = 0.15  # a probe is worth it if acceptance this much above the estimate would make it the choice
-COST_OPTIMISM = 0.15  # ... and its step this much cheaper (calibrations read 15-25% off here; not: shared, plain)
+COST_OPTIMISM = 0.15  # ... and its step this much cheaper (calibrations read 15-25% off; not a shared pass from plain)
 MARGIN = 1.05  # drafting must promise this many times K = 0's tokens per ms (costs are known to ~5-10% here)
 LEVEL_EVERY = 128  # while drafting, a plain burst (PROBE_BURST steps) every this many steps re-measures the level
 CONFIDENT_TRIALS = 32  # artifact-wide trials at position 1 past which probing starts at 4 x PROBE_FIRST
@@ -162,9 +162,8 @@ class DraftController:
         self.step = 0
         self.best = -1
         self.plain_until = 0  # steps before this one reuse a plain choice without recomputing it
-        self.burst_k, self.burst_left = 0, 0  # a probe's depth and its steps still to run
+        self.burst_k, self.burst_left = 0, 0  # a burst's depth (a probe's; 0: the level's) and steps to run
         self.drafting = 0  # drafting steps since the last plain one
-        self.plain_left = 0  # steps still to run of a plain burst (re-measuring the level while drafting)
         self.plain = Choice(0, float(len(rows)), 0.0, 0.0, False)
         confident = prior.trials[0] >= CONFIDENT_TRIALS
         self.interval = PROBE_FIRST * (4 if confident else 1)
@@ -192,23 +191,21 @@ class DraftController:
             self.next_probe = min(self.next_probe, self.step + PROBE_FIRST)
         self.best = best
         k, probe = best, False
-        if best and (self.plain_left or self.drafting >= LEVEL_EVERY) and not self.burst_left:
+        if best and self.drafting >= LEVEL_EVERY and not self.burst_left:
             # The level (a plain step's ms) moves only with plain steps, and a drafting K's ratio follows
             # what its steps cost over that level: after the machine speeds up (this VM moved 2x within
             # minutes) a stale level makes plain decoding look dearer than it is and auto keeps drafting
-            # where it loses. The burst's first step runs cold and is not counted (decoder.steady).
-            self.plain_left = (self.plain_left or PROBE_BURST) - 1
-            self.drafting = 0
-            self.step += 1
-            return Choice(0, tokens[0], ms[0], ms[0], False)
-        self.drafting = self.drafting + 1 if best else 0
-        self.plain_left = self.plain_left if best else 0
-        if self.burst_left:  # the rest of a probe's burst: steps like any other at its depth
+            # where it loses. A plain burst; its first step runs cold and is not counted (decoder.steady).
+            self.burst_k, self.burst_left = 0, PROBE_BURST
+        if self.burst_left:  # a burst's next step, like any other at its depth
             self.burst_left -= 1
-            if top >= self.burst_k > best:
+            # a probe's burst ends where the choice reaches its depth, a plain one where plain decoding wins
+            if (top >= self.burst_k > best) if self.burst_k else best:
+                self.drafting = self.drafting + 1 if best and self.burst_k else 0
                 self.step += 1
                 return Choice(self.burst_k, tokens[self.burst_k], ms[self.burst_k], ms[0], False)
             self.burst_left = 0
+        self.drafting = self.drafting + 1 if best else 0
         if self.step >= self.next_probe and top > best:
             never = self.rows[active[0]].prior.trials[0] == 0
             deeper = top if never else best + 1
