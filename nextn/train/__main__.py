@@ -1,4 +1,5 @@
 """python -m nextn.train OUT [--preset embedded|tiny] [--steps N] [--distill-steps N] [--from CKPT] [--seed S]
+                           [--distill-batch B] [--distill-greedy F] [--device auto|cpu|cuda] [--corpus-root DIR]
 
 Stage 1 trains trunk and MTP modules jointly (DeepSeek-V3's objective) and saves them; stage 2 reloads
 the saved weights and distills the trunk's predictions into the MTP modules (trunk frozen). `--from CKPT`
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import click
+import numpy as np
 
 
 def _bar(title: str, total: int, tag: str, describe):
@@ -45,20 +47,30 @@ def _bar(title: str, total: int, tag: str, describe):
 @click.option("--from", "from_ckpt", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Skip stage 1: distill the MTP modules of this stage-1 checkpoint.")
 @click.option("--vocab", type=int, default=2048, show_default=True, help="BPE vocabulary size.")
+@click.option("--distill-batch", type=click.IntRange(min=1), default=None, help="Override stage 2's windows per step.")
+@click.option("--distill-greedy", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Share of each stage-2 batch from the trunk's own greedy continuations.")
+@click.option("--device", default="auto", show_default=True, help="auto (cuda when available), cpu, cuda, cuda:N.")
+@click.option("--corpus-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="A Python standard library to read (default: this interpreter's).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--max-files", type=int, default=None, help="Use only the first N training files (tests).")
-def main(out: Path, preset: str, steps: int | None, distill_steps: int | None, from_ckpt: Path | None, vocab: int,
+def main(out: Path, preset: str, steps: int | None, distill_steps: int | None, from_ckpt: Path | None,
+         distill_batch: int | None, distill_greedy: float | None, device: str, corpus_root: Path | None, vocab: int,
          seed: int, max_files: int | None) -> None:  # fmt: skip
     """Train a DeepSeek-V3-style model with MTP modules on the Python standard library; write it to OUT."""
     import torch
 
     from nextn.model.weights import load_model
     from nextn.train.corpus import BOS, EOS, encode_files, stdlib_corpus, train_tokenizer
-    from nextn.train.trainer import PRESETS, distill_mtp, evaluate, heldout_windows, save_checkpoint, train
+    from nextn.train.trainer import (
+        PRESETS, distill_mtp, draft_agreement, evaluate, greedy_windows, heldout_windows, save_checkpoint, train,
+    )  # fmt: skip
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(seed)
-    corpus = stdlib_corpus()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    corpus = stdlib_corpus(corpus_root)
     files = corpus.train[:max_files] if max_files else corpus.train
     heldout = corpus.heldout[: max(2, max_files // 10)] if max_files else corpus.heldout
     click.echo(f"corpus: {len(files)} training files, {len(heldout)} held out, from {corpus.root}", err=True)
@@ -73,8 +85,9 @@ def main(out: Path, preset: str, steps: int | None, distill_steps: int | None, f
     click.echo(f"tokens: {len(train_stream):,} train, {len(heldout_stream):,} held out", err=True)
 
     tc = PRESETS[preset](tok.get_vocab_size())
-    tc = dataclasses.replace(tc, seed=seed, steps=tc.steps if steps is None else steps,
-                             distill_steps=tc.distill_steps if distill_steps is None else distill_steps)  # fmt: skip
+    overrides = {"steps": steps, "distill_steps": distill_steps, "distill_batch": distill_batch,
+                 "distill_greedy": distill_greedy}  # fmt: skip
+    tc = dataclasses.replace(tc, seed=seed, **{k: v for k, v in overrides.items() if v is not None})
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".nextn-train-", dir=out.parent))
     try:
@@ -82,7 +95,7 @@ def main(out: Path, preset: str, steps: int | None, distill_steps: int | None, f
             bar, on_step = _bar("stage 1: trunk + MTP", tc.steps, "step",
                                 lambda row: f"loss {row['trunk']:.3f} mtp {[round(m, 3) for m in row['mtp']]}")
             with bar:
-                model, history = train(tc, train_stream, heldout_stream, on_step)
+                model, history = train(tc, train_stream, heldout_stream, on_step, device)
             save_checkpoint(model, tmp)
             summary = {
                 "command": "python -m nextn.train " + " ".join(sys.argv[1:]),
@@ -100,17 +113,24 @@ def main(out: Path, preset: str, steps: int | None, distill_steps: int | None, f
 
         if tc.distill_steps:
             # Stage 2 always starts from the saved (bf16) stage-1 weights, so `--from` reproduces it.
-            model, _ = load_model(tmp)
+            model = load_model(tmp)[0].to(device)
+            # Greedy acceptance along the trunk's own continuations of held-out prompts, before and after.
+            probe = greedy_windows(model, heldout_stream, tc.eval_windows, tc.seq_len, np.random.default_rng(tc.seed + 3))
+            before = draft_agreement(model, probe)
             bar, on_distill = _bar("stage 2: distill MTP", tc.distill_steps, "distill",
                                    lambda row: f"vs trunk {[round(m, 3) for m in row['mtp_vs_trunk']]}")
             with bar:
-                dist = distill_mtp(model, train_stream, tc.distill_steps, tc.batch, tc.seq_len, tc.distill_lr, tc.seed,
-                                   on_distill)  # fmt: skip
+                dist = distill_mtp(model, train_stream, tc, on_distill)
+            after = draft_agreement(model, probe)
             save_checkpoint(model, tmp)
             summary["distill"] = {
                 "command": "python -m nextn.train " + " ".join(sys.argv[1:]), "steps": tc.distill_steps,
-                "lr": tc.distill_lr, "final_mtp_vs_trunk_ce": dist["steps"][-1]["mtp_vs_trunk"],
-                "heldout_loss": evaluate(model, heldout_windows(tc, heldout_stream)), "train_seconds": round(dist["train_seconds"], 1),
+                "lr": tc.distill_lr, "batch": tc.distill_batch, "greedy": tc.distill_greedy,
+                "greedy_windows": dist["greedy_windows"], "device": device, "torch": torch.__version__,
+                "final_mtp_vs_trunk_ce": dist["steps"][-1]["mtp_vs_trunk"],
+                "heldout_loss": evaluate(model, heldout_windows(tc, heldout_stream)),
+                "heldout_greedy_agreement": {"before": before, "after": after},
+                "greedy_seconds": round(dist["greedy_seconds"], 1), "train_seconds": round(dist["train_seconds"], 1),
             }  # fmt: skip
         tok.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(

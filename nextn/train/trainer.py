@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nextn.model.config import ModelConfig, RopeConfig, config_to_hf
-from nextn.model.reference import DeepseekV3, Router
+from nextn.model.reference import DeepseekV3, LayerKV, Router
 from nextn.model.weights import param_name
 from nextn.testing import checkpoint_names, tiny_config
 
@@ -66,6 +66,11 @@ class TrainConfig:
     eval_windows: int = 64
     distill_steps: int = 0  # stage 2 (distill_mtp), run on the saved stage-1 weights
     distill_lr: float = 1e-3
+    distill_batch: int = 16  # windows per stage-2 step
+    # Share of each stage-2 batch taken from the trunk's own greedy continuations (0: corpus only).
+    # Greedy decoding feeds the drafts the trunk's tokens, not the corpus's, so these windows are what
+    # acceptance is measured on (EAGLE and Medusa-2 distil on the target's generations for this reason).
+    distill_greedy: float = 0.0
 
 
 PRESETS: dict[str, Callable[[int], TrainConfig]] = {
@@ -105,7 +110,7 @@ def build_model(cfg: ModelConfig, seed: int) -> DeepseekV3:
 def losses(model: DeepseekV3, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """tokens [B, T] -> trunk CE, [CE of MTP depth k for each k]."""
     b, t = tokens.shape
-    pos = torch.arange(t)[None].expand(b, t)  # [B, T]
+    pos = torch.arange(t, device=tokens.device)[None].expand(b, t)  # [B, T]
     out = model(tokens, pos)
     trunk = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
     hidden, mtp = out.hidden, []  # [B, T, H]
@@ -122,7 +127,7 @@ class _LoadCounter:
 
     def __init__(self, model: nn.Module):
         self.routers = [m for m in model.modules() if isinstance(m, Router)]
-        self.loads = {id(r): torch.zeros(r.weight.shape[0]) for r in self.routers}
+        self.loads = {id(r): torch.zeros(r.weight.shape[0], device=r.weight.device) for r in self.routers}
         self.handles = [r.register_forward_hook(self._hook) for r in self.routers]
 
     def _hook(self, router, inputs, output) -> None:
@@ -170,9 +175,9 @@ def evaluate(model: DeepseekV3, batch: torch.Tensor, chunk: int = 8) -> dict:
     """Mean CE of trunk and each MTP depth over fixed held-out windows [N, T]."""
     was_training = model.training
     model.eval()
-    sums = None
+    sums, device = None, model.lm_head.weight.device
     for i in range(0, len(batch), chunk):
-        trunk, mtp = losses(model, batch[i : i + chunk])
+        trunk, mtp = losses(model, batch[i : i + chunk].to(device))
         vals = [float(trunk), *map(float, mtp)]
         sums = vals if sums is None else [a + b for a, b in zip(sums, vals)]
     model.train(was_training)
@@ -185,11 +190,13 @@ def train(
     train_stream: np.ndarray,
     heldout_stream: np.ndarray,
     on_step: Callable[[int, dict], None] | None = None,
+    device: str = "cpu",
 ) -> tuple[DeepseekV3, dict]:
-    """Train from scratch; returns the model (fp32) and a history with losses and held-out figures."""
+    """Train from scratch on `device`; returns the model (fp32) and a history with losses and held-out
+    figures."""
     rng = np.random.default_rng(tc.seed)
     eval_batch = heldout_windows(tc, heldout_stream)
-    model = build_model(tc.model, tc.seed)
+    model = build_model(tc.model, tc.seed).to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -204,7 +211,7 @@ def train(
     for step in range(tc.steps):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, tc.steps, tc.lr, tc.warmup, tc.min_lr_ratio)
-        tokens = windows(train_stream, tc.batch, tc.seq_len, rng)
+        tokens = windows(train_stream, tc.batch, tc.seq_len, rng).to(device)
         trunk, mtp = losses(model, tokens)
         loss = trunk + tc.mtp_lambda * torch.stack(mtp).mean()
         opt.zero_grad(set_to_none=True)
@@ -237,7 +244,7 @@ def save_checkpoint(model: DeepseekV3, out: Path, dtype: torch.dtype = torch.bfl
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name in checkpoint_names(cfg, mtp_copies=False):
-        t = model.get_parameter(param_name(cfg, name)).detach()
+        t = model.get_parameter(param_name(cfg, name)).detach().cpu()
         keep_fp32 = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
         tensors[name] = t.float().contiguous() if keep_fp32 else t.to(dtype).contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -248,53 +255,113 @@ def save_checkpoint(model: DeepseekV3, out: Path, dtype: torch.dtype = torch.bfl
 
 
 # -- stage 2: self-distillation of the MTP modules ----------------------------------------------------
-def distill_mtp(
-    model: DeepseekV3,
-    stream: np.ndarray,
-    steps: int,
-    batch: int = 16,
-    seq_len: int = 256,
-    lr: float = 1e-3,
-    seed: int = 0,
-    on_step: Callable[[int, dict], None] | None = None,
-) -> dict:
-    """Train the MTP modules towards the trunk's own next-token distribution; the trunk (and the shared
-    embedding and head) stay frozen, so the model's greedy output does not change.
+GREEDY_PROMPT = 32  # tokens of corpus before each greedy continuation
 
-    Depth k at position i predicts token i+k+2; the trunk's distribution for that token, given the same
-    true prefix, is its output at position i+k+1. Drafts are accepted when they match the trunk, not the
-    corpus, so this is the quantity acceptance measures (Medusa-2's and EAGLE's self-distillation).
-    """
-    shared = {model.model.embed_tokens.weight.data_ptr(), model.lm_head.weight.data_ptr()}
+
+@torch.no_grad()
+def greedy_windows(model: DeepseekV3, stream: np.ndarray, n: int, seq_len: int, rng: np.random.Generator,
+                   chunk: int = 256) -> torch.Tensor:  # fmt: skip
+    """[n, seq_len] int64 windows on the model's device: GREEDY_PROMPT tokens of the stream, then the
+    trunk's own greedy continuation, decoded with the latent cache."""
+    device = model.lm_head.weight.device
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, n, chunk):
+        ids = windows(stream, min(chunk, n - i), GREEDY_PROMPT, rng).to(device)  # [m, P]
+        pos = torch.arange(GREEDY_PROMPT, device=device)[None].expand(len(ids), -1)
+        step = model(ids, pos)
+        past = step.new_kv
+        for t in range(GREEDY_PROMPT, seq_len):
+            nxt = step.logits[:, -1].argmax(-1, keepdim=True)  # [m, 1]
+            ids = torch.cat([ids, nxt], dim=1)
+            if t == seq_len - 1:
+                break
+            step = model(nxt, torch.full_like(nxt, t), past)
+            past = [LayerKV(torch.cat([p.c_kv, q.c_kv], 1), torch.cat([p.k_pe, q.k_pe], 1))
+                    for p, q in zip(past, step.new_kv)]  # fmt: skip
+        out.append(ids)
+    model.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def draft_agreement(model: DeepseekV3, batch: torch.Tensor, start: int = GREEDY_PROMPT, chunk: int = 32) -> list[float]:
+    """Per depth, the share of positions whose draft (argmax) equals the trunk's argmax for the same token,
+    over the tokens of `batch` [N, T] from index `start` on, every depth fed the true tokens: along greedy
+    continuations this is greedy acceptance at each draft position given the earlier ones accepted."""
+    n_mtp, hits, total = len(model.mtp), None, None
+    for i in range(0, len(batch), chunk):
+        tokens = batch[i : i + chunk]
+        b, t = tokens.shape
+        pos = torch.arange(t, device=tokens.device)[None].expand(b, t)
+        out = model(tokens, pos)
+        want, hidden = out.logits.argmax(-1), out.hidden  # [B, T]: the trunk's pick for token j + 1
+        row_hits, row_total = [], []
+        for k in range(n_mtp):
+            n = t - k - 1
+            o = model.mtp_forward(k, tokens[:, k + 1 :], hidden[:, :n], pos[:, k + 1 :])
+            first = max(0, start - k - 2)  # depth k at position j drafts token j + k + 2
+            same = o.logits[:, first:].argmax(-1) == want[:, k + 1 + first :]
+            row_hits.append(int(same.sum()))
+            row_total.append(same.numel())
+            hidden = o.hidden
+        hits = row_hits if hits is None else [a + c for a, c in zip(hits, row_hits)]
+        total = row_total if total is None else [a + c for a, c in zip(total, row_total)]
+    return [h / max(1, n) for h, n in zip(hits, total)]
+
+
+def _mtp_params(model: DeepseekV3) -> list[nn.Parameter]:
+    """The MTP modules' own weights: not the embedding and head they share with the trunk, not the
+    routers' balancing biases (names, not pointers, decide: moving a model between devices can split
+    tensors that shared storage)."""
     params = []
     for p in model.parameters():
         p.requires_grad_(False)
     for m in model.mtp:
         for name, p in m.named_parameters():
-            if p.data_ptr() not in shared and not name.endswith("e_score_correction_bias"):
+            if not name.startswith(("embed_tokens", "shared_head.head")) and not name.endswith("e_score_correction_bias"):
                 p.requires_grad_(True)
                 params.append(p)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rng = np.random.default_rng(seed + 2)
-    history: dict = {"steps": []}
+    return params
+
+
+def distill_mtp(
+    model: DeepseekV3,
+    stream: np.ndarray,
+    tc: TrainConfig,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train the MTP modules towards the trunk's own next-token distribution for `tc.distill_steps` steps
+    of `tc.distill_batch` windows, on the model's device; the trunk (and the shared embedding and head)
+    stay frozen, so the model's greedy output does not change.
+
+    Depth k at position i predicts token i+k+2; the trunk's distribution for that token, given the same
+    prefix, is its output at position i+k+1. Drafts are accepted when they match the trunk, not the
+    corpus, so this is the quantity acceptance measures (Medusa-2's and EAGLE's self-distillation). A
+    `tc.distill_greedy` share of each batch comes from a pool of the trunk's greedy continuations, made
+    once before the first step (each window seen about 4 times).
+    """
+    device = model.lm_head.weight.device
+    params = _mtp_params(model)
+    opt = torch.optim.AdamW(params, lr=tc.distill_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = np.random.default_rng(tc.seed + 2)
+    n_greedy = round(tc.distill_batch * tc.distill_greedy)
+    t0 = time.perf_counter()
+    pool_size = min(16384, math.ceil(tc.distill_steps * n_greedy / 4))
+    chunk = 2048 if device.type == "cuda" else 64  # rows decoded together: a GPU wants them wide
+    pool = greedy_windows(model, stream, pool_size, tc.seq_len, rng, chunk) if n_greedy else None
+    history: dict = {"steps": [], "greedy_windows": pool_size if n_greedy else 0,
+                     "greedy_seconds": time.perf_counter() - t0}  # fmt: skip
     model.train()
     t0 = time.perf_counter()
-    for step in range(steps):
+    for step in range(tc.distill_steps):
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr)
-        tokens = windows(stream, batch, seq_len, rng)
-        b, t = tokens.shape
-        pos = torch.arange(t)[None].expand(b, t)
-        with torch.no_grad():
-            out = model(tokens, pos)
-            target = F.softmax(out.logits.float(), dim=-1)  # [B, T, V]
-        hidden, mtp = out.hidden, []
-        for k in range(len(model.mtp)):
-            n = t - k - 1
-            o = model.mtp_forward(k, tokens[:, k + 1 :], hidden[:, :n], pos[:, k + 1 :])
-            mtp.append(F.cross_entropy(o.logits.flatten(0, 1), target[:, k + 1 :].flatten(0, 1)))
-            hidden = o.hidden
-        loss = torch.stack(mtp).mean()
+            g["lr"] = cosine_lr(step, tc.distill_steps, tc.distill_lr)
+        tokens = windows(stream, tc.distill_batch - n_greedy, tc.seq_len, rng).to(device)  # [B, T]
+        if n_greedy:
+            tokens = torch.cat([tokens, pool[torch.from_numpy(rng.integers(0, len(pool), n_greedy)).to(device)]])
+        loss, mtp = _distill_loss(model, tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -308,3 +375,19 @@ def distill_mtp(
     model.eval()
     history["train_seconds"] = time.perf_counter() - t0
     return history
+
+
+def _distill_loss(model: DeepseekV3, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """tokens [B, T] -> mean over depths of CE(depth k's drafts, the trunk's distribution), per depth."""
+    b, t = tokens.shape
+    pos = torch.arange(t, device=tokens.device)[None].expand(b, t)
+    with torch.no_grad():
+        out = model(tokens, pos)
+        target = F.softmax(out.logits.float(), dim=-1)  # [B, T, V]
+    hidden, mtp = out.hidden, []
+    for k in range(len(model.mtp)):
+        n = t - k - 1
+        o = model.mtp_forward(k, tokens[:, k + 1 :], hidden[:, :n], pos[:, k + 1 :])
+        mtp.append(F.cross_entropy(o.logits.flatten(0, 1), target[:, k + 1 :].flatten(0, 1)))
+        hidden = o.hidden
+    return torch.stack(mtp).mean(), mtp

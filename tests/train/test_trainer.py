@@ -1,6 +1,7 @@
 """Training code: the objective is DeepSeek-V3's (checked against transformers' MtpModel), loss falls
 in a few steps, and the saved checkpoint loads in transformers with the same logits."""
 
+import dataclasses
 import json
 import math
 
@@ -12,7 +13,9 @@ import torch.nn.functional as F
 from hf_reference import load_hf
 from nextn.model.weights import load_model
 from nextn.train.corpus import encode_files, stdlib_corpus, train_tokenizer
-from nextn.train.trainer import PRESETS, build_model, distill_mtp, losses, save_checkpoint, train
+from nextn.train.trainer import (
+    GREEDY_PROMPT, PRESETS, build_model, distill_mtp, draft_agreement, greedy_windows, losses, save_checkpoint, train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +79,37 @@ def test_training_lowers_loss_and_checkpoint_loads_in_transformers(streams, tmp_
     before = {n: p.detach().clone() for n, p in loaded.named_parameters()}
     trunk_logits = loaded(tokens, torch.arange(40)[None]).logits.detach()
     start = _mtp_vs_trunk(loaded, tokens)
-    distill_mtp(loaded, train_stream, steps=12, batch=4, seq_len=32, lr=3e-3)
+    distill_mtp(loaded, train_stream, dataclasses.replace(tc, distill_steps=12, distill_batch=4, distill_lr=3e-3,
+                                                          distill_greedy=0.5))
     with torch.no_grad():
         assert torch.equal(loaded(tokens, torch.arange(40)[None]).logits, trunk_logits)
     changed = {n for n, p in loaded.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith("mtp.") for n in changed)
     assert not any("embed_tokens" in n or "shared_head.head" in n for n in changed)
     assert _mtp_vs_trunk(loaded, tokens) < start
+
+
+def test_greedy_windows_continue_with_the_trunks_argmax_and_agreement_counts_matches(streams):
+    """The pool's continuations (decoded with the latent cache) are what a full forward pass picks, and
+    draft_agreement counts, per depth, drafts equal to the trunk's pick for the same token."""
+    tok, train_stream, _ = streams
+    model = build_model(PRESETS["tiny"](tok.get_vocab_size()).model, seed=0).eval()
+    batch = greedy_windows(model, train_stream, 3, GREEDY_PROMPT + 6, np.random.default_rng(0), chunk=2)
+    assert batch.shape == (3, GREEDY_PROMPT + 6)
+    t = batch.shape[1]
+    pos = torch.arange(t)[None].expand(3, t)
+    with torch.no_grad():
+        out = model(batch, pos)
+        assert torch.equal(out.logits[:, GREEDY_PROMPT - 1 : -1].argmax(-1), batch[:, GREEDY_PROMPT:])
+        want, hidden, expected = out.logits.argmax(-1), out.hidden, []
+        for k in range(len(model.mtp)):
+            o = model.mtp_forward(k, batch[:, k + 1 :], hidden[:, : t - k - 1], pos[:, k + 1 :])
+            drafts = o.logits.argmax(-1)  # position j drafts token j + k + 2
+            hits = [(drafts[r, j] == want[r, j + k + 1]).item() for r in range(3) for j in range(t - k - 1)
+                    if j + k + 2 >= GREEDY_PROMPT]  # fmt: skip
+            expected.append(sum(hits) / len(hits))
+            hidden = o.hidden
+    assert draft_agreement(model, batch, chunk=2) == pytest.approx(expected)
 
 
 @torch.no_grad()
