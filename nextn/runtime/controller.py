@@ -24,10 +24,11 @@ where a 2-token step costs ~2.2 plain steps, even 15% cheaper, no acceptance mak
 decoding runs without probes; a pass's tokens are summed over its rows, whose mean acceptance strays from
 the artifact's by ~1/sqrt(rows) as much as one row's: at batch 4 the probes from plain decoding, each
 catching a module up over every row's tokens since it last ran, cost 5-7% of the steps with the full
-optimism and found nothing). While drafting, a deeper probe waits while the MTP module it needs has fallen
-behind (its cache would first be caught up over every token since it last ran: measured 5-10% of a 128-token
-generation for two probes); from K* = 0 that catch-up is the price of ever drafting again, and the doubling
-keeps it to a few percent. A probe is a burst of PROBE_BURST steps at the deeper K: its first step catches
+optimism and found nothing). A probe whose MTP module has fallen behind first catches its cache up over
+every token since it last ran (measured 5-10% of a 128-token generation for two probes): a shared pass waits
+for the module to be ready, a single row pays it, since from K* = 0, and for the module K* never runs, it is
+the price of ever learning more (a row drafting at K = 1 waited for good: the second module only runs at
+K >= 2), and the doubling keeps it to a few percent. A probe is a burst of PROBE_BURST steps at the deeper K: its first step catches
 the module up and teaches acceptance only (a lone step at another K finds other weights in the CPU caches
 than a run of them does, measured 20-40% off), the rest are steps like any other at that K and teach what
 they cost too. Each drafting step moves its ratio toward what it cost over the plain level (costs.py, a
@@ -209,11 +210,12 @@ class DraftController:
         if self.step >= self.next_probe and top > best:
             never = self.rows[active[0]].prior.trials[0] == 0
             deeper = top if never else best + 1
-            # From plain decoding a probe first catches the module up over every token since it last ran,
-            # for every row: one row pays it, a shared pass does not (16 probes from plain at batch 4 cost
-            # 7% of a run and found nothing); there the artifact-wide rate, which single rows keep
-            # learning, decides.
-            fits = ready is None or ready(deeper) or (best == 0 and len(active) == 1)
+            # A module that has fallen behind (after plain steps, or the deeper module while drafting
+            # shallower) is first caught up over every token since it last ran, for every row: one row pays
+            # it, a shared pass does not (16 probes from plain at batch 4 cost 7% of a run and found
+            # nothing); there the artifact-wide rate, which single rows keep learning, decides. Waiting for
+            # the deeper module to be ready kept one row at K = 1 for good: at K = 1 it never runs.
+            fits = ready is None or ready(deeper) or len(active) == 1
             # The deeper step's cost is doubted too: a calibration that read it too dear would otherwise never
             # be tested (auto kept K = 1 at 1.13x where K = 3 ran 1.36x; a fresh clone's calibration read a
             # 2-token step at 2.06 plain steps and stayed plain). Not from plain decoding for a shared pass:
