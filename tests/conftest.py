@@ -35,6 +35,18 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return write_random_checkpoint(tmp_path_factory.mktemp("tiny"), tiny_config())
 
 
+@pytest.fixture(scope="session")
+def tiny_moe_forms(tiny_checkpoint, tmp_path_factory) -> dict:
+    """The tiny checkpoint exported with its MoE fused and sparse (opset 23, one MTP module): form ->
+    (manifest, artifact folder). Each export validates against the reference; several test modules read
+    the graphs, and exporting them once saves minutes of the suite."""
+    from nextn.export.exporter import ExportOptions, export_checkpoint
+
+    root = tmp_path_factory.mktemp("moeforms")
+    return {form: (export_checkpoint(tiny_checkpoint, root / form, ExportOptions(moe=form, mtp_layers=1)), root / form)
+            for form in ("fused", "sparse")}  # fmt: skip
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

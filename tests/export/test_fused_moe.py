@@ -91,12 +91,8 @@ def test_one_group_exports_fused_and_validates(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def both_forms(tiny_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("forms")
-    out = {}
-    for form in ("fused", "sparse"):
-        out[form] = export_checkpoint(tiny_checkpoint, root / form, ExportOptions(moe=form, mtp_layers=1)), root / form
-    return out
+def both_forms(tiny_moe_forms):
+    return tiny_moe_forms
 
 
 def test_fused_and_sparse_graphs(both_forms):

@@ -110,10 +110,5 @@ def test_exported_graphs_take_the_fused_forms(both_moe_forms):
 
 
 @pytest.fixture(scope="module")
-def both_moe_forms(tiny_checkpoint, tmp_path_factory):
-    from nextn.export.exporter import ExportOptions, export_checkpoint
-
-    root = tmp_path_factory.mktemp("moeforms")
-    for moe in ("fused", "sparse"):  # each export validates against the reference
-        export_checkpoint(tiny_checkpoint, root / moe, ExportOptions(moe=moe, mtp_layers=1))
-    return {m: root / m for m in ("fused", "sparse")}
+def both_moe_forms(tiny_moe_forms):
+    return {form: art for form, (_, art) in tiny_moe_forms.items()}
