@@ -39,6 +39,23 @@ def _bar(title: str, total: int, tag: str, describe):
     return bar, on_step
 
 
+def _device(name: str) -> str:
+    """--device: auto (cuda when torch has it), or a device torch can use here; else a one-line error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise click.BadParameter(f"{name!r}: expected auto, cpu, cuda or cuda:N", param_hint="--device") from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise click.BadParameter(f"{name!r}: torch {torch.__version__} sees no such CUDA device", param_hint="--device")
+    if dev.type not in ("cpu", "cuda"):
+        raise click.BadParameter(f"{name!r}: expected auto, cpu, cuda or cuda:N", param_hint="--device")
+    return name
+
+
 @click.command()
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--preset", type=click.Choice(["embedded", "tiny"]), default="embedded", show_default=True)
@@ -69,7 +86,7 @@ def main(out: Path, preset: str, steps: int | None, distill_steps: int | None, f
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(seed)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = _device(device)
     corpus = stdlib_corpus(corpus_root)
     files = corpus.train[:max_files] if max_files else corpus.train
     heldout = corpus.heldout[: max(2, max_files // 10)] if max_files else corpus.heldout

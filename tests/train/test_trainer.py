@@ -159,3 +159,16 @@ def test_train_command_both_stages_and_from(tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in trunk)
     assert any(not torch.equal(a[n], b[n]) for n in a if n.startswith(f"model.layers.{layers}."))
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(p.name for p in (tmp_path / "a").iterdir())
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:7"])
+def test_train_command_refuses_a_device_it_cannot_use(tmp_path, device):
+    from click.testing import CliRunner
+
+    from nextn.train.__main__ import main
+
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that device")
+    r = CliRunner().invoke(main, [str(tmp_path / "out"), "--preset", "tiny", "--device", device])
+    assert r.exit_code == 2 and "--device" in r.output and device in r.output and r.exception is not None
+    assert "Traceback" not in r.output and not (tmp_path / "out").exists()
