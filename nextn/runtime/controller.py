@@ -25,10 +25,10 @@ decoding runs without probes; a pass's tokens are summed over its rows, whose me
 the artifact's by ~1/sqrt(rows) as much as one row's: at batch 4 the probes from plain decoding, each
 catching a module up over every row's tokens since it last ran, cost 5-7% of the steps with the full
 optimism and found nothing). A probe whose MTP module has fallen behind first catches its cache up over
-every token since it last ran (measured 5-10% of a 128-token generation for two probes): a shared pass waits
-for the module to be ready, a single row pays it, since from K* = 0, and for the module K* never runs, it is
-the price of ever learning more (a row drafting at K = 1 waited for good: the second module only runs at
-K >= 2), and the doubling keeps it to a few percent. A probe is a burst of PROBE_BURST steps at the deeper K: its first step catches
+every token since it last ran (measured 5-10% of a 128-token generation for two probes). A shared pass waits
+until the module is ready. A single row pays the catch-up: from K* = 0, and for a module K* never runs, it is
+the only way to learn more (a row drafting at K = 1 waited for good, since the second module only runs at
+K >= 2), and the doubling intervals keep it to a few percent. A probe is a burst of PROBE_BURST steps at the deeper K: its first step catches
 the module up and teaches acceptance only (a lone step at another K finds other weights in the CPU caches
 than a run of them does, measured 20-40% off), the rest are steps like any other at that K and teach what
 they cost too. Each drafting step moves its ratio toward what it cost over the plain level (costs.py, a

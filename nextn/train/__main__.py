@@ -140,6 +140,8 @@ def main(out: Path, preset: str, steps: int | None, distill_steps: int | None, f
                 dist = distill_mtp(model, train_stream, tc, on_distill)
             after = draft_agreement(model, probe)
             save_checkpoint(model, tmp)
+            if "distill" in summary:  # an earlier stage 2 of the --from checkpoint: kept, numbered
+                summary[f"distill_{sum(k.startswith('distill_') for k in summary)}"] = summary.pop("distill")
             summary["distill"] = {
                 "command": "python -m nextn.train " + " ".join(sys.argv[1:]), "steps": tc.distill_steps,
                 "lr": tc.distill_lr, "batch": tc.distill_batch, "greedy": tc.distill_greedy,

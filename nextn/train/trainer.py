@@ -76,11 +76,11 @@ class TrainConfig:
 PRESETS: dict[str, Callable[[int], TrainConfig]] = {
     "embedded": lambda vocab: TrainConfig(
         embedded_config(vocab), steps=1200, lr=3e-3, warmup=50, mtp_lambda=0.5, bias_update=1e-2, distill_steps=300,
-        distill_greedy=0.5,  # the shipped drafts: 1789 steps of 64 windows at 0.5 on a GPU (training.json)
+        distill_greedy=0.5,  # as the shipped drafts' second distillation (training.json), at this preset's size
     ),
     "tiny": lambda vocab: TrainConfig(
         tiny_config(vocab_size=vocab, max_position_embeddings=256), steps=30, batch=4, seq_len=32,
-        lr=3e-3, warmup=5, eval_windows=4, distill_steps=5,
+        lr=3e-3, warmup=5, eval_windows=4, distill_steps=5, distill_batch=4,
     ),
 }
 
@@ -259,21 +259,27 @@ def save_checkpoint(model: DeepseekV3, out: Path, dtype: torch.dtype = torch.bfl
 GREEDY_PROMPT = 32  # tokens of corpus before each greedy continuation
 
 
+def greedy_prompt_len(seq_len: int) -> int:
+    """Corpus tokens before the continuation in a greedy window of seq_len: GREEDY_PROMPT, or half a short
+    window (so that it always holds a continuation)."""
+    return min(GREEDY_PROMPT, seq_len // 2)
+
+
 @torch.no_grad()
 def greedy_windows(model: DeepseekV3, stream: np.ndarray, n: int, seq_len: int, rng: np.random.Generator,
                    chunk: int = 256) -> torch.Tensor:  # fmt: skip
-    """[n, seq_len] int64 windows on the model's device: GREEDY_PROMPT tokens of the stream, then the
-    trunk's own greedy continuation, decoded with the latent cache."""
+    """[n, seq_len] int64 windows on the model's device: greedy_prompt_len(seq_len) tokens of the stream,
+    then the trunk's own greedy continuation, decoded with the latent cache."""
     device = model.lm_head.weight.device
-    was_training = model.training
+    was_training, prompt = model.training, greedy_prompt_len(seq_len)
     model.eval()
     out = []
     for i in range(0, n, chunk):
-        ids = windows(stream, min(chunk, n - i), GREEDY_PROMPT, rng).to(device)  # [m, P]
-        pos = torch.arange(GREEDY_PROMPT, device=device)[None].expand(len(ids), -1)
+        ids = windows(stream, min(chunk, n - i), prompt, rng).to(device)  # [m, P]
+        pos = torch.arange(prompt, device=device)[None].expand(len(ids), -1)
         step = model(ids, pos)
         past = step.new_kv
-        for t in range(GREEDY_PROMPT, seq_len):
+        for t in range(prompt, seq_len):
             nxt = step.logits[:, -1].argmax(-1, keepdim=True)  # [m, 1]
             ids = torch.cat([ids, nxt], dim=1)
             if t == seq_len - 1:
@@ -287,10 +293,12 @@ def greedy_windows(model: DeepseekV3, stream: np.ndarray, n: int, seq_len: int, 
 
 
 @torch.no_grad()
-def draft_agreement(model: DeepseekV3, batch: torch.Tensor, start: int = GREEDY_PROMPT, chunk: int = 32) -> list[float]:
+def draft_agreement(model: DeepseekV3, batch: torch.Tensor, start: int | None = None, chunk: int = 32) -> list[float]:
     """Per depth, the share of positions whose draft (argmax) equals the trunk's argmax for the same token,
-    over the tokens of `batch` [N, T] from index `start` on, every depth fed the true tokens: along greedy
-    continuations this is greedy acceptance at each draft position given the earlier ones accepted."""
+    over the tokens of `batch` [N, T] from index `start` on (default: where greedy_windows' continuations
+    start), every depth fed the true tokens: along greedy continuations this is greedy acceptance at each
+    draft position given the earlier ones accepted."""
+    start = greedy_prompt_len(batch.shape[1]) if start is None else start
     n_mtp, hits, total = len(model.mtp), None, None
     for i in range(0, len(batch), chunk):
         tokens = batch[i : i + chunk]
@@ -347,7 +355,8 @@ def distill_mtp(
     params = _mtp_params(model)
     opt = torch.optim.AdamW(params, lr=tc.distill_lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = np.random.default_rng(tc.seed + 2)
-    n_greedy = round(tc.distill_batch * tc.distill_greedy)
+    # windows per batch from the pool: at least one when asked for any (a small batch would round to none)
+    n_greedy = min(tc.distill_batch, max(1, round(tc.distill_batch * tc.distill_greedy))) if tc.distill_greedy else 0
     t0 = time.perf_counter()
     pool_size = min(16384, math.ceil(tc.distill_steps * n_greedy / 4))
     chunk = 2048 if device.type == "cuda" else 64  # rows decoded together: a GPU wants them wide
@@ -359,9 +368,10 @@ def distill_mtp(
     for step in range(tc.distill_steps):
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, tc.distill_steps, tc.distill_lr)
-        tokens = windows(stream, tc.distill_batch - n_greedy, tc.seq_len, rng).to(device)  # [B, T]
+        parts = [windows(stream, tc.distill_batch - n_greedy, tc.seq_len, rng).to(device)] if n_greedy < tc.distill_batch else []
         if n_greedy:
-            tokens = torch.cat([tokens, pool[torch.from_numpy(rng.integers(0, len(pool), n_greedy)).to(device)]])
+            parts.append(pool[torch.from_numpy(rng.integers(0, len(pool), n_greedy)).to(device)])
+        tokens = torch.cat(parts)  # [B, T]
         loss, mtp = _distill_loss(model, tokens)
         opt.zero_grad(set_to_none=True)
         loss.backward()

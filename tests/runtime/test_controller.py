@@ -340,6 +340,12 @@ def test_while_drafting_a_single_row_probes_a_module_that_lags():
     ks = [c.k for c in _decode(ctrl, 800, [1.0, 1.3, 1.6], n_mtp=2)]
     assert ks[0] == 1 and 2 in ks[:100]
     assert ks[-100:].count(2) >= 95
+    for lagging in (False, True):  # two rows sharing the pass, where K = 2 is worth a probe once caught up
+        two, last, ks = _controller([1.0, 1.3, 1.9], [0.8, 0.77], trials=1e6, rows=2), -1, []
+        for _ in range(400):
+            last = two.choose(ready=(lambda k, last=last: last >= min(k, 2)) if lagging else None).k
+            ks.append(last)
+        assert ks[0] == 1 and (2 in ks) != lagging
 
 
 def test_while_drafting_plain_bursts_keep_the_level_current():

@@ -1,6 +1,7 @@
 """Training code: the objective is DeepSeek-V3's (checked against transformers' MtpModel), loss falls
 in a few steps, and the saved checkpoint loads in transformers with the same logits."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -14,7 +15,8 @@ from hf_reference import load_hf
 from nextn.model.weights import load_model
 from nextn.train.corpus import encode_files, stdlib_corpus, train_tokenizer
 from nextn.train.trainer import (
-    GREEDY_PROMPT, PRESETS, build_model, distill_mtp, draft_agreement, greedy_windows, losses, save_checkpoint, train,
+    GREEDY_PROMPT, PRESETS, build_model, distill_mtp, draft_agreement, greedy_prompt_len, greedy_windows, losses,
+    save_checkpoint, train,
 )
 
 
@@ -79,8 +81,11 @@ def test_training_lowers_loss_and_checkpoint_loads_in_transformers(streams, tmp_
     before = {n: p.detach().clone() for n, p in loaded.named_parameters()}
     trunk_logits = loaded(tokens, torch.arange(40)[None]).logits.detach()
     start = _mtp_vs_trunk(loaded, tokens)
+    # half of each batch from the trunk's greedy continuations (16 corpus tokens, 16 of the trunk's)
     distill_mtp(loaded, train_stream, dataclasses.replace(tc, distill_steps=12, distill_batch=4, distill_lr=3e-3,
                                                           distill_greedy=0.5))
+    distill_mtp(copy.deepcopy(loaded), train_stream, dataclasses.replace(tc, distill_steps=1, distill_batch=2,
+                                                                         distill_greedy=1.0))  # all from the pool
     with torch.no_grad():
         assert torch.equal(loaded(tokens, torch.arange(40)[None]).logits, trunk_logits)
     changed = {n for n, p in loaded.named_parameters() if not torch.equal(p, before[n])}
@@ -94,19 +99,21 @@ def test_greedy_windows_continue_with_the_trunks_argmax_and_agreement_counts_mat
     draft_agreement counts, per depth, drafts equal to the trunk's pick for the same token."""
     tok, train_stream, _ = streams
     model = build_model(PRESETS["tiny"](tok.get_vocab_size()).model, seed=0).eval()
-    batch = greedy_windows(model, train_stream, 3, GREEDY_PROMPT + 6, np.random.default_rng(0), chunk=2)
-    assert batch.shape == (3, GREEDY_PROMPT + 6)
-    t = batch.shape[1]
+    t = 12
+    p = greedy_prompt_len(t)  # a short window: half of it is the prompt
+    assert p == 6 and greedy_prompt_len(256) == GREEDY_PROMPT
+    batch = greedy_windows(model, train_stream, 3, t, np.random.default_rng(0), chunk=2)
+    assert batch.shape == (3, t)
     pos = torch.arange(t)[None].expand(3, t)
     with torch.no_grad():
         out = model(batch, pos)
-        assert torch.equal(out.logits[:, GREEDY_PROMPT - 1 : -1].argmax(-1), batch[:, GREEDY_PROMPT:])
+        assert torch.equal(out.logits[:, p - 1 : -1].argmax(-1), batch[:, p:])
         want, hidden, expected = out.logits.argmax(-1), out.hidden, []
         for k in range(len(model.mtp)):
             o = model.mtp_forward(k, batch[:, k + 1 :], hidden[:, : t - k - 1], pos[:, k + 1 :])
             drafts = o.logits.argmax(-1)  # position j drafts token j + k + 2
             hits = [(drafts[r, j] == want[r, j + k + 1]).item() for r in range(3) for j in range(t - k - 1)
-                    if j + k + 2 >= GREEDY_PROMPT]  # fmt: skip
+                    if j + k + 2 >= p]  # fmt: skip
             expected.append(sum(hits) / len(hits))
             hidden = o.hidden
     assert draft_agreement(model, batch, chunk=2) == pytest.approx(expected)
@@ -159,6 +166,11 @@ def test_train_command_both_stages_and_from(tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in trunk)
     assert any(not torch.equal(a[n], b[n]) for n in a if n.startswith(f"model.layers.{layers}."))
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(p.name for p in (tmp_path / "a").iterdir())
+    # a stage 2 from a distilled checkpoint keeps the earlier record, numbered
+    r = CliRunner().invoke(main, [str(tmp_path / "c"), *args, "--distill-steps", "1", "--from", str(tmp_path / "b")])
+    assert r.exit_code == 0, r.output
+    info_c = json.loads((tmp_path / "c" / "training.json").read_text())
+    assert info_c["distill_0"] == info_b["distill"] and info_c["distill"]["steps"] == 1
 
 
 @pytest.mark.parametrize("device", ["bogus", "cuda:7"])
