@@ -48,11 +48,11 @@ def _device(name: str) -> str:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise click.BadParameter(f"{name!r}: expected auto, cpu, cuda or cuda:N", param_hint="--device") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise click.BadParameter(f"{name!r}: expected auto, cpu, cuda or cuda:N", param_hint="--device")
     if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
         raise click.BadParameter(f"{name!r}: torch {torch.__version__} sees no such CUDA device", param_hint="--device")
-    if dev.type not in ("cpu", "cuda"):
-        raise click.BadParameter(f"{name!r}: expected auto, cpu, cuda or cuda:N", param_hint="--device")
     return name
 
 

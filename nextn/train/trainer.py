@@ -108,18 +108,26 @@ def build_model(cfg: ModelConfig, seed: int) -> DeepseekV3:
     return model
 
 
+def mtp_logits(model: DeepseekV3, tokens: torch.Tensor, pos: torch.Tensor, hidden: torch.Tensor) -> list[torch.Tensor]:
+    """Every MTP depth along a window, each fed the true tokens and the previous depth's hidden (the
+    trunk's [B, T, H] for depth 0): per depth k, logits [B, T-k-1, V], position j drafting token j+k+2."""
+    t, out = tokens.shape[1], []
+    for k in range(len(model.mtp)):
+        n = t - k - 1  # positions depth k sees
+        o = model.mtp_forward(k, tokens[:, k + 1 :], hidden[:, :n], pos[:, k + 1 :])
+        out.append(o.logits)
+        hidden = o.hidden  # [B, n, H]
+    return out
+
+
 def losses(model: DeepseekV3, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """tokens [B, T] -> trunk CE, [CE of MTP depth k for each k]."""
     b, t = tokens.shape
     pos = torch.arange(t, device=tokens.device)[None].expand(b, t)  # [B, T]
     out = model(tokens, pos)
     trunk = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-    hidden, mtp = out.hidden, []  # [B, T, H]
-    for k in range(len(model.mtp)):
-        n = t - k - 1  # positions depth k sees
-        o = model.mtp_forward(k, tokens[:, k + 1 :], hidden[:, :n], pos[:, k + 1 :])
-        mtp.append(F.cross_entropy(o.logits[:, : n - 1].flatten(0, 1), tokens[:, k + 2 :].flatten()))
-        hidden = o.hidden  # [B, n, H]
+    mtp = [F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, k + 2 :].flatten())
+           for k, logits in enumerate(mtp_logits(model, tokens, pos, out.hidden))]  # fmt: skip
     return trunk, mtp
 
 
@@ -299,22 +307,19 @@ def draft_agreement(model: DeepseekV3, batch: torch.Tensor, start: int | None = 
     start), every depth fed the true tokens: along greedy continuations this is greedy acceptance at each
     draft position given the earlier ones accepted."""
     start = greedy_prompt_len(batch.shape[1]) if start is None else start
-    n_mtp, hits, total = len(model.mtp), None, None
+    hits, total = None, None
     for i in range(0, len(batch), chunk):
         tokens = batch[i : i + chunk]
         b, t = tokens.shape
         pos = torch.arange(t, device=tokens.device)[None].expand(b, t)
         out = model(tokens, pos)
-        want, hidden = out.logits.argmax(-1), out.hidden  # [B, T]: the trunk's pick for token j + 1
+        want = out.logits.argmax(-1)  # [B, T]: the trunk's pick for token j + 1
         row_hits, row_total = [], []
-        for k in range(n_mtp):
-            n = t - k - 1
-            o = model.mtp_forward(k, tokens[:, k + 1 :], hidden[:, :n], pos[:, k + 1 :])
+        for k, logits in enumerate(mtp_logits(model, tokens, pos, out.hidden)):
             first = max(0, start - k - 2)  # depth k at position j drafts token j + k + 2
-            same = o.logits[:, first:].argmax(-1) == want[:, k + 1 + first :]
+            same = logits[:, first:].argmax(-1) == want[:, k + 1 + first :]
             row_hits.append(int(same.sum()))
             row_total.append(same.numel())
-            hidden = o.hidden
         hits = row_hits if hits is None else [a + c for a, c in zip(hits, row_hits)]
         total = row_total if total is None else [a + c for a, c in zip(total, row_total)]
     return [h / max(1, n) for h, n in zip(hits, total)]
@@ -395,10 +400,6 @@ def _distill_loss(model: DeepseekV3, tokens: torch.Tensor) -> tuple[torch.Tensor
     with torch.no_grad():
         out = model(tokens, pos)
         target = F.softmax(out.logits.float(), dim=-1)  # [B, T, V]
-    hidden, mtp = out.hidden, []
-    for k in range(len(model.mtp)):
-        n = t - k - 1
-        o = model.mtp_forward(k, tokens[:, k + 1 :], hidden[:, :n], pos[:, k + 1 :])
-        mtp.append(F.cross_entropy(o.logits.flatten(0, 1), target[:, k + 1 :].flatten(0, 1)))
-        hidden = o.hidden
+    mtp = [F.cross_entropy(logits.flatten(0, 1), target[:, k + 1 :].flatten(0, 1))
+           for k, logits in enumerate(mtp_logits(model, tokens, pos, out.hidden))]  # fmt: skip
     return torch.stack(mtp).mean(), mtp

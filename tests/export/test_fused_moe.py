@@ -90,13 +90,8 @@ def test_one_group_exports_fused_and_validates(tmp_path):
     assert m["moe"] == "fused" and all(r["max_abs"] <= r["bound"] for r in m["validation"])
 
 
-@pytest.fixture(scope="module")
-def both_forms(tiny_moe_forms):
-    return tiny_moe_forms
-
-
-def test_fused_and_sparse_graphs(both_forms):
-    for form, (manifest, art) in both_forms.items():
+def test_fused_and_sparse_graphs(tiny_moe_forms):
+    for form, (manifest, art) in tiny_moe_forms.items():
         assert manifest["moe"] == form
         for g in ("trunk", "mtp_0"):
             ops = {(n.domain, n.op_type) for n in onnx.load(str(art / f"{g}.onnx"), load_external_data=False).graph.node}
@@ -108,8 +103,8 @@ def test_fused_and_sparse_graphs(both_forms):
 
 
 @pytest.mark.parametrize("b,s,p", [(1, 1, 6), (3, 4, 5), (2, 9, 0)])
-def test_fused_graph_equals_sparse_graph(both_forms, b, s, p):
-    (mf, fused), (_, sparse) = both_forms["fused"], both_forms["sparse"]
+def test_fused_graph_equals_sparse_graph(tiny_moe_forms, b, s, p):
+    (mf, fused), (_, sparse) = tiny_moe_forms["fused"], tiny_moe_forms["sparse"]
     cfg = mf["config"]
     rng = np.random.default_rng(b * 100 + s)
     feed = {"input_ids": rng.integers(0, cfg["vocab_size"], (b, s)), "position_ids": np.tile(np.arange(p, p + s), (b, 1)),
