@@ -106,7 +106,8 @@ def main() -> None:
         past[f"past.{i}.k_pe"] = rng.standard_normal((1, p, cfg["qk_rope_head_dim"])).astype(np.float32)
     mtp_feed = {"hidden": rng.standard_normal((1, 2, cfg["hidden_size"])).astype(np.float32),
                 "position_ids": np.arange(p, p + 2)[None], "attention_mask": np.ones((1, p + 2), np.int64),
-                "past.c_kv": past["past.0.c_kv"], "past.k_pe": past["past.0.k_pe"]}  # fmt: skip
+                "past.c_kv": past["past.0.c_kv"], "past.k_pe": past["past.0.k_pe"],
+                "output_rows": np.arange(2)[None]}  # fmt: skip
     times: dict = {}
     for _ in range(args.rounds):
         for name, s in forms.items():

@@ -83,7 +83,7 @@ def decode_read_bytes(cfg: ModelConfig, itemsize: int = 4) -> int:
 
 
 def _feed(specs: list[dict], s: int, p: int, rng: np.random.Generator, vocab: int) -> dict:
-    dims = {"batch": 1, "new_tokens": s, "past_len": p, "total_len": p + s}
+    dims = {"batch": 1, "new_tokens": s, "past_len": p, "total_len": p + s, "output_rows": s}
     feed = {}
     for spec in specs:
         shape = tuple(dims[d] if isinstance(d, str) else d for d in spec["shape"])
@@ -91,6 +91,8 @@ def _feed(specs: list[dict], s: int, p: int, rng: np.random.Generator, vocab: in
             feed[spec["name"]] = rng.integers(2, vocab, size=shape, dtype=np.int64)
         elif spec["name"] == "position_ids":
             feed[spec["name"]] = np.broadcast_to(np.arange(p, p + s, dtype=np.int64), shape).copy()
+        elif spec["name"] == "output_rows":  # an MTP graph's: every row, as a draft's catch-up of module 0
+            feed[spec["name"]] = np.broadcast_to(np.arange(s, dtype=np.int64), shape).copy()
         elif spec["name"] == "attention_mask":
             feed[spec["name"]] = np.ones(shape, np.int64)
         else:

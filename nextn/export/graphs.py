@@ -14,8 +14,10 @@ trunk.onnx
 
 mtp_{k}.onnx
   inputs   input_ids [batch, new_tokens] (tokens one step ahead), hidden [batch, new_tokens, hidden],
-           position_ids, attention_mask, past.c_kv, past.k_pe
-  outputs  logits, hidden_out [batch, new_tokens, hidden] (chained to depth k+1), new.c_kv, new.k_pe
+           position_ids, attention_mask, past.c_kv, past.k_pe,
+           output_rows [batch, output_rows] int64: the rows whose outputs are wanted (indices into new_tokens)
+  outputs  logits [batch, output_rows, vocab], hidden_out [batch, output_rows, hidden] (chained to depth k+1),
+           new.c_kv, new.k_pe [batch, new_tokens, ...]: every row's cache entry
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from nextn.model.config import ModelConfig
 from nextn.model.reference import DeepseekV3, LayerKV
 
 # Symbolic dimension names written into the graphs and the manifest.
-BATCH, NEW, PAST, TOTAL = "batch", "new_tokens", "past_len", "total_len"
+BATCH, NEW, PAST, TOTAL, ROWS = "batch", "new_tokens", "past_len", "total_len", "output_rows"
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,12 @@ def mtp_io(cfg: ModelConfig, dtype: str) -> tuple[list[TensorSpec], list[TensorS
         TensorSpec(io.POSITION_IDS, "int64", (BATCH, NEW), "positions of input_ids"),
         TensorSpec(io.ATTENTION_MASK, "int64", (BATCH, TOTAL), "1 for real tokens over past + new slots"),
         *_kv_specs(io.past(), cfg, dtype, PAST, "past"),
+        TensorSpec(io.OUTPUT_ROWS, "int64", (BATCH, ROWS), "rows (into new_tokens) whose logits and hidden_out are "
+                   "computed; the last module's catch-up wants its last row only"),
     ]
     outputs = [
-        TensorSpec(io.LOGITS, dtype, (BATCH, NEW, cfg.vocab_size), "draft logits for the token after input_ids"),
-        TensorSpec(io.HIDDEN_OUT, dtype, (BATCH, NEW, cfg.hidden_size), "after shared_head.norm: input of depth k+1"),
+        TensorSpec(io.LOGITS, dtype, (BATCH, ROWS, cfg.vocab_size), "draft logits for the token after input_ids"),
+        TensorSpec(io.HIDDEN_OUT, dtype, (BATCH, ROWS, cfg.hidden_size), "after shared_head.norm: input of depth k+1"),
         *_kv_specs(io.new(), cfg, dtype, NEW, "new"),
     ]
     assert [o.name for o in outputs] == io.MTP_OUTPUTS
@@ -102,9 +106,9 @@ class MtpGraph(nn.Module):
         super().__init__()
         self.model, self.k = model, k
 
-    def forward(self, input_ids, hidden, position_ids, attention_mask, past_c_kv, past_k_pe):
+    def forward(self, input_ids, hidden, position_ids, attention_mask, past_c_kv, past_k_pe, output_rows):
         out = self.model.mtp_forward(self.k, input_ids, hidden, position_ids, LayerKV(past_c_kv, past_k_pe),
-                                     attention_mask)  # fmt: skip
+                                     attention_mask, output_rows)  # fmt: skip
         return out.logits, out.hidden, out.new_kv.c_kv, out.new_kv.k_pe
 
 
@@ -123,7 +127,8 @@ def example_inputs(cfg: ModelConfig, dtype: torch.dtype, which: str, b: int, s: 
         past = tuple(t for _ in range(cfg.num_hidden_layers) for t in kv())
         return (ids, pos, mask, past)
     hidden = torch.randn(b, s, cfg.hidden_size, generator=g).to(dtype)
-    return (ids, hidden, pos, mask, *kv())
+    rows = torch.arange(1, s)[None].expand(b, s - 1).contiguous()  # N = S - 1 rows: export keeps N and S apart
+    return (ids, hidden, pos, mask, *kv(), rows)
 
 
 def dynamic_shapes(which: str, n_layers: int):
@@ -131,4 +136,4 @@ def dynamic_shapes(which: str, n_layers: int):
     two = {0: auto, 1: auto}
     if which == "trunk":
         return (two, two, two, tuple(two for _ in range(2 * n_layers)))
-    return (two, {0: auto, 1: auto}, two, two, two, two)
+    return (two, {0: auto, 1: auto}, two, two, two, two, two)

@@ -8,8 +8,8 @@ No torch here: the runtime imports it.
 trunk.onnx   in:  input_ids [B, S], position_ids [B, S], attention_mask [B, P + S],
                   past.{i}.c_kv [B, P, kv_lora_rank], past.{i}.k_pe [B, P, qk_rope_head_dim]  per layer i
              out: logits [B, S, V], hidden [B, S, H], then new.{i}.c_kv [B, S, R], new.{i}.k_pe [B, S, D] per layer
-mtp_{k}.onnx in:  input_ids, hidden, position_ids, attention_mask, past.c_kv, past.k_pe
-             out: logits, hidden_out, new.c_kv, new.k_pe
+mtp_{k}.onnx in:  input_ids, hidden, position_ids, attention_mask, past.c_kv, past.k_pe, output_rows [B, N]
+             out: logits [B, N, V], hidden_out [B, N, H] (at output_rows), new.c_kv, new.k_pe (all S rows)
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
+
 INPUT_IDS, POSITION_IDS, ATTENTION_MASK = "input_ids", "position_ids", "attention_mask"
 HIDDEN = "hidden"  # the trunk's output, an MTP module's input
 LOGITS, HIDDEN_OUT = "logits", "hidden_out"
+OUTPUT_ROWS = "output_rows"  # an MTP graph's rows (indices into new_tokens) whose logits and hidden_out are wanted
 
 
 def past(layer: int | None = None) -> tuple[str, str]:
@@ -52,10 +55,14 @@ def trunk_feed(input_ids, position_ids, attention_mask, pasts: Sequence[tuple[An
     return feed
 
 
-def mtp_feed(input_ids, hidden, position_ids, attention_mask, past_c_kv, past_k_pe) -> dict[str, Any]:
+def mtp_feed(input_ids, hidden, position_ids, attention_mask, past_c_kv, past_k_pe, output_rows=None) -> dict[str, Any]:
+    """An MTP feed; output_rows [B, N] int64 (None: every row, [[0, 1, .., S-1]] * B as numpy)."""
+    if output_rows is None:
+        b, s = input_ids.shape
+        output_rows = np.tile(np.arange(s, dtype=np.int64), (b, 1))
     c, k = past()
     return {INPUT_IDS: input_ids, HIDDEN: hidden, POSITION_IDS: position_ids, ATTENTION_MASK: attention_mask,
-            c: past_c_kv, k: past_k_pe}  # fmt: skip
+            c: past_c_kv, k: past_k_pe, OUTPUT_ROWS: output_rows}  # fmt: skip
 
 
 class TrunkOut(NamedTuple):

@@ -31,19 +31,24 @@ import types
 import torch
 
 from nextn.export.fused_rope import rope, rope_rows
-from nextn.model.reference import MLA, LayerKV, _softmax
+from nextn.model.reference import MLA, LayerKV, _softmax, take_rows
 
 
-def _lean_forward(self: MLA, x, rotary, cos, sin, mask, past: LayerKV, absorbed: bool):
-    """MLA.forward's signature and results (absorbed form); x [B, S, H], mask [B, 1, S, T] bool."""
+def _lean_forward(self: MLA, x, rotary, cos, sin, mask, past: LayerKV, absorbed: bool, rows=None):
+    """MLA.forward's signature and results (absorbed form); x [B, S, H], mask [B, 1, S, T] bool; rows [B, N]:
+    only those rows query (every row's cache entry is computed)."""
     cfg = self.cfg
-    b, s, _ = x.shape
     nh, dn, dr, dv, r = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                          cfg.v_head_dim, cfg.kv_lora_rank)  # fmt: skip
-    q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-    q_nope, q_pe = q.view(b * s, nh, 1, dn + dr).split([dn, dr], dim=-1)  # [B*S, nh, 1, dn], [B*S, nh, 1, D]
     c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([r, dr], dim=-1)  # [B, S, R], [B, S, D]
     new = LayerKV(self.kv_a_layernorm(c_kv), rope(k_pe, cos, sin))
+    s_new = x.shape[1]
+    if rows is not None:  # from here on s counts the query rows
+        x, cos, sin = take_rows(x, rows), take_rows(cos, rows), take_rows(sin, rows)  # [B, N, ...]
+        mask = take_rows(mask[:, 0], rows)[:, None]  # [B, 1, N, T]
+    b, s, _ = x.shape
+    q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    q_nope, q_pe = q.view(b * s, nh, 1, dn + dr).split([dn, dr], dim=-1)  # [B*S, nh, 1, dn], [B*S, nh, 1, D]
     w = self.kv_b_proj.weight.view(nh, dn + dv, r)
     w_uk, w_uv_t = w[:, :dn], w[:, dn:].transpose(-1, -2)  # [nh, dn, R], [nh, R, dv]
     cos_rows, sin_rows = cos.view(b * s, 1, -1), sin.view(b * s, 1, -1)  # [B*S, 1, D/2]: the same in every layer
@@ -53,9 +58,9 @@ def _lean_forward(self: MLA, x, rotary, cos, sin, mask, past: LayerKV, absorbed:
     def scores(c, k):  # [B, S*nh, len]: against the cache as it is, never copied
         return (q_lat @ c.transpose(-1, -2)) * cfg.softmax_scale + (q_rot @ k.transpose(-1, -2)) * cfg.softmax_scale
 
-    rows = mask[:, 0, :, None, :].expand(b, s, nh, mask.shape[-1]).reshape(b, s * nh, -1)  # [B, S*nh, T]
-    p = _softmax(torch.cat([scores(past.c_kv, past.k_pe), scores(new.c_kv, new.k_pe)], dim=-1), rows)
-    p_past, p_new = p.split([past.c_kv.shape[1], s], dim=-1)
+    mask_rows = mask[:, 0, :, None, :].expand(b, s, nh, mask.shape[-1]).reshape(b, s * nh, -1)  # [B, S*nh, T]
+    p = _softmax(torch.cat([scores(past.c_kv, past.k_pe), scores(new.c_kv, new.k_pe)], dim=-1), mask_rows)
+    p_past, p_new = p.split([past.c_kv.shape[1], s_new], dim=-1)
     o = (p_past @ past.c_kv + p_new @ new.c_kv).view(b * s, nh, 1, r) @ w_uv_t  # [B*S, nh, 1, dv]
     return self.o_proj(o.reshape(b, s, nh * dv)), new
 

@@ -19,11 +19,11 @@ MANIFEST = "manifest.json"
 # numpy dtype of the arrays fed to / read from a graph of each export dtype (numpy has no bfloat16:
 # bf16 graphs exchange float32 arrays with the runtime and validation)
 ARRAY_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "float32"}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: MTP graphs take output_rows (1 had no such input)
 # Bumped when the export forms (exporter.ExportForms) change the graphs a checkpoint becomes; the embedded
 # model's cache key holds it, so a cached export of older forms is not reused. 2: lean attention, fused norms;
-# 3: the lean attention reads the past cache where it lies.
-GRAPH_FORMS = 3
+# 3: the lean attention reads the past cache where it lies; 4: MTP graphs take output_rows.
+GRAPH_FORMS = 4
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22, progress=None, start: int = 0, total: int = 0) -> str:

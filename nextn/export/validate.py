@@ -31,7 +31,7 @@ import torch
 
 from nextn.export import io
 from nextn.export.manifest import ARRAY_DTYPES
-from nextn.model.reference import DeepseekV3
+from nextn.model.reference import DeepseekV3, take_rows
 
 # (batch, new tokens, past, ragged): prefill, single-token decode on an empty and a filled cache, a verify-sized
 # step, and a batch whose sequences have different lengths.
@@ -150,13 +150,24 @@ def reference_cases(which: str, ref: DeepseekV3, dtype: str, seed: int = 0, trun
             pre = ref.mtp_forward(k, tok[:, :p], hidden[:, :p], tpos[:, :p], attention_mask=mask[:, :p])
             want = ref.mtp_forward(k, tok[:, p : p + s], hidden[:, p : p + s], tpos[:, p : p + s], pre.new_kv,
                                    mask[:, : p + s])  # fmt: skip
+            rows = _output_rows(b, s, ci)
             feed = io.mtp_feed(tok[:, p : p + s], hidden[:, p : p + s], tpos[:, p : p + s], mask[:, : p + s],
-                               pre.new_kv.c_kv, pre.new_kv.k_pe)  # fmt: skip
-            groups = {io.LOGITS: [want.logits], io.HIDDEN_OUT: [want.hidden], "kv": list(want.new_kv)}
+                               pre.new_kv.c_kv, pre.new_kv.k_pe, rows)  # fmt: skip
+            # the full forward's rows: the graph's selected rows are checked against every row computed
+            groups = {io.LOGITS: [take_rows(want.logits, rows)], io.HIDDEN_OUT: [take_rows(want.hidden, rows)],
+                      "kv": list(want.new_kv)}  # fmt: skip
         np_feed = {n: (v.numpy() if v.dtype == torch.int64 else v.float().numpy().astype(cast)) for n, v in feed.items()}
         expected = {n: [t.float().numpy() for t in ts] for n, ts in groups.items()}
         cases.append(Case(which, b, s, p, ragged, np_feed, expected))
     return cases
+
+
+def _output_rows(b: int, s: int, case: int) -> torch.Tensor:
+    """[B, N] rows an MTP case asks for: every row in even cases, one row per sequence in odd ones (the last,
+    then each earlier sequence one row further back, so the rows differ across the batch)."""
+    if case % 2 == 0:
+        return torch.arange(s)[None].expand(b, s).contiguous()
+    return torch.tensor([[(s - 1 - i) % s] for i in range(b)], dtype=torch.int64)
 
 
 def check_cases(session: ort.InferenceSession, cases: list[Case], dtype: str) -> list[dict]:

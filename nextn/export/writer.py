@@ -22,7 +22,7 @@ import onnx_ir
 import torch
 from onnx.external_data_helper import ExternalDataInfo
 
-from nextn.export.graphs import BATCH, NEW, PAST, TOTAL, TensorSpec
+from nextn.export.graphs import BATCH, NEW, PAST, ROWS, TOTAL, TensorSpec
 from nextn.export.optimize import optimize_graph
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def _quiet():
 
 
 def _name_dims(model: onnx.ModelProto, inputs: list[TensorSpec], outputs: list[TensorSpec]) -> None:
-    """Replace the exporter's symbols (s10, s43 + s70, ...) by batch / new_tokens / past_len / total_len."""
+    """Replace the exporter's symbols (s10, s43 + s70, ...) by batch, new_tokens, past_len, total_len, output_rows."""
     rename: dict[str, str] = {}
     specs = {s.name: s for s in [*inputs, *outputs]}
     for value in [*model.graph.input, *model.graph.output]:
@@ -122,7 +122,7 @@ def _name_dims(model: onnx.ModelProto, inputs: list[TensorSpec], outputs: list[T
         for dim in value.type.tensor_type.shape.dim:
             if dim.HasField("dim_param") and dim.dim_param in rename:
                 dim.dim_param = rename[dim.dim_param]
-    assert set(rename.values()) <= {BATCH, NEW, PAST, TOTAL}, rename
+    assert set(rename.values()) <= {BATCH, NEW, PAST, TOTAL, ROWS}, rename
 
 
 def point_to(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:

@@ -41,9 +41,17 @@ class TrunkOutput(NamedTuple):
 
 
 class MtpOutput(NamedTuple):
-    logits: torch.Tensor  # [B, S, V]
-    hidden: torch.Tensor  # [B, S, H], after shared_head.norm: chained to depth k+1
-    new_kv: LayerKV
+    logits: torch.Tensor  # [B, S, V] ([B, N, V] for N output rows)
+    hidden: torch.Tensor  # [B, S, H] ([B, N, H]), after shared_head.norm: chained to depth k+1
+    new_kv: LayerKV  # all S new entries, whichever rows were output
+
+
+def take_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """t [B, S, ...] at rows [B, N] (indices into S per batch row) -> [B, N, ...]; rows None: t itself."""
+    if rows is None:
+        return t
+    index = rows.view(*rows.shape, *[1] * (t.dim() - 2)).expand(*rows.shape, *t.shape[2:])
+    return torch.gather(t, 1, index)
 
 
 # -- norms and rotary ------------------------------------------------------------------------------
@@ -148,18 +156,22 @@ class MLA(nn.Module):
         mask: torch.Tensor,  # [B, 1, S, T] bool, True = attend
         past: LayerKV,  # [B, P, R], [B, P, D]
         absorbed: bool,
+        rows: torch.Tensor | None = None,  # [B, N]: only these rows query (all S rows enter the cache)
     ) -> tuple[torch.Tensor, LayerKV]:
         cfg = self.cfg
-        b, s, _ = x.shape
         nh, dn, dr, dv, r = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                              cfg.v_head_dim, cfg.kv_lora_rank)  # fmt: skip
+        xq, cos_q, sin_q = take_rows(x, rows), take_rows(cos, rows), take_rows(sin, rows)  # [B, N, ...]
+        if rows is not None:
+            mask = take_rows(mask[:, 0], rows)[:, None]  # [B, 1, N, T]
+        b, s, _ = xq.shape  # s: the query rows (S, or N)
         if cfg.q_lora_rank is None:
-            q = self.q_proj(x)
+            q = self.q_proj(xq)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(xq)))
         q = q.view(b, s, nh, dn + dr)  # [B, S, nh, dn + D]
         q_nope, q_pe = q.split([dn, dr], dim=-1)
-        q_pe = rotary.apply(q_pe, cos, sin)  # [B, S, nh, D]
+        q_pe = rotary.apply(q_pe, cos_q, sin_q)  # [B, S, nh, D]
 
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([r, dr], dim=-1)  # [B, S, R], [B, S, D]
         c_kv = self.kv_a_layernorm(c_kv)
@@ -294,9 +306,11 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(index) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, rotary, cos, sin, mask, past: LayerKV, absorbed: bool) -> tuple[torch.Tensor, LayerKV]:
-        a, new = self.self_attn(self.input_layernorm(x), rotary, cos, sin, mask, past, absorbed)
-        x = x + a
+    def forward(self, x, rotary, cos, sin, mask, past: LayerKV, absorbed: bool,
+                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, LayerKV]:  # fmt: skip
+        """x [B, S, H] -> [B, S, H] (rows [B, N]: [B, N, H], those rows only; the cache takes all S)."""
+        a, new = self.self_attn(self.input_layernorm(x), rotary, cos, sin, mask, past, absorbed, rows)
+        x = take_rows(x, rows) + a
         return x + self.mlp(self.post_attention_layernorm(x)), new
 
 
@@ -311,7 +325,10 @@ class MtpModule(DecoderBlock):
     """MTP module k: h = eh_proj([enorm(embed(tokens)); hnorm(h_prev)]) -> decoder block -> shared_head.norm.
 
     The normalized output is both the input of the shared head (logits) and the hidden chained to
-    depth k+1 (transformers' MtpLayer with post_norm = shared_head.norm).
+    depth k+1 (transformers' MtpLayer with post_norm = shared_head.norm). `rows` [B, N] computes the
+    attention output, feed-forward, norm and head for those rows only; every row still writes its cache
+    entry (that needs only the projections before attention). The decoder's last module wants its last
+    row's output alone: the draft and the hidden that recursion feeds back.
     """
 
     def __init__(self, cfg: ModelConfig, index: int):
@@ -322,10 +339,11 @@ class MtpModule(DecoderBlock):
         self.shared_head = SharedHead(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
 
-    def forward(self, input_ids, hidden, rotary, cos, sin, mask, past: LayerKV, absorbed: bool) -> MtpOutput:
+    def forward(self, input_ids, hidden, rotary, cos, sin, mask, past: LayerKV, absorbed: bool,
+                rows: torch.Tensor | None = None) -> MtpOutput:  # fmt: skip
         e = self.enorm(self.embed_tokens(input_ids))  # [B, S, H]
         x = self.eh_proj(torch.cat([e, self.hnorm(hidden)], dim=-1))  # [B, S, H]
-        x, new = super().forward(x, rotary, cos, sin, mask, past, absorbed)
+        x, new = super().forward(x, rotary, cos, sin, mask, past, absorbed, rows)  # [B, N, H]
         x = self.shared_head.norm(x)
         return MtpOutput(self.shared_head.head(x), x, new)
 
@@ -402,9 +420,10 @@ class DeepseekV3(nn.Module):
         position_ids: torch.Tensor,  # [B, S]: positions of input_ids
         past: LayerKV | None = None,
         attention_mask: torch.Tensor | None = None,
+        output_rows: torch.Tensor | None = None,  # [B, N] int64: the rows whose logits and hidden are wanted
     ) -> MtpOutput:
         module = self.mtp[k]
         past = past if past is not None else self.empty_kv(input_ids.shape[0], hidden.dtype, hidden.device)
         cos, sin = self.rotary(position_ids, hidden.dtype)
         mask = causal_mask(position_ids, past.c_kv.shape[1], attention_mask)
-        return module(input_ids, hidden, self.rotary, cos, sin, mask, past, self.absorbed)
+        return module(input_ids, hidden, self.rotary, cos, sin, mask, past, self.absorbed, output_rows)

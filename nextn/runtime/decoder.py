@@ -288,14 +288,18 @@ class Decoder:
 
     def _mtp(self, st: _State, module: int, start: int, tokens: list[int], hidden: np.ndarray,
              stats: Stats) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        """Run MTP `module` on its cache slots start.. (one token and one hidden per slot)."""
+        """Run MTP `module` on its cache slots start.. (one token and one hidden per slot). -> logits, hidden_out
+        of every slot; of the last slot only for the last module, whose other slots' outputs nothing reads
+        (only their cache entries: the next depth's catch-up reads hidden_out, and there is none)."""
         s = len(tokens)
+        first = start + s - 1 if module == self.n_mtp - 1 else start  # the first slot whose output is wanted
         feed = io.mtp_feed(np.asarray([tokens], np.int64), hidden[None].astype(self.np, copy=False),
                            (np.arange(start, start + s, dtype=np.int64) + module + 1)[None],
-                           np.ones((1, start + s), np.int64), st.mtp_c[module][:, :start], st.mtp_k[module][:, :start])  # fmt: skip
+                           np.ones((1, start + s), np.int64), st.mtp_c[module][:, :start], st.mtp_k[module][:, :start],
+                           np.arange(first - start, s, dtype=np.int64)[None])  # fmt: skip
         c, k = io.new()
         into = {c: st.mtp_c[module][:, start : start + s], k: st.mtp_k[module][:, start : start + s],
-                io.HIDDEN_OUT: st.mtp_hidden[module][None, start : start + s]}  # fmt: skip
+                io.HIDDEN_OUT: st.mtp_hidden[module][None, first : start + s]}  # fmt: skip
         out = self._run(f"mtp_{module}", feed, stats, into)
         return out[io.LOGITS_AT][0], out[io.HIDDEN_AT][0]
 

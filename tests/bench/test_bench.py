@@ -11,6 +11,7 @@ from nextn.bench.latency import batch_of, load_prompts, percentiles, summarize
 from nextn.bench.sweep import SIZES, decode_read_bytes, project
 from nextn.cli import cli
 from nextn.errors import NextnError
+from nextn.export.manifest import FORMAT_VERSION
 
 
 def _stats(step_ms, step_tokens, drafted_pp, accepted_rate_pp, total=100.0, ttft=10.0):
@@ -175,7 +176,7 @@ def test_sweep_requantizes_when_its_export_changed(tmp_path, monkeypatch):
         path.mkdir()
         (path / "weights.bin").write_bytes(b"w")
         files = {"weights.bin": {"bytes": 1, "sha256": "x"}}
-        (path / "manifest.json").write_text(json.dumps({"format_version": 1, "files": files, **meta}))
+        (path / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files, **meta}))
 
     fp32, quant = tmp_path / "tiny-onnx", tmp_path / "tiny-int4"
     artifact(fp32, {})
@@ -203,6 +204,6 @@ def test_sweep_reexports_an_older_versions_artifact(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(exporter, "export_checkpoint", lambda *a, **k: calls.append(a))
     for version, exported in ((nextn.__version__, 0), ("0.1.0", 1)):
-        (art / "manifest.json").write_text(json.dumps({"format_version": 1, "files": {}, "tools": {"nextn": version}}))
+        (art / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "files": {}, "tools": {"nextn": version}}))
         assert prepare("tiny", tmp_path) == art
         assert len(calls) == exported

@@ -55,11 +55,12 @@ class Graphs:
         new = [(out[2 + 2 * i], out[3 + 2 * i]) for i in range(self.cfg.num_hidden_layers)]
         return out[0], out[1], new
 
-    def mtp(self, k, ids, hidden, pos):
+    def mtp(self, k, ids, hidden, pos, rows=None):
         b, s = ids.shape
         c, kp = self.empty(b)
+        rows = np.tile(np.arange(s), (b, 1)) if rows is None else rows  # [B, N]: every row by default
         feed = {"input_ids": ids.numpy(), "hidden": hidden, "position_ids": pos.numpy(),
-                "attention_mask": np.ones((b, s), np.int64), "past.c_kv": c, "past.k_pe": kp}  # fmt: skip
+                "attention_mask": np.ones((b, s), np.int64), "past.c_kv": c, "past.k_pe": kp, "output_rows": rows}  # fmt: skip
         return self.sessions[f"mtp_{k}"].run(None, feed)
 
 
@@ -87,8 +88,11 @@ def test_graphs_match_transformers(hf_artifact, b, s):
             break
         tok, pos = ids[:, k + 1 :], _pos(b, n, k + 1)
         want_h = mtp.forward_layer(k, want_h[:, :n], pos, DynamicCache(config=mtp.config), input_ids=tok)
+        want_logits = mtp._project_to_logits(want_h).numpy()
+        last, _, _, _ = g.mtp(k, tok, hidden[:, :n], pos, np.full((b, 1), n - 1))  # the last row's output only
+        assert np.abs(last[:, 0] - want_logits[:, -1]).max() <= TOL, f"depth {k}, last row"
         m_logits, hidden, _, _ = g.mtp(k, tok, hidden[:, :n], pos)
-        assert np.abs(m_logits - mtp._project_to_logits(want_h).numpy()).max() <= TOL, f"depth {k}"
+        assert np.abs(m_logits - want_logits).max() <= TOL, f"depth {k}"
 
 
 @torch.no_grad()
@@ -121,6 +125,9 @@ def test_manifest(hf_artifact):
         assert dims["input_ids"] == ["batch", "new_tokens"] and dims["attention_mask"] == ["batch", "total_len"]
         past = "past.0.c_kv" if name == "trunk" else "past.c_kv"
         assert dims[past] == ["batch", "past_len", cfg.kv_lora_rank]
+        if name != "trunk":
+            outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+            assert dims["output_rows"] == ["batch", "output_rows"] and outs["logits"][:2] == ["batch", "output_rows"]
         assert model.opset_import[0].version == m["opset"] == 23
         # Standard ONNX ops, but for ONNX Runtime's fused MoE and residual norms where the form is fused
         # (--moe sparse: none; test_fused_moe.py, test_lean_attention.py).

@@ -88,3 +88,27 @@ def test_padded_slots_inside_cache_are_ignored(model):
     assert (out.logits[0, 0] - clean.logits[0, 5]).abs().max() <= TOL
     unmasked = model(ids[:, 5:], pos[:, 5:], past)
     assert (unmasked.logits[0, 0] - clean.logits[0, 5]).abs().max() > TOL  # the mask did the work
+
+
+@pytest.mark.parametrize("absorbed", [False, True], ids=["naive", "absorbed"])
+@torch.no_grad()
+def test_mtp_output_rows_are_those_rows_of_the_full_forward(model, absorbed):
+    """`output_rows` computes attention output, feed-forward and head for the rows asked for only, per
+    sequence, and every row's cache entry as before: a catch-up that wants its last row alone."""
+    model.absorbed = absorbed
+    b, p, s = 2, 3, 5
+    ids = torch.randint(0, model.cfg.vocab_size, (b, p + s + 1))
+    pos = torch.arange(p + s + 1)[None].expand(b, p + s + 1)
+    hidden = model(ids[:, : p + s], pos[:, : p + s]).hidden  # [B, P + S, H]
+    pre = model.mtp_forward(0, ids[:, 1 : p + 1], hidden[:, :p], pos[:, 1 : p + 1])
+    args = (0, ids[:, p + 1 :], hidden[:, p:], pos[:, p + 1 :], pre.new_kv)
+    full = model.mtp_forward(*args)
+    rows = torch.tensor([[4], [1]])  # a different row per sequence
+    got = model.mtp_forward(*args, output_rows=rows)
+    assert got.logits.shape == (b, 1, model.cfg.vocab_size)
+    for i, r in enumerate(rows[:, 0].tolist()):
+        assert (got.logits[i, 0] - full.logits[i, r]).abs().max() <= TOL
+        assert (got.hidden[i, 0] - full.hidden[i, r]).abs().max() <= TOL
+    assert torch.equal(got.new_kv.c_kv, full.new_kv.c_kv) and torch.equal(got.new_kv.k_pe, full.new_kv.k_pe)
+    both = model.mtp_forward(*args, output_rows=torch.tensor([[0, 4], [2, 3]]))
+    assert (both.logits[1, 1] - full.logits[1, 3]).abs().max() <= TOL

@@ -112,7 +112,8 @@ def test_mtp_caches_match_the_accepted_sequence(tiny_artifact, tiny_checkpoint, 
             pos = torch.arange(valid)[None] + k + 1
             out = ref.mtp_forward(k, ids[:, k + 1 : valid + k + 1], hidden[:, :valid], pos)
             assert np.abs(st.mtp_c[k][0, :valid] - out.new_kv.c_kv[0].numpy()).max() < 1e-4
-            assert np.abs(st.mtp_hidden[k][:valid] - out.hidden[0].numpy()).max() < 1e-4
+            if k == 0:  # the last module (k = 1) outputs its last slot only: nothing reads its hidden_out
+                assert np.abs(st.mtp_hidden[k][:valid] - out.hidden[0].numpy()).max() < 1e-4
             hidden = out.hidden
 
 
