@@ -4,9 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/hf_reference.py
+sys.path.insert(0, str(Path(__file__).parent))  # tests/hf_reference.py, tests/side_by_side.py
 
 from hf_reference import HFSpec, make_hf_checkpoint  # noqa: E402
+from side_by_side import Exports, export_side_by_side  # noqa: E402
 
 # The transformers-written checkpoints every exactness test runs over.
 HF_SPECS = {
@@ -20,11 +21,16 @@ HF_SPECS = {
 }  # fmt: skip
 
 
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Every HF_SPECS checkpoint, written once: hf_artifacts exports them side by side."""
+    return {name: make_hf_checkpoint(tmp_path_factory.mktemp(name), spec) for name, spec in sorted(HF_SPECS.items())}
+
+
 @pytest.fixture(scope="session", params=sorted(HF_SPECS))
-def hf_checkpoint(request, tmp_path_factory) -> Path:
+def hf_checkpoint(request, hf_checkpoints) -> Path:
     """A tiny random checkpoint written by transformers, MTP layers in DeepSeek naming."""
-    path = tmp_path_factory.mktemp(request.param)
-    return make_hf_checkpoint(path, HF_SPECS[request.param])
+    return hf_checkpoints[request.param]
 
 
 @pytest.fixture(scope="session")
@@ -36,15 +42,32 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_moe_forms(tiny_checkpoint, tmp_path_factory) -> dict:
-    """The tiny checkpoint exported with its MoE fused and sparse (opset 23, one MTP module): form ->
-    (manifest, artifact folder). Each export validates against the reference; several test modules read
-    the graphs, and exporting them once saves minutes of the suite."""
-    from nextn.export.exporter import ExportOptions, export_checkpoint
+def tiny_exports(tiny_checkpoint, tmp_path_factory) -> tuple[Exports, Path]:
+    """(manifests, root): the exports of tiny checkpoints that tests only read, made side by side
+    (side_by_side.py), each in root / its name. Each validates against the reference."""
+    from nextn.export.exporter import ExportOptions
+    from nextn.testing import tiny_config, write_random_checkpoint
 
-    root = tmp_path_factory.mktemp("moeforms")
-    return {form: (export_checkpoint(tiny_checkpoint, root / form, ExportOptions(moe=form, mtp_layers=1)), root / form)
-            for form in ("fused", "sparse")}  # fmt: skip
+    root = tmp_path_factory.mktemp("tinyexports")
+    # n_group 1, topk_group 2: no group limit (test_fused_moe.py)
+    one_group = write_random_checkpoint(root / "one-group-checkpoint",
+                                        tiny_config(n_group=1, topk_group=2, num_nextn_predict_layers=0))  # fmt: skip
+    jobs = {  # in-process first, then the child's: about equal halves
+        "fused": (tiny_checkpoint, ExportOptions(moe="fused", mtp_layers=1)),
+        "one_group": (one_group, ExportOptions()),
+        "opset18": (tiny_checkpoint, ExportOptions(opset=18, mtp_layers=0)),  # test_fused_rope.py
+        "sparse": (tiny_checkpoint, ExportOptions(moe="sparse", mtp_layers=1)),
+    }
+    return export_side_by_side({name: (c, root / name, opts) for name, (c, opts) in jobs.items()}), root
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_forms(tiny_exports) -> dict:
+    """The tiny checkpoint exported with its MoE fused and sparse (opset 23, one MTP module): form ->
+    (manifest, artifact folder). Several test modules read the graphs, and exporting them once saves minutes
+    of the suite."""
+    manifests, root = tiny_exports
+    return {form: (manifests[form], root / form) for form in ("fused", "sparse")}
 
 
 @pytest.fixture(autouse=True)
@@ -67,21 +90,29 @@ def _private_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def hf_artifact(hf_checkpoint, tmp_path_factory):
-    """(checkpoint, artifact): each transformers-written checkpoint exported once per session."""
-    from nextn.export.exporter import ExportOptions, export_checkpoint
+def hf_artifacts(hf_checkpoints, tmp_path_factory) -> tuple[Exports, dict[str, Path]]:
+    """(manifests, folders) by HF_SPECS name: the transformers-written checkpoints exported once per session,
+    side by side."""
+    from nextn.export.exporter import ExportOptions
 
-    out = tmp_path_factory.mktemp("art") / "a"
-    export_checkpoint(hf_checkpoint, out, ExportOptions())
-    return hf_checkpoint, out
+    out = {name: tmp_path_factory.mktemp("art") / "a" for name in hf_checkpoints}
+    return export_side_by_side({name: (c, out[name], ExportOptions()) for name, c in hf_checkpoints.items()}), out
 
 
 @pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory):
-    """A tiny checkpoint (2 MTP modules) with a word-level tokenizer ("w0" .. "w255"), exported."""
+def hf_artifact(hf_checkpoint, hf_checkpoints, hf_artifacts):
+    """(checkpoint, artifact): a transformers-written checkpoint and its export."""
+    manifests, out = hf_artifacts
+    name = next(n for n, c in hf_checkpoints.items() if c == hf_checkpoint)
+    manifests[name]  # raises if this one's export failed
+    return hf_checkpoint, out[name]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenized_checkpoint(tmp_path_factory) -> Path:
+    """A tiny checkpoint (2 MTP modules) with a word-level tokenizer ("w0" .. "w255"): tiny_artifact's source."""
     import json
 
-    from nextn.export.exporter import ExportOptions, export_checkpoint
     from nextn.testing import tiny_config, write_random_checkpoint
 
     ckpt = write_random_checkpoint(tmp_path_factory.mktemp("tok") / "c", tiny_config(), seed=11)
@@ -93,8 +124,16 @@ def tiny_artifact(tmp_path_factory):
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"},
     }  # fmt: skip
     (ckpt / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return ckpt
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_tokenized_checkpoint, tmp_path_factory) -> Path:
+    """tiny_tokenized_checkpoint exported with the default options (fp32, every MTP module, fused MoE)."""
+    from nextn.export.exporter import ExportOptions, export_checkpoint
+
     out = tmp_path_factory.mktemp("tokart") / "a"
-    export_checkpoint(ckpt, out, ExportOptions())
+    export_checkpoint(tiny_tokenized_checkpoint, out, ExportOptions())
     return out
 
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 from nextn.calib.calibrate import CalibOptions, calibrate_artifact, quantize_checkpoint
-from nextn.export.exporter import ExportOptions, export_checkpoint
+from nextn.export.exporter import ExportOptions
 
 pytestmark = pytest.mark.slow
 
@@ -21,13 +21,6 @@ def ids_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("ids") / "calib.ids"
     path.write_text("\n".join(" ".join(map(str, rng.integers(2, 256, 24))) for _ in range(5)))
     return path
-
-
-@pytest.fixture(scope="module")
-def fp32_artifact(tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp32") / "a"
-    export_checkpoint(tiny_checkpoint, out, ExportOptions())
-    return out
 
 
 def _nodes(path):
@@ -59,16 +52,19 @@ def _spy_on_the_scratch(monkeypatch) -> dict:
 
 
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_quantize_at_export_equals_export_then_calibrate(tiny_checkpoint, fp32_artifact, ids_file, tmp_path, scheme,
-                                                         monkeypatch):  # fmt: skip
+def test_quantize_at_export_equals_export_then_calibrate(tiny_tokenized_checkpoint, tiny_artifact, ids_file, tmp_path,
+                                                         scheme, monkeypatch):  # fmt: skip
     """The same bytes as export + calibrate, and no fp32 weights written on the way: while the rewrite runs
     the temporary export holds graphs only, every tensor the fp32 artifact keeps outside its graphs being a
-    reference into a file never written (read from the checkpoint when the rewrite reaches it)."""
+    reference into a file never written (read from the checkpoint when the rewrite reaches it). The fp32
+    artifact is the session's tiny_artifact, the default export of tiny_tokenized_checkpoint (the calibration
+    reads the ids file, not its tokenizer)."""
     opts = CalibOptions(scheme=scheme, weight_method="rtn", samples=4, seq_len=24, eval_samples=1, min_top1=0.0,
                         decode_report=False)  # fmt: skip
+    fp32_artifact = tiny_artifact
     one = tmp_path / "one" / "art"
     seen = _spy_on_the_scratch(monkeypatch)
-    m1 = quantize_checkpoint(tiny_checkpoint, one, ExportOptions(), opts, [ids_file])
+    m1 = quantize_checkpoint(tiny_tokenized_checkpoint, one, ExportOptions(), opts, [ids_file])
     fp32_bytes = (fp32_artifact / "weights.bin").stat().st_size  # shared embedding and head once
     assert not seen["written"] and seen["deferred"] >= 0.7 * fp32_bytes and seen["bytes"] < seen["deferred"], seen
     two = tmp_path / "two"
@@ -89,21 +85,29 @@ def test_quantize_at_export_equals_export_then_calibrate(tiny_checkpoint, fp32_a
 
 def test_export_quantize_cli(tiny_checkpoint, ids_file, tmp_path):
     def nextn(*args):
-        return subprocess.run([sys.executable, "-c", "from nextn.cli import main; main()", *map(str, args)],
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        return subprocess.Popen([sys.executable, "-c", "from nextn.cli import main; main()", *map(str, args)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
+    def result(proc):
+        out, err = proc.communicate(timeout=300)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    # The refused commands run beside the export (each is mostly a Python start-up, which CI's second core
+    # would otherwise idle through); each has its own output folder, so what each leaves behind is its own.
+    bad = {
+        "bad0": (["--data", ids_file], "--data/--min-top1: only with --quantize"),
+        "bad1": (["--quantize", "int4", "--dtype", "bf16", "--data", ids_file], "quantizes an fp32 export"),
+        "bad2": (["--quantize", "int4"], "has no tokenizer.json; give calibration token ids"),
+        "bad3": (["--quantize", "int8", "--data", ids_file, "--validation", "full"], "drop --validation full"),
+    }
+    refused = {name: nextn("export", tiny_checkpoint, "-o", tmp_path / name, *args) for name, (args, _) in bad.items()}
     out = tmp_path / "q"
-    r = nextn("export", tiny_checkpoint, "-o", out, "--quantize", "int4", "--data", ids_file, "--min-top1", "0")
+    r = result(nextn("export", tiny_checkpoint, "-o", out, "--quantize", "int4", "--data", ids_file, "--min-top1", "0"))
     assert r.returncode == 0, r.stderr
     assert "top-1" in r.stdout and (out / "quality_report.json").is_file()
-    r = nextn("run", out, "--prompt-ids", "5,6,7", "--max-new-tokens", "4", "--json")
+    r = result(nextn("run", out, "--prompt-ids", "5,6,7", "--max-new-tokens", "4", "--json"))
     assert r.returncode == 0, r.stderr
-    for args, message in [
-        (["--data", ids_file], "--data/--min-top1: only with --quantize"),
-        (["--quantize", "int4", "--dtype", "bf16", "--data", ids_file], "quantizes an fp32 export"),
-        (["--quantize", "int4"], "has no tokenizer.json; give calibration token ids"),
-        (["--quantize", "int8", "--data", ids_file, "--validation", "full"], "drop --validation full"),
-    ]:
-        r = nextn("export", tiny_checkpoint, "-o", tmp_path / "bad", *args)
+    for name, (_, message) in bad.items():
+        r = result(refused[name])
         assert r.returncode == 1 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert not (tmp_path / "bad").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]
+        assert not (tmp_path / name).exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(f".{name}")]

@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 from hf_reference import load_hf
+from side_by_side import export_side_by_side
 
 from nextn.errors import NextnError
 from nextn.export.exporter import ExportOptions, export_checkpoint
@@ -26,9 +27,9 @@ TOL = 1e-4
 @pytest.fixture(scope="session")
 def half_artifacts(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("half")
-    for d in ("fp16", "bf16"):
-        export_checkpoint(tiny_checkpoint, root / d, ExportOptions(dtype=d, mtp_layers=1))
-    return {d: root / d for d in ("fp16", "bf16")}
+    jobs = {d: (tiny_checkpoint, root / d, ExportOptions(dtype=d, mtp_layers=1)) for d in ("fp16", "bf16")}
+    export_side_by_side(jobs).all()  # two independent exports: side by side
+    return {d: root / d for d in jobs}
 
 
 class Graphs:

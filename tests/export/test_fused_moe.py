@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from nextn.errors import NextnError
-from nextn.export.exporter import ExportOptions, export_checkpoint
 from nextn.export.fused_moe import fused_experts, fused_moe, resolve_moe_form
 from nextn.export.validate import make_session
 from nextn.model.reference import DeepseekV3, MoE
@@ -80,13 +79,13 @@ def test_form_resolution():
     assert resolve_moe_form("auto", tiny_config(), "float16") == "fused"
 
 
-def test_one_group_exports_fused_and_validates(tmp_path):
+def test_one_group_exports_fused_and_validates(tiny_exports):
     """n_group = 1 means no group limit whatever topk_group says (the reference skips it); MoEGroupRouter
-    refused topk_group > n_group at run time before the fix."""
-    from nextn.testing import write_random_checkpoint
-
-    ckpt = write_random_checkpoint(tmp_path / "c", tiny_config(n_group=1, topk_group=2, num_nextn_predict_layers=0))
-    m = export_checkpoint(ckpt, tmp_path / "a", ExportOptions())  # validation runs the fused graph
+    refused topk_group > n_group at run time before the fix. (tiny_exports: a checkpoint of
+    tiny_config(n_group=1, topk_group=2, num_nextn_predict_layers=0) exported with the default options.)"""
+    manifests, _ = tiny_exports
+    m = manifests["one_group"]  # validation runs the fused graph
+    assert (m["config"]["n_group"], m["config"]["topk_group"]) == (1, 2)
     assert m["moe"] == "fused" and all(r["max_abs"] <= r["bound"] for r in m["validation"])
 
 

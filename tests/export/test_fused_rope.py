@@ -43,11 +43,8 @@ def test_graphs_use_rotary_embedding_at_opset_23_only(both_forms_opsets):
 
 
 @pytest.fixture(scope="module")
-def both_forms_opsets(tiny_checkpoint, tiny_moe_forms, tmp_path_factory):
-    from nextn.export.exporter import ExportOptions, export_checkpoint
-
-    root = tmp_path_factory.mktemp("opsets")  # the export validates against the reference
-    export_checkpoint(tiny_checkpoint, root / "18", ExportOptions(opset=18, mtp_layers=0))
+def both_forms_opsets(tiny_exports, tiny_moe_forms):
+    manifests, root = tiny_exports  # the tiny checkpoint's trunk at opset 18, validated against the reference
     manifest, at_23 = tiny_moe_forms["fused"]
-    assert manifest["opset"] == 23
-    return {18: root / "18", 23: at_23}
+    assert manifests["opset18"]["opset"] == 18 and manifest["opset"] == 23
+    return {18: root / "opset18", 23: at_23}

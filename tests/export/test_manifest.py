@@ -48,11 +48,14 @@ def test_an_unchanged_artifact_opens_without_reading_its_weights(tiny_artifact, 
 
 
 def test_a_written_artifact_is_recorded_as_verified(tiny_checkpoint, tmp_path, monkeypatch):
-    """Export hashes what it writes; opening its output right after reads no weights."""
+    """Export hashes what it writes; opening its output right after reads no weights. (The trunk alone: what is
+    recorded is every file the manifest lists, whatever the graphs; the session's artifacts cannot stand in,
+    as other tests open them and record them too.)"""
     from nextn.export.exporter import ExportOptions, export_checkpoint
 
     out = tmp_path / "art"
-    export_checkpoint(tiny_checkpoint, out, ExportOptions())
+    m = export_checkpoint(tiny_checkpoint, out, ExportOptions(mtp_layers=0))
+    assert {"trunk.onnx", "weights.bin", "config.json"} <= set(m["files"])
     hashed = _count_hashing(monkeypatch)
     read_manifest(out, verify=True)
     assert hashed == []
