@@ -31,7 +31,7 @@ import types
 import torch
 
 from nextn.export.fused_rope import rope, rope_rows
-from nextn.model.reference import MLA, LayerKV, _softmax, take_rows
+from nextn.model.reference import MLA, LayerKV, _softmax, query_rows
 
 
 def _lean_forward(self: MLA, x, rotary, cos, sin, mask, past: LayerKV, absorbed: bool, rows=None):
@@ -43,9 +43,7 @@ def _lean_forward(self: MLA, x, rotary, cos, sin, mask, past: LayerKV, absorbed:
     c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([r, dr], dim=-1)  # [B, S, R], [B, S, D]
     new = LayerKV(self.kv_a_layernorm(c_kv), rope(k_pe, cos, sin))
     s_new = x.shape[1]
-    if rows is not None:  # from here on s counts the query rows
-        x, cos, sin = take_rows(x, rows), take_rows(cos, rows), take_rows(sin, rows)  # [B, N, ...]
-        mask = take_rows(mask[:, 0], rows)[:, None]  # [B, 1, N, T]
+    x, cos, sin, mask = query_rows(rows, x, cos, sin, mask)  # from here on s counts the query rows
     b, s, _ = x.shape
     q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
     q_nope, q_pe = q.view(b * s, nh, 1, dn + dr).split([dn, dr], dim=-1)  # [B*S, nh, 1, dn], [B*S, nh, 1, D]

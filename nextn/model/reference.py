@@ -54,6 +54,14 @@ def take_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return torch.gather(t, 1, index)
 
 
+def query_rows(rows: torch.Tensor | None, x, cos, sin, mask):
+    """What attention's queries read, at rows [B, N] (None: every row): x [B, N, H], cos/sin [B, N, D/2] and
+    the mask [B, 1, N, T]. The keys keep every row: each writes its cache entry."""
+    if rows is None:
+        return x, cos, sin, mask
+    return take_rows(x, rows), take_rows(cos, rows), take_rows(sin, rows), take_rows(mask[:, 0], rows)[:, None]
+
+
 # -- norms and rotary ------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -161,9 +169,7 @@ class MLA(nn.Module):
         cfg = self.cfg
         nh, dn, dr, dv, r = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                              cfg.v_head_dim, cfg.kv_lora_rank)  # fmt: skip
-        xq, cos_q, sin_q = take_rows(x, rows), take_rows(cos, rows), take_rows(sin, rows)  # [B, N, ...]
-        if rows is not None:
-            mask = take_rows(mask[:, 0], rows)[:, None]  # [B, 1, N, T]
+        xq, cos_q, sin_q, mask = query_rows(rows, x, cos, sin, mask)  # [B, N, ...], mask [B, 1, N, T]
         b, s, _ = xq.shape  # s: the query rows (S, or N)
         if cfg.q_lora_rank is None:
             q = self.q_proj(xq)
