@@ -18,6 +18,7 @@ import contextlib
 import logging
 import mmap
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -149,11 +150,15 @@ class OrtEngine(Engine):
         model: str | bytes = str(path)
         self.halves: dict[str, tuple] = {}  # name -> (array, OrtValue): the session borrows them, kept as long
         self.merged = 0  # groups of sibling products merged (merged_matmuls.py)
+        self.routed_experts = 0  # MoE nodes on nextn's kernel (routed_experts.py)
         if shared is not None and device == "cpu":
             kept = None
             if load_forms:
-                model, halves, self.merged, kept = _load_forms(path, shared)
-                self.halves = {n: (a, ort.OrtValue.ortvalue_from_numpy(a)) for n, a in halves.items()}
+                forms = _load_forms(path, shared)
+                model, kept, self.merged, self.routed_experts = forms.model, forms.kept, forms.merged, forms.kernel_nodes
+                self.halves = {n: (a, ort.OrtValue.ortvalue_from_numpy(a)) for n, a in forms.stacks.items()}
+                if forms.kernel_nodes:
+                    so.register_custom_ops_library(str(forms.library))
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
             shared.add_to(so, path, {n: v for n, (_, v) in self.halves.items()}, kept)
         self.shared = shared  # the session borrows the mapping's memory: keep it alive as long
@@ -183,14 +188,27 @@ class OrtEngine(Engine):
         self.session = None
 
 
-def _load_forms(path: Path, shared: SharedWeights) -> tuple[bytes | str, dict[str, np.ndarray], int, set[str] | None]:
-    """The graph at `path` in the layouts that suit ONNX Runtime's CPU threads: routed experts in halves
-    (expert_halves.py) and sibling products merged (merged_matmuls.py). -> the graph (serialized; its path
-    when neither applies), the halved stacks, the groups merged, and the initializers it still reads."""
+@dataclass
+class LoadForms:
+    """A graph as a pre-packing session takes it (_load_forms)."""
+
+    model: bytes | str  # the rewritten graph, serialized; the file's path when nothing applied
+    stacks: dict[str, np.ndarray]  # initializers laid out anew (same names and bytes, new dims)
+    merged: int  # groups of sibling products merged
+    kept: set[str] | None  # the initializers the graph still reads (None: all)
+    kernel_nodes: int = 0  # MoE nodes now nextn.RoutedExperts
+    library: Path | None = None  # the kernel library those need registered
+
+
+def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
+    """The graph at `path` in the forms that suit the CPU: fp32 routed experts on nextn's kernel
+    (routed_experts.py, where a C compiler built it), the other routed experts in halves for ONNX Runtime's
+    threads (expert_halves.py), and sibling products merged (merged_matmuls.py)."""
     import onnx
 
     from nextn.runtime.expert_halves import halve_experts
     from nextn.runtime.merged_matmuls import merge_sibling_matmuls
+    from nextn.runtime.routed_experts import kernel_library, use_routed_experts
 
     model = onnx.load(str(path), load_external_data=False)
     stored = {t.name: t for t in model.graph.initializer}
@@ -199,14 +217,18 @@ def _load_forms(path: Path, shared: SharedWeights) -> tuple[bytes | str, dict[st
         mapped = shared.entries(path).get(name)
         return mapped[0] if mapped else onnx.numpy_helper.to_array(stored[name], str(path.parent))
 
-    halves = halve_experts(model, read)
-    inline = [n for n in halves if stored[n].data_location != onnx.TensorProto.EXTERNAL]
-    for name in inline:  # a small stack stored in the graph: its halves go there too (the mapping has no such name)
-        stored[name].CopyFrom(onnx.numpy_helper.from_array(halves.pop(name), name))
+    library = kernel_library() if any(n.op_type == "MoE" for n in model.graph.node) else None
+    stacks = use_routed_experts(model, read) if library else {}
+    kernel_nodes = sum(n.op_type == "RoutedExperts" for n in model.graph.node)
+    stacks.update(halve_experts(model, read))
+    inline = [n for n in stacks if stored[n].data_location != onnx.TensorProto.EXTERNAL]
+    for name in inline:  # a small stack stored in the graph: its new layout goes there too (the mapping has no such name)
+        stored[name].CopyFrom(onnx.numpy_helper.from_array(stacks.pop(name), name))
     merged = merge_sibling_matmuls(model, read)
-    if not halves and not inline and not merged:
-        return str(path), {}, 0, None
-    return model.SerializeToString(), halves, merged, {t.name for t in model.graph.initializer}
+    if not stacks and not inline and not merged:
+        return LoadForms(str(path), {}, 0, None)
+    kept = {t.name for t in model.graph.initializer}
+    return LoadForms(model.SerializeToString(), stacks, merged, kept, kernel_nodes, library if kernel_nodes else None)
 
 
 class TorchEngine(Engine):
@@ -262,8 +284,9 @@ class Engines(dict):
 DRAFT_THREADS = 1
 
 # The graph rewrites a pre-packing session applies when it opens (_load_forms), numbered: step costs measured
-# with other forms (the costs cache, keyed by `setup`) are measured again. 1: experts in halves, siblings merged.
-LOAD_FORMS = 1
+# with other forms (the costs cache, keyed by `setup`) are measured again. 1: experts in halves, siblings merged;
+# 2: fp32 routed experts on nextn's kernel.
+LOAD_FORMS = 2
 
 # Pre-packing keeps a second, per-session copy of the weights: worth it (BENCHMARKS.md: up to 1.4x per
 # decode step on small models) while that copy is a small share of the machine's memory.

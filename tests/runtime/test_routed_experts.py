@@ -1,0 +1,135 @@
+"""nextn's routed-experts kernel (runtime/routed_experts.py, routed_experts.c): ONNX Runtime's MoE, computed
+by its own CPU code, for any token count, and the same for a token whatever else is in the call."""
+
+import logging
+from unittest import mock
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from nextn.calib.rewrite import MS_DOMAIN
+from nextn.runtime import routed_experts
+from nextn.runtime.engines import open_engines
+
+needs_kernel = pytest.mark.skipif(routed_experts.kernel_library() is None, reason="no C compiler to build the kernel")
+
+
+def _moe_graph(rng, e: int, h: int, i: int, k: int, normalize: int, **extra) -> onnx.ModelProto:
+    weights = {"fc1": rng.standard_normal((e, 2 * i, h)).astype(np.float32) * 0.1,  # gate/up rows interleaved
+               "fc2": rng.standard_normal((e, h, i)).astype(np.float32) * 0.1}  # fmt: skip
+    attrs = dict(k=k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                 normalize_routing_weights=normalize)  # fmt: skip
+    attrs.update(extra)
+    node = helper.make_node("MoE", ["x", "probs", "fc1", "", "fc2"], ["y"], domain=MS_DOMAIN, name="moe", **attrs)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, h]),
+                      helper.make_tensor_value_info("probs", TensorProto.FLOAT, [None, e])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a, n) for n, a in weights.items()])  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS_DOMAIN, 1)])
+
+
+def _on_kernel(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    stacks = routed_experts.use_routed_experts(out, arrays.__getitem__)
+    for t in out.graph.initializer:
+        if t.name in stacks:
+            t.CopyFrom(numpy_helper.from_array(stacks[t.name], t.name))
+    return out, stacks
+
+
+def _session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    if any(n.domain == routed_experts.DOMAIN for n in model.graph.node):
+        so.register_custom_ops_library(str(routed_experts.kernel_library()))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _probs(rng, n: int, e: int, k: int, picked: int) -> np.ndarray:
+    """Log routing weights at `picked` experts per row, -inf elsewhere (MoEGroupRouter's form)."""
+    probs = np.full((n, e), -np.inf, np.float32)
+    for r in range(n):
+        probs[r, rng.choice(e, picked, replace=False)] = np.log(rng.uniform(0.1, 1, picked))
+    return probs
+
+
+@needs_kernel
+@pytest.mark.parametrize("e,h,i,k,normalize", [(8, 256, 96, 2, 0), (16, 40, 24, 3, 1), (4, 200, 72, 4, 0)])
+def test_the_kernel_computes_onnxruntimes_moe(e, h, i, k, normalize):
+    # (40, 24) and (200, 72): widths that leave columns after the kernel's chunks and its 16-wide loop
+    rng = np.random.default_rng(e + h)
+    model = _moe_graph(rng, e, h, i, k, normalize)
+    rewritten, stacks = _on_kernel(model)
+    assert [(n.domain, n.op_type) for n in rewritten.graph.node] == [(routed_experts.DOMAIN, routed_experts.OP_TYPE)]
+    assert stacks["fc1"].shape == (e, h, 2 * i) and stacks["fc2"].shape == (e, i, h)
+    want, got = _session(model), _session(rewritten)
+    for n in (1, 2, 3, 4, 5, 9):  # token groups of 1-4, and more than one group
+        # normalize = 1: more finite entries than k, so the top k of the softmax and its renormalization matter
+        feed = {"x": rng.standard_normal((n, h)).astype(np.float32), "probs": _probs(rng, n, e, k, k + normalize)}
+        ref = want.run(None, feed)[0]
+        assert np.abs(got.run(None, feed)[0] - ref).max() < 1e-5 * np.abs(ref).max(), n
+
+
+@needs_kernel
+def test_a_tokens_output_does_not_depend_on_the_other_tokens():
+    # A verify pass and a one-token step must agree bit for bit on the same token (greedy stays identical).
+    rng = np.random.default_rng(3)
+    session = _session(_on_kernel(_moe_graph(rng, 8, 64, 48, 2, 0))[0])
+    x, probs = rng.standard_normal((7, 64)).astype(np.float32), _probs(rng, 7, 8, 2, 2)
+    together = session.run(None, {"x": x, "probs": probs})[0]
+    for t in range(7):
+        alone = session.run(None, {"x": x[t : t + 1], "probs": probs[t : t + 1]})[0]
+        assert np.array_equal(alone[0], together[t]), t
+
+
+def test_only_moe_nodes_the_kernel_computes_exactly_are_rewritten():
+    rng = np.random.default_rng(4)
+    for extra in ({"activation_alpha": 1.702}, {"activation_beta": 1.0}, {"swiglu_limit": 7.0}):
+        model = _moe_graph(rng, 4, 32, 16, 2, 0, **extra)
+        assert _on_kernel(model)[1] == {} and model.graph.node[0].op_type == "MoE", extra
+    shared = _moe_graph(rng, 4, 32, 16, 2, 0)  # a stack another node also reads keeps its layout
+    shared.graph.node.append(helper.make_node("Identity", ["fc2"], ["fc2_copy"]))
+    assert _on_kernel(shared)[1] == {}
+
+
+def test_without_a_compiler_the_graph_keeps_onnxruntimes_moe(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("NEXTN_CACHE", str(tmp_path / "cache"))
+    routed_experts.kernel_library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert routed_experts.kernel_library() is None
+        assert "ONNX Runtime's MoE" in caplog.text and not (tmp_path / "cache" / "kernels").exists()
+    finally:
+        routed_experts.kernel_library.cache_clear()
+
+
+@needs_kernel
+def test_the_trunk_on_the_kernel_gives_the_same_logits(tiny_moe_forms):
+    from nextn.export import io
+
+    _, artifact = tiny_moe_forms["fused"]
+    kernel = open_engines(artifact, prepack=True)
+    with mock.patch.object(routed_experts, "kernel_library", lambda: None):
+        moe = open_engines(artifact, prepack=True)
+    cfg = moe.manifest["config"]
+    assert kernel["trunk"].routed_experts == cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]
+    assert moe["trunk"].routed_experts == 0
+    rng = np.random.default_rng(5)
+    for s in (1, 4):
+        past = [(rng.standard_normal((2, 6, cfg["kv_lora_rank"]), dtype=np.float32),
+                 rng.standard_normal((2, 6, cfg["qk_rope_head_dim"]), dtype=np.float32))
+                for _ in range(cfg["num_hidden_layers"])]  # fmt: skip
+        feed = io.trunk_feed(rng.integers(0, cfg["vocab_size"], (2, s)), np.arange(6, 6 + s)[None].repeat(2, 0),
+                             np.ones((2, 6 + s), np.int64), past)  # fmt: skip
+        want, got = moe["trunk"].run(feed), kernel["trunk"].run(feed)
+        for a, b in zip(want, got):
+            assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(a).max()))
+    kernel.close()
+    moe.close()
