@@ -8,6 +8,8 @@
    ("moe": what a machine without a C compiler runs), at 1, 2 and 4 new tokens after a random past, each pass
    preceded by an MTP call as in decoding; the two alternate within each round. Prints medians, kernel / moe
    (median of per-round ratios), each form's 4-token / 1-token cost, and the largest logit difference.
+3. Decoding (`--decode`): greedy TPOT at K = 0 and `auto` with each form, the runtime's default threads,
+   held-out prompts, the four runs alternating per prompt; tokens must be identical across all four.
 """
 
 import argparse
@@ -132,6 +134,38 @@ def trunk_steps(artifact, threads: int, rounds: int, iters: int, past_len: int) 
         e.close()
 
 
+def decoding(artifact, prompts: int, gen_len: int) -> None:
+    import nextn
+    from nextn.bench.latency import load_prompts
+
+    with mock.patch.object(routed_experts, "kernel_library", lambda: None):
+        models = {"moe": nextn.load(artifact)}
+    models["kernel"] = nextn.load(artifact)
+    for m in models.values():
+        m.eos_ids = ()
+    tok = models["moe"]
+    texts = load_prompts(None, tok.tokenizer, tok.engines.manifest["config"]["vocab_size"], 64, prompts)
+    runs = [(form, draft) for draft in (0, "auto") for form in models]
+    tpot = {r: [] for r in runs}
+    for i, p in enumerate(texts * 2):
+        tokens = set()
+        for form, draft in runs if i % 2 == 0 else runs[::-1]:
+            res = models[form].generate(p, max_new_tokens=gen_len, draft=draft)
+            tpot[form, draft].append(res.stats["tpot_ms"])
+            tokens.add(tuple(res.token_ids))
+        assert len(tokens) == 1, "greedy tokens differ between the forms or drafts"
+    print(f"3. decoding {len(texts)} held-out prompts x {gen_len} tokens, twice, default threads: median TPOT ms")
+    for draft in (0, "auto"):
+        a, b = tpot["moe", draft], tpot["kernel", draft]
+        print(f"  K = {draft}: MoE {statistics.median(a):.3f}  kernel {statistics.median(b):.3f}  kernel / MoE "
+              f"{statistics.median([y / x for x, y in zip(a, b)]):.3f}")
+    for form in models:
+        ratio = statistics.median([x / y for x, y in zip(tpot[form, 0], tpot[form, "auto"])])
+        print(f"  {form}: auto speedup over K = 0 {ratio:.3f}x")
+    for m in models.values():
+        m.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--artifact", default=None, help="default: the embedded model's (drafts int4)")
@@ -139,16 +173,23 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--past", type=int, default=100)
+    ap.add_argument("--decode", action="store_true", help="also decode (part 3)")
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--gen-len", type=int, default=128)
+    ap.add_argument("--skip-op", action="store_true")
     args = ap.parse_args()
     if routed_experts.kernel_library() is None:
         raise SystemExit("the kernel could not be built here (see the warning above)")
-    op_alone(args.rounds, args.iters)
+    if not args.skip_op:
+        op_alone(args.rounds, args.iters)
     if args.artifact is None:
         from nextn.embedded import embedded_default
 
         args.artifact = embedded_default()
-    for t in (int(x) for x in args.threads.split(",")):
+    for t in (int(x) for x in args.threads.split(",") if x):
         trunk_steps(args.artifact, t, args.rounds, args.iters, args.past)
+    if args.decode:
+        decoding(args.artifact, args.prompts, args.gen_len)
 
 
 if __name__ == "__main__":

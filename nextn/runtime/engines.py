@@ -208,7 +208,7 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
 
     from nextn.runtime.expert_halves import halve_experts
     from nextn.runtime.merged_matmuls import merge_sibling_matmuls
-    from nextn.runtime.routed_experts import kernel_library, use_routed_experts
+    from nextn.runtime.routed_experts import DOMAIN, kernel_library, use_routed_experts
 
     model = onnx.load(str(path), load_external_data=False)
     stored = {t.name: t for t in model.graph.initializer}
@@ -219,7 +219,7 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
 
     library = kernel_library() if any(n.op_type == "MoE" for n in model.graph.node) else None
     stacks = use_routed_experts(model, read) if library else {}
-    kernel_nodes = sum(n.op_type == "RoutedExperts" for n in model.graph.node)
+    kernel_nodes = sum(n.domain == DOMAIN for n in model.graph.node)
     stacks.update(halve_experts(model, read))
     inline = [n for n in stacks if stored[n].data_location != onnx.TensorProto.EXTERNAL]
     for name in inline:  # a small stack stored in the graph: its new layout goes there too (the mapping has no such name)

@@ -1,4 +1,4 @@
-/* nextn.RoutedExperts: DeepSeekMoE's routed experts for a few tokens, as an ONNX Runtime custom op.
+/* nextn.RoutedExperts(Bf16): DeepSeekMoE's routed experts for a few tokens, as an ONNX Runtime custom op.
  *
  * Why: ONNX Runtime's CPU `MoE` multiplies each picked expert with a general GEMM on the transposed weight,
  * which repacks the expert's weights on every call. Decoding runs 1-8 tokens a step, so that repacking costs
@@ -10,8 +10,10 @@
  * clamp), with each expert's weights transposed so that a token's products read whole rows:
  *   input        [..., H] fp32        the tokens (any leading shape; N = numel / H rows)
  *   router_probs [N, E]   fp32        a softmax over each row picks the top k experts and weighs them
- *   fc1          [E, H, 2I] fp32      per expert: the gate's I columns, then the up's
- *   fc2          [E, I, H]  fp32
+ *   fc1          [E, H, 2I]           per expert: the gate's I columns, then the up's
+ *   fc2          [E, I, H]            fp32 (RoutedExperts), or uint16 holding bfloat16 bit patterns
+ *                                     (RoutedExpertsBf16: a bf16 checkpoint's weights in half the bytes; each
+ *                                     widens to fp32 exactly, and the arithmetic is fp32 either way)
  *   attributes   k, normalize_routing_weights (renormalize the k weights to sum to 1)
  *   output       [..., H]  = sum over the k picked experts e of weight_e * (silu(x fc1_gate) * (x fc1_up)) fc2
  * routed_experts.py lays the MoE's stacks out so when a session opens.
@@ -41,21 +43,15 @@ typedef Status *(*AttrIntFn)(const void *info, const char *name, int64_t *out);
 typedef Status *(*CreateDomainFn)(const char *domain, void **out);
 typedef Status *(*DomainAddFn)(void *domain, const void *op);
 typedef Status *(*AddDomainFn)(void *options, void *domain);
-typedef Status *(*CreateStatusFn)(int code, const char *msg);
 
 /* Positions in OrtApi (version 1 of the C API, which later versions only append to). */
 enum {
-  API_CREATE_STATUS = 0, API_CREATE_CUSTOM_OP_DOMAIN = 26, API_CUSTOM_OP_DOMAIN_ADD = 27,
-  API_ADD_CUSTOM_OP_DOMAIN = 28, API_GET_TENSOR_MUTABLE_DATA = 51, API_GET_DIMENSIONS_COUNT = 61,
-  API_GET_DIMENSIONS = 62, API_GET_TENSOR_TYPE_AND_SHAPE = 65, API_KERNEL_INFO_GET_ATTRIBUTE_INT64 = 86,
-  API_KERNEL_CONTEXT_GET_INPUT = 90, API_KERNEL_CONTEXT_GET_OUTPUT = 91, API_RELEASE_STATUS = 93,
-  API_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
+  API_CREATE_CUSTOM_OP_DOMAIN = 26, API_CUSTOM_OP_DOMAIN_ADD = 27, API_ADD_CUSTOM_OP_DOMAIN = 28,
+  API_GET_TENSOR_MUTABLE_DATA = 51, API_GET_DIMENSIONS_COUNT = 61, API_GET_DIMENSIONS = 62,
+  API_GET_TENSOR_TYPE_AND_SHAPE = 65, API_KERNEL_INFO_GET_ATTRIBUTE_INT64 = 86, API_KERNEL_CONTEXT_GET_INPUT = 90,
+  API_KERNEL_CONTEXT_GET_OUTPUT = 91, API_RELEASE_STATUS = 93, API_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
 };
-enum { ELEMENT_FLOAT = 1, ORT_FAIL = 1, MAX_K = 64, MAX_DIMS = 8 };
-
-typedef struct {
-  const void *const *api;
-} Api;
+enum { ELEMENT_FLOAT = 1, ELEMENT_UINT16 = 4, MAX_K = 64, MAX_DIMS = 8 };
 
 #define FN(api, type, index) ((type)((api)[index]))
 
@@ -63,6 +59,125 @@ static void release_status(const void *const *api, Status *s) {
   if (s) FN(api, ReleaseFn, API_RELEASE_STATUS)(s);
 }
 
+/* -- the arithmetic --------------------------------------------------------------------------------------- */
+static inline float load_f32(const float *p, int64_t i) { return p[i]; }
+static inline float load_bf16(const uint16_t *p, int64_t i) { /* bf16 is fp32's upper half: exact */
+  uint32_t bits = (uint32_t)p[i] << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+/* out_t[c0 : c0 + CHUNK] = sum over r of x_t[r] * W[r][c0 : c0 + CHUNK] for T tokens at once (x_t = x + tok[t] *
+ * ldx, out_t = out + t * ldo, W [rows, n] row-major). W is read once for all T tokens, row by row, and each
+ * token's sums run over r in order: a token's result does not depend on which tokens share the call. The lane
+ * loops become vector FMAs. */
+#define DEFINE_ROWS_TIMES(NAME, WT, LOAD, T, CHUNK)                                                              \
+  static void NAME##_##T(const WT *restrict w, int64_t rows, int64_t n, const float *restrict x, int64_t ldx,   \
+                         const int64_t *tok, float *restrict out, int64_t ldo) {                                \
+    int64_t c0 = 0;                                                                                              \
+    for (; c0 + CHUNK <= n; c0 += CHUNK) {                                                                      \
+      float acc[T][CHUNK] = {{0}};                                                                               \
+      for (int64_t r = 0; r < rows; r++) {                                                                       \
+        const WT *wr = w + r * n + c0;                                                                           \
+        for (int t = 0; t < T; t++) {                                                                            \
+          const float xv = x[tok[t] * ldx + r];                                                                  \
+          for (int l = 0; l < CHUNK; l++) acc[t][l] += xv * LOAD(wr, l);                                         \
+        }                                                                                                        \
+      }                                                                                                          \
+      for (int t = 0; t < T; t++) memcpy(out + t * ldo + c0, acc[t], sizeof(acc[t]));                            \
+    }                                                                                                            \
+    for (; c0 + 16 <= n; c0 += 16) { /* the columns left after whole chunks, 16 at a time */                    \
+      for (int t = 0; t < T; t++) {                                                                              \
+        float acc[16] = {0};                                                                                     \
+        for (int64_t r = 0; r < rows; r++) {                                                                     \
+          const float xv = x[tok[t] * ldx + r];                                                                  \
+          const WT *wr = w + r * n + c0;                                                                         \
+          for (int l = 0; l < 16; l++) acc[l] += xv * LOAD(wr, l);                                               \
+        }                                                                                                        \
+        memcpy(out + t * ldo + c0, acc, sizeof(acc));                                                            \
+      }                                                                                                          \
+    }                                                                                                            \
+    for (; c0 < n; c0++) { /* then one by one */                                                                 \
+      for (int t = 0; t < T; t++) {                                                                              \
+        float a = 0.0f;                                                                                          \
+        for (int64_t r = 0; r < rows; r++) a += x[tok[t] * ldx + r] * LOAD(w, r * n + c0);                       \
+        out[t * ldo + c0] = a;                                                                                   \
+      }                                                                                                          \
+    }                                                                                                            \
+  }
+
+/* NAME(w, ...): out[t] = x[tok[t]] @ W for m tokens, in groups of up to 4. Wide chunks for few tokens, so that
+ * one pass over the rows reads them front to back (what the prefetchers follow best when the weights come from
+ * memory); T x CHUNK accumulators stay within the vector registers. */
+#define DEFINE_TOKENS_TIMES(NAME, WT, LOAD)                                                                      \
+  DEFINE_ROWS_TIMES(NAME, WT, LOAD, 1, 192)                                                                      \
+  DEFINE_ROWS_TIMES(NAME, WT, LOAD, 2, 96)                                                                       \
+  DEFINE_ROWS_TIMES(NAME, WT, LOAD, 3, 64)                                                                       \
+  DEFINE_ROWS_TIMES(NAME, WT, LOAD, 4, 48)                                                                       \
+  static void NAME(const void *weights, int64_t rows, int64_t n, const float *x, int64_t ldx, const int64_t *tok, \
+                   int64_t m, float *out, int64_t ldo) {                                                         \
+    const WT *w = (const WT *)weights;                                                                           \
+    for (int64_t j = 0; j < m; j += 4) {                                                                         \
+      const int64_t g = m - j < 4 ? m - j : 4;                                                                   \
+      float *o = out + j * ldo;                                                                                  \
+      if (g == 4) NAME##_4(w, rows, n, x, ldx, tok + j, o, ldo);                                                 \
+      else if (g == 3) NAME##_3(w, rows, n, x, ldx, tok + j, o, ldo);                                            \
+      else if (g == 2) NAME##_2(w, rows, n, x, ldx, tok + j, o, ldo);                                            \
+      else NAME##_1(w, rows, n, x, ldx, tok + j, o, ldo);                                                        \
+    }                                                                                                            \
+  }
+DEFINE_TOKENS_TIMES(tokens_times_f32, float, load_f32)
+DEFINE_TOKENS_TIMES(tokens_times_bf16, uint16_t, load_bf16)
+typedef void (*TokensTimes)(const void *w, int64_t rows, int64_t n, const float *x, int64_t ldx, const int64_t *tok,
+                            int64_t m, float *out, int64_t ldo);
+
+/* The top k of a softmax over row [E] -> experts [k], weights [k] (normalized to sum 1 if asked). */
+static void route(const float *row, int64_t n_experts, int64_t k, int normalize, int64_t *experts, float *weights) {
+  float top = row[0];
+  for (int64_t e = 1; e < n_experts; e++) top = row[e] > top ? row[e] : top;
+  double total = 0.0;
+  for (int64_t e = 0; e < n_experts; e++) total += expf(row[e] - top);
+  float picked_sum = 0.0f;
+  for (int64_t j = 0; j < k; j++) {
+    int64_t best = -1;
+    for (int64_t e = 0; e < n_experts; e++) {
+      int taken = 0;
+      for (int64_t q = 0; q < j; q++) taken |= experts[q] == e;
+      if (!taken && (best < 0 || row[e] > row[best])) best = e;
+    }
+    experts[j] = best;
+    weights[j] = (float)(expf(row[best] - top) / total);
+    picked_sum += weights[j];
+  }
+  if (normalize)
+    for (int64_t j = 0; j < k; j++) weights[j] /= picked_sum;
+}
+
+/* One expert over its m tokens (x rows tok[j]): y[tok[j]] += weight[j] * fc2 (silu(gate) * up).
+ * fc1 [H, 2I]: the gate's I columns, then the up's; fc2 [I, H]. h1 [m, 2I], act [m, I], h2 [m, H]: scratch. */
+static void expert_mlp(TokensTimes times, const void *fc1, const void *fc2, int64_t hidden, int64_t inter,
+                       const float *x, const int64_t *tok, const float *weight, int64_t m, float *h1, float *act,
+                       float *h2, float *y) {
+  static const int64_t own[4] = {0, 1, 2, 3};
+  times(fc1, hidden, 2 * inter, x, hidden, tok, m, h1, 2 * inter);
+  for (int64_t j = 0; j < m; j++) {
+    const float *g = h1 + j * 2 * inter, *u = g + inter;
+    float *a = act + j * inter;
+    for (int64_t i = 0; i < inter; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+  }
+  for (int64_t j = 0; j < m; j += 4) { /* act's rows are its own tokens 0..m-1 */
+    const int64_t g = m - j < 4 ? m - j : 4;
+    times(fc2, inter, hidden, act + j * inter, inter, own, g, h2 + j * hidden, hidden);
+  }
+  for (int64_t j = 0; j < m; j++) {
+    float *yt = y + tok[j] * hidden;
+    const float *o = h2 + j * hidden, wj = weight[j];
+    for (int64_t c = 0; c < hidden; c++) yt[c] += wj * o[c];
+  }
+}
+
+/* -- the op ----------------------------------------------------------------------------------------------- */
 /* OrtCustomOp as of version 20 of the C API (its fields are only ever appended). */
 typedef struct CustomOp {
   uint32_t version;
@@ -97,108 +212,8 @@ typedef struct {
   const void *const *api;
   int64_t k;
   int normalize;
+  TokensTimes times; /* by the weights' element type */
 } Kernel;
-
-/* acc[t][0:CHUNK] = sum over r of x_t[r] * W[r][c0 : c0 + CHUNK] for T tokens at once: W is read once for all of them,
- * row by row, and each token's sums run over r in order (so they do not depend on which tokens share the call).
- * W [rows, n] row-major; x_t = x + tok[t] * ldx; out_t = out + t * ldo. The lane loops become vector FMAs. */
-#define DEFINE_ROWS_TIMES(T, CHUNK)                                                                              \
-  static void rows_times_##T(const float *restrict w, int64_t rows, int64_t n, const float *restrict x,         \
-                             int64_t ldx, const int64_t *tok, float *restrict out, int64_t ldo) {               \
-    int64_t c0 = 0;                                                                                              \
-    for (; c0 + CHUNK <= n; c0 += CHUNK) {                                                                      \
-      float acc[T][CHUNK] = {{0}};                                                                               \
-      for (int64_t r = 0; r < rows; r++) {                                                                       \
-        const float *wr = w + r * n + c0;                                                                        \
-        for (int t = 0; t < T; t++) {                                                                            \
-          const float xv = x[tok[t] * ldx + r];                                                                  \
-          for (int l = 0; l < CHUNK; l++) acc[t][l] += xv * wr[l];                                               \
-        }                                                                                                        \
-      }                                                                                                          \
-      for (int t = 0; t < T; t++) memcpy(out + t * ldo + c0, acc[t], sizeof(acc[t]));                            \
-    }                                                                                                            \
-    for (; c0 + 16 <= n; c0 += 16) { /* the columns left after whole chunks, 16 at a time */                    \
-      for (int t = 0; t < T; t++) {                                                                              \
-        float acc[16] = {0};                                                                                     \
-        for (int64_t r = 0; r < rows; r++) {                                                                     \
-          const float xv = x[tok[t] * ldx + r], *wr = w + r * n + c0;                                            \
-          for (int l = 0; l < 16; l++) acc[l] += xv * wr[l];                                                     \
-        }                                                                                                        \
-        memcpy(out + t * ldo + c0, acc, sizeof(acc));                                                            \
-      }                                                                                                          \
-    }                                                                                                            \
-    for (; c0 < n; c0++) { /* then one by one */                                                                 \
-      for (int t = 0; t < T; t++) {                                                                              \
-        float a = 0.0f;                                                                                          \
-        for (int64_t r = 0; r < rows; r++) a += x[tok[t] * ldx + r] * w[r * n + c0];                             \
-        out[t * ldo + c0] = a;                                                                                   \
-      }                                                                                                          \
-    }                                                                                                            \
-  }
-/* Wide chunks for few tokens, so that one pass over the rows reads them front to back (what the prefetchers
- * follow best when the weights come from memory): T x CHUNK accumulators stay within the vector registers. */
-DEFINE_ROWS_TIMES(1, 192)
-DEFINE_ROWS_TIMES(2, 96)
-DEFINE_ROWS_TIMES(3, 64)
-DEFINE_ROWS_TIMES(4, 48)
-
-/* out[t] = x[tok[t]] @ W for m tokens, in groups of up to 4. */
-static void tokens_times(const float *w, int64_t rows, int64_t n, const float *x, int64_t ldx, const int64_t *tok,
-                         int64_t m, float *out, int64_t ldo) {
-  for (int64_t j = 0; j < m; j += 4) {
-    const int64_t g = m - j < 4 ? m - j : 4;
-    float *o = out + j * ldo;
-    if (g == 4) rows_times_4(w, rows, n, x, ldx, tok + j, o, ldo);
-    else if (g == 3) rows_times_3(w, rows, n, x, ldx, tok + j, o, ldo);
-    else if (g == 2) rows_times_2(w, rows, n, x, ldx, tok + j, o, ldo);
-    else rows_times_1(w, rows, n, x, ldx, tok + j, o, ldo);
-  }
-}
-
-/* The top k of a softmax over row [E] -> experts [k], weights [k] (normalized to sum 1 if asked). */
-static void route(const float *row, int64_t n_experts, int64_t k, int normalize, int64_t *experts, float *weights) {
-  float top = row[0];
-  for (int64_t e = 1; e < n_experts; e++) top = row[e] > top ? row[e] : top;
-  double total = 0.0;
-  for (int64_t e = 0; e < n_experts; e++) total += expf(row[e] - top);
-  float picked_sum = 0.0f;
-  for (int64_t j = 0; j < k; j++) {
-    int64_t best = -1;
-    for (int64_t e = 0; e < n_experts; e++) {
-      int taken = 0;
-      for (int64_t q = 0; q < j; q++) taken |= experts[q] == e;
-      if (!taken && (best < 0 || row[e] > row[best])) best = e;
-    }
-    experts[j] = best;
-    weights[j] = (float)(expf(row[best] - top) / total);
-    picked_sum += weights[j];
-  }
-  if (normalize)
-    for (int64_t j = 0; j < k; j++) weights[j] /= picked_sum;
-}
-
-/* One expert over its m tokens (x rows tok[j]): y[tok[j]] += weight[j] * fc2 (silu(gate) * up).
- * fc1 [H, 2I]: the gate's I columns, then the up's; fc2 [I, H]. h1 [m, 2I], act [m, I], h2 [m, H]: scratch. */
-static void expert_mlp(const float *fc1, const float *fc2, int64_t hidden, int64_t inter, const float *x,
-                       const int64_t *tok, const float *weight, int64_t m, float *h1, float *act, float *h2,
-                       float *y) {
-  tokens_times(fc1, hidden, 2 * inter, x, hidden, tok, m, h1, 2 * inter);
-  static const int64_t own[4] = {0, 1, 2, 3};
-  for (int64_t j = 0; j < m; j++) {
-    const float *g = h1 + j * 2 * inter, *u = g + inter;
-    float *a = act + j * inter;
-    for (int64_t i = 0; i < inter; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-  }
-  for (int64_t j = 0; j < m; j += 4) { /* act's rows are its own tokens 0..m-1 */
-    const int64_t g = m - j < 4 ? m - j : 4;
-    tokens_times(fc2, inter, hidden, act + j * inter, inter, own, g, h2 + j * hidden, hidden);
-  }
-  for (int64_t j = 0; j < m; j++) {
-    float *yt = y + tok[j] * hidden;
-    const float *o = h2 + j * hidden, wj = weight[j];
-    for (int64_t c = 0; c < hidden; c++) yt[c] += wj * o[c];
-  }
-}
 
 static int shape_of(const void *const *api, const void *value, int64_t *dims, size_t *ndims) {
   void *info = NULL;
@@ -211,13 +226,15 @@ static int shape_of(const void *const *api, const void *value, int64_t *dims, si
   return ok;
 }
 
-static float *data_of(const void *const *api, const void *value) {
+static void *data_of(const void *const *api, const void *value) {
   void *p = NULL;
   Status *s = FN(api, MutableDataFn, API_GET_TENSOR_MUTABLE_DATA)((void *)value, &p);
   if (s) { release_status(api, s); return NULL; }
-  return (float *)p;
+  return p;
 }
 
+/* The shapes are checked when routed_experts.py rewrites the graph; a call with others leaves the output unset,
+ * which ONNX Runtime reports as an error of the run. */
 static void compute(void *kernel, void *ctx) {
   const Kernel *kn = (const Kernel *)kernel;
   const void *const *api = kn->api;
@@ -231,50 +248,70 @@ static void compute(void *kernel, void *ctx) {
   if (!shape_of(api, in[0], xd, &xn) || !shape_of(api, in[1], rd, &rn) || !shape_of(api, in[2], f1, &n1) ||
       !shape_of(api, in[3], f2, &n2) || xn < 1 || rn != 2 || n1 != 3 || n2 != 3)
     return;
-  const int64_t hidden = xd[xn - 1], n_experts = f1[0], inter = f2[1];
+  const int64_t hidden = xd[xn - 1], n_experts = f1[0], inter = f2[1], k = kn->k;
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < xn; i++) rows *= xd[i];
+  if (rd[0] != rows || rd[1] != n_experts || f1[1] != hidden || f1[2] != 2 * inter || f2[0] != n_experts ||
+      f2[2] != hidden || k > n_experts)
+    return;
   void *out = NULL;
   Status *s = FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, xd, xn, &out);
   if (s) { release_status(api, s); return; }
   float *y = data_of(api, out);
   const float *x = data_of(api, in[0]), *probs = data_of(api, in[1]);
-  const float *fc1 = data_of(api, in[2]), *fc2 = data_of(api, in[3]);
-  if (!y || !x || !probs || !fc1 || !fc2 || rd[0] != rows || rd[1] != n_experts || f1[1] != hidden ||
-      f1[2] != 2 * inter || f2[0] != n_experts || f2[2] != hidden || kn->k > n_experts)
-    return;
+  const char *fc1 = data_of(api, in[2]), *fc2 = data_of(api, in[3]);
+  if (!y || !x || !probs || !fc1 || !fc2) return;
   memset(y, 0, (size_t)(rows * hidden) * sizeof(float));
   if (rows == 0) return;
-  const int64_t k = kn->k;
-  /* routing, then each expert's tokens in token order */
-  int64_t *picked = malloc(sizeof(int64_t) * (size_t)(rows * k + rows * k + n_experts));
-  float *weights = malloc(sizeof(float) * (size_t)(rows * k * 2 + rows * (3 * inter + hidden)));
+  const size_t elem = kn->times == tokens_times_bf16 ? sizeof(uint16_t) : sizeof(float);
+  int64_t *picked = malloc(sizeof(int64_t) * (size_t)(2 * rows * k)), *tokens = picked + rows * k;
+  float *weights = malloc(sizeof(float) * (size_t)(2 * rows * k + rows * (3 * inter + hidden)));
   if (!picked || !weights) { free(picked); free(weights); return; }
-  int64_t *tokens = picked + rows * k, *count = tokens + rows * k;
-  float *token_weight = weights + rows * k, *h1 = token_weight + rows * k;
-  float *act = h1 + rows * 2 * inter, *h2 = act + rows * inter;
+  float *token_weight = weights + rows * k, *h1 = token_weight + rows * k, *act = h1 + rows * 2 * inter;
+  float *h2 = act + rows * inter;
   for (int64_t t = 0; t < rows; t++)
     route(probs + t * n_experts, n_experts, k, kn->normalize, picked + t * k, weights + t * k);
-  int64_t used = 0;
-  for (int64_t e = 0; e < n_experts; e++) {
+  for (int64_t e = 0, used = 0; e < n_experts; e++) { /* each expert once, over its tokens in token order */
     int64_t m = 0;
     for (int64_t t = 0; t < rows; t++)
       for (int64_t j = 0; j < k; j++)
         if (picked[t * k + j] == e) { tokens[used + m] = t; token_weight[used + m] = weights[t * k + j]; m++; }
-    count[e] = m;
-    if (m) expert_mlp(fc1 + e * hidden * 2 * inter, fc2 + e * inter * hidden, hidden, inter, x, tokens + used,
-                      token_weight + used, m, h1, act, h2, y);
+    if (m) expert_mlp(kn->times, fc1 + (size_t)(e * hidden * 2 * inter) * elem, fc2 + (size_t)(e * inter * hidden) * elem,
+                      hidden, inter, x, tokens + used, token_weight + used, m, h1, act, h2, y);
     used += m;
   }
   free(picked);
   free(weights);
 }
 
+static const char *name_f32(const CustomOp *op) { (void)op; return "RoutedExperts"; }
+static const char *name_bf16(const CustomOp *op) { (void)op; return "RoutedExpertsBf16"; }
+static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int input_type_f32(const CustomOp *op, size_t i) { (void)op; (void)i; return ELEMENT_FLOAT; }
+static int input_type_bf16(const CustomOp *op, size_t i) { (void)op; return i < 2 ? ELEMENT_FLOAT : ELEMENT_UINT16; }
+static size_t op_input_count(const CustomOp *op) { (void)op; return 4; }
+static int op_output_type(const CustomOp *op, size_t i) { (void)op; (void)i; return ELEMENT_FLOAT; }
+static size_t op_output_count(const CustomOp *op) { (void)op; return 1; }
+static int op_zero(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; }
+static int op_one(const CustomOp *op) { (void)op; return 1; }
+static int op_end_version(const CustomOp *op) { (void)op; return 0x7fffffff; }
+static size_t op_no_pairs(int **inputs, int **outputs) { *inputs = NULL; *outputs = NULL; return 0; }
+static void op_release_pairs(int *inputs, int *outputs) { (void)inputs; (void)outputs; }
+static void destroy_kernel(void *kernel) { free(kernel); }
+
+static void *create_kernel(const CustomOp *op, const void *api, const void *info);
+
+#define DEFINE_OP(NAME_FN, INPUT_TYPE_FN)                                                                         \
+  {20, create_kernel, NAME_FN, op_provider, INPUT_TYPE_FN, op_input_count, op_output_type, op_output_count,     \
+   compute, destroy_kernel, op_zero, op_zero, op_zero, op_one, op_one, op_one, op_one, NULL, NULL, NULL, op_one, \
+   op_end_version, op_no_pairs, op_release_pairs, op_no_pairs, op_release_pairs}
+static CustomOp ops[2] = {DEFINE_OP(name_f32, input_type_f32), DEFINE_OP(name_bf16, input_type_bf16)};
+
 static void *create_kernel(const CustomOp *op, const void *api, const void *info) {
-  (void)op;
   Kernel *kn = calloc(1, sizeof(Kernel));
   if (!kn) return NULL;
   kn->api = (const void *const *)api;
+  kn->times = op == &ops[1] ? tokens_times_bf16 : tokens_times_f32;
   int64_t v = 0;
   Status *s = FN(kn->api, AttrIntFn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "k", &v);
   if (s) { release_status(kn->api, s); v = 1; }
@@ -286,39 +323,18 @@ static void *create_kernel(const CustomOp *op, const void *api, const void *info
   return kn;
 }
 
-static void destroy_kernel(void *kernel) { free(kernel); }
-static const char *op_name(const CustomOp *op) { (void)op; return "RoutedExperts"; }
-static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static int op_input_type(const CustomOp *op, size_t i) { (void)op; (void)i; return ELEMENT_FLOAT; }
-static size_t op_input_count(const CustomOp *op) { (void)op; return 4; }
-static int op_output_type(const CustomOp *op, size_t i) { (void)op; (void)i; return ELEMENT_FLOAT; }
-static size_t op_output_count(const CustomOp *op) { (void)op; return 1; }
-
-static int op_zero(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; }
-static int op_one(const CustomOp *op) { (void)op; return 1; }
-static int op_end_version(const CustomOp *op) { (void)op; return 0x7fffffff; }
-static size_t op_no_pairs(int **inputs, int **outputs) { *inputs = NULL; *outputs = NULL; return 0; }
-static void op_release_pairs(int *inputs, int *outputs) { (void)inputs; (void)outputs; }
-
-static CustomOp routed_experts_op = {
-    20, create_kernel, op_name, op_provider, op_input_type, op_input_count, op_output_type, op_output_count,
-    compute, destroy_kernel, op_zero, op_zero, op_zero, op_one, op_one, op_one, op_one,
-    NULL, NULL, NULL, op_one, op_end_version, op_no_pairs, op_release_pairs, op_no_pairs, op_release_pairs,
-};
-
 typedef struct {
   const void *(*GetApi)(uint32_t version);
   const char *(*GetVersionString)(void);
 } ApiBase;
 
-/* ONNX Runtime's entry point for a custom op library: add the "nextn" domain with RoutedExperts. The
- * domain lives as long as the process (sessions keep pointers to it). */
+/* ONNX Runtime's entry point for a custom op library: the "nextn" domain with both ops. The domain lives as long
+ * as the process (sessions keep pointers to it). */
 Status *RegisterCustomOps(void *options, const ApiBase *base) {
   const void *const *api = (const void *const *)base->GetApi(1);
   if (!api) return NULL;
   void *domain = NULL;
   Status *s = FN(api, CreateDomainFn, API_CREATE_CUSTOM_OP_DOMAIN)("nextn", &domain);
-  if (s) return s;
-  if ((s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &routed_experts_op))) return s;
-  return FN(api, AddDomainFn, API_ADD_CUSTOM_OP_DOMAIN)(options, domain);
+  for (int i = 0; !s && i < 2; i++) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &ops[i]);
+  return s ? s : FN(api, AddDomainFn, API_ADD_CUSTOM_OP_DOMAIN)(options, domain);
 }

@@ -12,7 +12,10 @@ A session that pre-packs (engines._load_forms) rewrites each fp32 MoE node of th
  -> nextn.RoutedExperts(x, router_probs, fc1 [E, H, 2I] gate columns then up columns, fc2 [E, I, H])
 
 with the same k and normalize_routing_weights: the same function, the stacks transposed (private copies made
-when the session opens, like the expert halves'). The kernel is C, compiled once per machine with its C
+when the session opens, like the expert halves'). Where every weight of a node is a bfloat16 value (a bf16
+checkpoint, as DeepSeek-V3's and the embedded model's are, exported in fp32), the node is RoutedExpertsBf16
+and its stacks hold the bf16 bit patterns: half the bytes to read, the same fp32 values once widened, the same
+fp32 arithmetic. The kernel is C, compiled once per machine with its C
 compiler into the cache (`cache_root()/kernels`); without a compiler, or if the build fails, the graph keeps
 ONNX Runtime's MoE (logged once) and is slower, not different.
 """
@@ -37,7 +40,8 @@ from nextn.calib.rewrite import MS_DOMAIN
 log = logging.getLogger(__name__)
 
 DOMAIN = "nextn"  # the custom op domain the library registers (RegisterCustomOps in routed_experts.c)
-OP_TYPE = "RoutedExperts"
+OP_TYPE = "RoutedExperts"  # fp32 stacks
+OP_TYPE_BF16 = "RoutedExpertsBf16"  # stacks of bf16 values, stored as their uint16 bit patterns
 SOURCE = Path(__file__).with_name("routed_experts.c")
 # -march=native: the kernel's lane loops become the machine's widest FMAs. The cache key holds the CPU's flags,
 # so a home folder shared by different machines builds one library per kind.
@@ -110,12 +114,15 @@ def use_routed_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray
             nodes.append(node)
             continue
         fc1, fc2 = array(weights[0]), array(weights[1])  # [E, 2I, H] interleaved, [E, H, I]
-        stacks[weights[0]], stacks[weights[1]] = transposed_stacks(fc1, fc2)
-        for name in weights:
+        pair = transposed_stacks(fc1, fc2)
+        bf16 = all(is_bf16(w) for w in pair)  # a bf16 checkpoint's weights: read in half the bytes, same values
+        for name, w in zip(weights, pair):
+            stacks[name] = bf16_bits(w) if bf16 else w
             del inits[name].dims[:]
-            inits[name].dims.extend(stacks[name].shape)
-        nodes.append(helper.make_node(OP_TYPE, [node.input[0], node.input[1], *weights], list(node.output),
-                                      name=node.name, domain=DOMAIN, **attrs))  # fmt: skip
+            inits[name].dims.extend(w.shape)
+            inits[name].data_type = onnx.TensorProto.UINT16 if bf16 else onnx.TensorProto.FLOAT
+        nodes.append(helper.make_node(OP_TYPE_BF16 if bf16 else OP_TYPE, [node.input[0], node.input[1], *weights],
+                                      list(node.output), name=node.name, domain=DOMAIN, **attrs))  # fmt: skip
     if stacks:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
@@ -123,6 +130,16 @@ def use_routed_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray
         if not any(o.domain == DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return stacks
+
+
+def is_bf16(w: np.ndarray) -> bool:
+    """Every fp32 value is a bfloat16 one (its low 16 bits zero): a bf16 checkpoint's weights, as exported."""
+    return bool(not (np.ascontiguousarray(w).view(np.uint32) & 0xFFFF).any())
+
+
+def bf16_bits(w: np.ndarray) -> np.ndarray:
+    """The bf16 bit patterns of fp32 values that are bf16 ones (exact): fp32's upper 16 bits, as uint16."""
+    return (np.ascontiguousarray(w).view(np.uint32) >> 16).astype(np.uint16)
 
 
 def transposed_stacks(fc1: np.ndarray, fc2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

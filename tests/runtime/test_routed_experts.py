@@ -77,6 +77,26 @@ def test_the_kernel_computes_onnxruntimes_moe(e, h, i, k, normalize):
 
 
 @needs_kernel
+def test_bf16_weights_are_read_as_bf16_and_give_the_same_output():
+    rng = np.random.default_rng(6)
+    model = _moe_graph(rng, 8, 64, 48, 2, 0)
+    for t in model.graph.initializer:  # a bf16 checkpoint exported in fp32: values with zero low halves
+        w = numpy_helper.to_array(t)
+        t.CopyFrom(numpy_helper.from_array((w.view(np.uint32) & 0xFFFF0000).view(np.float32), t.name))
+    rewritten, stacks = _on_kernel(model)
+    assert rewritten.graph.node[0].op_type == routed_experts.OP_TYPE_BF16
+    assert stacks["fc1"].dtype == np.uint16 and stacks["fc1"].shape == (8, 64, 96) and stacks["fc2"].shape == (8, 48, 64)
+    feed = {"x": rng.standard_normal((5, 64)).astype(np.float32), "probs": _probs(rng, 5, 8, 2, 2)}
+    want = _session(model).run(None, feed)[0]
+    assert np.abs(_session(rewritten).run(None, feed)[0] - want).max() < 1e-5 * np.abs(want).max()
+    # one weight that is not a bf16 value: the node stays fp32
+    w = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w.flat[0] = np.float32(1.0000001)
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, model.graph.initializer[0].name))
+    assert _on_kernel(model)[0].graph.node[0].op_type == routed_experts.OP_TYPE
+
+
+@needs_kernel
 def test_a_tokens_output_does_not_depend_on_the_other_tokens():
     # A verify pass and a one-token step must agree bit for bit on the same token (greedy stays identical).
     rng = np.random.default_rng(3)
