@@ -201,9 +201,9 @@ class LoadForms:
 
 
 def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
-    """The graph at `path` in the forms that suit the CPU: fp32 routed experts on nextn's kernel
-    (routed_experts.py, where a C compiler built it), the other routed experts in halves for ONNX Runtime's
-    threads (expert_halves.py), and sibling products merged (merged_matmuls.py)."""
+    """The graph at `path` in the forms that suit the CPU: fp32 routed experts on nextn's kernel where it is
+    the faster (routed_experts.py, where a C compiler built it), the other routed experts in halves for ONNX
+    Runtime's threads (expert_halves.py), and sibling products merged (merged_matmuls.py)."""
     import onnx
 
     from nextn.runtime.expert_halves import halve_experts
@@ -225,7 +225,7 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
     for name in inline:  # a small stack stored in the graph: its new layout goes there too (the mapping has no such name)
         stored[name].CopyFrom(onnx.numpy_helper.from_array(stacks.pop(name), name))
     merged = merge_sibling_matmuls(model, read)
-    if not stacks and not inline and not merged:
+    if not stacks and not inline and not merged and not kernel_nodes:
         return LoadForms(str(path), {}, 0, None)
     kept = {t.name for t in model.graph.initializer}
     return LoadForms(model.SerializeToString(), stacks, merged, kept, kernel_nodes, library if kernel_nodes else None)

@@ -68,64 +68,63 @@ static inline float load_bf16(const uint16_t *p, int64_t i) { /* bf16 is fp32's 
   return f;
 }
 
-/* out_t[c0 : c0 + CHUNK] = sum over r of x_t[r] * W[r][c0 : c0 + CHUNK] for T tokens at once (x_t = x + tok[t] *
- * ldx, out_t = out + t * ldo, W [rows, n] row-major). W is read once for all T tokens, row by row, and each
- * token's sums run over r in order: a token's result does not depend on which tokens share the call. The lane
- * loops become vector FMAs. */
-#define DEFINE_ROWS_TIMES(NAME, WT, LOAD, T, CHUNK)                                                              \
-  static void NAME##_##T(const WT *restrict w, int64_t rows, int64_t n, const float *restrict x, int64_t ldx,   \
-                         const int64_t *tok, float *restrict out, int64_t ldo) {                                \
-    int64_t c0 = 0;                                                                                              \
-    for (; c0 + CHUNK <= n; c0 += CHUNK) {                                                                      \
-      float acc[T][CHUNK] = {{0}};                                                                               \
-      for (int64_t r = 0; r < rows; r++) {                                                                       \
-        const WT *wr = w + r * n + c0;                                                                           \
-        for (int t = 0; t < T; t++) {                                                                            \
-          const float xv = x[tok[t] * ldx + r];                                                                  \
-          for (int l = 0; l < CHUNK; l++) acc[t][l] += xv * LOAD(wr, l);                                         \
-        }                                                                                                        \
-      }                                                                                                          \
-      for (int t = 0; t < T; t++) memcpy(out + t * ldo + c0, acc[t], sizeof(acc[t]));                            \
-    }                                                                                                            \
-    for (; c0 + 16 <= n; c0 += 16) { /* the columns left after whole chunks, 16 at a time */                    \
+/* out_t[c0 : c0 + C] = sum over r of x_t[r] * W[r][c0 : c0 + C] for T tokens at once (x_t = x + tok[t] * ldx,
+ * out_t = out + t * ldo, W [rows, n] row-major). W's chunk is read once for all T tokens, row by row, and each
+ * token's sums run over r in order: a token's result does not depend on which tokens share the call, nor on
+ * the chunk widths. The lane loops become vector FMAs; T x C accumulators fit the vector registers. */
+#define DEFINE_CHUNK(NAME, WT, LOAD, T, C)                                                                       \
+  static void NAME##_##T##_##C(const WT *restrict w, int64_t rows, int64_t n, int64_t c0, const float *restrict x, \
+                               int64_t ldx, const int64_t *tok, float *restrict out, int64_t ldo) {             \
+    float acc[T][C] = {{0}};                                                                                     \
+    for (int64_t r = 0; r < rows; r++) {                                                                         \
+      const WT *wr = w + r * n + c0;                                                                             \
       for (int t = 0; t < T; t++) {                                                                              \
-        float acc[16] = {0};                                                                                     \
-        for (int64_t r = 0; r < rows; r++) {                                                                     \
-          const float xv = x[tok[t] * ldx + r];                                                                  \
-          const WT *wr = w + r * n + c0;                                                                         \
-          for (int l = 0; l < 16; l++) acc[l] += xv * LOAD(wr, l);                                               \
-        }                                                                                                        \
-        memcpy(out + t * ldo + c0, acc, sizeof(acc));                                                            \
+        const float xv = x[tok[t] * ldx + r];                                                                    \
+        for (int l = 0; l < C; l++) acc[t][l] += xv * LOAD(wr, l);                                               \
       }                                                                                                          \
     }                                                                                                            \
-    for (; c0 < n; c0++) { /* then one by one */                                                                 \
-      for (int t = 0; t < T; t++) {                                                                              \
+    for (int t = 0; t < T; t++) memcpy(out + t * ldo + c0, acc[t], sizeof(acc[t]));                              \
+  }
+
+/* Columns [c0, n) at the remaining widths, one by one: the last < 16 columns of a row. */
+#define DEFINE_TAIL(NAME, WT, LOAD)                                                                              \
+  static void NAME##_tail(const WT *w, int64_t rows, int64_t n, int64_t c0, const float *x, int64_t ldx,         \
+                          const int64_t *tok, int64_t m, float *out, int64_t ldo) {                             \
+    for (; c0 < n; c0++)                                                                                         \
+      for (int64_t t = 0; t < m; t++) {                                                                          \
         float a = 0.0f;                                                                                          \
         for (int64_t r = 0; r < rows; r++) a += x[tok[t] * ldx + r] * LOAD(w, r * n + c0);                       \
         out[t * ldo + c0] = a;                                                                                   \
       }                                                                                                          \
-    }                                                                                                            \
   }
 
-/* NAME(w, ...): out[t] = x[tok[t]] @ W for m tokens, in groups of up to 4. Wide chunks for few tokens, so that
- * one pass over the rows reads them front to back (what the prefetchers follow best when the weights come from
- * memory); T x CHUNK accumulators stay within the vector registers. */
+/* T tokens over all n columns: the widest chunks first, so that few passes over the rows read them front to
+ * back (what the prefetchers follow best when the weights come from memory). */
+#define CHUNKS(NAME, T, C)                                                                                       \
+  for (; c0 + C <= n; c0 += C) NAME##_##T##_##C(w, rows, n, c0, x, ldx, tok, out, ldo);
 #define DEFINE_TOKENS_TIMES(NAME, WT, LOAD)                                                                      \
-  DEFINE_ROWS_TIMES(NAME, WT, LOAD, 1, 192)                                                                      \
-  DEFINE_ROWS_TIMES(NAME, WT, LOAD, 2, 96)                                                                       \
-  DEFINE_ROWS_TIMES(NAME, WT, LOAD, 3, 64)                                                                       \
-  DEFINE_ROWS_TIMES(NAME, WT, LOAD, 4, 48)                                                                       \
+  DEFINE_CHUNK(NAME, WT, LOAD, 1, 256) DEFINE_CHUNK(NAME, WT, LOAD, 1, 192) DEFINE_CHUNK(NAME, WT, LOAD, 1, 128)  \
+  DEFINE_CHUNK(NAME, WT, LOAD, 1, 64) DEFINE_CHUNK(NAME, WT, LOAD, 1, 16)                                        \
+  DEFINE_CHUNK(NAME, WT, LOAD, 2, 128) DEFINE_CHUNK(NAME, WT, LOAD, 2, 96) DEFINE_CHUNK(NAME, WT, LOAD, 2, 64)    \
+  DEFINE_CHUNK(NAME, WT, LOAD, 2, 16)                                                                            \
+  DEFINE_CHUNK(NAME, WT, LOAD, 3, 64) DEFINE_CHUNK(NAME, WT, LOAD, 3, 16)                                        \
+  DEFINE_CHUNK(NAME, WT, LOAD, 4, 64) DEFINE_CHUNK(NAME, WT, LOAD, 4, 16)                                        \
+  DEFINE_TAIL(NAME, WT, LOAD)                                                                                    \
+  static void NAME##_group(const WT *w, int64_t rows, int64_t n, const float *x, int64_t ldx, const int64_t *tok, \
+                           int64_t g, float *out, int64_t ldo) {                                                \
+    int64_t c0 = 0;                                                                                              \
+    if (g == 1) { CHUNKS(NAME, 1, 256) CHUNKS(NAME, 1, 192) CHUNKS(NAME, 1, 128) CHUNKS(NAME, 1, 64)             \
+                  CHUNKS(NAME, 1, 16) }                                                                          \
+    else if (g == 2) { CHUNKS(NAME, 2, 128) CHUNKS(NAME, 2, 96) CHUNKS(NAME, 2, 64) CHUNKS(NAME, 2, 16) }        \
+    else if (g == 3) { CHUNKS(NAME, 3, 64) CHUNKS(NAME, 3, 16) }                                                 \
+    else { CHUNKS(NAME, 4, 64) CHUNKS(NAME, 4, 16) }                                                             \
+    NAME##_tail(w, rows, n, c0, x, ldx, tok, g, out, ldo);                                                       \
+  }                                                                                                              \
+  /* out[t] = x[tok[t]] @ W for m tokens, in groups of up to 4. */                                               \
   static void NAME(const void *weights, int64_t rows, int64_t n, const float *x, int64_t ldx, const int64_t *tok, \
                    int64_t m, float *out, int64_t ldo) {                                                         \
-    const WT *w = (const WT *)weights;                                                                           \
-    for (int64_t j = 0; j < m; j += 4) {                                                                         \
-      const int64_t g = m - j < 4 ? m - j : 4;                                                                   \
-      float *o = out + j * ldo;                                                                                  \
-      if (g == 4) NAME##_4(w, rows, n, x, ldx, tok + j, o, ldo);                                                 \
-      else if (g == 3) NAME##_3(w, rows, n, x, ldx, tok + j, o, ldo);                                            \
-      else if (g == 2) NAME##_2(w, rows, n, x, ldx, tok + j, o, ldo);                                            \
-      else NAME##_1(w, rows, n, x, ldx, tok + j, o, ldo);                                                        \
-    }                                                                                                            \
+    for (int64_t j = 0; j < m; j += 4)                                                                           \
+      NAME##_group((const WT *)weights, rows, n, x, ldx, tok + j, m - j < 4 ? m - j : 4, out + j * ldo, ldo);    \
   }
 DEFINE_TOKENS_TIMES(tokens_times_f32, float, load_f32)
 DEFINE_TOKENS_TIMES(tokens_times_bf16, uint16_t, load_bf16)

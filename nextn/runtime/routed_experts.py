@@ -96,9 +96,10 @@ def _cpu_flags() -> bytes:
 
 
 def use_routed_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
-    """Rewrite every fp32 MoE node of nextn's exported form whose stacks no other node reads, in place.
-    `array(name)` reads an initializer. -> the transposed stacks by initializer name, to hand to the session
-    in place of the file's (same names and bytes, new dims)."""
+    """Rewrite, in place, every fp32 MoE node of nextn's exported form whose stacks no other node reads and
+    that the kernel runs faster than ONNX Runtime (takes_kernel).
+    `array(name)` reads an initializer. -> the kernel's stacks by initializer name, to hand to the session in
+    place of the file's (same names, new dims; bf16 ones in half the bytes)."""
     inits = {t.name: t for t in model.graph.initializer}
     readers: dict[str, int] = {}
     for node in model.graph.node:
@@ -114,8 +115,11 @@ def use_routed_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray
             nodes.append(node)
             continue
         fc1, fc2 = array(weights[0]), array(weights[1])  # [E, 2I, H] interleaved, [E, H, I]
+        bf16 = is_bf16(fc1) and is_bf16(fc2)  # a bf16 checkpoint's weights: read in half the bytes, same values
+        if not takes_kernel(fc1[0].nbytes + fc2[0].nbytes, bf16):
+            nodes.append(node)
+            continue
         pair = transposed_stacks(fc1, fc2)
-        bf16 = all(is_bf16(w) for w in pair)  # a bf16 checkpoint's weights: read in half the bytes, same values
         for name, w in zip(weights, pair):
             stacks[name] = bf16_bits(w) if bf16 else w
             del inits[name].dims[:]
@@ -130,6 +134,21 @@ def use_routed_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray
         if not any(o.domain == DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return stacks
+
+
+# The kernel runs on the calling thread. ONNX Runtime's MoE spreads the experts over the session's threads
+# (in halves: expert_halves.py) but repacks each picked expert at every call, a fixed cost that weighs most on
+# small experts. Measured (benchmarks/routed_experts.py, trunk passes, kernel / MoE at 1, 2 and 4 new tokens):
+# the embedded model (0.3 MB experts, bf16 values) 0.61-0.79 at one thread, 0.77-0.92 at two; issue 14's 1 GB
+# checkpoint (3 MB experts) in fp32 1.02-1.07 at one thread and 1.17-1.30 at two, in bf16 0.79-0.91 at one
+# thread and 0.94-1.09 at two. So fp32 experts above this size keep ONNX Runtime's MoE; bf16 ones, read in
+# half the bytes, take the kernel at any size (and their stacks take half the memory).
+KERNEL_MAX_FP32_EXPERT_BYTES = 1 << 20
+
+
+def takes_kernel(expert_bytes: int, bf16: bool) -> bool:
+    """Whether a MoE node whose experts hold `expert_bytes` of fp32 weights each runs on the kernel."""
+    return bf16 or expert_bytes <= KERNEL_MAX_FP32_EXPERT_BYTES
 
 
 def is_bf16(w: np.ndarray) -> bool:
