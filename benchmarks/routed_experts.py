@@ -3,7 +3,7 @@
     python benchmarks/routed_experts.py [--artifact DIR] [--rounds 9] [--iters 40] [--threads 1,2] [--past 100]
 
 1. The op alone: 8 MoE layers of the embedded sizes (E 8, H 256, I 96, top 2; random weights, fresh routing
-   every call), as com.microsoft.MoE and as nextn.RoutedExperts, at 1, 2, 4 and 8 rows, 1 thread.
+   every call), as com.microsoft.MoE and as nextn.RoutedExperts, at 1, 2, 4 and 8 rows, at each --threads.
 2. The trunk of an artifact (default: the embedded model's) opened with the kernel ("kernel") and without it
    ("moe": what a machine without a C compiler runs), at 1, 2 and 4 new tokens after a random past, each pass
    preceded by an MTP call as in decoding; the two alternate within each round. Prints medians, kernel / moe
@@ -55,12 +55,12 @@ def op_graphs(rng) -> dict[str, bytes]:
     return graphs
 
 
-def op_alone(rounds: int, iters: int) -> None:
+def op_alone(rounds: int, iters: int, threads: int) -> None:
     rng = np.random.default_rng(0)
     sessions = {}
     for form, graph in op_graphs(rng).items():
         so = ort.SessionOptions()
-        so.intra_op_num_threads, so.log_severity_level = 1, 3
+        so.intra_op_num_threads, so.log_severity_level = threads, 3
         so.register_custom_ops_library(str(routed_experts.kernel_library()))
         sessions[form] = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
 
@@ -70,7 +70,7 @@ def op_alone(rounds: int, iters: int) -> None:
             rp[t, rng.choice(E, K, replace=False)] = np.log(rng.uniform(0.1, 1.0, K))
         return {"x": rng.standard_normal((n, H)).astype(np.float32), "rp": rp}
 
-    print(f"1. {LAYERS} routed-expert layers alone (E {E}, H {H}, I {I}, top {K}), 1 thread, us per call")
+    print(f"1. {LAYERS} routed-expert layers alone (E {E}, H {H}, I {I}, top {K}), {threads} thread(s), us per call")
     for n in (1, 2, 4, 8):
         f = feed(n)
         diff = max(float(np.abs(a - b).max()) for a, b in zip(sessions["moe"].run(None, f), sessions["kernel"].run(None, f)))
@@ -181,7 +181,8 @@ def main() -> None:
     if routed_experts.kernel_library() is None:
         raise SystemExit("the kernel could not be built here (see the warning above)")
     if not args.skip_op:
-        op_alone(args.rounds, args.iters)
+        for t in (int(x) for x in args.threads.split(",") if x):
+            op_alone(args.rounds, args.iters, t)
     if args.artifact is None:
         from nextn.embedded import embedded_default
 

@@ -10,7 +10,8 @@
  * clamp), with each expert's weights transposed so that a token's products read whole rows:
  *   input        [..., H] fp32        the tokens (any leading shape; N = numel / H rows)
  *   router_probs [N, E]   fp32        a softmax over each row picks the top k experts and weighs them
- *   fc1          [E, H, 2I]           per expert: the gate's I columns, then the up's
+ *   fc1          [E, P, H, 2J]        per expert and part p of its I = P J units: the gate's J columns, then the
+ *                                     up's (units [p J, (p + 1) J))
  *   fc2          [E, I, H]            fp32 (RoutedExperts), or uint16 holding bfloat16 bit patterns
  *                                     (RoutedExpertsBf16: a bf16 checkpoint's weights in half the bytes; each
  *                                     widens to fp32 exactly, and the arithmetic is fp32 either way)
@@ -18,11 +19,13 @@
  *   output       [..., H]  = sum over the k picked experts e of weight_e * (silu(x fc1_gate) * (x fc1_up)) fc2
  * routed_experts.py lays the MoE's stacks out so when a session opens.
  *
- * Each token's dot products are computed the same way whatever the other tokens are, so a token's output
- * does not depend on how many tokens share the call (a verify pass and a one-token step agree bit for bit).
+ * Each token's products are computed the same way whatever the other tokens are and whatever the threads, so
+ * a token's output does not depend on how many tokens share the call (a verify pass and a one-token step agree
+ * bit for bit). The (expert, part) tasks run on the session's intra-op threads.
  *
  * The op is registered through ONNX Runtime's C API, which the runtime hands to RegisterCustomOps as a table
- * of functions; only entries of the API's first version are used, by their fixed positions in that table.
+ * of functions; entries are used by their fixed positions in that table (the API's first version's, and
+ * KernelContext_ParallelFor of version 18, where the runtime has it).
  * Built by nextn/runtime/routed_experts.py with the machine's C compiler; no ONNX Runtime headers needed.
  */
 #include <math.h>
@@ -43,6 +46,9 @@ typedef Status *(*AttrIntFn)(const void *info, const char *name, int64_t *out);
 typedef Status *(*CreateDomainFn)(const char *domain, void **out);
 typedef Status *(*DomainAddFn)(void *domain, const void *op);
 typedef Status *(*AddDomainFn)(void *options, void *domain);
+typedef Status *(*ParallelForFn)(const void *ctx, void (*fn)(void *, size_t), size_t total, size_t batches, void *usr);
+
+static int have_parallel_for; /* set once when the library registers: ONNX Runtime's C API is version 18 or later */
 
 /* Positions in OrtApi (version 1 of the C API, which later versions only append to). */
 enum {
@@ -50,6 +56,7 @@ enum {
   API_GET_TENSOR_MUTABLE_DATA = 51, API_GET_DIMENSIONS_COUNT = 61, API_GET_DIMENSIONS = 62,
   API_GET_TENSOR_TYPE_AND_SHAPE = 65, API_KERNEL_INFO_GET_ATTRIBUTE_INT64 = 86, API_KERNEL_CONTEXT_GET_INPUT = 90,
   API_KERNEL_CONTEXT_GET_OUTPUT = 91, API_RELEASE_STATUS = 93, API_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
+  API_KERNEL_CONTEXT_PARALLEL_FOR = 274, /* version 18 */
 };
 enum { ELEMENT_FLOAT = 1, ELEMENT_UINT16 = 4, MAX_K = 64, MAX_DIMS = 8 };
 
@@ -153,27 +160,41 @@ static void route(const float *row, int64_t n_experts, int64_t k, int normalize,
     for (int64_t j = 0; j < k; j++) weights[j] /= picked_sum;
 }
 
-/* One expert over its m tokens (x rows tok[j]): y[tok[j]] += weight[j] * fc2 (silu(gate) * up).
- * fc1 [H, 2I]: the gate's I columns, then the up's; fc2 [I, H]. h1 [m, 2I], act [m, I], h2 [m, H]: scratch. */
-static void expert_mlp(TokensTimes times, const void *fc1, const void *fc2, int64_t hidden, int64_t inter,
-                       const float *x, const int64_t *tok, const float *weight, int64_t m, float *h1, float *act,
-                       float *h2, float *y) {
+/* The routed experts' work, in tasks: one per (picked expert, part of its intermediate units). A part of an
+ * expert's SwiGLU MLP is a sum over its units, so each task computes its tokens' partial outputs on its own,
+ * and ONNX Runtime's intra-op threads share the tasks (KernelContext_ParallelFor). The partial outputs are
+ * then added in task order, so the result depends neither on the threads nor on the other tokens. */
+typedef struct {
+  int64_t expert, part, first, m; /* its tokens: tokens[first : first + m] */
+  float *scratch;                 /* h1 [m, 2J], act [m, J], out [m, H] */
+} Task;
+
+typedef struct {
+  TokensTimes times;
+  const float *x;
+  const char *fc1, *fc2; /* fc1 [E, P, H, 2J]: per part the gate's J columns, then the up's; fc2 [E, I, H] */
+  size_t elem;           /* bytes of a weight */
+  int64_t hidden, inter, parts, width; /* H, I, P, J = I / P */
+  const int64_t *tokens;
+  Task *tasks;
+} Work;
+
+static void run_task(void *usr, size_t index) {
   static const int64_t own[4] = {0, 1, 2, 3};
-  times(fc1, hidden, 2 * inter, x, hidden, tok, m, h1, 2 * inter);
-  for (int64_t j = 0; j < m; j++) {
-    const float *g = h1 + j * 2 * inter, *u = g + inter;
-    float *a = act + j * inter;
-    for (int64_t i = 0; i < inter; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+  const Work *w = (const Work *)usr;
+  const Task *t = &w->tasks[index];
+  const int64_t h = w->hidden, j2 = 2 * w->width, m = t->m;
+  float *h1 = t->scratch, *act = h1 + m * j2, *out = act + m * w->width;
+  const char *fc1 = w->fc1 + (size_t)((t->expert * w->parts + t->part) * h * j2) * w->elem;
+  const char *fc2 = w->fc2 + (size_t)((t->expert * w->inter + t->part * w->width) * h) * w->elem;
+  w->times(fc1, h, j2, w->x, h, w->tokens + t->first, m, h1, j2);
+  for (int64_t r = 0; r < m; r++) {
+    const float *g = h1 + r * j2, *u = g + w->width;
+    float *a = act + r * w->width;
+    for (int64_t i = 0; i < w->width; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
   }
-  for (int64_t j = 0; j < m; j += 4) { /* act's rows are its own tokens 0..m-1 */
-    const int64_t g = m - j < 4 ? m - j : 4;
-    times(fc2, inter, hidden, act + j * inter, inter, own, g, h2 + j * hidden, hidden);
-  }
-  for (int64_t j = 0; j < m; j++) {
-    float *yt = y + tok[j] * hidden;
-    const float *o = h2 + j * hidden, wj = weight[j];
-    for (int64_t c = 0; c < hidden; c++) yt[c] += wj * o[c];
-  }
+  for (int64_t r = 0; r < m; r += 4) /* act's rows are its own tokens 0..m-1 */
+    w->times(fc2, w->width, h, act + r * w->width, w->width, own, m - r < 4 ? m - r : 4, out + r * h, h);
 }
 
 /* -- the op ----------------------------------------------------------------------------------------------- */
@@ -245,42 +266,66 @@ static void compute(void *kernel, void *ctx) {
   int64_t xd[MAX_DIMS], rd[MAX_DIMS], f1[MAX_DIMS], f2[MAX_DIMS];
   size_t xn, rn, n1, n2;
   if (!shape_of(api, in[0], xd, &xn) || !shape_of(api, in[1], rd, &rn) || !shape_of(api, in[2], f1, &n1) ||
-      !shape_of(api, in[3], f2, &n2) || xn < 1 || rn != 2 || n1 != 3 || n2 != 3)
+      !shape_of(api, in[3], f2, &n2) || xn < 1 || rn != 2 || n1 != 4 || n2 != 3)
     return;
-  const int64_t hidden = xd[xn - 1], n_experts = f1[0], inter = f2[1], k = kn->k;
+  const int64_t hidden = xd[xn - 1], n_experts = f1[0], parts = f1[1], inter = f2[1], k = kn->k;
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < xn; i++) rows *= xd[i];
-  if (rd[0] != rows || rd[1] != n_experts || f1[1] != hidden || f1[2] != 2 * inter || f2[0] != n_experts ||
-      f2[2] != hidden || k > n_experts)
+  if (rd[0] != rows || rd[1] != n_experts || parts < 1 || inter % parts || f1[2] != hidden ||
+      f1[3] != 2 * inter / parts || f2[0] != n_experts || f2[2] != hidden || k > n_experts)
     return;
   void *out = NULL;
   Status *s = FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, xd, xn, &out);
   if (s) { release_status(api, s); return; }
   float *y = data_of(api, out);
-  const float *x = data_of(api, in[0]), *probs = data_of(api, in[1]);
-  const char *fc1 = data_of(api, in[2]), *fc2 = data_of(api, in[3]);
-  if (!y || !x || !probs || !fc1 || !fc2) return;
+  Work w = {kn->times, data_of(api, in[0]), data_of(api, in[2]), data_of(api, in[3]),
+            kn->times == tokens_times_bf16 ? sizeof(uint16_t) : sizeof(float), hidden, inter, parts,
+            inter / parts, NULL, NULL};
+  const float *probs = data_of(api, in[1]);
+  if (!y || !w.x || !probs || !w.fc1 || !w.fc2) return;
   memset(y, 0, (size_t)(rows * hidden) * sizeof(float));
   if (rows == 0) return;
-  const size_t elem = kn->times == tokens_times_bf16 ? sizeof(uint16_t) : sizeof(float);
+  const int64_t per_token = parts * (3 * w.width + hidden); /* scratch floats of one token in one expert's parts */
   int64_t *picked = malloc(sizeof(int64_t) * (size_t)(2 * rows * k)), *tokens = picked + rows * k;
-  float *weights = malloc(sizeof(float) * (size_t)(2 * rows * k + rows * (3 * inter + hidden)));
-  if (!picked || !weights) { free(picked); free(weights); return; }
-  float *token_weight = weights + rows * k, *h1 = token_weight + rows * k, *act = h1 + rows * 2 * inter;
-  float *h2 = act + rows * inter;
+  float *weights = malloc(sizeof(float) * (size_t)(2 * rows * k + rows * k * per_token));
+  Task *tasks = malloc(sizeof(Task) * (size_t)(n_experts * parts));
+  if (!picked || !weights || !tasks) { free(picked); free(weights); free(tasks); return; }
+  float *token_weight = weights + rows * k, *scratch = token_weight + rows * k;
   for (int64_t t = 0; t < rows; t++)
     route(probs + t * n_experts, n_experts, k, kn->normalize, picked + t * k, weights + t * k);
+  size_t n_tasks = 0;
   for (int64_t e = 0, used = 0; e < n_experts; e++) { /* each expert once, over its tokens in token order */
     int64_t m = 0;
     for (int64_t t = 0; t < rows; t++)
       for (int64_t j = 0; j < k; j++)
         if (picked[t * k + j] == e) { tokens[used + m] = t; token_weight[used + m] = weights[t * k + j]; m++; }
-    if (m) expert_mlp(kn->times, fc1 + (size_t)(e * hidden * 2 * inter) * elem, fc2 + (size_t)(e * inter * hidden) * elem,
-                      hidden, inter, x, tokens + used, token_weight + used, m, h1, act, h2, y);
+    for (int64_t p = 0; m && p < parts; p++) {
+      tasks[n_tasks] = (Task){e, p, used, m, scratch};
+      scratch += m * (3 * w.width + hidden);
+      n_tasks++;
+    }
     used += m;
+  }
+  w.tokens = tokens;
+  w.tasks = tasks;
+  s = NULL;
+  if (have_parallel_for && n_tasks > 1)
+    s = FN(api, ParallelForFn, API_KERNEL_CONTEXT_PARALLEL_FOR)(ctx, run_task, n_tasks, n_tasks, &w);
+  else
+    for (size_t i = 0; i < n_tasks; i++) run_task(&w, i);
+  release_status(api, s);
+  for (size_t i = 0; i < n_tasks; i++) { /* in task order: expert, then part */
+    const Task *t = &tasks[i];
+    const float *o = t->scratch + t->m * 3 * w.width;
+    for (int64_t r = 0; r < t->m; r++) {
+      float *yt = y + tokens[t->first + r] * hidden;
+      const float wr = token_weight[t->first + r];
+      for (int64_t c = 0; c < hidden; c++) yt[c] += wr * o[r * hidden + c];
+    }
   }
   free(picked);
   free(weights);
+  free(tasks);
 }
 
 static const char *name_f32(const CustomOp *op) { (void)op; return "RoutedExperts"; }
@@ -332,6 +377,7 @@ typedef struct {
 Status *RegisterCustomOps(void *options, const ApiBase *base) {
   const void *const *api = (const void *const *)base->GetApi(1);
   if (!api) return NULL;
+  have_parallel_for = base->GetApi(18) != NULL;
   void *domain = NULL;
   Status *s = FN(api, CreateDomainFn, API_CREATE_CUSTOM_OP_DOMAIN)("nextn", &domain);
   for (int i = 0; !s && i < 2; i++) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &ops[i]);

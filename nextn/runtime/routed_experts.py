@@ -1,22 +1,24 @@
 """Routed experts through nextn's own CPU kernel (`routed_experts.c`), in place of ONNX Runtime's fp32 `MoE`.
 
 ONNX Runtime's CPU `MoE` multiplies each picked expert by a general GEMM on its transposed weights, which
-repacks them at every call: at decode widths (1-8 tokens) that costs more than reading them. Measured on the
-embedded model's sizes (8 layers, E 8, H 256, I 96, top 2; `benchmarks/routed_experts.py`), the kernel
-takes 0.6-0.7x the op's time at 1 to 4 tokens. It reads each picked expert's weights once for all the tokens
-that picked it, and a token's output does not depend on the other tokens in the call.
+repacks them at every call: at decode widths (1-8 tokens) that costs more than reading them. The kernel reads
+each picked expert's weights once for all the tokens that picked it, front to back, shares the (expert, half)
+tasks between the session's threads, and a token's output depends neither on the other tokens in the call nor
+on the threads. Measured (`benchmarks/routed_experts.py`, BENCHMARKS.md): the embedded model's experts alone
+0.37-0.48x the op's time at 1-8 tokens; trunk passes 0.67-0.93x (embedded), 0.85-0.93x (issue 14's 1 GB
+checkpoint, fp32), 0.70-0.84x (the same in bf16).
 
 A session that pre-packs (engines._load_forms) rewrites each fp32 MoE node of the form nextn exports
 
     com.microsoft.MoE(x, router_probs, fc1 [E, 2I, H] gate/up rows interleaved, "", fc2 [E, H, I])
- -> nextn.RoutedExperts(x, router_probs, fc1 [E, H, 2I] gate columns then up columns, fc2 [E, I, H])
+ -> nextn.RoutedExperts(x, router_probs, fc1 [E, 2, H, I] per half of the units: gate columns, then up
+                                                          columns, fc2 [E, I, H])
 
-with the same k and normalize_routing_weights: the same function, the stacks transposed (private copies made
-when the session opens, like the expert halves'). Where every weight of a node is a bfloat16 value (a bf16
+with the same k and normalize_routing_weights: the same function, the stacks laid out anew (private copies made
+when the session opens, like the expert halves'; an odd I stays in one part). Where every weight of a node is a bfloat16 value (a bf16
 checkpoint, as DeepSeek-V3's and the embedded model's are, exported in fp32), the node is RoutedExpertsBf16
 and its stacks hold the bf16 bit patterns: half the bytes to read, the same fp32 values once widened, the same
-fp32 arithmetic. The kernel is C, compiled once per machine with its C
-compiler into the cache (`cache_root()/kernels`); without a compiler, or if the build fails, the graph keeps
+fp32 arithmetic. The kernel is C, compiled once per machine with its C compiler into the cache (`cache_root()/kernels`); without a compiler, or if the build fails, the graph keeps
 ONNX Runtime's MoE (logged once) and is slower, not different.
 """
 
@@ -96,8 +98,7 @@ def _cpu_flags() -> bytes:
 
 
 def use_routed_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
-    """Rewrite, in place, every fp32 MoE node of nextn's exported form whose stacks no other node reads and
-    that the kernel runs faster than ONNX Runtime (takes_kernel).
+    """Rewrite, in place, every fp32 MoE node of nextn's exported form whose stacks no other node reads.
     `array(name)` reads an initializer. -> the kernel's stacks by initializer name, to hand to the session in
     place of the file's (same names, new dims; bf16 ones in half the bytes)."""
     inits = {t.name: t for t in model.graph.initializer}
@@ -116,9 +117,6 @@ def use_routed_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray
             continue
         fc1, fc2 = array(weights[0]), array(weights[1])  # [E, 2I, H] interleaved, [E, H, I]
         bf16 = is_bf16(fc1) and is_bf16(fc2)  # a bf16 checkpoint's weights: read in half the bytes, same values
-        if not takes_kernel(fc1[0].nbytes + fc2[0].nbytes, bf16):
-            nodes.append(node)
-            continue
         pair = transposed_stacks(fc1, fc2)
         for name, w in zip(weights, pair):
             stacks[name] = bf16_bits(w) if bf16 else w
@@ -136,21 +134,6 @@ def use_routed_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray
     return stacks
 
 
-# The kernel runs on the calling thread. ONNX Runtime's MoE spreads the experts over the session's threads
-# (in halves: expert_halves.py) but repacks each picked expert at every call, a fixed cost that weighs most on
-# small experts. Measured (benchmarks/routed_experts.py, trunk passes, kernel / MoE at 1, 2 and 4 new tokens):
-# the embedded model (0.3 MB experts, bf16 values) 0.61-0.79 at one thread, 0.77-0.92 at two; issue 14's 1 GB
-# checkpoint (3 MB experts) in fp32 1.02-1.07 at one thread and 1.17-1.30 at two, in bf16 0.79-0.91 at one
-# thread and 0.94-1.09 at two. So fp32 experts above this size keep ONNX Runtime's MoE; bf16 ones, read in
-# half the bytes, take the kernel at any size (and their stacks take half the memory).
-KERNEL_MAX_FP32_EXPERT_BYTES = 1 << 20
-
-
-def takes_kernel(expert_bytes: int, bf16: bool) -> bool:
-    """Whether a MoE node whose experts hold `expert_bytes` of fp32 weights each runs on the kernel."""
-    return bf16 or expert_bytes <= KERNEL_MAX_FP32_EXPERT_BYTES
-
-
 def is_bf16(w: np.ndarray) -> bool:
     """Every fp32 value is a bfloat16 one (its low 16 bits zero): a bf16 checkpoint's weights, as exported."""
     return bool(not (np.ascontiguousarray(w).view(np.uint32) & 0xFFFF).any())
@@ -162,12 +145,18 @@ def bf16_bits(w: np.ndarray) -> np.ndarray:
 
 
 def transposed_stacks(fc1: np.ndarray, fc2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MoE's stacks -> the kernel's: fc1 [E, 2I, H] (gate_0, up_0, gate_1, ... rows) -> [E, H, 2I] (the gate's
-    I columns, then the up's); fc2 [E, H, I] -> [E, I, H]. Copies; the values are unchanged."""
+    """MoE's stacks -> the kernel's: fc1 [E, 2I, H] (gate_0, up_0, gate_1, ... rows) -> [E, P, H, 2J], each
+    expert's units in P = 2 parts of J = I / 2 (1 part of I when I is odd) that the threads share, each part
+    its gate's J columns then its up's; fc2 [E, H, I] -> [E, I, H]. Copies; the values are unchanged."""
     e, i2, h = fc1.shape
-    kernel_fc1 = np.empty((e, h, i2), np.float32)
-    kernel_fc1[:, :, : i2 // 2] = fc1[:, 0::2, :].transpose(0, 2, 1)
-    kernel_fc1[:, :, i2 // 2 :] = fc1[:, 1::2, :].transpose(0, 2, 1)
+    inter = i2 // 2
+    parts = 2 if inter % 2 == 0 else 1
+    width = inter // parts
+    kernel_fc1 = np.empty((e, parts, h, 2 * width), fc1.dtype)
+    for p in range(parts):
+        units = slice(p * width, (p + 1) * width)
+        kernel_fc1[:, p, :, :width] = fc1[:, 0::2, :][:, units].transpose(0, 2, 1)  # gate rows of those units
+        kernel_fc1[:, p, :, width:] = fc1[:, 1::2, :][:, units].transpose(0, 2, 1)  # up rows
     return kernel_fc1, np.ascontiguousarray(fc2.transpose(0, 2, 1))
 
 
