@@ -311,7 +311,7 @@ static void compute(void *kernel, void *ctx) {
   s = NULL;
   if (have_parallel_for && n_tasks > 1)
     s = FN(api, ParallelForFn, API_KERNEL_CONTEXT_PARALLEL_FOR)(ctx, run_task, n_tasks, n_tasks, &w);
-  else
+  if (s || !have_parallel_for || n_tasks <= 1) /* not run in parallel (or refused): on this thread */
     for (size_t i = 0; i < n_tasks; i++) run_task(&w, i);
   release_status(api, s);
   for (size_t i = 0; i < n_tasks; i++) { /* in task order: expert, then part */
