@@ -59,6 +59,16 @@ class Linear:
     head: bool = False  # produces a graph output (the logits)
 
 
+def initializers_read_once(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The initializers exactly one node input reads, by name: the ones a rewrite of that node may lay out
+    anew without changing what another node sees."""
+    reads: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            reads[name] = reads.get(name, 0) + 1
+    return {t.name: t for t in model.graph.initializer if reads.get(t.name) == 1}
+
+
 def feeds_only_routers(users: list[onnx.NodeProto]) -> bool:
     """Whether a linear whose output goes to `users` is a MoE router: its scores pick experts, so it stays
     exactly as exported (SiLU's Sigmoid has a Mul beside it, so a gate projection is not one)."""

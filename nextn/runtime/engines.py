@@ -155,7 +155,8 @@ class OrtEngine(Engine):
             kept = None
             if load_forms:
                 forms = _load_forms(path, shared)
-                model, kept, self.merged, self.routed_experts = forms.model, forms.kept, forms.merged, forms.kernel_nodes
+                model, kept, self.merged = forms.model, forms.kept, forms.merged
+                self.routed_experts = forms.kernel_nodes
                 self.halves = {n: (a, ort.OrtValue.ortvalue_from_numpy(a)) for n, a in forms.stacks.items()}
                 if forms.kernel_nodes:
                     so.register_custom_ops_library(str(forms.library))
@@ -193,7 +194,7 @@ class LoadForms:
     """A graph as a pre-packing session takes it (_load_forms)."""
 
     model: bytes | str  # the rewritten graph, serialized; the file's path when nothing applied
-    stacks: dict[str, np.ndarray]  # initializers laid out anew (same names and bytes, new dims)
+    stacks: dict[str, np.ndarray]  # initializers laid out anew (same names; new dims, bf16 ones in half the bytes)
     merged: int  # groups of sibling products merged
     kept: set[str] | None  # the initializers the graph still reads (None: all)
     kernel_nodes: int = 0  # MoE nodes now nextn.RoutedExperts
@@ -201,9 +202,9 @@ class LoadForms:
 
 
 def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
-    """The graph at `path` in the forms that suit the CPU: fp32 routed experts on nextn's kernel where it is
-    the faster (routed_experts.py, where a C compiler built it), the other routed experts in halves for ONNX
-    Runtime's threads (expert_halves.py), and sibling products merged (merged_matmuls.py)."""
+    """The graph at `path` in the forms that suit the CPU: fp32 routed experts on nextn's kernel
+    (routed_experts.py, where a C compiler built it), the other routed experts in halves for ONNX Runtime's
+    threads (expert_halves.py), and sibling products merged (merged_matmuls.py)."""
     import onnx
 
     from nextn.runtime.expert_halves import halve_experts
@@ -222,7 +223,7 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
     kernel_nodes = sum(n.domain == DOMAIN for n in model.graph.node)
     stacks.update(halve_experts(model, read))
     inline = [n for n in stacks if stored[n].data_location != onnx.TensorProto.EXTERNAL]
-    for name in inline:  # a small stack stored in the graph: its new layout goes there too (the mapping has no such name)
+    for name in inline:  # a small stack stored in the graph: its new layout goes there too (the mapping has none)
         stored[name].CopyFrom(onnx.numpy_helper.from_array(stacks.pop(name), name))
     merged = merge_sibling_matmuls(model, read)
     if not stacks and not inline and not merged and not kernel_nodes:

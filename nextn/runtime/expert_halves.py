@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from nextn.calib.rewrite import MS_DOMAIN
+from nextn.calib.rewrite import MS_DOMAIN, initializers_read_once
 
 HALVES_SUFFIX = ".halves"
 
@@ -37,16 +37,12 @@ def halve_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) ->
     """Halve every MoE / QMoE node of `model` that can be, in place (the doubled router_probs, k, the
     stacks' declared shapes). `array(name)` reads an initializer. -> the new stacks by initializer name,
     to hand to the session in place of the file's (their declared bytes are the file's, same size)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    inits = initializers_read_once(model)
     halved: dict[str, np.ndarray] = {}
     nodes = []
     for node in model.graph.node:
         weights = [name for name in node.input[2:] if name]
-        own = all(name in inits and readers[name] == 1 for name in weights)  # stacks no other node reads
+        own = all(name in inits for name in weights)  # stacks no other node reads
         if node.domain == MS_DOMAIN and node.op_type in ("MoE", "QMoE") and own:
             stacks = _halved_stacks(node, array)
             if stacks is not None:

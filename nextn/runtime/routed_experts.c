@@ -4,17 +4,17 @@
  * which repacks the expert's weights on every call. Decoding runs 1-8 tokens a step, so that repacking costs
  * more than reading the weights: on the embedded model 8 layers' experts at one token took 472 us in the op
  * where a plain matrix-vector product of the same weights takes about 110 us (BENCHMARKS.md). This kernel
- * reads each picked expert's rows once, straight from the stored layout, for all the tokens that picked it.
+ * reads each picked expert's rows once, front to back, for all the tokens that picked it.
  *
  * Inputs: the ones of com.microsoft.MoE in the form nextn exports (no biases, SwiGLU with alpha 1 and beta 0, no
- * clamp), with each expert's weights transposed so that a token's products read whole rows:
+ * clamp), with each expert's weights transposed so that a token's products read whole rows; both stacks fp32
+ * (RoutedExperts), or uint16 holding bfloat16 bit patterns (RoutedExpertsBf16: a bf16 checkpoint's weights in
+ * half the bytes; each widens to fp32 exactly, and the arithmetic is fp32 either way):
  *   input        [..., H] fp32        the tokens (any leading shape; N = numel / H rows)
  *   router_probs [N, E]   fp32        a softmax over each row picks the top k experts and weighs them
  *   fc1          [E, P, H, 2J]        per expert and part p of its I = P J units: the gate's J columns, then the
  *                                     up's (units [p J, (p + 1) J))
- *   fc2          [E, I, H]            fp32 (RoutedExperts), or uint16 holding bfloat16 bit patterns
- *                                     (RoutedExpertsBf16: a bf16 checkpoint's weights in half the bytes; each
- *                                     widens to fp32 exactly, and the arithmetic is fp32 either way)
+ *   fc2          [E, I, H]
  *   attributes   k, normalize_routing_weights (renormalize the k weights to sum to 1)
  *   output       [..., H]  = sum over the k picked experts e of weight_e * (silu(x fc1_gate) * (x fc1_up)) fc2
  * routed_experts.py lays the MoE's stacks out so when a session opens.
@@ -58,7 +58,7 @@ enum {
   API_KERNEL_CONTEXT_GET_OUTPUT = 91, API_RELEASE_STATUS = 93, API_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
   API_KERNEL_CONTEXT_PARALLEL_FOR = 274, /* version 18 */
 };
-enum { ELEMENT_FLOAT = 1, ELEMENT_UINT16 = 4, MAX_K = 64, MAX_DIMS = 8 };
+enum { ELEMENT_FLOAT = 1, ELEMENT_UINT16 = 4, MAX_DIMS = 8 };
 
 #define FN(api, type, index) ((type)((api)[index]))
 
@@ -272,7 +272,7 @@ static void compute(void *kernel, void *ctx) {
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < xn; i++) rows *= xd[i];
   if (rd[0] != rows || rd[1] != n_experts || parts < 1 || inter % parts || f1[2] != hidden ||
-      f1[3] != 2 * inter / parts || f2[0] != n_experts || f2[2] != hidden || k > n_experts)
+      f1[3] != 2 * inter / parts || f2[0] != n_experts || f2[2] != hidden || k < 1 || k > n_experts)
     return;
   void *out = NULL;
   Status *s = FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, xd, xn, &out);
@@ -358,8 +358,8 @@ static void *create_kernel(const CustomOp *op, const void *api, const void *info
   kn->times = op == &ops[1] ? tokens_times_bf16 : tokens_times_f32;
   int64_t v = 0;
   Status *s = FN(kn->api, AttrIntFn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "k", &v);
-  if (s) { release_status(kn->api, s); v = 1; }
-  kn->k = v < 1 ? 1 : (v > MAX_K ? MAX_K : v);
+  if (s) { release_status(kn->api, s); v = 0; }
+  kn->k = v; /* routed_experts.py rewrites only nodes with 1 <= k; compute checks k <= E */
   v = 0;
   s = FN(kn->api, AttrIntFn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "normalize_routing_weights", &v);
   if (s) { release_status(kn->api, s); v = 0; }

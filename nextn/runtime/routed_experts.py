@@ -15,11 +15,12 @@ A session that pre-packs (engines._load_forms) rewrites each fp32 MoE node of th
                                                           columns, fc2 [E, I, H])
 
 with the same k and normalize_routing_weights: the same function, the stacks laid out anew (private copies made
-when the session opens, like the expert halves'; an odd I stays in one part). Where every weight of a node is a bfloat16 value (a bf16
-checkpoint, as DeepSeek-V3's and the embedded model's are, exported in fp32), the node is RoutedExpertsBf16
-and its stacks hold the bf16 bit patterns: half the bytes to read, the same fp32 values once widened, the same
-fp32 arithmetic. The kernel is C, compiled once per machine with its C compiler into the cache (`cache_root()/kernels`); without a compiler, or if the build fails, the graph keeps
-ONNX Runtime's MoE (logged once) and is slower, not different.
+when the session opens, like the expert halves'; an odd I stays in one part). Where every weight of a node is a
+bfloat16 value (a bf16 checkpoint, as DeepSeek-V3's and the embedded model's are, exported in fp32), the node is
+RoutedExpertsBf16 and its stacks hold the bf16 bit patterns: half the bytes to read, the same fp32 values once
+widened, the same fp32 arithmetic. The kernel is C, compiled once per machine with its C compiler into the cache
+(`cache_root()/kernels`); without a compiler, or if the build fails, the graph keeps ONNX Runtime's MoE (logged
+once) and is slower, not different.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from nextn.calib.rewrite import MS_DOMAIN
+from nextn.calib.rewrite import MS_DOMAIN, initializers_read_once
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,10 @@ def kernel_library() -> Path | None:
     try:
         done = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True, text=True,
                               timeout=300)  # fmt: skip
+        why = None if done.returncode == 0 else (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
     except (OSError, subprocess.SubprocessError) as e:
-        done = None
         why = str(e)
-    if done is None or done.returncode != 0:
-        why = why if done is None else (done.stderr.strip().splitlines() or ["exit %d" % done.returncode])[-1]
+    if why is not None:
         tmp.unlink(missing_ok=True)
         log.warning("building %s failed (%s): routed experts run on ONNX Runtime's MoE (slower)", SOURCE.name, why)
         return None
@@ -101,17 +101,13 @@ def use_routed_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray
     """Rewrite, in place, every fp32 MoE node of nextn's exported form whose stacks no other node reads.
     `array(name)` reads an initializer. -> the kernel's stacks by initializer name, to hand to the session in
     place of the file's (same names, new dims; bf16 ones in half the bytes)."""
-    inits = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    inits = initializers_read_once(model)
     stacks: dict[str, np.ndarray] = {}
     nodes = []
     for node in model.graph.node:
         attrs = _plain_moe_attributes(node)
         weights = (node.input[2], node.input[4]) if attrs is not None else ()
-        own = all(w in inits and readers[w] == 1 and inits[w].data_type == onnx.TensorProto.FLOAT for w in weights)
+        own = all(w in inits and inits[w].data_type == onnx.TensorProto.FLOAT for w in weights)
         if attrs is None or not own:
             nodes.append(node)
             continue
@@ -172,6 +168,6 @@ def _plain_moe_attributes(node: onnx.NodeProto) -> dict | None:
     act = a.get("activation_type", b"")
     act = act.decode() if isinstance(act, bytes) else act
     if (act != "swiglu" or a.get("swiglu_fusion") != 1 or a.get("activation_alpha") != 1.0
-            or a.get("activation_beta") != 0.0 or "swiglu_limit" in a or "k" not in a):  # fmt: skip
+            or a.get("activation_beta") != 0.0 or "swiglu_limit" in a or a.get("k", 0) < 1):  # fmt: skip
         return None
     return {"k": int(a["k"]), "normalize_routing_weights": int(a.get("normalize_routing_weights", 0))}

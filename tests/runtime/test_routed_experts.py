@@ -67,10 +67,12 @@ def _probs(rng, n: int, e: int, k: int, picked: int) -> np.ndarray:
 
 @pytest.mark.usefixtures("needs_kernel")
 @pytest.mark.parametrize("e,h,i,k,normalize",
-                         [(8, 256, 96, 2, 0), (16, 40, 24, 3, 1), (4, 200, 72, 4, 0), (6, 48, 15, 2, 0)])  # fmt: skip
+                         [(8, 256, 96, 2, 0), (16, 40, 24, 3, 1), (4, 200, 72, 4, 0), (6, 48, 15, 2, 0),
+                          (70, 16, 8, 65, 0)])  # fmt: skip
 def test_the_kernel_computes_onnxruntimes_moe(e, h, i, k, normalize):
     # (40, 24), (200, 72): widths that leave columns after the kernel's chunks and its 16-wide loop; 15: an odd
-    # expert width, in one part (the others in two, which the threads share)
+    # expert width, in one part (the others in two, which the threads share); k 65: more picks than the kernel
+    # once clamped k to (64)
     rng = np.random.default_rng(e + h)
     model = _moe_graph(rng, e, h, i, k, normalize)
     rewritten, stacks = _on_kernel(model)
