@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from nextn.calib.rewrite import MS_DOMAIN
 from nextn.export import io
-from nextn.runtime import routed_experts
+from nextn.runtime import native, routed_experts
 from nextn.runtime.engines import open_engines
 
 E, H, I, K, LAYERS = 8, 256, 96, 2, 8
@@ -44,13 +44,13 @@ def op_graphs(rng) -> dict[str, bytes]:
             else:
                 fc1, fc2 = routed_experts.transposed_stacks(fc1, fc2)
                 nodes.append(helper.make_node(routed_experts.OP_TYPE, ["x", "rp", f"fc1_{i}", f"fc2_{i}"], [f"y{i}"],
-                                              domain=routed_experts.DOMAIN, k=K, normalize_routing_weights=0))  # fmt: skip
+                                              domain=native.DOMAIN, k=K, normalize_routing_weights=0))  # fmt: skip
             inits += [numpy_helper.from_array(fc1, f"fc1_{i}"), numpy_helper.from_array(fc2, f"fc2_{i}")]
         g = helper.make_graph(nodes, form, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", H]),
                                             helper.make_tensor_value_info("rp", TensorProto.FLOAT, ["n", E])],
                               [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["n", H]) for i in range(LAYERS)],
                               initializer=inits)  # fmt: skip
-        ops = [helper.make_opsetid("", 23), helper.make_opsetid(MS_DOMAIN, 1), helper.make_opsetid(routed_experts.DOMAIN, 1)]
+        ops = [helper.make_opsetid("", 23), helper.make_opsetid(MS_DOMAIN, 1), helper.make_opsetid(native.DOMAIN, 1)]
         graphs[form] = helper.make_model(g, opset_imports=ops).SerializeToString()
     return graphs
 
@@ -61,7 +61,7 @@ def op_alone(rounds: int, iters: int, threads: int) -> None:
     for form, graph in op_graphs(rng).items():
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.log_severity_level = threads, 3
-        so.register_custom_ops_library(str(routed_experts.kernel_library()))
+        so.register_custom_ops_library(str(native.kernel_library()))
         sessions[form] = ort.InferenceSession(graph, so, providers=["CPUExecutionProvider"])
 
     def feed(n):
@@ -88,7 +88,7 @@ def op_alone(rounds: int, iters: int, threads: int) -> None:
 
 
 def open_both(artifact, threads):
-    with mock.patch.object(routed_experts, "kernel_library", lambda: None):
+    with mock.patch.object(native, "kernel_library", lambda: None):
         moe = open_engines(artifact, threads=threads)
     kernel = open_engines(artifact, threads=threads)
     assert getattr(kernel["trunk"], "routed_experts", 0) > 0, "the kernel did not apply (no C compiler?)"
@@ -138,7 +138,7 @@ def decoding(artifact, prompts: int, gen_len: int) -> None:
     import nextn
     from nextn.bench.latency import load_prompts
 
-    with mock.patch.object(routed_experts, "kernel_library", lambda: None):
+    with mock.patch.object(native, "kernel_library", lambda: None):
         models = {"moe": nextn.load(artifact)}
     models["kernel"] = nextn.load(artifact)
     for m in models.values():
@@ -178,7 +178,7 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--skip-op", action="store_true")
     args = ap.parse_args()
-    if routed_experts.kernel_library() is None:
+    if native.kernel_library() is None:
         raise SystemExit("the kernel could not be built here (see the warning above)")
     if not args.skip_op:
         for t in (int(x) for x in args.threads.split(",") if x):

@@ -70,6 +70,16 @@ def tiny_moe_forms(tiny_exports) -> dict:
     return {form: (manifests[form], root / form) for form in ("fused", "sparse")}
 
 
+@pytest.fixture
+def needs_kernel():
+    """nextn's kernel library (runtime/native.py), built under the tests' private cache, so not at collection
+    time; the test skips where there is no C compiler."""
+    from nextn.runtime import native
+
+    if native.kernel_library() is None:
+        pytest.skip("no C compiler to build nextn's kernels")
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

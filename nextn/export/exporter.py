@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from nextn.errors import NextnError
-from nextn.export import fused_moe, fused_rope, lean_attention
+from nextn.export import fused_moe, fused_rope, latent_attention, lean_attention
 from nextn.export.graphs import MtpGraph, TrunkGraph, dynamic_shapes, example_inputs, mtp_io, trunk_io
 from nextn.export.manifest import FORMAT_VERSION, tool_versions, write_manifest
 from nextn.export.validate import check_cases, fp32_twin, make_session, reference_cases
@@ -203,9 +203,14 @@ class ExportForms:
     def stack_experts(self) -> bool:  # the fused MoE reads the experts from stacks the loader can fill
         return self.moe == "fused"
 
+    @property
+    def one_node_attention(self) -> bool:  # latent_attention.py: where the graph needs ONNX Runtime anyway
+        return self.onnxruntime_ops and self.opset >= fused_rope.ROPE_OPSET
+
     def translations(self) -> dict:
         return (fused_moe.onnx_translations() if self.moe == "fused" else {}) | (
-            fused_rope.onnx_translations() if self.opset >= fused_rope.ROPE_OPSET else {})  # fmt: skip
+            fused_rope.onnx_translations() if self.opset >= fused_rope.ROPE_OPSET else {}) | (
+            latent_attention.onnx_translations() if self.one_node_attention else {})  # fmt: skip
 
     @contextlib.contextmanager
     def __call__(self, model):
@@ -214,7 +219,7 @@ class ExportForms:
                 stack.enter_context(fused_moe.fused_experts(model))
             if self.opset >= fused_rope.ROPE_OPSET:
                 stack.enter_context(fused_rope.fused_rope(model))
-                stack.enter_context(lean_attention.lean_attention(model))  # absorbed models only
+                stack.enter_context(lean_attention.lean_attention(model, self.one_node_attention))  # absorbed only
             yield
 
 

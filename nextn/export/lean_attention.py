@@ -31,6 +31,7 @@ import types
 import torch
 
 from nextn.export.fused_rope import rope, rope_rows
+from nextn.export.latent_attention import latent_attention
 from nextn.model.reference import MLA, LayerKV, _softmax, query_rows
 
 
@@ -46,6 +47,10 @@ def _lean_forward(self: MLA, x, rotary, cos, sin, mask, past: LayerKV, absorbed:
     x, cos, sin, mask = query_rows(rows, x, cos, sin, mask)  # from here on s counts the query rows
     b, s, _ = x.shape
     q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    if self.__dict__.get("one_node") and q.dtype == torch.float32:  # latent_attention.py: one node, the same sums
+        o = latent_attention(q, cos, sin, mask[:, 0], past.c_kv, past.k_pe, new.c_kv, new.k_pe, self.kv_b_proj.weight,
+                             nh, dn, dv, float(cfg.softmax_scale))  # fmt: skip
+        return self.o_proj(o), new
     q_nope, q_pe = q.view(b * s, nh, 1, dn + dr).split([dn, dr], dim=-1)  # [B*S, nh, 1, dn], [B*S, nh, 1, D]
     w = self.kv_b_proj.weight.view(nh, dn + dv, r)
     w_uk, w_uv_t = w[:, :dn], w[:, dn:].transpose(-1, -2)  # [nh, dn, R], [nh, R, dv]
@@ -64,14 +69,17 @@ def _lean_forward(self: MLA, x, rotary, cos, sin, mask, past: LayerKV, absorbed:
 
 
 @contextlib.contextmanager
-def lean_attention(model: torch.nn.Module):
+def lean_attention(model: torch.nn.Module, one_node: bool = False):
     """Inside, every MLA of an absorbed-form `model` runs `_lean_forward` (call it inside fused_rope, whose
-    rope layout it relies on; a naive-form model is left as it is); on exit the modules are as before."""
+    rope layout it relies on; a naive-form model is left as it is); on exit the modules are as before.
+    `one_node`: fp32 layers trace their attention as nextn::latent_attention (latent_attention.py)."""
     layers = [m for m in model.modules() if isinstance(m, MLA)] if getattr(model, "absorbed", False) else []
     try:
         for m in layers:
             m.forward = types.MethodType(_lean_forward, m)
+            m.one_node = one_node
         yield
     finally:
         for m in layers:
             m.__dict__.pop("forward", None)
+            m.__dict__.pop("one_node", None)

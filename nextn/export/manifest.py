@@ -23,7 +23,7 @@ FORMAT_VERSION = 2  # 2: MTP graphs take output_rows (1 had no such input)
 # Bumped when the export forms (exporter.ExportForms) change the graphs a checkpoint becomes; the embedded
 # model's cache key holds it, so a cached export of older forms is not reused. 2: lean attention, fused norms;
 # 3: the lean attention reads the past cache where it lies; 4: MTP graphs take output_rows.
-GRAPH_FORMS = 4
+GRAPH_FORMS = 5
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22, progress=None, start: int = 0, total: int = 0) -> str:

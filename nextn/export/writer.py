@@ -23,6 +23,7 @@ import torch
 from onnx.external_data_helper import ExternalDataInfo
 
 from nextn.export.graphs import BATCH, NEW, PAST, ROWS, TOTAL, TensorSpec
+from nextn.export.latent_attention import attach_function
 from nextn.export.optimize import optimize_graph
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ def save_graph(program, inputs: list[TensorSpec], outputs: list[TensorSpec], pat
         program.save(str(path), external_data=True)
     program.release()
     model = onnx.load(str(path), load_external_data=False)
+    attach_function(model)  # the MlaAttention nodes' body (latent_attention.py), after the optimizer's inlining
     _name_dims(model, inputs, outputs)
     _strip_debug_metadata(model)
     onnx.save(model, str(path))

@@ -151,14 +151,15 @@ class OrtEngine(Engine):
         self.halves: dict[str, tuple] = {}  # name -> (array, OrtValue): the session borrows them, kept as long
         self.merged = 0  # groups of sibling products merged (merged_matmuls.py)
         self.routed_experts = 0  # MoE nodes on nextn's kernel (routed_experts.py)
+        self.attention_kernels = 0  # attention layers on nextn's kernel (latent_attention.py)
         if shared is not None and device == "cpu":
             kept = None
             if load_forms:
                 forms = _load_forms(path, shared)
                 model, kept, self.merged = forms.model, forms.kept, forms.merged
-                self.routed_experts = forms.kernel_nodes
+                self.routed_experts, self.attention_kernels = forms.routed_experts, forms.attention
                 self.halves = {n: (a, ort.OrtValue.ortvalue_from_numpy(a)) for n, a in forms.stacks.items()}
-                if forms.kernel_nodes:
+                if forms.library:
                     so.register_custom_ops_library(str(forms.library))
                 so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
             shared.add_to(so, path, {n: v for n, (_, v) in self.halves.items()}, kept)
@@ -197,19 +198,23 @@ class LoadForms:
     stacks: dict[str, np.ndarray]  # initializers laid out anew (same names; new dims, bf16 ones in half the bytes)
     merged: int  # groups of sibling products merged
     kept: set[str] | None  # the initializers the graph still reads (None: all)
-    kernel_nodes: int = 0  # MoE nodes now nextn.RoutedExperts
-    library: Path | None = None  # the kernel library those need registered
+    library: Path | None = None  # nextn's kernel library, where nodes run on it (to register)
+    routed_experts: int = 0  # MoE nodes now nextn.RoutedExperts(Bf16)
+    attention: int = 0  # MlaAttention nodes now nextn.LatentAttention(Bf16)
 
 
 def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
-    """The graph at `path` in the forms that suit the CPU: fp32 routed experts on nextn's kernel
-    (routed_experts.py, where a C compiler built it), the other routed experts in halves for ONNX Runtime's
-    threads (expert_halves.py), and sibling products merged (merged_matmuls.py)."""
+    """The graph at `path` in the forms that suit the CPU: the attention and the fp32 routed experts on nextn's
+    kernels (latent_attention.py, routed_experts.py, where a C compiler built them), the other routed experts
+    in halves for ONNX Runtime's threads (expert_halves.py), and sibling products merged (merged_matmuls.py)."""
     import onnx
 
+    from nextn.export.latent_attention import OP_TYPE as ATTENTION_FUNCTION
     from nextn.runtime.expert_halves import halve_experts
+    from nextn.runtime.latent_attention import use_latent_attention
     from nextn.runtime.merged_matmuls import merge_sibling_matmuls
-    from nextn.runtime.routed_experts import DOMAIN, kernel_library, use_routed_experts
+    from nextn.runtime.native import DOMAIN, kernel_library
+    from nextn.runtime.routed_experts import use_routed_experts
 
     model = onnx.load(str(path), load_external_data=False)
     stored = {t.name: t for t in model.graph.initializer}
@@ -218,18 +223,21 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
         mapped = shared.entries(path).get(name)
         return mapped[0] if mapped else onnx.numpy_helper.to_array(stored[name], str(path.parent))
 
-    library = kernel_library() if any(n.op_type == "MoE" for n in model.graph.node) else None
-    stacks = use_routed_experts(model, read) if library else {}
-    kernel_nodes = sum(n.domain == DOMAIN for n in model.graph.node)
+    wanted = any(n.op_type in ("MoE", ATTENTION_FUNCTION) for n in model.graph.node)
+    library = kernel_library() if wanted else None
+    stacks = {**use_routed_experts(model, read), **use_latent_attention(model, read)} if library else {}
+    on_kernel = [n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type != ATTENTION_FUNCTION]
+    experts, attention = sum("RoutedExperts" in t for t in on_kernel), sum("LatentAttention" in t for t in on_kernel)
     stacks.update(halve_experts(model, read))
     inline = [n for n in stacks if stored[n].data_location != onnx.TensorProto.EXTERNAL]
     for name in inline:  # a small stack stored in the graph: its new layout goes there too (the mapping has none)
         stored[name].CopyFrom(onnx.numpy_helper.from_array(stacks.pop(name), name))
     merged = merge_sibling_matmuls(model, read)
-    if not stacks and not inline and not merged and not kernel_nodes:
+    if not stacks and not inline and not merged and not on_kernel:
         return LoadForms(str(path), {}, 0, None)
     kept = {t.name for t in model.graph.initializer}
-    return LoadForms(model.SerializeToString(), stacks, merged, kept, kernel_nodes, library if kernel_nodes else None)
+    return LoadForms(model.SerializeToString(), stacks, merged, kept, library if on_kernel else None, experts,
+                     attention)  # fmt: skip
 
 
 class TorchEngine(Engine):
@@ -286,8 +294,8 @@ DRAFT_THREADS = 1
 
 # The graph rewrites a pre-packing session applies when it opens (_load_forms), numbered: step costs measured
 # with other forms (the costs cache, keyed by `setup`) are measured again. 1: experts in halves, siblings merged;
-# 2: fp32 routed experts on nextn's kernel.
-LOAD_FORMS = 2
+# 2: fp32 routed experts on nextn's kernel; 3: the attention on nextn's kernel.
+LOAD_FORMS = 3
 
 # Pre-packing keeps a second, per-session copy of the weights: worth it (BENCHMARKS.md: up to 1.4x per
 # decode step on small models) while that copy is a small share of the machine's memory.

@@ -1,4 +1,4 @@
-"""Routed experts through nextn's own CPU kernel (`routed_experts.c`), in place of ONNX Runtime's fp32 `MoE`.
+"""Routed experts through nextn's own CPU kernel (`kernels/routed_experts.c`), in place of ONNX Runtime's fp32 `MoE`.
 
 ONNX Runtime's CPU `MoE` multiplies each picked expert by a general GEMM on its transposed weights, which
 repacks them at every call: at decode widths (1-8 tokens) that costs more than reading them. The kernel reads
@@ -18,20 +18,12 @@ with the same k and normalize_routing_weights: the same function, the stacks lai
 when the session opens, like the expert halves'; an odd I stays in one part). Where every weight of a node is a
 bfloat16 value (a bf16 checkpoint, as DeepSeek-V3's and the embedded model's are, exported in fp32), the node is
 RoutedExpertsBf16 and its stacks hold the bf16 bit patterns: half the bytes to read, the same fp32 values once
-widened, the same fp32 arithmetic. The kernel is C, compiled once per machine with its C compiler into the cache
-(`cache_root()/kernels`); without a compiler, or if the build fails, the graph keeps ONNX Runtime's MoE (logged
-once) and is slower, not different.
+widened, the same fp32 arithmetic. The kernel is C (kernels/routed_experts.c),
+built with nextn's other kernels (native.py); without it the graph keeps ONNX Runtime's MoE.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -39,62 +31,10 @@ import onnx
 from onnx import helper
 
 from nextn.calib.rewrite import MS_DOMAIN, initializers_read_once
+from nextn.runtime.native import DOMAIN
 
-log = logging.getLogger(__name__)
-
-DOMAIN = "nextn"  # the custom op domain the library registers (RegisterCustomOps in routed_experts.c)
 OP_TYPE = "RoutedExperts"  # fp32 stacks
 OP_TYPE_BF16 = "RoutedExpertsBf16"  # stacks of bf16 values, stored as their uint16 bit patterns
-SOURCE = Path(__file__).with_name("routed_experts.c")
-# -march=native: the kernel's lane loops become the machine's widest FMAs. The cache key holds the CPU's flags,
-# so a home folder shared by different machines builds one library per kind.
-CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
-
-
-@functools.lru_cache(maxsize=1)
-def kernel_library() -> Path | None:
-    """The compiled kernel library (built into the cache on first use), or None where it cannot be built."""
-    from nextn.embedded import cache_root
-
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        log.warning("no C compiler (cc, gcc or $CC): routed experts run on ONNX Runtime's MoE (slower)")
-        return None
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("%s --version failed (%s): routed experts run on ONNX Runtime's MoE (slower)", cc, e)
-        return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + version.encode() + _cpu_flags())
-    out = cache_root() / "kernels" / f"routed_experts-{key.hexdigest()[:16]}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.stem}.{os.getpid()}.tmp.so")
-    try:
-        done = subprocess.run([cc, *CFLAGS, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
-        why = None if done.returncode == 0 else (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-    except (OSError, subprocess.SubprocessError) as e:
-        why = str(e)
-    if why is not None:
-        tmp.unlink(missing_ok=True)
-        log.warning("building %s failed (%s): routed experts run on ONNX Runtime's MoE (slower)", SOURCE.name, why)
-        return None
-    os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes
-    return out
-
-
-def _cpu_flags() -> bytes:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line.encode()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor().encode()
 
 
 def use_routed_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:

@@ -130,11 +130,13 @@ def test_manifest(hf_artifact):
             outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
             assert dims["output_rows"] == ["batch", "output_rows"] and outs["logits"][:2] == ["batch", "output_rows"]
         assert model.opset_import[0].version == m["opset"] == 23
-        # Standard ONNX ops, but for ONNX Runtime's fused MoE and residual norms where the form is fused
-        # (--moe sparse: none; test_fused_moe.py, test_lean_attention.py).
+        # Standard ONNX ops, but for ONNX Runtime's fused MoE and residual norms and nextn's attention (an ONNX
+        # function the graph carries) where the form is fused (--moe sparse: none; test_fused_moe.py,
+        # test_lean_attention.py).
         contrib = {n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")}
-        fused = {"MoE", "MoEGroupRouter", "SkipSimplifiedLayerNormalization"}
+        fused = {"MoE", "MoEGroupRouter", "SkipSimplifiedLayerNormalization", "MlaAttention"}
         assert contrib <= (fused if m["moe"] == "fused" else set())
+        assert {f.name for f in model.functions} == ({"MlaAttention"} & contrib)
     for f, meta in m["files"].items():
         assert sha256_file(artifact / f) == meta["sha256"]
     assert {"torch", "onnx", "onnxruntime", "onnxscript", "nextn"} <= set(m["tools"])

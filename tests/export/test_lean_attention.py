@@ -96,17 +96,18 @@ def test_exported_graphs_take_the_fused_forms(both_moe_forms):
     layers = tiny_config().num_hidden_layers
     for moe, art in both_moe_forms.items():
         for name, norms in (("trunk", 2 * layers), ("mtp_0", 2)):
-            nodes = onnx.load(str(art / f"{name}.onnx"), load_external_data=False).graph.node
+            model = onnx.load(str(art / f"{name}.onnx"), load_external_data=False)
+            nodes = model.graph.node
             ops = [n.op_type for n in nodes]
             # every residual add + norm of the decoder blocks, where the graph takes ONNX Runtime's ops
             assert ops.count("SkipSimplifiedLayerNormalization") == (norms if moe == "fused" else 0)
-            if moe == "fused":  # heads as rows: the only Transposes are the keys' (past and new latent and rope
-                # keys of each layer, each feeding its score MatMul, which ONNX Runtime folds them into); the
-                # reference's form has five a layer, around the heads
-                transposed = {o for n in nodes if n.op_type == "Transpose" for o in n.output}
-                assert len(transposed) == 4 * (norms // 2)
-                assert all(n.op_type == "MatMul" for n in nodes if set(n.input) & transposed)
-            assert ops.count("RotaryEmbedding") == 2 * (layers if name == "trunk" else 1)
+            if moe == "fused":  # the attention is one nextn.MlaAttention a layer, its body an ONNX function
+                # (latent_attention.py); only the key's rotary stays outside it
+                assert ops.count("MlaAttention") == norms // 2 and "Transpose" not in ops
+                assert [(f.domain, f.name) for f in model.functions] == [("nextn", "MlaAttention")]
+                assert ops.count("RotaryEmbedding") == (layers if name == "trunk" else 1)
+            else:  # standard ops only: the lean form, two rotaries a layer
+                assert ops.count("RotaryEmbedding") == 2 * (layers if name == "trunk" else 1) and not model.functions
 
 
 @pytest.fixture(scope="module")

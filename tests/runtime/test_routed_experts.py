@@ -1,4 +1,4 @@
-"""nextn's routed-experts kernel (runtime/routed_experts.py, routed_experts.c): ONNX Runtime's MoE, computed
+"""nextn's routed-experts kernel (runtime/routed_experts.py, kernels/routed_experts.c): ONNX Runtime's MoE, computed
 by its own CPU code, for any token count, and the same for a token whatever else is in the call."""
 
 import logging
@@ -11,16 +11,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from nextn.calib.rewrite import MS_DOMAIN
-from nextn.runtime import routed_experts
+from nextn.runtime import native, routed_experts
 from nextn.runtime.engines import open_engines
 
-
-
-@pytest.fixture
-def needs_kernel():
-    """Built under the tests' private cache (conftest), so not at collection time."""
-    if routed_experts.kernel_library() is None:
-        pytest.skip("no C compiler to build the kernel")
 
 
 def _moe_graph(rng, e: int, h: int, i: int, k: int, normalize: int, **extra) -> onnx.ModelProto:
@@ -52,8 +45,8 @@ def _on_kernel(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
 def _session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    if any(n.domain == routed_experts.DOMAIN for n in model.graph.node):
-        so.register_custom_ops_library(str(routed_experts.kernel_library()))
+    if any(n.domain == native.DOMAIN for n in model.graph.node):
+        so.register_custom_ops_library(str(native.kernel_library()))
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
@@ -76,7 +69,7 @@ def test_the_kernel_computes_onnxruntimes_moe(e, h, i, k, normalize):
     rng = np.random.default_rng(e + h)
     model = _moe_graph(rng, e, h, i, k, normalize)
     rewritten, stacks = _on_kernel(model)
-    assert [(n.domain, n.op_type) for n in rewritten.graph.node] == [(routed_experts.DOMAIN, routed_experts.OP_TYPE)]
+    assert [(n.domain, n.op_type) for n in rewritten.graph.node] == [(native.DOMAIN, routed_experts.OP_TYPE)]
     parts = 2 if i % 2 == 0 else 1
     assert stacks["fc1"].shape == (e, parts, h, 2 * i // parts) and stacks["fc2"].shape == (e, i, h)
     want, got, got2 = _session(model), _session(rewritten), _session(rewritten, threads=2)
@@ -133,13 +126,13 @@ def test_only_moe_nodes_the_kernel_computes_exactly_are_rewritten():
 def test_without_a_compiler_the_graph_keeps_onnxruntimes_moe(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("NEXTN_CACHE", str(tmp_path / "cache"))
-    routed_experts.kernel_library.cache_clear()
+    native.kernel_library.cache_clear()
     try:
         with caplog.at_level(logging.WARNING):
-            assert routed_experts.kernel_library() is None
-        assert "ONNX Runtime's MoE" in caplog.text and not (tmp_path / "cache" / "kernels").exists()
+            assert native.kernel_library() is None
+        assert "nextn's kernels are not used" in caplog.text and not (tmp_path / "cache" / "kernels").exists()
     finally:
-        routed_experts.kernel_library.cache_clear()
+        native.kernel_library.cache_clear()
 
 
 @pytest.mark.usefixtures("needs_kernel")
@@ -148,7 +141,7 @@ def test_the_trunk_on_the_kernel_gives_the_same_logits(tiny_moe_forms):
 
     _, artifact = tiny_moe_forms["fused"]
     kernel = open_engines(artifact, prepack=True)
-    with mock.patch.object(routed_experts, "kernel_library", lambda: None):
+    with mock.patch.object(native, "kernel_library", lambda: None):
         moe = open_engines(artifact, prepack=True)
     cfg = moe.manifest["config"]
     assert kernel["trunk"].routed_experts == cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]

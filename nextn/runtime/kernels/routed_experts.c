@@ -23,48 +23,15 @@
  * a token's output does not depend on how many tokens share the call (a verify pass and a one-token step agree
  * bit for bit). The (expert, part) tasks run on the session's intra-op threads.
  *
- * The op is registered through ONNX Runtime's C API, which the runtime hands to RegisterCustomOps as a table
- * of functions; entries are used by their fixed positions in that table (the API's first version's, and
- * KernelContext_ParallelFor of version 18, where the runtime has it).
- * Built by nextn/runtime/routed_experts.py with the machine's C compiler; no ONNX Runtime headers needed.
+ * Registered with nextn's other ops by ort_api.c; built by nextn/runtime/native.py with the machine's C
+ * compiler.
  */
 #include <math.h>
-#include <stddef.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-typedef void Status; /* OrtStatus*: NULL is success */
-typedef Status *(*GetInputFn)(const void *ctx, size_t index, const void **out);
-typedef Status *(*GetOutputFn)(void *ctx, size_t index, const int64_t *dims, size_t ndims, void **out);
-typedef Status *(*MutableDataFn)(void *value, void **out);
-typedef Status *(*TypeAndShapeFn)(const void *value, void **out);
-typedef Status *(*DimsCountFn)(const void *info, size_t *out);
-typedef Status *(*DimsFn)(const void *info, int64_t *dims, size_t n);
-typedef void (*ReleaseFn)(void *p);
-typedef Status *(*AttrIntFn)(const void *info, const char *name, int64_t *out);
-typedef Status *(*CreateDomainFn)(const char *domain, void **out);
-typedef Status *(*DomainAddFn)(void *domain, const void *op);
-typedef Status *(*AddDomainFn)(void *options, void *domain);
-typedef Status *(*ParallelForFn)(const void *ctx, void (*fn)(void *, size_t), size_t total, size_t batches, void *usr);
-
-static int have_parallel_for; /* set once when the library registers: ONNX Runtime's C API is version 18 or later */
-
-/* Positions in OrtApi (version 1 of the C API, which later versions only append to). */
-enum {
-  API_CREATE_CUSTOM_OP_DOMAIN = 26, API_CUSTOM_OP_DOMAIN_ADD = 27, API_ADD_CUSTOM_OP_DOMAIN = 28,
-  API_GET_TENSOR_MUTABLE_DATA = 51, API_GET_DIMENSIONS_COUNT = 61, API_GET_DIMENSIONS = 62,
-  API_GET_TENSOR_TYPE_AND_SHAPE = 65, API_KERNEL_INFO_GET_ATTRIBUTE_INT64 = 86, API_KERNEL_CONTEXT_GET_INPUT = 90,
-  API_KERNEL_CONTEXT_GET_OUTPUT = 91, API_RELEASE_STATUS = 93, API_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
-  API_KERNEL_CONTEXT_PARALLEL_FOR = 274, /* version 18 */
-};
-enum { ELEMENT_FLOAT = 1, ELEMENT_UINT16 = 4, MAX_DIMS = 8 };
-
-#define FN(api, type, index) ((type)((api)[index]))
-
-static void release_status(const void *const *api, Status *s) {
-  if (s) FN(api, ReleaseFn, API_RELEASE_STATUS)(s);
-}
+#include "ort_api.h"
+#include "products.h"
 
 /* -- the arithmetic --------------------------------------------------------------------------------------- */
 static inline float load_f32(const float *p, int64_t i) { return p[i]; }
@@ -128,15 +95,13 @@ static inline float load_bf16(const uint16_t *p, int64_t i) { /* bf16 is fp32's 
     NAME##_tail(w, rows, n, c0, x, ldx, tok, g, out, ldo);                                                       \
   }                                                                                                              \
   /* out[t] = x[tok[t]] @ W for m tokens, in groups of up to 4. */                                               \
-  static void NAME(const void *weights, int64_t rows, int64_t n, const float *x, int64_t ldx, const int64_t *tok, \
+  void NAME(const void *weights, int64_t rows, int64_t n, const float *x, int64_t ldx, const int64_t *tok, \
                    int64_t m, float *out, int64_t ldo) {                                                         \
     for (int64_t j = 0; j < m; j += 4)                                                                           \
       NAME##_group((const WT *)weights, rows, n, x, ldx, tok + j, m - j < 4 ? m - j : 4, out + j * ldo, ldo);    \
   }
 DEFINE_TOKENS_TIMES(tokens_times_f32, float, load_f32)
 DEFINE_TOKENS_TIMES(tokens_times_bf16, uint16_t, load_bf16)
-typedef void (*TokensTimes)(const void *w, int64_t rows, int64_t n, const float *x, int64_t ldx, const int64_t *tok,
-                            int64_t m, float *out, int64_t ldo);
 
 /* The top k of a softmax over row [E] -> experts [k], weights [k] (normalized to sum 1 if asked). */
 static void route(const float *row, int64_t n_experts, int64_t k, int normalize, int64_t *experts, float *weights) {
@@ -198,36 +163,6 @@ static void run_task(void *usr, size_t index) {
 }
 
 /* -- the op ----------------------------------------------------------------------------------------------- */
-/* OrtCustomOp as of version 20 of the C API (its fields are only ever appended). */
-typedef struct CustomOp {
-  uint32_t version;
-  void *(*CreateKernel)(const struct CustomOp *op, const void *api, const void *info);
-  const char *(*GetName)(const struct CustomOp *op);
-  const char *(*GetExecutionProviderType)(const struct CustomOp *op);
-  int (*GetInputType)(const struct CustomOp *op, size_t index);
-  size_t (*GetInputTypeCount)(const struct CustomOp *op);
-  int (*GetOutputType)(const struct CustomOp *op, size_t index);
-  size_t (*GetOutputTypeCount)(const struct CustomOp *op);
-  void (*KernelCompute)(void *kernel, void *context);
-  void (*KernelDestroy)(void *kernel);
-  int (*GetInputCharacteristic)(const struct CustomOp *op, size_t index);  /* 0: required */
-  int (*GetOutputCharacteristic)(const struct CustomOp *op, size_t index);
-  int (*GetInputMemoryType)(const struct CustomOp *op, size_t index);       /* 0: the provider's default */
-  int (*GetVariadicInputMinArity)(const struct CustomOp *op);
-  int (*GetVariadicInputHomogeneity)(const struct CustomOp *op);
-  int (*GetVariadicOutputMinArity)(const struct CustomOp *op);
-  int (*GetVariadicOutputHomogeneity)(const struct CustomOp *op);
-  Status *(*CreateKernelV2)(const struct CustomOp *op, const void *api, const void *info, void **kernel);
-  Status *(*KernelComputeV2)(void *kernel, void *context);
-  Status *(*InferOutputShapeFn)(const struct CustomOp *op, void *context);
-  int (*GetStartVersion)(const struct CustomOp *op);
-  int (*GetEndVersion)(const struct CustomOp *op);
-  size_t (*GetMayInplace)(int **inputs, int **outputs);
-  void (*ReleaseMayInplace)(int *inputs, int *outputs);
-  size_t (*GetAliasMap)(int **inputs, int **outputs);
-  void (*ReleaseAliasMap)(int *inputs, int *outputs);
-} CustomOp;
-
 typedef struct {
   const void *const *api;
   int64_t k;
@@ -235,34 +170,13 @@ typedef struct {
   TokensTimes times; /* by the weights' element type */
 } Kernel;
 
-static int shape_of(const void *const *api, const void *value, int64_t *dims, size_t *ndims) {
-  void *info = NULL;
-  Status *s = FN(api, TypeAndShapeFn, API_GET_TENSOR_TYPE_AND_SHAPE)(value, &info);
-  if (s) { release_status(api, s); return 0; }
-  int ok = !(s = FN(api, DimsCountFn, API_GET_DIMENSIONS_COUNT)(info, ndims)) && *ndims <= MAX_DIMS &&
-           !(s = FN(api, DimsFn, API_GET_DIMENSIONS)(info, dims, *ndims));
-  release_status(api, s);
-  FN(api, ReleaseFn, API_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO)(info);
-  return ok;
-}
-
-static void *data_of(const void *const *api, const void *value) {
-  void *p = NULL;
-  Status *s = FN(api, MutableDataFn, API_GET_TENSOR_MUTABLE_DATA)((void *)value, &p);
-  if (s) { release_status(api, s); return NULL; }
-  return p;
-}
-
 /* The shapes are checked when routed_experts.py rewrites the graph; a call with others leaves the output unset,
  * which ONNX Runtime reports as an error of the run. */
 static void compute(void *kernel, void *ctx) {
   const Kernel *kn = (const Kernel *)kernel;
   const void *const *api = kn->api;
   const void *in[4];
-  for (size_t i = 0; i < 4; i++) {
-    Status *s = FN(api, GetInputFn, API_KERNEL_CONTEXT_GET_INPUT)(ctx, i, &in[i]);
-    if (s) { release_status(api, s); return; }
-  }
+  if (!inputs_of(api, ctx, 4, in)) return;
   int64_t xd[MAX_DIMS], rd[MAX_DIMS], f1[MAX_DIMS], f2[MAX_DIMS];
   size_t xn, rn, n1, n2;
   if (!shape_of(api, in[0], xd, &xn) || !shape_of(api, in[1], rd, &rn) || !shape_of(api, in[2], f1, &n1) ||
@@ -308,12 +222,7 @@ static void compute(void *kernel, void *ctx) {
   }
   w.tokens = tokens;
   w.tasks = tasks;
-  s = NULL;
-  if (have_parallel_for && n_tasks > 1)
-    s = FN(api, ParallelForFn, API_KERNEL_CONTEXT_PARALLEL_FOR)(ctx, run_task, n_tasks, n_tasks, &w);
-  if (s || !have_parallel_for || n_tasks <= 1) /* not run in parallel (or refused): on this thread */
-    for (size_t i = 0; i < n_tasks; i++) run_task(&w, i);
-  release_status(api, s);
+  parallel_for(api, ctx, run_task, n_tasks, &w);
   for (size_t i = 0; i < n_tasks; i++) { /* in task order: expert, then part */
     const Task *t = &tasks[i];
     const float *o = t->scratch + t->m * 3 * w.width;
@@ -330,56 +239,20 @@ static void compute(void *kernel, void *ctx) {
 
 static const char *name_f32(const CustomOp *op) { (void)op; return "RoutedExperts"; }
 static const char *name_bf16(const CustomOp *op) { (void)op; return "RoutedExpertsBf16"; }
-static const char *op_provider(const CustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static int input_type_f32(const CustomOp *op, size_t i) { (void)op; (void)i; return ELEMENT_FLOAT; }
 static int input_type_bf16(const CustomOp *op, size_t i) { (void)op; return i < 2 ? ELEMENT_FLOAT : ELEMENT_UINT16; }
-static size_t op_input_count(const CustomOp *op) { (void)op; return 4; }
-static int op_output_type(const CustomOp *op, size_t i) { (void)op; (void)i; return ELEMENT_FLOAT; }
-static size_t op_output_count(const CustomOp *op) { (void)op; return 1; }
-static int op_zero(const CustomOp *op, size_t i) { (void)op; (void)i; return 0; }
-static int op_one(const CustomOp *op) { (void)op; return 1; }
-static int op_end_version(const CustomOp *op) { (void)op; return 0x7fffffff; }
-static size_t op_no_pairs(int **inputs, int **outputs) { *inputs = NULL; *outputs = NULL; return 0; }
-static void op_release_pairs(int *inputs, int *outputs) { (void)inputs; (void)outputs; }
-static void destroy_kernel(void *kernel) { free(kernel); }
+static size_t input_count(const CustomOp *op) { (void)op; return 4; }
 
 static void *create_kernel(const CustomOp *op, const void *api, const void *info);
 
-#define DEFINE_OP(NAME_FN, INPUT_TYPE_FN)                                                                         \
-  {20, create_kernel, NAME_FN, op_provider, INPUT_TYPE_FN, op_input_count, op_output_type, op_output_count,     \
-   compute, destroy_kernel, op_zero, op_zero, op_zero, op_one, op_one, op_one, op_one, NULL, NULL, NULL, op_one, \
-   op_end_version, op_no_pairs, op_release_pairs, op_no_pairs, op_release_pairs}
-static CustomOp ops[2] = {DEFINE_OP(name_f32, input_type_f32), DEFINE_OP(name_bf16, input_type_bf16)};
+CustomOp routed_experts_ops[2] = {DEFINE_OP(name_f32, op_float_type, input_count, create_kernel, compute),
+                                  DEFINE_OP(name_bf16, input_type_bf16, input_count, create_kernel, compute)};
 
 static void *create_kernel(const CustomOp *op, const void *api, const void *info) {
   Kernel *kn = calloc(1, sizeof(Kernel));
   if (!kn) return NULL;
   kn->api = (const void *const *)api;
-  kn->times = op == &ops[1] ? tokens_times_bf16 : tokens_times_f32;
-  int64_t v = 0;
-  Status *s = FN(kn->api, AttrIntFn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "k", &v);
-  if (s) { release_status(kn->api, s); v = 0; }
-  kn->k = v; /* routed_experts.py rewrites only nodes with 1 <= k; compute checks k <= E */
-  v = 0;
-  s = FN(kn->api, AttrIntFn, API_KERNEL_INFO_GET_ATTRIBUTE_INT64)(info, "normalize_routing_weights", &v);
-  if (s) { release_status(kn->api, s); v = 0; }
-  kn->normalize = v != 0;
+  kn->times = op == &routed_experts_ops[1] ? tokens_times_bf16 : tokens_times_f32;
+  kn->k = attribute_int(kn->api, info, "k", 0); /* routed_experts.py rewrites only nodes with 1 <= k; compute checks k <= E */
+  kn->normalize = attribute_int(kn->api, info, "normalize_routing_weights", 0) != 0;
   return kn;
-}
-
-typedef struct {
-  const void *(*GetApi)(uint32_t version);
-  const char *(*GetVersionString)(void);
-} ApiBase;
-
-/* ONNX Runtime's entry point for a custom op library: the "nextn" domain with both ops. The domain lives as long
- * as the process (sessions keep pointers to it). */
-Status *RegisterCustomOps(void *options, const ApiBase *base) {
-  const void *const *api = (const void *const *)base->GetApi(1);
-  if (!api) return NULL;
-  have_parallel_for = base->GetApi(18) != NULL;
-  void *domain = NULL;
-  Status *s = FN(api, CreateDomainFn, API_CREATE_CUSTOM_OP_DOMAIN)("nextn", &domain);
-  for (int i = 0; !s && i < 2; i++) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &ops[i]);
-  return s ? s : FN(api, AddDomainFn, API_ADD_CUSTOM_OP_DOMAIN)(options, domain);
 }

@@ -1,0 +1,246 @@
+/* nextn.LatentAttention(Bf16): MLA's absorbed attention in the latent space, for a few query tokens, as one ONNX
+ * Runtime custom op.
+ *
+ * Why: exported in standard ops, one layer's attention is ~35 ONNX Runtime nodes (reshapes, splits, the per-head
+ * products with W_UK and W_UV, the rotary, two score products per cache part, mask, softmax, ...). On the
+ * embedded model a decode step is then mostly per-node overhead; on larger ones the per-head products read
+ * kv_b_proj through small batched GEMMs. This kernel is one node per layer, and reads kv_b_proj once a call.
+ *
+ * Inputs (the export's nextn.LatentAttention node, export/latent_attention.py; its ONNX function is the same
+ * arithmetic in standard ops):
+ *   q       [B, S, nh (dn + D)]  fp32  each head's query: dn "nope" values, then D rotary ones (halves layout)
+ *   cos/sin [B, S, D/2]          fp32  the queries' rotary
+ *   mask    [B, S, T]            bool  which cache entries each query sees (T = P + N)
+ *   past_c  [B, P, R], past_k [B, P, D], new_c [B, N, R], new_k [B, N, D]   fp32: the latent cache, as stored
+ *   w       [nh, (dn + dv) R]    kv_b_proj laid out for the kernel (latent_attention.py): per head W_UK [dn, R]
+ *                                as stored, then W_UV transposed, [R, dv]; fp32 (LatentAttention) or bf16 bit
+ *                                patterns (LatentAttentionBf16: the same values)
+ *   attributes num_heads, nope_dim (dn), v_dim (dv), scale
+ *   output  [B, S, nh dv]
+ * Per query row (s, h):
+ *   q_lat = q_nope W_UK[h]                        [R]
+ *   q_rot = rotary(q_pe)                          [D]   [x1 c - x2 s | x2 c + x1 s]
+ *   score_j = (q_lat . c_j) scale + (q_rot . k_j) scale, masked entries -FLT_MAX   (j over past, then new)
+ *   o_lat = sum_j softmax(score)_j c_j            [R]
+ *   out   = W_UV[h] o_lat                         [dv]
+ * Each row's sums run in a fixed order whatever the other rows and the threads (the tokens' products as in
+ * routed_experts.c, dot products in 16 lanes added in lane order): a query's output does not depend on how many
+ * queries share the call, so a verify pass and a one-token step agree bit for bit. Tasks are (sequence, group of
+ * heads); each reads the sequence's cache once.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ort_api.h"
+#include "products.h"
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+
+static inline v16 load16(const float *p) {
+  v16 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+/* x1 . y1 + x2 . y2 (a score: latent part and rotary part): the products summed in 16 lanes, whole chunks then
+ * the tails lane by lane, and the lanes added pairwise (8 + 8, 4 + 4, then (0 + 2) + (1 + 3)). A fixed order,
+ * whatever the other rows; vector FMAs and a short chain of vector adds. */
+static inline float score_dot(const float *x1, const float *y1, int64_t n1, const float *x2, const float *y2,
+                              int64_t n2) {
+  v16 acc = {0};
+  int64_t i = 0;
+  for (; i + 16 <= n1; i += 16) acc += load16(x1 + i) * load16(y1 + i);
+  for (int l = 0; i < n1; i++, l++) acc[l] += x1[i] * y1[i];
+  for (i = 0; i + 16 <= n2; i += 16) acc += load16(x2 + i) * load16(y2 + i);
+  for (int l = 0; i < n2; i++, l++) acc[l] += x2[i] * y2[i];
+#if defined(__clang__) || __GNUC__ >= 12 /* in registers */
+  v8 lo = __builtin_shufflevector(acc, acc, 0, 1, 2, 3, 4, 5, 6, 7) +
+          __builtin_shufflevector(acc, acc, 8, 9, 10, 11, 12, 13, 14, 15);
+  v4 a = __builtin_shufflevector(lo, lo, 0, 1, 2, 3) + __builtin_shufflevector(lo, lo, 4, 5, 6, 7);
+#else /* the same sums through memory */
+  v8 lo, hi;
+  memcpy(&lo, &acc, sizeof lo);
+  memcpy(&hi, (const char *)&acc + sizeof lo, sizeof hi);
+  lo += hi;
+  v4 a, c;
+  memcpy(&a, &lo, sizeof a);
+  memcpy(&c, (const char *)&lo + sizeof a, sizeof c);
+  a += c;
+#endif
+  return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+/* e^x for x <= 0 in straight-line arithmetic the compiler vectorizes (libm's expf is a call per value):
+ * e^x = 2^k e^f, k = round(x / ln 2), |f| <= ln 2 / 2, e^f by its degree-7 Taylor polynomial (relative error
+ * < 2e-7 there, about libm's). Below -87 the result is 0 (e^-87 is fp32's smallest normal; masked scores are
+ * -FLT_MAX). */
+static inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float k = nearbyintf(x * 1.44269504f);
+  const float f = (x - k * 0.693359375f) + k * 2.12194440e-4f; /* x - k ln 2, ln 2 in two parts */
+  float p = 1.0f / 5040.0f;
+  p = p * f + 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const int32_t bits = ((int32_t)k + 127) << 23; /* 2^k, k in [-126, 0] */
+  float scale;
+  memcpy(&scale, &bits, sizeof scale);
+  return x <= -87.0f ? 0.0f : p * scale;
+}
+
+typedef struct {
+  const void *const *api;
+  int64_t heads, nope, v;
+  float scale;
+  int bf16;
+} Kernel;
+
+typedef struct {
+  const Kernel *kn;
+  const float *q, *cos, *sin, *past_c, *past_k, *new_c, *new_k;
+  const uint8_t *mask;
+  const char *w;
+  float *out;
+  int64_t s, p, n, r, d, groups; /* queries, past, new, latent width, rotary width, head groups per sequence */
+  const int64_t *tok;            /* 0 .. S nh - 1 */
+  float *scratch;                /* per task: per_task floats */
+  int64_t per_task;
+} Work;
+
+/* The cache entry j of sequence b: past first, then new. */
+static inline const float *entry(const float *past, const float *new_, int64_t b, int64_t j, int64_t p, int64_t n,
+                                 int64_t width) {
+  return j < p ? past + (b * p + j) * width : new_ + (b * n + j - p) * width;
+}
+
+static void run_task(void *usr, size_t index) {
+  const Work *w = (const Work *)usr;
+  const Kernel *kn = w->kn;
+  const int64_t b = (int64_t)index / w->groups, g = (int64_t)index % w->groups;
+  const int64_t nh = kn->heads, h0 = nh * g / w->groups, h1 = nh * (g + 1) / w->groups, gh = h1 - h0;
+  const int64_t S = w->s, R = w->r, D = w->d, T = w->p + w->n, width = nh * (kn->nope + D), half = D / 2;
+  const int64_t rows = S * gh; /* row (s, h) = s * gh + (h - h0) */
+  const size_t elem = kn->bf16 ? sizeof(uint16_t) : sizeof(float);
+  const TokensTimes times = kn->bf16 ? tokens_times_bf16 : tokens_times_f32;
+  float *q_lat = w->scratch + (int64_t)index * w->per_task;
+  float *o_lat = q_lat + rows * R, *o_new = o_lat + rows * R, *q_rot = o_new + rows * R, *score = q_rot + rows * D;
+  const float *q = w->q + b * S * width;
+  for (int64_t h = h0; h < h1; h++) { /* q_lat rows of head h, strided by gh: W_UK[h] read once for all S */
+    const char *w_uk = w->w + (size_t)(h * (kn->nope + kn->v) * R) * elem;
+    times(w_uk, kn->nope, R, q + h * (kn->nope + D), width, w->tok, S, q_lat + (h - h0) * R, gh * R);
+    for (int64_t s = 0; s < S; s++) {
+      const float *pe = q + s * width + h * (kn->nope + D) + kn->nope;
+      const float *c = w->cos + (b * S + s) * half, *sn = w->sin + (b * S + s) * half;
+      float *rot = q_rot + (s * gh + h - h0) * D;
+      for (int64_t i = 0; i < half; i++) {
+        rot[i] = pe[i] * c[i] - pe[i + half] * sn[i];
+        rot[i + half] = pe[i + half] * c[i] + pe[i] * sn[i];
+      }
+    }
+  }
+  for (int64_t j = 0; j < T; j++) { /* scores: each cache entry read once for the group's rows */
+    const float *c = entry(w->past_c, w->new_c, b, j, w->p, w->n, R);
+    const float *k = entry(w->past_k, w->new_k, b, j, w->p, w->n, D);
+    for (int64_t row = 0; row < rows; row++) {
+      const int64_t s = row / gh;
+      score[row * T + j] =
+          w->mask[(b * S + s) * T + j] ? score_dot(q_lat + row * R, c, R, q_rot + row * D, k, D) * kn->scale : -FLT_MAX;
+    }
+  }
+  for (int64_t row = 0; row < rows; row++) { /* softmax over each row */
+    float *sc = score + row * T, top = -FLT_MAX, total = 0.0f;
+    for (int64_t j = 0; j < T; j++) top = sc[j] > top ? sc[j] : top;
+    for (int64_t j = 0; j < T; j++) sc[j] = exp_nonpositive(sc[j] - top);
+    for (int64_t j = 0; j < T; j++) total += sc[j];
+    const float inv = 1.0f / total;
+    for (int64_t j = 0; j < T; j++) sc[j] *= inv;
+  }
+  /* o_lat = p_past past_c + p_new new_c, each part a product over its entries in order (the cache entries
+   * are the weights' rows: read once for all rows, each row's sums in registers). */
+  const int64_t *row_ids = w->tok; /* 0 .. rows - 1 */
+  tokens_times_f32(w->past_c + b * w->p * R, w->p, R, score, T, row_ids, rows, o_lat, R);
+  tokens_times_f32(w->new_c + b * w->n * R, w->n, R, score + w->p, T, row_ids, rows, o_new, R);
+  for (int64_t i = 0; i < rows * R; i++) o_lat[i] += o_new[i];
+  const int64_t dv = kn->v, out_width = nh * dv;
+  for (int64_t h = h0; h < h1; h++) { /* out[s, h] = o_lat W_UV^T[h]: W_UV^T[h] read once for the S queries */
+    const char *w_uv_t = w->w + (size_t)((h * (kn->nope + dv) + kn->nope) * R) * elem;
+    times(w_uv_t, R, dv, o_lat + (h - h0) * R, gh * R, w->tok, S, w->out + b * S * out_width + h * dv, out_width);
+  }
+}
+
+/* The shapes are checked when latent_attention.py rewrites the graph; a call with others leaves the output
+ * unset, which ONNX Runtime reports as an error of the run. */
+static void compute(void *kernel, void *ctx) {
+  const Kernel *kn = (const Kernel *)kernel;
+  const void *const *api = kn->api;
+  const void *in[9];
+  if (kn->heads < 1 || kn->nope < 1 || kn->v < 1 || !inputs_of(api, ctx, 9, in)) return;
+  int64_t d[9][MAX_DIMS];
+  size_t nd[9];
+  for (int i = 0; i < 9; i++)
+    if (!shape_of(api, in[i], d[i], &nd[i]) || nd[i] != (i == 8 ? 2u : 3u)) return;
+  const int64_t nh = kn->heads, B = d[0][0], S = d[0][1], P = d[4][1], N = d[6][1], D = d[7][2];
+  const int64_t R = d[8][1] / (kn->nope + kn->v);
+  const int ok = d[0][2] == nh * (kn->nope + D) && D % 2 == 0 && d[1][0] == B && d[1][1] == S && d[1][2] == D / 2 &&
+                 !memcmp(d[1], d[2], sizeof(int64_t) * 3) && d[3][0] == B && d[3][1] == S && d[3][2] == P + N &&
+                 d[4][0] == B && d[4][2] == R && d[5][0] == B && d[5][1] == P && d[5][2] == D && d[6][0] == B &&
+                 d[6][2] == R && d[7][0] == B && d[7][1] == N && d[8][0] == nh && d[8][1] % (kn->nope + kn->v) == 0;
+  if (!ok) return;
+  const int64_t shape[3] = {B, S, nh * kn->v};
+  void *out = NULL;
+  Status *s = FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, shape, 3, &out);
+  if (s) { release_status(api, s); return; }
+  /* Head groups: one per sequence where the work is small (a task's hand-off costs more than it saves), up to
+   * 4 where it is not; each group reads the sequence's cache once. */
+  const int64_t fma = S * nh * (kn->nope * R + 2 * (P + N) * (R + D) + kn->v * R);
+  const int64_t groups = fma < (1 << 18) ? 1 : (nh < 4 ? nh : 4);
+  Work w = {kn, data_of(api, in[0]), data_of(api, in[1]), data_of(api, in[2]), data_of(api, in[4]),
+            data_of(api, in[5]), data_of(api, in[6]), data_of(api, in[7]), data_of(api, in[3]), data_of(api, in[8]),
+            data_of(api, out), S, P, N, R, D, groups, NULL, NULL, S * ((nh + groups - 1) / groups) * (3 * R + D + P + N)};
+  if (!w.q || !w.cos || !w.sin || !w.mask || !w.w || !w.out || (P && (!w.past_c || !w.past_k)) ||
+      (N && (!w.new_c || !w.new_k)))
+    return;
+  memset(w.out, 0, sizeof(float) * (size_t)(B * S * nh * kn->v));
+  if (B * S == 0) return;
+  int64_t *tok = malloc(sizeof(int64_t) * (size_t)(S * nh)); /* 0, 1, ...: token and row indices */
+  w.scratch = malloc(sizeof(float) * (size_t)(B * groups * w.per_task));
+  if (tok && w.scratch) {
+    for (int64_t i = 0; i < S * nh; i++) tok[i] = i;
+    w.tok = tok;
+    parallel_for(api, ctx, run_task, (size_t)(B * groups), &w);
+  }
+  free(tok);
+  free(w.scratch);
+}
+
+static const char *name_f32(const CustomOp *op) { (void)op; return "LatentAttention"; }
+static const char *name_bf16(const CustomOp *op) { (void)op; return "LatentAttentionBf16"; }
+static int input_type(const CustomOp *op, size_t i) {
+  return i == 3 ? ELEMENT_BOOL : i == 8 && op == &latent_attention_ops[1] ? ELEMENT_UINT16 : ELEMENT_FLOAT;
+}
+static size_t input_count(const CustomOp *op) { (void)op; return 9; }
+
+static void *create_kernel(const CustomOp *op, const void *api, const void *info);
+
+CustomOp latent_attention_ops[2] = {DEFINE_OP(name_f32, input_type, input_count, create_kernel, compute),
+                                    DEFINE_OP(name_bf16, input_type, input_count, create_kernel, compute)};
+
+static void *create_kernel(const CustomOp *op, const void *api, const void *info) {
+  Kernel *kn = calloc(1, sizeof(Kernel));
+  if (!kn) return NULL;
+  kn->api = (const void *const *)api;
+  kn->heads = attribute_int(kn->api, info, "num_heads", 0);
+  kn->nope = attribute_int(kn->api, info, "nope_dim", 0);
+  kn->v = attribute_int(kn->api, info, "v_dim", 0);
+  kn->scale = attribute_float(kn->api, info, "scale", 0.0f);
+  kn->bf16 = op == &latent_attention_ops[1];
+  return kn;
+}

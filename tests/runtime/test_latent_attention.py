@@ -1,0 +1,153 @@
+"""nextn's latent-attention kernel (runtime/latent_attention.py, kernels/latent_attention.c): the exported
+MlaAttention function's values in one node, and the same for a query whatever else is in the call."""
+
+from unittest import mock
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from nextn.export.latent_attention import INPUTS, function_body
+from nextn.runtime import latent_attention, native
+from nextn.runtime.engines import open_engines
+
+
+def _attention_graph(rng, nh: int, dn: int, d: int, dv: int, r: int, bf16: bool = False) -> onnx.ModelProto:
+    """One nextn.MlaAttention node as the export writes it, with its function."""
+    w = (rng.standard_normal((nh * (dn + dv), r)) * 0.2).astype(np.float32)
+    if bf16:  # a bf16 checkpoint exported in fp32: values with zero low halves
+        w = (w.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    attrs = dict(num_heads=nh, nope_dim=dn, rope_dim=d, v_dim=dv, latent_dim=r, scale=0.3)
+    node = helper.make_node("MlaAttention", list(INPUTS), ["y"], domain="nextn", name="attn", **attrs)
+    ins = [helper.make_tensor_value_info(n, TensorProto.BOOL if n == "mask" else TensorProto.FLOAT, None)
+           for n in INPUTS[:-1]]  # fmt: skip
+    graph = helper.make_graph([node], "g", ins, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(w, "kv_b_proj")])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid("nextn", 1)])
+    model.functions.append(function_body(**attrs, opset=23))
+    return model
+
+
+def _on_kernel(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    stacks = latent_attention.use_latent_attention(out, arrays.__getitem__)
+    for t in out.graph.initializer:
+        if t.name in stacks:
+            t.CopyFrom(numpy_helper.from_array(stacks[t.name], t.name))
+    return out, stacks
+
+
+def _session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    if any(n.op_type.startswith("LatentAttention") for n in model.graph.node):
+        so.register_custom_ops_library(str(native.kernel_library()))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _feed(rng, b: int, s: int, p: int, nh: int, dn: int, d: int, r: int, pad: bool = True) -> dict:
+    mask = np.tril(np.ones((s, p + s), bool), k=p)[None].repeat(b, 0)  # [B, S, T] causal
+    if pad and p:
+        mask[0, :, 0] = False  # a padded past slot
+    return {"q": rng.standard_normal((b, s, nh * (dn + d)), dtype=np.float32),
+            "cos": rng.standard_normal((b, s, d // 2), dtype=np.float32),
+            "sin": rng.standard_normal((b, s, d // 2), dtype=np.float32), "mask": mask,
+            "past_c": rng.standard_normal((b, p, r), dtype=np.float32),
+            "past_k": rng.standard_normal((b, p, d), dtype=np.float32),
+            "new_c": rng.standard_normal((b, s, r), dtype=np.float32),
+            "new_k": rng.standard_normal((b, s, d), dtype=np.float32)}  # fmt: skip
+
+
+SHAPES = [(4, 32, 16, 32, 64, 40), (3, 8, 6, 5, 37, 9), (16, 64, 32, 64, 256, 300), (2, 16, 8, 16, 24, 0)]
+
+
+@pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.parametrize("nh,dn,d,dv,r,p", SHAPES)
+def test_the_kernel_computes_the_exported_function(nh, dn, d, dv, r, p):
+    # (3, 8, 6, 5, 37): widths that leave tails after every 16-wide loop; (16, .., 300): enough work for the
+    # kernel to split the heads into groups; p 0: a prefill without a past
+    rng = np.random.default_rng(nh + r + p)
+    model = _attention_graph(rng, nh, dn, d, dv, r)
+    rewritten, stacks = _on_kernel(model)
+    assert [n.op_type for n in rewritten.graph.node] == [latent_attention.OP_TYPE] and not rewritten.functions
+    assert stacks["kv_b_proj"].shape == (nh, (dn + dv) * r)
+    want, got = _session(model), _session(rewritten)
+    for b, s in ((1, 1), (2, 3), (1, 5)):
+        feed = _feed(rng, b, s, p, nh, dn, d, r)
+        ref, out = want.run(None, feed)[0], got.run(None, feed)[0]
+        assert out.shape == ref.shape == (b, s, nh * dv)
+        assert np.abs(out - ref).max() < 2e-5 * np.abs(ref).max(), (b, s)
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_a_fully_masked_query_attends_uniformly_as_the_reference_does():
+    rng = np.random.default_rng(1)
+    model = _attention_graph(rng, 4, 32, 16, 32, 64)
+    feed = _feed(rng, 1, 2, 6, 4, 32, 16, 64)
+    feed["mask"][0, 1] = False  # a padding query: every entry masked
+    want, got = _session(model).run(None, feed)[0], _session(_on_kernel(model)[0]).run(None, feed)[0]
+    assert np.abs(got - want).max() < 2e-5 * np.abs(want).max()
+
+
+@pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.parametrize("nh,dn,d,dv,r,p", SHAPES[:3])
+def test_a_querys_output_does_not_depend_on_the_other_queries_nor_the_threads(nh, dn, d, dv, r, p):
+    # A verify pass and a one-token step must agree bit for bit on the same query (greedy stays identical):
+    # query s alone, against the new entries it sees, equals query s of a 4-query call.
+    rng = np.random.default_rng(2)
+    model = _on_kernel(_attention_graph(rng, nh, dn, d, dv, r))[0]
+    one, two = _session(model), _session(model, threads=2)
+    feed = _feed(rng, 2, 4, p, nh, dn, d, r)
+    together = one.run(None, feed)[0]
+    assert np.array_equal(two.run(None, feed)[0], together)
+    for s in range(4):
+        alone = dict(feed, q=feed["q"][:, s : s + 1], cos=feed["cos"][:, s : s + 1], sin=feed["sin"][:, s : s + 1],
+                     mask=feed["mask"][:, s : s + 1])  # fmt: skip
+        assert np.array_equal(one.run(None, alone)[0][:, 0], together[:, s]), s
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_bf16_weights_are_read_as_bf16_and_give_the_same_output():
+    rng = np.random.default_rng(3)
+    model = _attention_graph(rng, 4, 32, 16, 32, 64, bf16=True)
+    rewritten, stacks = _on_kernel(model)
+    assert rewritten.graph.node[0].op_type == latent_attention.OP_TYPE_BF16 and stacks["kv_b_proj"].dtype == np.uint16
+    feed = _feed(rng, 2, 3, 10, 4, 32, 16, 64)
+    want = _session(model).run(None, feed)[0]
+    assert np.abs(_session(rewritten).run(None, feed)[0] - want).max() < 2e-5 * np.abs(want).max()
+
+
+def test_a_weight_another_node_reads_keeps_the_function():
+    model = _attention_graph(np.random.default_rng(4), 2, 16, 8, 16, 24)
+    model.graph.node.append(helper.make_node("Identity", ["kv_b_proj"], ["w_copy"]))
+    rewritten, stacks = _on_kernel(model)
+    assert not stacks and rewritten.graph.node[0].op_type == "MlaAttention" and len(rewritten.functions) == 1
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_the_tiny_trunk_and_mtp_on_the_kernel_give_the_functions_logits(tiny_moe_forms):
+    from nextn.export import io
+
+    _, artifact = tiny_moe_forms["fused"]
+    kernel = open_engines(artifact, prepack=True)
+    with mock.patch.object(native, "kernel_library", lambda: None):
+        plain = open_engines(artifact, prepack=True)
+    cfg = plain.manifest["config"]
+    assert kernel["trunk"].attention_kernels == cfg["num_hidden_layers"] and kernel["mtp_0"].attention_kernels == 1
+    assert plain["trunk"].attention_kernels == 0
+    rng = np.random.default_rng(5)
+    for s in (1, 4):
+        past = [(rng.standard_normal((2, 6, cfg["kv_lora_rank"]), dtype=np.float32),
+                 rng.standard_normal((2, 6, cfg["qk_rope_head_dim"]), dtype=np.float32))
+                for _ in range(cfg["num_hidden_layers"])]  # fmt: skip
+        feed = io.trunk_feed(rng.integers(0, cfg["vocab_size"], (2, s)), np.arange(6, 6 + s)[None].repeat(2, 0),
+                             np.ones((2, 6 + s), np.int64), past)  # fmt: skip
+        want, got = plain["trunk"].run(feed), kernel["trunk"].run(feed)
+        for a, b in zip(want, got):
+            assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(a).max()))
+    kernel.close()
+    plain.close()
