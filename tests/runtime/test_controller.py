@@ -163,9 +163,9 @@ def test_calibration_keeps_paired_ratios_and_the_level_follows(tmp_path):
 
 
 def test_no_probe_where_drafting_cannot_pay():
-    # a 2-token verify costs 2.3 plain steps: even 15% cheaper, and with acceptance 0.15 higher, 1 draft
-    # loses, so no probes at all
-    ctrl = _controller([1.0, 2.3, 2.9, 3.3], [0.8, 0.8, 0.8])
+    # a verify costs about a plain step per token: even 15% cheaper, and with acceptance 0.15 higher, no
+    # depth pays, so no probes at all
+    ctrl = _controller([1.0, 2.3, 3.3, 4.2], [0.8, 0.8, 0.8])
     assert [ctrl.choose().k for _ in range(300)] == [0] * 300
     # cheap verifies with the same acceptance: K = 0 is not chosen, and probes look one deeper
     ctrl = _controller([1.0, 1.05, 1.1, 1.15], [0.8, 0.8, 0.8])
@@ -379,3 +379,17 @@ def test_a_single_row_doubts_a_dear_first_draft_from_plain_decoding():
     ctrl = _controller([1.0, 2.06], [0.73], trials=1e6)
     ks = [c.k for c in _decode(ctrl, 800, [1.0, 1.6])]
     assert ks[:20] == [0] * 20 and ks[-100:].count(1) >= 95
+
+
+def test_a_probe_from_plain_looks_as_deep_as_could_pay():
+    """Position 1 is known to accept 60% (K = 1 does not pay: 1.6 tokens for 1.6 plain steps), positions 2-4
+    were never tried (0.5 assumed), and past the first every draft is accepted: K = 3 would pay (2.8 tokens for
+    2.1). A probe one position deeper (K = 1) only learned about position 1 again and auto stayed plain; a
+    probe at the deeper K that looks best tries positions 2-4, and drafting takes over."""
+    ratio = [1.0, 1.6, 1.9, 2.1, 2.3]
+    prior = AcceptanceCounts([100.0, 0.0, 0.0, 0.0], [60.0, 0.0, 0.0, 0.0])
+    ctrl = DraftController(_costs(ratio), [SequenceAcceptance(prior)], 4)
+    assert ctrl.choose().k == 0  # what is known says plain
+    choices = _decode(ctrl, 400, ratio, accepted=lambda step, k: k if step % 5 < 3 else 0)
+    assert max(c.k for c in choices[:40] if c.probe) >= 3
+    assert sum(c.k >= 3 for c in choices[200:]) > 150
