@@ -1,5 +1,4 @@
-"""nextn's latent-attention kernel (runtime/latent_attention.py) against the MlaAttention function it replaces,
-and ONNX Runtime's memory patterns on and off.
+"""nextn's latent-attention kernel (runtime/latent_attention.py) against the MlaAttention function it replaces.
 
     python benchmarks/latent_attention.py [--artifact DIR] [--rounds 9] [--threads 1] [--past 100]
 
@@ -8,12 +7,9 @@ and ONNX Runtime's memory patterns on and off.
 2. The trunk of --artifact (default: the embedded model's export) opened as the runtime opens it, with the
    kernel and with the function (the rewrite skipped), at 1, 2 and 4 new tokens; per round the median of 40
    passes each, alternating which goes first; kernel / function as the median of per-round ratios.
-3. A trunk pass and an MTP call per step with the shapes changing every step as in decoding (the past grows,
-   the widths move), sessions with ONNX Runtime's memory patterns on (its default) and off (the runtime's).
 """
 
 import argparse
-import itertools
 import statistics
 import time
 from pathlib import Path
@@ -103,35 +99,6 @@ def trunk_ab(artifact: Path, rounds: int, threads: int, past: int) -> None:
               f"kernel / function {got['kernel'][1]:.3f}")
 
 
-class _PatternsOn(ort.SessionOptions):
-    """Session options that keep ONNX Runtime's default (memory patterns on) whatever the runtime sets."""
-
-    enable_mem_pattern = property(lambda self: True, lambda self, value: None)
-
-
-def memory_patterns(artifact: Path, rounds: int, threads: int, past: int) -> None:
-    engines = {"off": open_engines(artifact, threads=threads)}
-    with mock.patch.object(ort, "SessionOptions", _PatternsOn):
-        engines["on"] = open_engines(artifact, threads=threads)
-    cfg, rng = engines["on"].manifest["config"], np.random.default_rng(2)
-    big = random_past(cfg, rng, past + 60 * rounds + 8)
-    mtp = f"mtp_{len([n for n in engines['on'] if n.startswith('mtp_')]) - 1}"
-
-    def step(e, p: int, s: int):  # a verify pass of s tokens, then an MTP catch-up of s rows, at past p
-        e["trunk"].run(io.trunk_feed(rng.integers(0, cfg["vocab_size"], (1, s)), (p + np.arange(s))[None],
-                                     np.ones((1, p + s), np.int64), [(c[:, :p], k[:, :p]) for c, k in big]))  # fmt: skip
-        e[mtp].run(io.mtp_feed(rng.integers(0, cfg["vocab_size"], (1, s)),
-                               rng.standard_normal((1, s, cfg["hidden_size"]), dtype=np.float32),
-                               (p + np.arange(s))[None], np.ones((1, p + s), np.int64), big[0][0][:, :p],
-                               big[0][1][:, :p], np.full((1, 1), s - 1, np.int64)))  # fmt: skip
-
-    grown = {f: itertools.count() for f in ("on", "off")}  # every call a past not seen before, in both forms
-    got = paired({f: (lambda i, f=f: step(engines[f], past + next(grown[f]), 1 + i % 4)) for f in ("on", "off")},
-                 rounds, 60)  # fmt: skip
-    print(f"3. a trunk pass + an MTP call, shapes changing every step ({threads} thread(s)): memory patterns on "
-          f"{got['on'][0]:.3f} ms  off {got['off'][0]:.3f} ms  off / on {got['off'][1]:.3f}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--artifact", type=Path, default=None)
@@ -147,7 +114,6 @@ def main() -> None:
         args.artifact = embedded_default()
     op_alone(args.rounds, args.threads, args.past)
     trunk_ab(args.artifact, args.rounds, args.threads, args.past)
-    memory_patterns(args.artifact, args.rounds, args.threads, args.past)
 
 
 if __name__ == "__main__":

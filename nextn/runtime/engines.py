@@ -143,10 +143,6 @@ class OrtEngine(Engine):
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        # Decoding changes the inputs' shapes every step (the past grows, the verify width moves): a memory
-        # pattern (ONNX Runtime's default) is planned and kept for each new set of shapes, so every step pays
-        # for planning one and the session keeps them all. Off: 5% off a trunk + MTP step (BENCHMARKS.md).
-        so.enable_mem_pattern = False
         if threads:
             so.intra_op_num_threads = threads
         if not prepack:
