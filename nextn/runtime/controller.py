@@ -167,6 +167,7 @@ class DraftController:
         self.plain_until = 0  # steps before this one reuse a plain choice without recomputing it
         self.burst_k, self.burst_left = 0, 0  # a burst's depth (a probe's; 0: the level's) and steps to run
         self.drafting = 0  # drafting steps since the last plain one
+        self.measuring = False  # a plain burst was started to measure a saved level (once)
         self.plain = Choice(0, float(len(rows)), 0.0, 0.0, False)
         confident = prior.trials[0] >= CONFIDENT_TRIALS
         self.interval = PROBE_FIRST * (4 if confident else 1)
@@ -186,7 +187,10 @@ class DraftController:
         tokens = [0.0] * (top + 1)  # expected, summed over the active rows
         for r in active:
             tokens = [a + b for a, b in zip(tokens, expected_tokens(self.rows[r].rates()[:top]))]
-        ms = self.costs.at(batch or len(self.rows)).step
+        costs = self.costs.at(batch or len(self.rows))
+        ms = costs.step
+        if not costs.measured and not self.measuring:  # a saved level: a plain burst measures it first (costs.py)
+            self.drafting, self.measuring = LEVEL_EVERY, True
         rate = [tokens[k] / ms[k] / (MARGIN if k else 1.0) for k in range(top + 1)]  # near-ties go to K = 0
         best = max(range(top + 1), key=rate.__getitem__)
         if best != self.best and self.best >= 0:  # the situation changed: look around again soon

@@ -23,7 +23,8 @@ probes, which draft a burst of steps). The online ratios live for the process (s
 the level moves only with plain steps, so while drafting the ratios drift against a stale level, and
 saved they compounded: 1.72 -> 0.97 for a 2-token step over three bench runs); the
 calibration's ratios and the level are saved per artifact and machine under <cache>/costs/ when the model
-closes, and the next process starts there.
+closes, and the next process starts there, measuring the level again before any ratio moves (the controller
+opens with a plain burst: a saved level can be 2x off, and ratios are costs over it).
 
 Tried and dropped: refining per-K figures from unpaired steps (a K = 0 step just after drafting steps read
 20-40% high, and the controller then drafted where it lost), and raising a ratio by EMA and never lowering
@@ -67,6 +68,11 @@ class BatchCosts:
     host: float  # per step, outside the engine calls and drafting, as calibrated
 
     seen: list[float] | None = None  # ratio[K] as refined online in this process (not saved)
+    # Whether `level` was measured in this process. A saved level is a start only: it was where the last
+    # process left it (a bench saved 1.50 ms where plain steps now took 0.74), and a drafting step's ratio
+    # is its cost over the level, so a stale one dragged every ratio with it (auto then drafted at 0.87x).
+    # The first plain step counted sets it; until then drafting steps move no ratio.
+    measured: bool = True
 
     @property
     def step(self) -> list[float]:
@@ -98,8 +104,13 @@ class CostModel:
         if k >= len(c.ratio) or c.level <= 0:
             return
         if k == 0:
-            c.level += EMA * (min(max(ms, c.level / OUTLIER), c.level * OUTLIER) - c.level)
+            if not c.measured:
+                c.level, c.measured = ms, True
+            else:
+                c.level += EMA * (min(max(ms, c.level / OUTLIER), c.level * OUTLIER) - c.level)
             self.changed = True
+            return
+        if not c.measured:
             return
         # The ratio follows the median of what drafting steps cost over the level: a fixed step up or down
         # (a median tracker: a hiccup moves it no more than any other step). Raising it only, by EMA, as
@@ -113,7 +124,8 @@ class CostModel:
         try:
             doc = json.loads(path.read_text())
             self.batches = {int(b): BatchCosts(float(c["level"]), [float(x) for x in c["ratio"]],
-                                               [float(x) for x in c["trunk"]], float(c["mtp"]), float(c["host"]))
+                                               [float(x) for x in c["trunk"]], float(c["mtp"]), float(c["host"]),
+                                               measured=False)
                             for b, c in doc["batches"].items()}  # fmt: skip
             self.acceptance = doc.get("acceptance")
             if not all(math.isfinite(x) and x > 0 for c in self.batches.values() for x in (c.level, *c.ratio)):
@@ -126,7 +138,8 @@ class CostModel:
         """Write the refined costs (and acceptance) atomically; a cache that cannot be written is skipped."""
         if self.cache_file is None or not self.batches or not self.changed:
             return
-        doc = {"batches": {str(b): {k: v for k, v in asdict(c).items() if k != "seen"} for b, c in self.batches.items()},
+        doc = {"batches": {str(b): {k: v for k, v in asdict(c).items() if k not in ("seen", "measured")}
+                           for b, c in self.batches.items()},
                "acceptance": self.acceptance}  # fmt: skip
         try:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -393,3 +393,20 @@ def test_a_probe_from_plain_looks_as_deep_as_could_pay():
     choices = _decode(ctrl, 400, ratio, accepted=lambda step, k: k if step % 5 < 3 else 0)
     assert max(c.k for c in choices[:40] if c.probe) >= 3
     assert sum(c.k >= 3 for c in choices[200:]) > 150
+
+
+def test_a_saved_level_is_measured_again_before_drafting_moves_any_ratio(tmp_path):
+    """The cache says a plain step takes 2 ms (where the last process left it); here it takes 1. K = 1 costs
+    1.6 plain steps and 50% of drafts are accepted: drafting loses (1.5 tokens for 1.6), but the saved ratio
+    reads it at 1.3. A drafting step's ratio is its cost over the level: over the stale level, 1.6 ms read
+    0.8 and pushed the ratio down, and auto drafted for good. The controller opens with a plain burst, the
+    first plain step counted sets the level, and the ratio then climbs until plain decoding wins."""
+    doc = {"batches": {"1": {"level": 2.0, "ratio": [1.0, 1.3], "trunk": [], "mtp": 0, "host": 0}}}
+    (tmp_path / "costs.json").write_text(json.dumps(doc))
+    costs = CostModel(None, 1, tmp_path / "costs.json")
+    assert not costs.batches[1].measured
+    prior = AcceptanceCounts([100.0], [50.0])
+    ctrl = DraftController(costs, [SequenceAcceptance(prior)], 1)
+    ks = [c.k for c in _decode(ctrl, 300, [1.0, 1.6], accepted=lambda step, k: k if step % 2 else 0)]
+    assert ks[:4] == [0, 0, 0, 0] and costs.batches[1].level == pytest.approx(1.0)
+    assert ks[-100:].count(0) > 80
