@@ -121,11 +121,20 @@ def test_bf16_weights_are_read_as_bf16_and_give_the_same_output():
     assert np.abs(_session(rewritten).run(None, feed)[0] - want).max() < 2e-5 * np.abs(want).max()
 
 
+@pytest.mark.usefixtures("needs_kernel")
 def test_a_weight_another_node_reads_keeps_the_function():
-    model = _attention_graph(np.random.default_rng(4), 2, 16, 8, 16, 24)
+    rng = np.random.default_rng(4)
+    model = _attention_graph(rng, 2, 16, 8, 16, 24)
     model.graph.node.append(helper.make_node("Identity", ["kv_b_proj"], ["w_copy"]))
+    model.graph.output.append(helper.make_tensor_value_info("w_copy", TensorProto.FLOAT, None))
     rewritten, stacks = _on_kernel(model)
     assert not stacks and rewritten.graph.node[0].op_type == "MlaAttention" and len(rewritten.functions) == 1
+    # the function still runs in a session that registers nextn's library (its "nextn" domain) for other nodes
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(str(native.kernel_library()))
+    with_library = ort.InferenceSession(rewritten.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feed = _feed(rng, 1, 2, 5, 2, 16, 8, 24)
+    assert np.array_equal(with_library.run(None, feed)[0], _session(model).run(None, feed)[0])
 
 
 @pytest.mark.usefixtures("needs_kernel")

@@ -20,13 +20,13 @@
  * Per query row (s, h):
  *   q_lat = q_nope W_UK[h]                        [R]
  *   q_rot = rotary(q_pe)                          [D]   [x1 c - x2 s | x2 c + x1 s]
- *   score_j = (q_lat . c_j) scale + (q_rot . k_j) scale, masked entries -FLT_MAX   (j over past, then new)
- *   o_lat = sum_j softmax(score)_j c_j            [R]
+ *   score_j = (q_lat . c_j + q_rot . k_j) scale, masked entries -FLT_MAX   (j over past, then new)
+ *   o_lat = sum_j softmax(score)_j c_j            [R]   (past and new entries apart, then added, as the graph does)
  *   out   = W_UV[h] o_lat                         [dv]
  * Each row's sums run in a fixed order whatever the other rows and the threads (the tokens' products as in
- * routed_experts.c, dot products in 16 lanes added in lane order): a query's output does not depend on how many
- * queries share the call, so a verify pass and a one-token step agree bit for bit. Tasks are (sequence, group of
- * heads); each reads the sequence's cache once.
+ * routed_experts.c, scores as score_dot says): a query's output does not depend on how many queries share the
+ * call, so a verify pass and a one-token step agree bit for bit. Tasks are (sequence, group of heads); each reads
+ * the sequence's cache once. The function's standard ops sum in other orders: the two agree to fp32 rounding.
  */
 #include <float.h>
 #include <math.h>
