@@ -22,8 +22,8 @@ from plain decoding, K = 1 probes kept auto plain where K = 3 ran 1.24x faster; 
 artifact has never been drafted on), first after PROBE_FIRST steps, then
 at doubling intervals up to PROBE_MAX, restarting when the choice changes, and only where they could change
 it: with acceptance PROBE_OPTIMISM / sqrt(rows) above the estimate, the deeper K would have to beat K* (on a model
-where a 2-token step costs ~2.2 plain steps, even 15% cheaper, no acceptance makes K = 1 pay, and plain
-decoding runs without probes; a pass's tokens are summed over its rows, whose mean acceptance strays from
+whose verify passes cost about a plain step per token, even 15% cheaper, no depth pays, and plain decoding
+runs without probes; a pass's tokens are summed over its rows, whose mean acceptance strays from
 the artifact's by ~1/sqrt(rows) as much as one row's: at batch 4 the probes from plain decoding, each
 catching a module up over every row's tokens since it last ran, cost 5-7% of the steps with the full
 optimism and found nothing). A probe whose MTP module has fallen behind first catches its cache up over
@@ -167,7 +167,7 @@ class DraftController:
         self.plain_until = 0  # steps before this one reuse a plain choice without recomputing it
         self.burst_k, self.burst_left = 0, 0  # a burst's depth (a probe's; 0: the level's) and steps to run
         self.drafting = 0  # drafting steps since the last plain one
-        self.measuring = False  # a plain burst was started to measure a saved level (once)
+        self.measuring: set[int] = set()  # batch sizes whose saved level a plain burst was started to measure
         self.plain = Choice(0, float(len(rows)), 0.0, 0.0, False)
         confident = prior.trials[0] >= CONFIDENT_TRIALS
         self.interval = PROBE_FIRST * (4 if confident else 1)
@@ -187,10 +187,12 @@ class DraftController:
         tokens = [0.0] * (top + 1)  # expected, summed over the active rows
         for r in active:
             tokens = [a + b for a, b in zip(tokens, expected_tokens(self.rows[r].rates()[:top]))]
-        costs = self.costs.at(batch or len(self.rows))
+        key = batch or len(self.rows)  # the batch size whose step costs apply
+        costs = self.costs.at(key)
         ms = costs.step
-        if not costs.measured and not self.measuring:  # a saved level: a plain burst measures it first (costs.py)
-            self.drafting, self.measuring = LEVEL_EVERY, True
+        if not costs.measured and key not in self.measuring:  # a saved level: a plain burst measures it (costs.py)
+            self.drafting = LEVEL_EVERY
+            self.measuring.add(key)
         rate = [tokens[k] / ms[k] / (MARGIN if k else 1.0) for k in range(top + 1)]  # near-ties go to K = 0
         best = max(range(top + 1), key=rate.__getitem__)
         if best != self.best and self.best >= 0:  # the situation changed: look around again soon

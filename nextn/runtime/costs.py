@@ -41,7 +41,7 @@ import math
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -55,6 +55,7 @@ CALIB_SECONDS = 2.5  # time budget of one batch size's calibration (at least 2 r
 EMA = 0.15  # weight of each new online observation of a step's cost
 OUTLIER = 2.0  # a plain step is clipped to [1/OUTLIER, OUTLIER] x the level (a VM hiccup is one step)
 RATIO_STEP = 1.02  # a drafting step moves its ratio up or down by this factor (from 1.5 to 2.0 in 15 steps)
+LEVEL_SAMPLES = 3  # plain steps whose median replaces a saved level (a controller's plain burst counts 3)
 
 
 @dataclass
@@ -71,8 +72,10 @@ class BatchCosts:
     # Whether `level` was measured in this process. A saved level is a start only: it was where the last
     # process left it (a bench saved 1.50 ms where plain steps now took 0.74), and a drafting step's ratio
     # is its cost over the level, so a stale one dragged every ratio with it (auto then drafted at 0.87x).
-    # The first plain step counted sets it; until then drafting steps move no ratio.
+    # The median of the first LEVEL_SAMPLES plain steps counted sets it (one step can be a hiccup); until
+    # then drafting steps move no ratio.
     measured: bool = True
+    samples: list[float] = field(default_factory=list)  # those first plain steps (not saved)
 
     @property
     def step(self) -> list[float]:
@@ -105,7 +108,8 @@ class CostModel:
             return
         if k == 0:
             if not c.measured:
-                c.level, c.measured = ms, True
+                c.samples.append(ms)
+                c.level, c.measured = statistics.median(c.samples), len(c.samples) >= LEVEL_SAMPLES
             else:
                 c.level += EMA * (min(max(ms, c.level / OUTLIER), c.level * OUTLIER) - c.level)
             self.changed = True
@@ -138,7 +142,7 @@ class CostModel:
         """Write the refined costs (and acceptance) atomically; a cache that cannot be written is skipped."""
         if self.cache_file is None or not self.batches or not self.changed:
             return
-        doc = {"batches": {str(b): {k: v for k, v in asdict(c).items() if k not in ("seen", "measured")}
+        doc = {"batches": {str(b): {k: v for k, v in asdict(c).items() if k not in ("seen", "measured", "samples")}
                            for b, c in self.batches.items()},
                "acceptance": self.acceptance}  # fmt: skip
         try:

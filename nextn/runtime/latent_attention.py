@@ -45,6 +45,8 @@ def use_latent_attention(model: onnx.ModelProto, array: Callable[[str], np.ndarr
         if name not in own or own[name].data_type != onnx.TensorProto.FLOAT:
             continue  # not an attention node, or its weight is shared: it keeps the function
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if not _fits(attrs, array(name).shape):
+            continue  # not the shapes the export writes: the function computes it (and reports what is wrong)
         w = kernel_layout(array(name), attrs["num_heads"], attrs["nope_dim"], attrs["v_dim"])
         bf16 = is_bf16(w)
         stacks[name] = bf16_bits(w) if bf16 else w
@@ -73,3 +75,13 @@ def kernel_layout(w: np.ndarray, heads: int, nope: int, v: int) -> np.ndarray:
     out[:, : nope * r] = w3[:, :nope].reshape(heads, -1)
     out[:, nope * r :] = w3[:, nope:].transpose(0, 2, 1).reshape(heads, -1)
     return out
+
+
+def _fits(attrs: dict, shape: tuple) -> bool:
+    """Whether a node's attributes and kv_b_proj's shape are the kernel's contract: [nh (dn + dv), R], positive
+    widths, an even rotary width (the kernel checks the activations' shapes at each call)."""
+    dims = [attrs.get(k, 0) for k in ("num_heads", "nope_dim", "v_dim", "latent_dim", "rope_dim")]
+    nh, dn, dv, r, d = (int(x) for x in dims)
+    return (min(nh, dn, dv, r, d) > 0 and d % 2 == 0 and "scale" in attrs
+            and tuple(shape) == (nh * (dn + dv), r))  # fmt: skip
+

@@ -410,3 +410,18 @@ def test_a_saved_level_is_measured_again_before_drafting_moves_any_ratio(tmp_pat
     ks = [c.k for c in _decode(ctrl, 300, [1.0, 1.6], accepted=lambda step, k: k if step % 2 else 0)]
     assert ks[:4] == [0, 0, 0, 0] and costs.batches[1].level == pytest.approx(1.0)
     assert ks[-100:].count(0) > 80
+    # the median of the first three plain steps: one hiccup does not set the level
+    again = CostModel(None, 1, tmp_path / "costs.json")
+    for ms, measured in ((1.0, False), (9.0, False), (1.1, True)):
+        again.observe(1, 0, ms)
+        assert again.batches[1].measured == measured
+    again.observe(1, 1, 0.1)  # drafting steps move ratios once the level is measured
+    assert again.batches[1].level == pytest.approx(1.1) and again.batches[1].seen[1] < 1.3
+    # each batch size's saved level is measured, not only the first one's a controller meets
+    doc["batches"]["4"] = doc["batches"]["1"]
+    (tmp_path / "costs.json").write_text(json.dumps(doc))
+    ctrl = DraftController(CostModel(None, 1, tmp_path / "costs.json"), [SequenceAcceptance(prior)], 1)
+    ctrl.choose(batch=1)
+    ctrl.burst_left = 0  # as if the burst at batch 1 were over
+    ctrl.choose(batch=4)
+    assert ctrl.measuring == {1, 4} and ctrl.burst_left

@@ -160,3 +160,12 @@ def test_the_tiny_trunk_and_mtp_on_the_kernel_give_the_functions_logits(tiny_moe
             assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(a).max()))
     kernel.close()
     plain.close()
+
+
+def test_a_node_off_the_kernels_contract_keeps_the_function():
+    model = _attention_graph(np.random.default_rng(6), 2, 16, 8, 16, 24)
+    for attr in model.graph.node[0].attribute:
+        if attr.name == "latent_dim":
+            attr.i = 25  # kv_b_proj is [.., 24]
+    rewritten, stacks = _on_kernel(model)
+    assert not stacks and rewritten.graph.node[0].op_type == "MlaAttention" and len(rewritten.functions) == 1

@@ -25,8 +25,8 @@
  *   out   = W_UV[h] o_lat                         [dv]
  * Each row's sums run in a fixed order whatever the other rows and the threads (the tokens' products as in
  * routed_experts.c, scores as score_dot says): a query's output does not depend on how many queries share the
- * call, so a verify pass and a one-token step agree bit for bit. Tasks are (sequence, group of heads); each reads
- * the sequence's cache once. The function's standard ops sum in other orders: the two agree to fp32 rounding.
+ * call: a verify pass computes each of its rows as that row alone would be, against the same cache (the same
+ * past / new split). Tasks are (sequence, group of heads); each reads the sequence's cache once. The function's standard ops sum in other orders: the two agree to fp32 rounding.
  */
 #include <float.h>
 #include <math.h>
@@ -85,8 +85,8 @@ static inline float score_dot(const float *x1, const float *y1, int64_t n1, cons
 
 /* e^x for x <= 0 in straight-line arithmetic the compiler vectorizes (libm's expf is a call per value):
  * e^x = 2^k e^f, k = round(x / ln 2), |f| <= ln 2 / 2, e^f by its degree-7 Taylor polynomial (relative error
- * < 2e-7 there, about libm's). Below -87 the result is 0 (e^-87 is fp32's smallest normal; masked scores are
- * -FLT_MAX). */
+ * < 2e-7 there, about libm's). At -87 and below the result is 0 (e^-87 is 1.6e-38, next to fp32's smallest
+ * normal; masked scores are -FLT_MAX). */
 static inline float exp_nonpositive(float x) {
   x = x < -87.0f ? -87.0f : x;
   const float k = nearbyintf(x * 1.44269504f);
@@ -202,26 +202,29 @@ static void compute(void *kernel, void *ctx) {
                  !memcmp(d[1], d[2], sizeof(int64_t) * 3) && d[3][0] == B && d[3][1] == S && d[3][2] == P + N &&
                  d[4][0] == B && d[4][2] == R && d[5][0] == B && d[5][1] == P && d[5][2] == D && d[6][0] == B &&
                  d[6][2] == R && d[7][0] == B && d[7][1] == N && d[8][0] == nh && d[8][1] % (kn->nope + kn->v) == 0;
-  if (!ok) return;
+  if (!ok || (B * S != 0 && P + N == 0)) return; /* queries need keys */
   const int64_t shape[3] = {B, S, nh * kn->v};
   void *out = NULL;
-  Status *s = FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, shape, 3, &out);
-  if (s) { release_status(api, s); return; }
+  if (B * S == 0) { /* an empty batch: an empty output */
+    release_status(api, FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, shape, 3, &out));
+    return;
+  }
   /* Head groups: one per sequence where the work is small (a task's hand-off costs more than it saves), up to
    * 4 where it is not; each group reads the sequence's cache once. */
   const int64_t fma = S * nh * (kn->nope * R + 2 * (P + N) * (R + D) + kn->v * R);
   const int64_t groups = fma < (1 << 18) ? 1 : (nh < 4 ? nh : 4);
   Work w = {kn, data_of(api, in[0]), data_of(api, in[1]), data_of(api, in[2]), data_of(api, in[4]),
             data_of(api, in[5]), data_of(api, in[6]), data_of(api, in[7]), data_of(api, in[3]), data_of(api, in[8]),
-            data_of(api, out), S, P, N, R, D, groups, NULL, NULL, S * ((nh + groups - 1) / groups) * (3 * R + D + P + N)};
-  if (!w.q || !w.cos || !w.sin || !w.mask || !w.w || !w.out || (P && (!w.past_c || !w.past_k)) ||
-      (N && (!w.new_c || !w.new_k)))
+            NULL, S, P, N, R, D, groups, NULL, NULL, S * ((nh + groups - 1) / groups) * (3 * R + D + P + N)};
+  if (!w.q || !w.cos || !w.sin || !w.mask || !w.w || (P && (!w.past_c || !w.past_k)) || (N && (!w.new_c || !w.new_k)))
     return;
-  memset(w.out, 0, sizeof(float) * (size_t)(B * S * nh * kn->v));
-  if (B * S == 0) return;
+  /* Everything that can fail before the output exists: a failed call leaves it unset, which ONNX Runtime
+   * reports as an error of the run (never a partial or zero output). */
   int64_t *tok = malloc(sizeof(int64_t) * (size_t)(S * nh)); /* 0, 1, ...: token and row indices */
   w.scratch = malloc(sizeof(float) * (size_t)(B * groups * w.per_task));
-  if (tok && w.scratch) {
+  Status *s = tok && w.scratch ? FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, shape, 3, &out) : NULL;
+  if (s) release_status(api, s);
+  else if (out && (w.out = data_of(api, out))) {
     for (int64_t i = 0; i < S * nh; i++) tok[i] = i;
     w.tok = tok;
     parallel_for(api, ctx, run_task, (size_t)(B * groups), &w);

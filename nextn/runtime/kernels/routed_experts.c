@@ -189,21 +189,27 @@ static void compute(void *kernel, void *ctx) {
       f1[3] != 2 * inter / parts || f2[0] != n_experts || f2[2] != hidden || k < 1 || k > n_experts)
     return;
   void *out = NULL;
-  Status *s = FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, xd, xn, &out);
-  if (s) { release_status(api, s); return; }
-  float *y = data_of(api, out);
+  if (rows == 0) { /* no tokens: an empty output */
+    release_status(api, FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, xd, xn, &out));
+    return;
+  }
   Work w = {kn->times, data_of(api, in[0]), data_of(api, in[2]), data_of(api, in[3]),
             kn->times == tokens_times_bf16 ? sizeof(uint16_t) : sizeof(float), hidden, inter, parts,
             inter / parts, NULL, NULL};
   const float *probs = data_of(api, in[1]);
-  if (!y || !w.x || !probs || !w.fc1 || !w.fc2) return;
-  memset(y, 0, (size_t)(rows * hidden) * sizeof(float));
-  if (rows == 0) return;
+  if (!w.x || !probs || !w.fc1 || !w.fc2) return;
+  /* Everything that can fail before the output exists: a failed call leaves it unset, which ONNX Runtime
+   * reports as an error of the run (never a partial or zero output). */
   const int64_t per_token = parts * (3 * w.width + hidden); /* scratch floats of one token in one expert's parts */
   int64_t *picked = malloc(sizeof(int64_t) * (size_t)(2 * rows * k)), *tokens = picked + rows * k;
   float *weights = malloc(sizeof(float) * (size_t)(2 * rows * k + rows * k * per_token));
   Task *tasks = malloc(sizeof(Task) * (size_t)(n_experts * parts));
-  if (!picked || !weights || !tasks) { free(picked); free(weights); free(tasks); return; }
+  Status *s = picked && weights && tasks ? FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, xd, xn, &out)
+                                         : NULL;
+  float *y = !s && out ? data_of(api, out) : NULL;
+  release_status(api, s);
+  if (!y) { free(picked); free(weights); free(tasks); return; }
+  memset(y, 0, (size_t)(rows * hidden) * sizeof(float));
   float *token_weight = weights + rows * k, *scratch = token_weight + rows * k;
   for (int64_t t = 0; t < rows; t++)
     route(probs + t * n_experts, n_experts, k, kn->normalize, picked + t * k, weights + t * k);
