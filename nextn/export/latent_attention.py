@@ -23,35 +23,45 @@ import onnx
 import torch
 from onnx import helper
 
+from nextn.export.fused_rope import rope_rows
+from nextn.model.reference import _softmax
+
 DOMAIN = "nextn"
 OP_TYPE = "MlaAttention"
 ATTRIBUTES = ("num_heads", "nope_dim", "rope_dim", "v_dim", "latent_dim")  # ints; and scale (float)
 INPUTS = ("q", "cos", "sin", "mask", "past_c", "past_k", "new_c", "new_k", "kv_b_proj")
 
 
-def _rotate_halves(x, c, s):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+def absorbed_attention(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, past_c: torch.Tensor,
+                       past_k: torch.Tensor, new_c: torch.Tensor, new_k: torch.Tensor, w: torch.Tensor, heads: int,
+                       nope: int, v: int, scale: float) -> torch.Tensor:  # fmt: skip
+    """MLA's absorbed attention from the query on, heads as rows (lean_attention.py's form; the shapes of the
+    module docstring): traced as it is for the lean form, run eagerly by nextn::latent_attention."""
+    b, s, _ = q.shape
+    r, d = w.shape[-1], new_k.shape[-1]
+    q_nope, q_pe = q.view(b * s, heads, 1, nope + d).split([nope, d], dim=-1)  # [B*S, nh, 1, dn], [.., D]
+    w3 = w.view(heads, nope + v, r)
+    w_uk, w_uv_t = w3[:, :nope], w3[:, nope:].transpose(-1, -2)  # [nh, dn, R], [nh, R, dv]
+    cos_rows, sin_rows = cos.view(b * s, 1, -1), sin.view(b * s, 1, -1)  # [B*S, 1, D/2]: the same in every layer
+    q_lat = (q_nope @ w_uk).view(b, s * heads, r)  # [B, S*nh, R]
+    q_rot = rope_rows(q_pe, cos_rows, sin_rows).view(b, s * heads, d)  # [B, S*nh, D]
+
+    def scores(c, k):  # [B, S*nh, len]: against the cache as it is, never copied
+        return (q_lat @ c.transpose(-1, -2)) * scale + (q_rot @ k.transpose(-1, -2)) * scale
+
+    rows = mask[:, :, None, :].expand(b, s, heads, mask.shape[-1]).reshape(b, s * heads, -1)  # [B, S*nh, T]
+    p = _softmax(torch.cat([scores(past_c, past_k), scores(new_c, new_k)], dim=-1), rows)
+    p_past, p_new = p.split([past_c.shape[1], new_c.shape[1]], dim=-1)
+    o = (p_past @ past_c + p_new @ new_c).view(b * s, heads, 1, r) @ w_uv_t  # [B*S, nh, 1, dv]
+    return o.reshape(b, s, heads * v)
 
 
 @torch.library.custom_op("nextn::latent_attention", mutates_args=())
 def latent_attention(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, past_c: torch.Tensor,
                      past_k: torch.Tensor, new_c: torch.Tensor, new_k: torch.Tensor, w: torch.Tensor, heads: int,
                      nope: int, v: int, scale: float) -> torch.Tensor:  # fmt: skip
-    """The shapes of the module docstring; lean_attention.py's arithmetic (the reference's absorbed form)."""
-    b, s, _ = q.shape
-    r, d = w.shape[-1], new_k.shape[-1]
-    q_nope, q_pe = q.view(b * s, heads, 1, nope + d).split([nope, d], dim=-1)  # [B*S, nh, 1, dn], [.., D]
-    w3 = w.view(heads, nope + v, r)
-    q_lat = (q_nope @ w3[:, :nope]).view(b, s * heads, r)  # [B, S*nh, R]
-    q_rot = _rotate_halves(q_pe, cos.reshape(b * s, 1, 1, -1), sin.reshape(b * s, 1, 1, -1)).view(b, s * heads, d)
-    scores = torch.cat([(q_lat @ c.transpose(-1, -2)) * scale + (q_rot @ k.transpose(-1, -2)) * scale
-                        for c, k in ((past_c, past_k), (new_c, new_k))], dim=-1)  # fmt: skip # [B, S*nh, T]
-    rows = mask[:, :, None, :].expand(b, s, heads, mask.shape[-1]).reshape(b, s * heads, -1)  # [B, S*nh, T]
-    p = torch.softmax(scores.masked_fill(~rows, torch.finfo(scores.dtype).min), dim=-1)
-    p_past, p_new = p.split([past_c.shape[1], new_c.shape[1]], dim=-1)
-    o = (p_past @ past_c + p_new @ new_c).view(b * s, heads, 1, r) @ w3[:, nope:].transpose(-1, -2)  # [B*S, nh, 1, dv]
-    return o.reshape(b, s, heads * v)
+    """absorbed_attention as one op, which the export writes as one MlaAttention node."""
+    return absorbed_attention(q, cos, sin, mask, past_c, past_k, new_c, new_k, w, heads, nope, v, scale)
 
 
 @latent_attention.register_fake

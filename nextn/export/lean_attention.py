@@ -30,9 +30,9 @@ import types
 
 import torch
 
-from nextn.export.fused_rope import rope, rope_rows
-from nextn.export.latent_attention import latent_attention
-from nextn.model.reference import MLA, LayerKV, _softmax, query_rows
+from nextn.export.fused_rope import rope
+from nextn.export.latent_attention import absorbed_attention, latent_attention
+from nextn.model.reference import MLA, LayerKV, query_rows
 
 
 def _lean_forward(self: MLA, x, rotary, cos, sin, mask, past: LayerKV, absorbed: bool, rows=None):
@@ -43,29 +43,13 @@ def _lean_forward(self: MLA, x, rotary, cos, sin, mask, past: LayerKV, absorbed:
                          cfg.v_head_dim, cfg.kv_lora_rank)  # fmt: skip
     c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([r, dr], dim=-1)  # [B, S, R], [B, S, D]
     new = LayerKV(self.kv_a_layernorm(c_kv), rope(k_pe, cos, sin))
-    s_new = x.shape[1]
-    x, cos, sin, mask = query_rows(rows, x, cos, sin, mask)  # from here on s counts the query rows
-    b, s, _ = x.shape
+    x, cos, sin, mask = query_rows(rows, x, cos, sin, mask)  # only the query rows from here on
     q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-    if self.__dict__.get("one_node") and q.dtype == torch.float32:  # latent_attention.py: one node, the same sums
-        o = latent_attention(q, cos, sin, mask[:, 0], past.c_kv, past.k_pe, new.c_kv, new.k_pe, self.kv_b_proj.weight,
-                             nh, dn, dv, float(cfg.softmax_scale))  # fmt: skip
-        return self.o_proj(o), new
-    q_nope, q_pe = q.view(b * s, nh, 1, dn + dr).split([dn, dr], dim=-1)  # [B*S, nh, 1, dn], [B*S, nh, 1, D]
-    w = self.kv_b_proj.weight.view(nh, dn + dv, r)
-    w_uk, w_uv_t = w[:, :dn], w[:, dn:].transpose(-1, -2)  # [nh, dn, R], [nh, R, dv]
-    cos_rows, sin_rows = cos.view(b * s, 1, -1), sin.view(b * s, 1, -1)  # [B*S, 1, D/2]: the same in every layer
-    q_lat = (q_nope @ w_uk).view(b, s * nh, r)  # [B, S*nh, R]
-    q_rot = rope_rows(q_pe, cos_rows, sin_rows).view(b, s * nh, dr)  # [B, S*nh, D]
-
-    def scores(c, k):  # [B, S*nh, len]: against the cache as it is, never copied
-        return (q_lat @ c.transpose(-1, -2)) * cfg.softmax_scale + (q_rot @ k.transpose(-1, -2)) * cfg.softmax_scale
-
-    mask_rows = mask[:, 0, :, None, :].expand(b, s, nh, mask.shape[-1]).reshape(b, s * nh, -1)  # [B, S*nh, T]
-    p = _softmax(torch.cat([scores(past.c_kv, past.k_pe), scores(new.c_kv, new.k_pe)], dim=-1), mask_rows)
-    p_past, p_new = p.split([past.c_kv.shape[1], s_new], dim=-1)
-    o = (p_past @ past.c_kv + p_new @ new.c_kv).view(b * s, nh, 1, r) @ w_uv_t  # [B*S, nh, 1, dv]
-    return self.o_proj(o.reshape(b, s, nh * dv)), new
+    one_node = self.__dict__.get("one_node") and q.dtype == torch.float32  # latent_attention.py: one node, same sums
+    attend = latent_attention if one_node else absorbed_attention
+    o = attend(q, cos, sin, mask[:, 0], past.c_kv, past.k_pe, new.c_kv, new.k_pe, self.kv_b_proj.weight, nh, dn, dv,
+               float(cfg.softmax_scale))  # fmt: skip # [B, S, nh*dv]
+    return self.o_proj(o), new
 
 
 @contextlib.contextmanager
