@@ -210,11 +210,10 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
     import onnx
 
     from nextn.export.latent_attention import OP_TYPE as ATTENTION_FUNCTION
+    from nextn.runtime import latent_attention, routed_experts
     from nextn.runtime.expert_halves import halve_experts
-    from nextn.runtime.latent_attention import use_latent_attention
     from nextn.runtime.merged_matmuls import merge_sibling_matmuls
     from nextn.runtime.native import DOMAIN, kernel_library
-    from nextn.runtime.routed_experts import use_routed_experts
 
     model = onnx.load(str(path), load_external_data=False)
     stored = {t.name: t for t in model.graph.initializer}
@@ -225,9 +224,11 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
 
     wanted = any(n.op_type in ("MoE", ATTENTION_FUNCTION) for n in model.graph.node)
     library = kernel_library() if wanted else None
-    stacks = {**use_routed_experts(model, read), **use_latent_attention(model, read)} if library else {}
+    stacks = {**routed_experts.use_routed_experts(model, read), **latent_attention.use_latent_attention(model, read)
+              } if library else {}  # fmt: skip
     on_kernel = [n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type != ATTENTION_FUNCTION]
-    experts, attention = sum("RoutedExperts" in t for t in on_kernel), sum("LatentAttention" in t for t in on_kernel)
+    experts = sum(t in (routed_experts.OP_TYPE, routed_experts.OP_TYPE_BF16) for t in on_kernel)
+    attention = sum(t in (latent_attention.OP_TYPE, latent_attention.OP_TYPE_BF16) for t in on_kernel)
     stacks.update(halve_experts(model, read))
     inline = [n for n in stacks if stored[n].data_location != onnx.TensorProto.EXTERNAL]
     for name in inline:  # a small stack stored in the graph: its new layout goes there too (the mapping has none)

@@ -13,6 +13,8 @@ from nextn.export.latent_attention import INPUTS, function_body
 from nextn.runtime import latent_attention, native
 from nextn.runtime.engines import open_engines
 
+from kernel_sessions import kernel_session, on_kernel  # tests/runtime: shared with the other kernel's tests
+
 
 def _attention_graph(rng, nh: int, dn: int, d: int, dv: int, r: int, bf16: bool = False) -> onnx.ModelProto:
     """One nextn.MlaAttention node as the export writes it, with its function."""
@@ -31,22 +33,7 @@ def _attention_graph(rng, nh: int, dn: int, d: int, dv: int, r: int, bf16: bool 
 
 
 def _on_kernel(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    stacks = latent_attention.use_latent_attention(out, arrays.__getitem__)
-    for t in out.graph.initializer:
-        if t.name in stacks:
-            t.CopyFrom(numpy_helper.from_array(stacks[t.name], t.name))
-    return out, stacks
-
-
-def _session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    if any(n.op_type.startswith("LatentAttention") for n in model.graph.node):
-        so.register_custom_ops_library(str(native.kernel_library()))
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return on_kernel(model, latent_attention.use_latent_attention)
 
 
 def _feed(rng, b: int, s: int, p: int, nh: int, dn: int, d: int, r: int, pad: bool = True) -> dict:
@@ -75,7 +62,7 @@ def test_the_kernel_computes_the_exported_function(nh, dn, d, dv, r, p):
     rewritten, stacks = _on_kernel(model)
     assert [n.op_type for n in rewritten.graph.node] == [latent_attention.OP_TYPE] and not rewritten.functions
     assert stacks["kv_b_proj"].shape == (nh, (dn + dv) * r)
-    want, got = _session(model), _session(rewritten)
+    want, got = kernel_session(model), kernel_session(rewritten)
     for b, s in ((1, 1), (2, 3), (1, 5)):
         feed = _feed(rng, b, s, p, nh, dn, d, r)
         ref, out = want.run(None, feed)[0], got.run(None, feed)[0]
@@ -89,7 +76,7 @@ def test_a_fully_masked_query_attends_uniformly_as_the_reference_does():
     model = _attention_graph(rng, 4, 32, 16, 32, 64)
     feed = _feed(rng, 1, 2, 6, 4, 32, 16, 64)
     feed["mask"][0, 1] = False  # a padding query: every entry masked
-    want, got = _session(model).run(None, feed)[0], _session(_on_kernel(model)[0]).run(None, feed)[0]
+    want, got = kernel_session(model).run(None, feed)[0], kernel_session(_on_kernel(model)[0]).run(None, feed)[0]
     assert np.abs(got - want).max() < 2e-5 * np.abs(want).max()
 
 
@@ -100,7 +87,7 @@ def test_a_querys_output_does_not_depend_on_the_other_queries_nor_the_threads(nh
     # query s alone, against the new entries it sees, equals query s of a 4-query call.
     rng = np.random.default_rng(2)
     model = _on_kernel(_attention_graph(rng, nh, dn, d, dv, r))[0]
-    one, two = _session(model), _session(model, threads=2)
+    one, two = kernel_session(model), kernel_session(model, threads=2)
     feed = _feed(rng, 2, 4, p, nh, dn, d, r)
     together = one.run(None, feed)[0]
     assert np.array_equal(two.run(None, feed)[0], together)
@@ -117,8 +104,8 @@ def test_bf16_weights_are_read_as_bf16_and_give_the_same_output():
     rewritten, stacks = _on_kernel(model)
     assert rewritten.graph.node[0].op_type == latent_attention.OP_TYPE_BF16 and stacks["kv_b_proj"].dtype == np.uint16
     feed = _feed(rng, 2, 3, 10, 4, 32, 16, 64)
-    want = _session(model).run(None, feed)[0]
-    assert np.abs(_session(rewritten).run(None, feed)[0] - want).max() < 2e-5 * np.abs(want).max()
+    want = kernel_session(model).run(None, feed)[0]
+    assert np.abs(kernel_session(rewritten).run(None, feed)[0] - want).max() < 2e-5 * np.abs(want).max()
 
 
 @pytest.mark.usefixtures("needs_kernel")
@@ -134,7 +121,7 @@ def test_a_weight_another_node_reads_keeps_the_function():
     so.register_custom_ops_library(str(native.kernel_library()))
     with_library = ort.InferenceSession(rewritten.SerializeToString(), so, providers=["CPUExecutionProvider"])
     feed = _feed(rng, 1, 2, 5, 2, 16, 8, 24)
-    assert np.array_equal(with_library.run(None, feed)[0], _session(model).run(None, feed)[0])
+    assert np.array_equal(with_library.run(None, feed)[0], kernel_session(model).run(None, feed)[0])
 
 
 @pytest.mark.usefixtures("needs_kernel")

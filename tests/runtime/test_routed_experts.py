@@ -6,13 +6,14 @@ from unittest import mock
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from nextn.calib.rewrite import MS_DOMAIN
 from nextn.runtime import native, routed_experts
 from nextn.runtime.engines import open_engines
+
+from kernel_sessions import kernel_session, on_kernel  # tests/runtime: shared with the other kernel's tests
 
 
 
@@ -32,22 +33,7 @@ def _moe_graph(rng, e: int, h: int, i: int, k: int, normalize: int, **extra) -> 
 
 
 def _on_kernel(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    stacks = routed_experts.use_routed_experts(out, arrays.__getitem__)
-    for t in out.graph.initializer:
-        if t.name in stacks:
-            t.CopyFrom(numpy_helper.from_array(stacks[t.name], t.name))
-    return out, stacks
-
-
-def _session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    if any(n.domain == native.DOMAIN for n in model.graph.node):
-        so.register_custom_ops_library(str(native.kernel_library()))
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return on_kernel(model, routed_experts.use_routed_experts)
 
 
 def _probs(rng, n: int, e: int, k: int, picked: int) -> np.ndarray:
@@ -72,7 +58,7 @@ def test_the_kernel_computes_onnxruntimes_moe(e, h, i, k, normalize):
     assert [(n.domain, n.op_type) for n in rewritten.graph.node] == [(native.DOMAIN, routed_experts.OP_TYPE)]
     parts = 2 if i % 2 == 0 else 1
     assert stacks["fc1"].shape == (e, parts, h, 2 * i // parts) and stacks["fc2"].shape == (e, i, h)
-    want, got, got2 = _session(model), _session(rewritten), _session(rewritten, threads=2)
+    want, got, got2 = kernel_session(model), kernel_session(rewritten), kernel_session(rewritten, threads=2)
     for n in (1, 2, 3, 4, 5, 9):  # token groups of 1-4, and more than one group
         # normalize = 1: more finite entries than k, so the top k of the softmax and its renormalization matter
         feed = {"x": rng.standard_normal((n, h)).astype(np.float32), "probs": _probs(rng, n, e, k, k + normalize)}
@@ -92,8 +78,8 @@ def test_bf16_weights_are_read_as_bf16_and_give_the_same_output():
     assert rewritten.graph.node[0].op_type == routed_experts.OP_TYPE_BF16
     assert stacks["fc1"].dtype == np.uint16 and stacks["fc1"].shape == (8, 2, 64, 48) and stacks["fc2"].shape == (8, 48, 64)
     feed = {"x": rng.standard_normal((5, 64)).astype(np.float32), "probs": _probs(rng, 5, 8, 2, 2)}
-    want = _session(model).run(None, feed)[0]
-    assert np.abs(_session(rewritten).run(None, feed)[0] - want).max() < 1e-5 * np.abs(want).max()
+    want = kernel_session(model).run(None, feed)[0]
+    assert np.abs(kernel_session(rewritten).run(None, feed)[0] - want).max() < 1e-5 * np.abs(want).max()
     # one weight that is not a bf16 value: the node stays fp32
     w = numpy_helper.to_array(model.graph.initializer[0]).copy()
     w.flat[0] = np.float32(1.0000001)
@@ -105,7 +91,7 @@ def test_bf16_weights_are_read_as_bf16_and_give_the_same_output():
 def test_a_tokens_output_does_not_depend_on_the_other_tokens():
     # A verify pass and a one-token step must agree bit for bit on the same token (greedy stays identical).
     rng = np.random.default_rng(3)
-    session = _session(_on_kernel(_moe_graph(rng, 8, 64, 48, 2, 0))[0])
+    session = kernel_session(_on_kernel(_moe_graph(rng, 8, 64, 48, 2, 0))[0])
     x, probs = rng.standard_normal((7, 64)).astype(np.float32), _probs(rng, 7, 8, 2, 2)
     together = session.run(None, {"x": x, "probs": probs})[0]
     for t in range(7):

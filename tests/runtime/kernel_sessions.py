@@ -1,0 +1,35 @@
+"""Shared by the kernels' tests (test_routed_experts.py, test_latent_attention.py): a graph rewritten onto
+nextn's kernels as a session that pre-packs would, and an ONNX Runtime session for it."""
+
+from typing import Callable
+
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+from nextn.runtime import latent_attention, native, routed_experts
+
+KERNEL_OPS = {(native.DOMAIN, op) for module in (routed_experts, latent_attention)
+              for op in (module.OP_TYPE, module.OP_TYPE_BF16)}  # fmt: skip
+
+
+def on_kernel(model: onnx.ModelProto, rewrite: Callable) -> tuple[onnx.ModelProto, dict]:
+    """A copy of `model` after `rewrite(model, array)` (use_routed_experts, use_latent_attention), its
+    initializers laid out anew as the session would get them. -> the copy, the new layouts by name."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    stacks = rewrite(out, arrays.__getitem__)
+    for t in out.graph.initializer:
+        if t.name in stacks:
+            t.CopyFrom(numpy_helper.from_array(stacks[t.name], t.name))
+    return out, stacks
+
+
+def kernel_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
+    """A CPU session; nextn's library registered where a node runs on one of its kernels."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    if any((n.domain, n.op_type) in KERNEL_OPS for n in model.graph.node):
+        so.register_custom_ops_library(str(native.kernel_library()))
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
