@@ -45,9 +45,10 @@ def use_latent_attention(model: onnx.ModelProto, array: Callable[[str], np.ndarr
         if name not in own or own[name].data_type != onnx.TensorProto.FLOAT:
             continue  # not an attention node, or its weight is shared: it keeps the function
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if not _fits(attrs, array(name).shape):
+        weight = array(name)  # [nh (dn + dv), R]
+        if not _fits(attrs, weight.shape):
             continue  # not the shapes the export writes: the function computes it (and reports what is wrong)
-        w = kernel_layout(array(name), attrs["num_heads"], attrs["nope_dim"], attrs["v_dim"])
+        w = kernel_layout(weight, attrs["num_heads"], attrs["nope_dim"], attrs["v_dim"])
         bf16 = is_bf16(w)
         stacks[name] = bf16_bits(w) if bf16 else w
         del own[name].dims[:]
