@@ -35,6 +35,7 @@
 
 #include "ort_api.h"
 #include "products.h"
+#include "attention.h"
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
@@ -107,47 +108,46 @@ static inline float exp_nonpositive(float x) {
 
 typedef struct {
   const void *const *api;
-  int64_t heads, nope, v;
-  float scale;
-  int bf16;
+  AttentionDims dims;
 } Kernel;
 
 typedef struct {
-  const Kernel *kn;
+  const AttentionDims *a;
   const float *q, *cos, *sin, *past_c, *past_k, *new_c, *new_k;
   const uint8_t *mask;
   const char *w;
   float *out;
-  int64_t s, p, n, r, d, groups; /* queries, past, new, latent width, rotary width, head groups per sequence */
-  const int64_t *tok;            /* 0 .. S nh - 1 */
-  float *scratch;                /* per task: per_task floats */
+  int64_t s, p, n, groups; /* queries, past, new, head groups per sequence */
+  const int64_t *tok;      /* 0 .. S nh - 1 */
+  float *scratch;          /* per task: per_task floats */
   int64_t per_task;
 } Work;
 
-/* The cache entry j of sequence b: past first, then new. */
-static inline const float *entry(const float *past, const float *new_, int64_t b, int64_t j, int64_t p, int64_t n,
-                                 int64_t width) {
-  return j < p ? past + (b * p + j) * width : new_ + (b * n + j - p) * width;
+/* The cache entry j: past first, then new. */
+static inline const float *entry(const float *past, const float *new_, int64_t j, int64_t p, int64_t width) {
+  return j < p ? past + j * width : new_ + (j - p) * width;
 }
 
-static void run_task(void *usr, size_t index) {
-  const Work *w = (const Work *)usr;
-  const Kernel *kn = w->kn;
-  const int64_t b = (int64_t)index / w->groups, g = (int64_t)index % w->groups;
-  const int64_t nh = kn->heads, h0 = nh * g / w->groups, h1 = nh * (g + 1) / w->groups, gh = h1 - h0;
-  const int64_t S = w->s, R = w->r, D = w->d, T = w->p + w->n, width = nh * (kn->nope + D), half = D / 2;
+size_t attention_scratch_floats(const AttentionDims *a, int64_t s, int64_t heads, int64_t t) {
+  return (size_t)(s * heads * (3 * a->r + a->d + t));
+}
+
+void attend_heads(const AttentionDims *a, int64_t h0, int64_t h1, const float *q, const float *cos, const float *sin,
+                  const uint8_t *mask, int64_t S, const float *past_c, const float *past_k, int64_t P,
+                  const float *new_c, const float *new_k, int64_t N, const char *w, const int64_t *tok,
+                  float *scratch, float *out) {
+  const int64_t nh = a->heads, gh = h1 - h0, R = a->r, D = a->d, T = P + N, width = nh * (a->nope + D), half = D / 2;
   const int64_t rows = S * gh; /* row (s, h) = s * gh + (h - h0) */
-  const size_t elem = kn->bf16 ? sizeof(uint16_t) : sizeof(float);
-  const TokensTimes times = kn->bf16 ? tokens_times_bf16 : tokens_times_f32;
-  float *q_lat = w->scratch + (int64_t)index * w->per_task;
-  float *o_lat = q_lat + rows * R, *o_new = o_lat + rows * R, *q_rot = o_new + rows * R, *score = q_rot + rows * D;
-  const float *q = w->q + b * S * width;
+  const size_t elem = a->bf16 ? sizeof(uint16_t) : sizeof(float);
+  const TokensTimes times = a->bf16 ? tokens_times_bf16 : tokens_times_f32;
+  float *q_lat = scratch, *o_lat = q_lat + rows * R, *o_new = o_lat + rows * R, *q_rot = o_new + rows * R;
+  float *score = q_rot + rows * D;
   for (int64_t h = h0; h < h1; h++) { /* q_lat rows of head h, strided by gh: W_UK[h] read once for all S */
-    const char *w_uk = w->w + (size_t)(h * (kn->nope + kn->v) * R) * elem;
-    times(w_uk, kn->nope, R, q + h * (kn->nope + D), width, w->tok, S, q_lat + (h - h0) * R, gh * R);
+    const char *w_uk = w + (size_t)(h * (a->nope + a->v) * R) * elem;
+    times(w_uk, a->nope, R, q + h * (a->nope + D), width, tok, S, q_lat + (h - h0) * R, gh * R);
     for (int64_t s = 0; s < S; s++) {
-      const float *pe = q + s * width + h * (kn->nope + D) + kn->nope;
-      const float *c = w->cos + (b * S + s) * half, *sn = w->sin + (b * S + s) * half;
+      const float *pe = q + s * width + h * (a->nope + D) + a->nope;
+      const float *c = cos + s * half, *sn = sin + s * half;
       float *rot = q_rot + (s * gh + h - h0) * D;
       for (int64_t i = 0; i < half; i++) {
         rot[i] = pe[i] * c[i] - pe[i + half] * sn[i];
@@ -156,12 +156,11 @@ static void run_task(void *usr, size_t index) {
     }
   }
   for (int64_t j = 0; j < T; j++) { /* scores: each cache entry read once for the group's rows */
-    const float *c = entry(w->past_c, w->new_c, b, j, w->p, w->n, R);
-    const float *k = entry(w->past_k, w->new_k, b, j, w->p, w->n, D);
+    const float *c = entry(past_c, new_c, j, P, R), *k = entry(past_k, new_k, j, P, D);
     for (int64_t row = 0; row < rows; row++) {
       const int64_t s = row / gh;
       score[row * T + j] =
-          w->mask[(b * S + s) * T + j] ? score_dot(q_lat + row * R, c, R, q_rot + row * D, k, D) * kn->scale : -FLT_MAX;
+          mask[s * T + j] ? score_dot(q_lat + row * R, c, R, q_rot + row * D, k, D) * a->scale : -FLT_MAX;
     }
   }
   for (int64_t row = 0; row < rows; row++) { /* softmax over each row */
@@ -174,15 +173,25 @@ static void run_task(void *usr, size_t index) {
   }
   /* o_lat = p_past past_c + p_new new_c, each part a product over its entries in order (the cache entries
    * are the weights' rows: read once for all rows, each row's sums in registers). */
-  const int64_t *row_ids = w->tok; /* 0 .. rows - 1 */
-  tokens_times_f32(w->past_c + b * w->p * R, w->p, R, score, T, row_ids, rows, o_lat, R);
-  tokens_times_f32(w->new_c + b * w->n * R, w->n, R, score + w->p, T, row_ids, rows, o_new, R);
+  tokens_times_f32(past_c, P, R, score, T, tok, rows, o_lat, R);
+  tokens_times_f32(new_c, N, R, score + P, T, tok, rows, o_new, R);
   for (int64_t i = 0; i < rows * R; i++) o_lat[i] += o_new[i];
-  const int64_t dv = kn->v, out_width = nh * dv;
+  const int64_t dv = a->v, out_width = nh * dv;
   for (int64_t h = h0; h < h1; h++) { /* out[s, h] = o_lat W_UV^T[h]: W_UV^T[h] read once for the S queries */
-    const char *w_uv_t = w->w + (size_t)((h * (kn->nope + dv) + kn->nope) * R) * elem;
-    times(w_uv_t, R, dv, o_lat + (h - h0) * R, gh * R, w->tok, S, w->out + b * S * out_width + h * dv, out_width);
+    const char *w_uv_t = w + (size_t)((h * (a->nope + dv) + a->nope) * R) * elem;
+    times(w_uv_t, R, dv, o_lat + (h - h0) * R, gh * R, tok, S, out + h * dv, out_width);
   }
+}
+
+static void run_task(void *usr, size_t index) {
+  const Work *w = (const Work *)usr;
+  const AttentionDims *a = w->a;
+  const int64_t b = (int64_t)index / w->groups, g = (int64_t)index % w->groups, nh = a->heads;
+  const int64_t S = w->s, R = a->r, D = a->d, T = w->p + w->n;
+  attend_heads(a, nh * g / w->groups, nh * (g + 1) / w->groups, w->q + b * S * nh * (a->nope + D),
+               w->cos + b * S * (D / 2), w->sin + b * S * (D / 2), w->mask + b * S * T, S, w->past_c + b * w->p * R,
+               w->past_k + b * w->p * D, w->p, w->new_c + b * w->n * R, w->new_k + b * w->n * D, w->n, w->w, w->tok,
+               w->scratch + (int64_t)index * w->per_task, w->out + b * S * nh * a->v);
 }
 
 /* The shapes are checked when latent_attention.py rewrites the graph; a call with others leaves the output
@@ -191,19 +200,22 @@ static void compute(void *kernel, void *ctx) {
   const Kernel *kn = (const Kernel *)kernel;
   const void *const *api = kn->api;
   const void *in[9];
-  if (kn->heads < 1 || kn->nope < 1 || kn->v < 1 || !inputs_of(api, ctx, 9, in)) return;
+  if (kn->dims.heads < 1 || kn->dims.nope < 1 || kn->dims.v < 1 || !inputs_of(api, ctx, 9, in)) return;
   int64_t d[9][MAX_DIMS];
   size_t nd[9];
   for (int i = 0; i < 9; i++)
     if (!shape_of(api, in[i], d[i], &nd[i]) || nd[i] != (i == 8 ? 2u : 3u)) return;
-  const int64_t nh = kn->heads, B = d[0][0], S = d[0][1], P = d[4][1], N = d[6][1], D = d[7][2];
-  const int64_t R = d[8][1] / (kn->nope + kn->v);
-  const int ok = d[0][2] == nh * (kn->nope + D) && D % 2 == 0 && d[1][0] == B && d[1][1] == S && d[1][2] == D / 2 &&
+  AttentionDims a = kn->dims;
+  const int64_t nh = a.heads, B = d[0][0], S = d[0][1], P = d[4][1], N = d[6][1], D = d[7][2];
+  const int64_t R = d[8][1] / (a.nope + a.v);
+  const int ok = d[0][2] == nh * (a.nope + D) && D % 2 == 0 && d[1][0] == B && d[1][1] == S && d[1][2] == D / 2 &&
                  !memcmp(d[1], d[2], sizeof(int64_t) * 3) && d[3][0] == B && d[3][1] == S && d[3][2] == P + N &&
                  d[4][0] == B && d[4][2] == R && d[5][0] == B && d[5][1] == P && d[5][2] == D && d[6][0] == B &&
-                 d[6][2] == R && d[7][0] == B && d[7][1] == N && d[8][0] == nh && d[8][1] % (kn->nope + kn->v) == 0;
+                 d[6][2] == R && d[7][0] == B && d[7][1] == N && d[8][0] == nh && d[8][1] % (a.nope + a.v) == 0;
   if (!ok || (B * S != 0 && P + N == 0)) return; /* queries need keys */
-  const int64_t shape[3] = {B, S, nh * kn->v};
+  a.r = R;
+  a.d = D;
+  const int64_t shape[3] = {B, S, nh * a.v};
   void *out = NULL;
   if (B * S == 0) { /* an empty batch: an empty output */
     release_status(api, FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, shape, 3, &out));
@@ -211,11 +223,12 @@ static void compute(void *kernel, void *ctx) {
   }
   /* Head groups: one per sequence where the work is small (a task's hand-off costs more than it saves), up to
    * 4 where it is not; each group reads the sequence's cache once. */
-  const int64_t fma = S * nh * (kn->nope * R + 2 * (P + N) * (R + D) + kn->v * R);
+  const int64_t fma = S * nh * (a.nope * R + 2 * (P + N) * (R + D) + a.v * R);
   const int64_t groups = fma < (1 << 18) ? 1 : (nh < 4 ? nh : 4);
-  Work w = {kn, data_of(api, in[0]), data_of(api, in[1]), data_of(api, in[2]), data_of(api, in[4]),
+  Work w = {&a, data_of(api, in[0]), data_of(api, in[1]), data_of(api, in[2]), data_of(api, in[4]),
             data_of(api, in[5]), data_of(api, in[6]), data_of(api, in[7]), data_of(api, in[3]), data_of(api, in[8]),
-            NULL, S, P, N, R, D, groups, NULL, NULL, S * ((nh + groups - 1) / groups) * (3 * R + D + P + N)};
+            NULL, S, P, N, groups, NULL, NULL,
+            (int64_t)attention_scratch_floats(&a, S, (nh + groups - 1) / groups, P + N)};
   if (!w.q || !w.cos || !w.sin || !w.mask || !w.w || (P && (!w.past_c || !w.past_k)) || (N && (!w.new_c || !w.new_k)))
     return;
   /* Everything that can fail before the output exists: a failed call leaves it unset, which ONNX Runtime
@@ -249,10 +262,10 @@ static void *create_kernel(const CustomOp *op, const void *api, const void *info
   Kernel *kn = calloc(1, sizeof(Kernel));
   if (!kn) return NULL;
   kn->api = (const void *const *)api;
-  kn->heads = attribute_int(kn->api, info, "num_heads", 0);
-  kn->nope = attribute_int(kn->api, info, "nope_dim", 0);
-  kn->v = attribute_int(kn->api, info, "v_dim", 0);
-  kn->scale = attribute_float(kn->api, info, "scale", 0.0f);
-  kn->bf16 = op == &latent_attention_ops[1];
+  kn->dims.heads = attribute_int(kn->api, info, "num_heads", 0);
+  kn->dims.nope = attribute_int(kn->api, info, "nope_dim", 0);
+  kn->dims.v = attribute_int(kn->api, info, "v_dim", 0);
+  kn->dims.scale = attribute_float(kn->api, info, "scale", 0.0f);
+  kn->dims.bf16 = op == &latent_attention_ops[1];
   return kn;
 }
