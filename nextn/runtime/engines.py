@@ -152,12 +152,14 @@ class OrtEngine(Engine):
         self.merged = 0  # groups of sibling products merged (merged_matmuls.py)
         self.routed_experts = 0  # MoE nodes on nextn's kernel (routed_experts.py)
         self.attention_kernels = 0  # attention layers on nextn's kernel (latent_attention.py)
+        self.mtp_module = False  # the whole graph on nextn's kernel (mtp_module.py)
         if shared is not None and device == "cpu":
             kept = None
             if load_forms:
                 forms = _load_forms(path, shared)
                 model, kept, self.merged = forms.model, forms.kept, forms.merged
                 self.routed_experts, self.attention_kernels = forms.routed_experts, forms.attention
+                self.mtp_module = forms.mtp_module
                 self.halves = {n: (a, ort.OrtValue.ortvalue_from_numpy(a)) for n, a in forms.stacks.items()}
                 if forms.library:
                     so.register_custom_ops_library(str(forms.library))
@@ -179,6 +181,8 @@ class OrtEngine(Engine):
         # ~40 cache tensors per call cost more (~0.15 ms on the embedded trunk) than copying the S new
         # entries per layer (BENCHMARKS.md, "Drafting that pays").
         values = self.session.run(None, feed)
+        if any(v is None for v in values):  # ONNX Runtime returns None for an output a custom kernel left unset
+            raise NextnError(f"{self.name}: nextn's kernel refused this call (shapes, rows or token ids out of range)")
         if out:
             for i, name in enumerate(self.outputs):
                 if name in out:
@@ -201,16 +205,18 @@ class LoadForms:
     library: Path | None = None  # nextn's kernel library, where nodes run on it (to register)
     routed_experts: int = 0  # MoE nodes now nextn.RoutedExperts(Bf16)
     attention: int = 0  # MlaAttention nodes now nextn.LatentAttention(Bf16)
+    mtp_module: bool = False  # the whole (int4 MTP) graph now one nextn.MtpModule node
 
 
 def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
-    """The graph at `path` in the forms that suit the CPU: the attention and the fp32 routed experts on nextn's
-    kernels (latent_attention.py, routed_experts.py, where a C compiler built them), the other routed experts
-    in halves for ONNX Runtime's threads (expert_halves.py), and sibling products merged (merged_matmuls.py)."""
+    """The graph at `path` in the forms that suit the CPU: an int4 MTP graph as one node on nextn's kernel
+    (mtp_module.py), or the attention and the fp32 routed experts on nextn's kernels (latent_attention.py,
+    routed_experts.py; where a C compiler built them), the other routed experts in halves for ONNX Runtime's
+    threads (expert_halves.py), and sibling products merged (merged_matmuls.py)."""
     import onnx
 
     from nextn.export.latent_attention import OP_TYPE as ATTENTION_FUNCTION
-    from nextn.runtime import latent_attention, routed_experts
+    from nextn.runtime import latent_attention, mtp_module, routed_experts
     from nextn.runtime.expert_halves import halve_experts
     from nextn.runtime.merged_matmuls import merge_sibling_matmuls
     from nextn.runtime.native import DOMAIN, kernel_library
@@ -222,8 +228,11 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
         mapped = shared.entries(path).get(name)
         return mapped[0] if mapped else onnx.numpy_helper.to_array(stored[name], str(path.parent))
 
-    wanted = any(n.op_type in ("MoE", ATTENTION_FUNCTION) for n in model.graph.node)
+    wanted = any(n.op_type in ("MoE", "QMoE", ATTENTION_FUNCTION) for n in model.graph.node)
     library = kernel_library() if wanted else None
+    if library and mtp_module.use_mtp_module(model, read):
+        return LoadForms(model.SerializeToString(), {}, 0, {t.name for t in model.graph.initializer}, library,
+                         mtp_module=True)  # fmt: skip
     stacks = {**routed_experts.use_routed_experts(model, read), **latent_attention.use_latent_attention(model, read)
               } if library else {}  # fmt: skip
     on_kernel = [n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type != ATTENTION_FUNCTION]
@@ -295,8 +304,8 @@ DRAFT_THREADS = 1
 
 # The graph rewrites a pre-packing session applies when it opens (_load_forms), numbered: step costs measured
 # with other forms (the costs cache, keyed by `setup`) are measured again. 1: experts in halves, siblings merged;
-# 2: fp32 routed experts on nextn's kernel; 3: the attention on nextn's kernel.
-LOAD_FORMS = 3
+# 2: fp32 routed experts on nextn's kernel; 3: the attention on nextn's kernel; 4: int4 MTP graphs as one node.
+LOAD_FORMS = 4
 
 # Pre-packing keeps a second, per-session copy of the weights: worth it (BENCHMARKS.md: up to 1.4x per
 # decode step on small models) while that copy is a small share of the machine's memory.

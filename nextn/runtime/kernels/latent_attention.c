@@ -195,7 +195,7 @@ static void run_task(void *usr, size_t index) {
 }
 
 /* The shapes are checked when latent_attention.py rewrites the graph; a call with others leaves the output
- * unset, which ONNX Runtime reports as an error of the run. */
+ * unset, which fails the run (a node that reads it, or OrtEngine.run for a graph output). */
 static void compute(void *kernel, void *ctx) {
   const Kernel *kn = (const Kernel *)kernel;
   const void *const *api = kn->api;
@@ -231,8 +231,8 @@ static void compute(void *kernel, void *ctx) {
             (int64_t)attention_scratch_floats(&a, S, (nh + groups - 1) / groups, P + N)};
   if (!w.q || !w.cos || !w.sin || !w.mask || !w.w || (P && (!w.past_c || !w.past_k)) || (N && (!w.new_c || !w.new_k)))
     return;
-  /* Everything that can fail before the output exists: a failed call leaves it unset, which ONNX Runtime
-   * reports as an error of the run (never a partial or zero output). */
+  /* Everything that can fail before the output exists: a failed call leaves it unset, which fails the run (a node that
+   * reads it, or OrtEngine.run for a graph output) (never a partial or zero output). */
   int64_t *tok = malloc(sizeof(int64_t) * (size_t)(S * nh)); /* 0, 1, ...: token and row indices */
   w.scratch = malloc(sizeof(float) * (size_t)(B * groups * w.per_task));
   Status *s = tok && w.scratch ? FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, shape, 3, &out) : NULL;

@@ -83,5 +83,6 @@ Status *RegisterCustomOps(void *options, const ApiBase *base) {
   Status *s = FN(api, CreateDomainFn, API_CREATE_CUSTOM_OP_DOMAIN)("nextn", &domain);
   for (int i = 0; !s && i < 2; i++) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &routed_experts_ops[i]);
   for (int i = 0; !s && i < 2; i++) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &latent_attention_ops[i]);
+  if (!s) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &mtp_module_ops[0]);
   return s ? s : FN(api, AddDomainFn, API_ADD_CUSTOM_OP_DOMAIN)(options, domain);
 }

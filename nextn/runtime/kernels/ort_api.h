@@ -34,7 +34,7 @@ enum {
   API_RELEASE_STATUS = 93, API_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
   API_KERNEL_CONTEXT_PARALLEL_FOR = 274, /* version 18 */
 };
-enum { ELEMENT_FLOAT = 1, ELEMENT_UINT16 = 4, ELEMENT_BOOL = 9, MAX_DIMS = 8 };
+enum { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2, ELEMENT_UINT16 = 4, ELEMENT_INT64 = 7, ELEMENT_BOOL = 9, MAX_DIMS = 8 };
 
 #define FN(api, type, index) ((type)((api)[index]))
 
@@ -84,6 +84,12 @@ void op_free_kernel(void *kernel);
    op_free_kernel, op_zero, op_zero, op_zero, op_one, op_one, op_one, op_one, NULL, NULL, NULL, op_one,           \
    op_end_version, op_no_pairs, op_release_pairs, op_no_pairs, op_release_pairs}
 
+/* The same with OUTPUT_COUNT_FN float outputs. */
+#define DEFINE_OP_N(NAME_FN, INPUT_TYPE_FN, INPUT_COUNT_FN, OUTPUT_COUNT_FN, CREATE_FN, COMPUTE_FN)                   \
+  {20, CREATE_FN, NAME_FN, op_provider, INPUT_TYPE_FN, INPUT_COUNT_FN, op_float_type, OUTPUT_COUNT_FN, COMPUTE_FN, \
+   op_free_kernel, op_zero, op_zero, op_zero, op_one, op_one, op_one, op_one, NULL, NULL, NULL, op_one,           \
+   op_end_version, op_no_pairs, op_release_pairs, op_no_pairs, op_release_pairs}
+
 /* Helpers over the API table (ort_api.c). */
 void release_status(const void *const *api, Status *s);
 int shape_of(const void *const *api, const void *value, int64_t *dims, size_t *ndims); /* 0 on failure */
@@ -98,5 +104,6 @@ void parallel_for(const void *const *api, void *ctx, void (*fn)(void *, size_t),
 /* Each kernel file's descriptors, registered by ort_api.c. */
 extern CustomOp routed_experts_ops[2];
 extern CustomOp latent_attention_ops[2];
+extern CustomOp mtp_module_ops[1];
 
 #endif

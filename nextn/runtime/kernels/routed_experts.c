@@ -171,7 +171,7 @@ typedef struct {
 } Kernel;
 
 /* The shapes are checked when routed_experts.py rewrites the graph; a call with others leaves the output unset,
- * which ONNX Runtime reports as an error of the run. */
+ * which fails the run (a node that reads it, or OrtEngine.run for a graph output). */
 static void compute(void *kernel, void *ctx) {
   const Kernel *kn = (const Kernel *)kernel;
   const void *const *api = kn->api;
@@ -198,8 +198,8 @@ static void compute(void *kernel, void *ctx) {
             inter / parts, NULL, NULL};
   const float *probs = data_of(api, in[1]);
   if (!w.x || !probs || !w.fc1 || !w.fc2) return;
-  /* Everything that can fail before the output exists: a failed call leaves it unset, which ONNX Runtime
-   * reports as an error of the run (never a partial or zero output). */
+  /* Everything that can fail before the output exists: a failed call leaves it unset, which fails the run (a node that
+   * reads it, or OrtEngine.run for a graph output) (never a partial or zero output). */
   const int64_t per_token = parts * (3 * w.width + hidden); /* scratch floats of one token in one expert's parts */
   int64_t *picked = malloc(sizeof(int64_t) * (size_t)(2 * rows * k)), *tokens = picked + rows * k;
   float *weights = malloc(sizeof(float) * (size_t)(2 * rows * k + rows * k * per_token));
