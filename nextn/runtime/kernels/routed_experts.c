@@ -42,19 +42,44 @@ static inline float load_bf16(const uint16_t *p, int64_t i) { /* bf16 is fp32's 
   return f;
 }
 
+typedef float v16 __attribute__((vector_size(64)));
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+/* 16 weights as fp32 lanes: loaded, or widened from bf16 (one vector conversion and shift, where a per-element
+ * load let the compiler widen them one at a time). */
+static inline v16 load16_f32(const float *p) {
+  v16 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline v16 load16_bf16(const uint16_t *p) {
+  u16x16 h;
+  memcpy(&h, p, sizeof h);
+  const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;
+  v16 v;
+  memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
 /* out_t[c0 : c0 + C] = sum over r of x_t[r] * W[r][c0 : c0 + C] for T tokens at once (x_t = x + tok[t] * ldx,
- * out_t = out + t * ldo, W [rows, n] row-major). W's chunk is read once for all T tokens, row by row, and each
- * token's sums run over r in order: a token's result does not depend on which tokens share the call, nor on
- * the chunk widths. The lane loops become vector FMAs; T x C accumulators fit the vector registers. */
-#define DEFINE_CHUNK(NAME, WT, LOAD, T, C)                                                                       \
+ * out_t = out + t * ldo, W [rows, n] row-major). W's chunk is read once for all T tokens, row by row (each 16
+ * weights loaded once for the T tokens), and each token's sums run over r in order: a token's result does not
+ * depend on which tokens share the call, nor on the chunk widths. T x C / 16 vector accumulators fit the
+ * registers. */
+#define DEFINE_CHUNK(NAME, WT, LOAD16, T, C)                                                                     \
   static void NAME##_##T##_##C(const WT *restrict w, int64_t rows, int64_t n, int64_t c0, const float *restrict x, \
                                int64_t ldx, const int64_t *tok, float *restrict out, int64_t ldo) {             \
-    float acc[T][C] = {{0}};                                                                                     \
+    v16 acc[T][C / 16];                                                                                          \
+    for (int t = 0; t < T; t++)                                                                                  \
+      for (int l = 0; l < C / 16; l++) acc[t][l] = (v16){0};                                                     \
     for (int64_t r = 0; r < rows; r++) {                                                                         \
       const WT *wr = w + r * n + c0;                                                                             \
-      for (int t = 0; t < T; t++) {                                                                              \
-        const float xv = x[tok[t] * ldx + r];                                                                    \
-        for (int l = 0; l < C; l++) acc[t][l] += xv * LOAD(wr, l);                                               \
+      float xv[T];                                                                                               \
+      for (int t = 0; t < T; t++) xv[t] = x[tok[t] * ldx + r];                                                   \
+      for (int l = 0; l < C / 16; l++) {                                                                         \
+        const v16 wv = LOAD16(wr + 16 * l);                                                                      \
+        for (int t = 0; t < T; t++) acc[t][l] += xv[t] * wv;                                                     \
       }                                                                                                          \
     }                                                                                                            \
     for (int t = 0; t < T; t++) memcpy(out + t * ldo + c0, acc[t], sizeof(acc[t]));                              \
@@ -76,13 +101,13 @@ static inline float load_bf16(const uint16_t *p, int64_t i) { /* bf16 is fp32's 
  * back (what the prefetchers follow best when the weights come from memory). */
 #define CHUNKS(NAME, T, C)                                                                                       \
   for (; c0 + C <= n; c0 += C) NAME##_##T##_##C(w, rows, n, c0, x, ldx, tok, out, ldo);
-#define DEFINE_TOKENS_TIMES(NAME, WT, LOAD)                                                                      \
-  DEFINE_CHUNK(NAME, WT, LOAD, 1, 256) DEFINE_CHUNK(NAME, WT, LOAD, 1, 192) DEFINE_CHUNK(NAME, WT, LOAD, 1, 128)  \
-  DEFINE_CHUNK(NAME, WT, LOAD, 1, 64) DEFINE_CHUNK(NAME, WT, LOAD, 1, 16)                                        \
-  DEFINE_CHUNK(NAME, WT, LOAD, 2, 128) DEFINE_CHUNK(NAME, WT, LOAD, 2, 96) DEFINE_CHUNK(NAME, WT, LOAD, 2, 64)    \
-  DEFINE_CHUNK(NAME, WT, LOAD, 2, 16)                                                                            \
-  DEFINE_CHUNK(NAME, WT, LOAD, 3, 64) DEFINE_CHUNK(NAME, WT, LOAD, 3, 16)                                        \
-  DEFINE_CHUNK(NAME, WT, LOAD, 4, 64) DEFINE_CHUNK(NAME, WT, LOAD, 4, 16)                                        \
+#define DEFINE_TOKENS_TIMES(NAME, WT, LOAD, LOAD16)                                                              \
+  DEFINE_CHUNK(NAME, WT, LOAD16, 1, 256) DEFINE_CHUNK(NAME, WT, LOAD16, 1, 192)                                   \
+  DEFINE_CHUNK(NAME, WT, LOAD16, 1, 128) DEFINE_CHUNK(NAME, WT, LOAD16, 1, 64) DEFINE_CHUNK(NAME, WT, LOAD16, 1, 16) \
+  DEFINE_CHUNK(NAME, WT, LOAD16, 2, 128) DEFINE_CHUNK(NAME, WT, LOAD16, 2, 96) DEFINE_CHUNK(NAME, WT, LOAD16, 2, 64) \
+  DEFINE_CHUNK(NAME, WT, LOAD16, 2, 16)                                                                          \
+  DEFINE_CHUNK(NAME, WT, LOAD16, 3, 64) DEFINE_CHUNK(NAME, WT, LOAD16, 3, 16)                                    \
+  DEFINE_CHUNK(NAME, WT, LOAD16, 4, 64) DEFINE_CHUNK(NAME, WT, LOAD16, 4, 16)                                    \
   DEFINE_TAIL(NAME, WT, LOAD)                                                                                    \
   static void NAME##_group(const WT *w, int64_t rows, int64_t n, const float *x, int64_t ldx, const int64_t *tok, \
                            int64_t g, float *out, int64_t ldo) {                                                \
@@ -100,8 +125,8 @@ static inline float load_bf16(const uint16_t *p, int64_t i) { /* bf16 is fp32's 
     for (int64_t j = 0; j < m; j += 4)                                                                           \
       NAME##_group((const WT *)weights, rows, n, x, ldx, tok + j, m - j < 4 ? m - j : 4, out + j * ldo, ldo);    \
   }
-DEFINE_TOKENS_TIMES(tokens_times_f32, float, load_f32)
-DEFINE_TOKENS_TIMES(tokens_times_bf16, uint16_t, load_bf16)
+DEFINE_TOKENS_TIMES(tokens_times_f32, float, load_f32, load16_f32)
+DEFINE_TOKENS_TIMES(tokens_times_bf16, uint16_t, load_bf16, load16_bf16)
 
 /* The top k of a softmax over row [E] -> experts [k], weights [k] (normalized to sum 1 if asked). */
 static void route(const float *row, int64_t n_experts, int64_t k, int normalize, int64_t *experts, float *weights) {
