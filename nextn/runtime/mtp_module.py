@@ -41,6 +41,12 @@ from nextn.runtime.native import DOMAIN
 
 OP_TYPE = "MtpModule"
 VERSION = 1
+# The largest MTP graph (its initializers' bytes) rewritten: the packed copy is stored in the serialized graph
+# (protobuf's limit is 2 GiB) and unpacking holds ~3x the 4-bit bytes for a moment. What the kernel saves is
+# per-node overhead, which is a draft's cost only where the module is small (the embedded model's: 0.6 MB;
+# issue 14's 1 GB checkpoint's: ~30 MB); a DeepSeek-V3 MTP module (~6 GB at 4 bits) reads its weights'
+# bytes for most of a draft and keeps ONNX Runtime's nodes.
+MAX_GRAPH_BYTES = 256 << 20
 TILE = 16  # columns per tile of a packed matrix
 # meta's first numbers, in the order the kernel reads them (META_* in kernels/mtp_module.c): the version, the
 # dimensions, then the offsets of the fp32 parameters; then per matrix (MATRICES, then fc1 and fc2 of each expert)
@@ -144,7 +150,9 @@ class MtpParts:
 
 def use_mtp_module(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -> bool:
     """Rewrite, in place, an int4 MTP graph to one nextn.MtpModule node (its packed weights stored in the graph);
-    False, the graph untouched, where it is not one."""
+    False, the graph untouched, where it is not one, or larger than MAX_GRAPH_BYTES."""
+    if sum(_nbytes(t) for t in model.graph.initializer) > MAX_GRAPH_BYTES:
+        return False
     parts = _find_parts(model, array)
     if parts is None:
         return False
@@ -162,6 +170,11 @@ def use_mtp_module(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return True
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    """An initializer's bytes, from its declaration (nothing is read)."""
+    return int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
 
 
 def _pack(p: MtpParts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -111,10 +111,17 @@ def test_a_row_out_of_range_is_an_error_of_the_run(int4_artifact):
         fused["mtp_0"].run(feed)
 
 
+def test_a_graph_past_the_size_limit_keeps_its_nodes(int4_artifact):
+    """Large modules keep ONNX Runtime's nodes (the packed copy lives in the serialized graph)."""
+    with mock.patch.object(mtp_module, "MAX_GRAPH_BYTES", 1000):
+        engines = open_engines(int4_artifact, threads=1, prepack=True)
+    assert not engines["mtp_0"].mtp_module
+
+
 def test_other_graphs_keep_their_nodes(tiny_artifact):
     model = onnx.load(str(tiny_artifact / "mtp_0.onnx"), load_external_data=False)
     before = model.SerializeToString()
-    arrays = {}  # an fp32 graph is refused before any weight is read
+    arrays = {}  # an fp32 graph is refused before any weight is read (its MTP module has no QMoE)
     assert not mtp_module.use_mtp_module(model, arrays.__getitem__)
     assert model.SerializeToString() == before
 
