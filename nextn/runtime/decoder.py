@@ -39,6 +39,7 @@ from nextn.export.manifest import ARRAY_DTYPES
 from nextn.runtime.controller import AcceptanceCounts, Choice, DraftController, SequenceAcceptance
 from nextn.runtime.costs import CALIB_PROMPT, CostModel, cost_batch, cost_cache_file
 from nextn.runtime.engines import Engines
+from nextn.runtime.mtp_module import native_drafter
 from nextn.runtime.sampling import AcceptRule, SamplingParams
 
 AUTO = "auto"
@@ -171,6 +172,8 @@ class Decoder:
         self.max_draft = (self.n_mtp + 2 if self.n_mtp else 0) if max_draft is None else max_draft
         self._costs: CostModel | None = None
         self._acceptance: AcceptanceCounts | None = None
+        # every MTP graph on nextn's kernel: a step's drafts in one call of it (mtp_module.NativeDrafter)
+        self.drafter = native_drafter(engines, self.n_mtp, self.np)
 
     # -- draft="auto": the controller's costs and artifact-wide acceptance ------------------------
     def depth(self, draft: int | str) -> int:
@@ -307,7 +310,11 @@ class Decoder:
     def draft(self, st: _State, k_total: int, stats: Stats) -> list[int]:
         """k_total draft tokens after t_n, from the MTP modules (and recursion with the last)."""
         t = time.perf_counter()
-        drafts = self._draft_tokens(st, k_total, stats)
+        if self.drafter is not None:
+            drafts = self.drafter.draft(st, k_total, self.prefill_chunk)
+            stats.mtp_ms += (time.perf_counter() - t) * 1e3  # all of it is MTP calls
+        else:
+            drafts = self._draft_tokens(st, k_total, stats)
         stats.draft_ms += (time.perf_counter() - t) * 1e3
         return drafts
 
@@ -437,6 +444,7 @@ class _State:
         self.mtp_c = [z((1, max_len, dec.r), dec.np) for _ in range(dec.n_mtp)]
         self.mtp_k = [z((1, max_len, dec.d), dec.np) for _ in range(dec.n_mtp)]
         self.mtp_hidden = [z((max_len, dec.h), dec.np) for _ in range(dec.n_mtp)]
+        self.native = None  # a NativeDrafter's view of these arrays (their addresses), made on first use
         self.reset()
 
     def reset(self) -> None:

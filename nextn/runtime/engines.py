@@ -152,7 +152,7 @@ class OrtEngine(Engine):
         self.merged = 0  # groups of sibling products merged (merged_matmuls.py)
         self.routed_experts = 0  # MoE nodes on nextn's kernel (routed_experts.py)
         self.attention_kernels = 0  # attention layers on nextn's kernel (latent_attention.py)
-        self.mtp_module = False  # the whole graph on nextn's kernel (mtp_module.py)
+        self.mtp_module = None  # the whole graph on nextn's kernel: its mtp_module.PackedModule
         if shared is not None and device == "cpu":
             kept = None
             if load_forms:
@@ -205,7 +205,7 @@ class LoadForms:
     library: Path | None = None  # nextn's kernel library, where nodes run on it (to register)
     routed_experts: int = 0  # MoE nodes now nextn.RoutedExperts(Bf16)
     attention: int = 0  # MlaAttention nodes now nextn.LatentAttention(Bf16)
-    mtp_module: bool = False  # the whole (int4 MTP) graph now one nextn.MtpModule node
+    mtp_module: object = None  # mtp_module.PackedModule: the whole (int4 MTP) graph now one nextn.MtpModule node
 
 
 def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
@@ -230,9 +230,10 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
 
     wanted = any(n.op_type in ("MoE", "QMoE", ATTENTION_FUNCTION) for n in model.graph.node)
     library = kernel_library() if wanted else None
-    if library and mtp_module.use_mtp_module(model, read):
+    packed = mtp_module.use_mtp_module(model, read) if library else None
+    if packed is not None:
         return LoadForms(model.SerializeToString(), {}, 0, {t.name for t in model.graph.initializer}, library,
-                         mtp_module=True)  # fmt: skip
+                         mtp_module=packed)  # fmt: skip
     stacks = {**routed_experts.use_routed_experts(model, read), **latent_attention.use_latent_attention(model, read)
               } if library else {}  # fmt: skip
     on_kernel = [n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type != ATTENTION_FUNCTION]
@@ -304,8 +305,9 @@ DRAFT_THREADS = 1
 
 # The graph rewrites a pre-packing session applies when it opens (_load_forms), numbered: step costs measured
 # with other forms (the costs cache, keyed by `setup`) are measured again. 1: experts in halves, siblings merged;
-# 2: fp32 routed experts on nextn's kernel; 3: the attention on nextn's kernel; 4: int4 MTP graphs as one node.
-LOAD_FORMS = 4
+# 2: fp32 routed experts on nextn's kernel; 3: the attention on nextn's kernel; 4: int4 MTP graphs as one node;
+# 5: a step's drafts in one call of it (mtp_module.NativeDrafter).
+LOAD_FORMS = 5
 
 # Pre-packing keeps a second, per-session copy of the weights: worth it (BENCHMARKS.md: up to 1.4x per
 # decode step on small models) while that copy is a small share of the machine's memory.

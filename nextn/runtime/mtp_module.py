@@ -26,13 +26,16 @@ compiler does not target AVX512-VNNI the kernel's portable loop computes the sam
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from nextn.errors import NextnError
 from nextn.export import io
 from nextn.export.latent_attention import DOMAIN as ATTENTION_DOMAIN
 from nextn.export.latent_attention import OP_TYPE as ATTENTION_OP
@@ -148,14 +151,24 @@ class MtpParts:
     embedding: str  # the embedding's initializer name (the graph's, shared with the trunk)
 
 
-def use_mtp_module(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -> bool:
+@dataclass
+class PackedModule:
+    """What an MtpModule node reads besides the activations (its inputs 7 to 10), kept for NativeDrafter."""
+
+    weights: np.ndarray  # uint8: the matrices, packed
+    params: np.ndarray  # fp32: norms, rotary frequencies, router, bias, kv_b_proj, scalars, scales
+    meta: np.ndarray  # int64: META_FIELDS, then each matrix's
+    embedding: np.ndarray  # [V, H] fp32, the graph's own (a view of the weights file)
+
+
+def use_mtp_module(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -> PackedModule | None:
     """Rewrite, in place, an int4 MTP graph to one nextn.MtpModule node (its packed weights stored in the graph);
-    False, the graph untouched, where it is not one, or larger than MAX_GRAPH_BYTES."""
+    None, the graph untouched, where it is not one, or larger than MAX_GRAPH_BYTES."""
     if sum(_nbytes(t) for t in model.graph.initializer) > MAX_GRAPH_BYTES:
-        return False
+        return None
     parts = _find_parts(model, array)
     if parts is None:
-        return False
+        return None
     weights, params, meta = _pack(parts)
     prefix = f"{OP_TYPE}."
     inputs = [i.name for i in model.graph.input]
@@ -169,7 +182,69 @@ def use_mtp_module(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -
                                     numpy_helper.from_array(meta, f"{prefix}meta")])  # fmt: skip
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
-    return True
+    return PackedModule(weights, params, meta, np.ascontiguousarray(array(parts.embedding), np.float32))
+
+
+class _MtpWeights(ctypes.Structure):
+    """kernels/mtp_module.c's MtpWeights: one module's packed weights."""
+
+    _fields_ = [("meta", ctypes.c_void_p), ("n_meta", ctypes.c_int64), ("q", ctypes.c_void_p), ("n_q", ctypes.c_int64),
+                ("f", ctypes.c_void_p), ("n_f", ctypes.c_int64), ("embed", ctypes.c_void_p), ("vocab", ctypes.c_int64),
+                ("hidden", ctypes.c_int64)]  # fmt: skip
+
+    @classmethod
+    def of(cls, m: PackedModule) -> _MtpWeights:
+        return cls(m.meta.ctypes.data, m.meta.size, m.weights.ctypes.data, m.weights.size, m.params.ctypes.data,
+                   m.params.size, m.embedding.ctypes.data, *m.embedding.shape)  # fmt: skip
+
+
+class NativeDrafter:
+    """All of a step's drafts in one call of nextn's kernel library (`nextn_mtp_draft`, kernels/mtp_module.c):
+    the decoder's drafting (decoder.py, Decoder._draft_tokens: each module's catch-up, its draft, the recursion
+    with the last module) with every MTP call on the kernel and nothing between them, where each call went
+    through Python and an ONNX Runtime run (~30 us a draft on the embedded model, a quarter of its cost). The
+    same kernel computes the same values either way (tests/runtime/test_mtp_module.py)."""
+
+    def __init__(self, library: Path, modules: list[PackedModule]):
+        self.modules = modules  # the arrays the structs point into: kept alive as long
+        self._weights = (_MtpWeights * len(modules))(*[_MtpWeights.of(m) for m in modules])
+        fn = ctypes.CDLL(str(library)).nextn_mtp_draft
+        p, i64 = ctypes.c_void_p, ctypes.c_int64
+        fn.argtypes = [p, i64, p, p, p, p, i64, i64, p, p, i64, i64, i64, p]
+        fn.restype = i64
+        self._draft = fn
+
+    def draft(self, st, k_total: int, chunk: int) -> list[int]:
+        """k_total drafts after t_n for the sequence state `st` (decoder._State: fp32 caches), its MTP caches,
+        hiddens and valid slots updated as the per-call path would."""
+        if st.native is None:  # the state's arrays live as long as it does: their addresses, once
+            ptrs = [(ctypes.c_void_p * len(arrays))(*[a.ctypes.data for a in arrays])
+                    for arrays in (st.mtp_c, st.mtp_k, st.mtp_hidden)]  # fmt: skip
+            st.native = ptrs
+        n, used = st.n, min(k_total, len(self.modules))
+        lo = min(st.mtp_valid[:used]) + 1
+        tokens = np.array(st.tokens[lo : n + 1], np.int64)
+        valid = np.array(st.mtp_valid, np.int64)
+        drafts = np.empty(k_total, np.int64)
+        c, k, h = st.native
+        got = self._draft(self._weights, len(self.modules), c, k, h, tokens.ctypes.data, lo, n, st.hidden.ctypes.data,
+                          valid.ctypes.data, k_total, chunk, st.max_len, drafts.ctypes.data)  # fmt: skip
+        if got != k_total:
+            raise NextnError(f"nextn's MTP kernel could not draft {k_total} tokens at position {n} "
+                             f"(context {st.max_len})")  # fmt: skip
+        st.mtp_valid[:] = valid.tolist()
+        return drafts.tolist()
+
+
+def native_drafter(engines, n_mtp: int, dtype: np.dtype) -> NativeDrafter | None:
+    """A NativeDrafter where every MTP graph of `engines` runs on the kernel (and the caches are fp32), else None."""
+    from nextn.runtime.native import kernel_library
+
+    packed = [getattr(engines.get(f"mtp_{k}"), "mtp_module", None) for k in range(n_mtp)]
+    if not packed or any(p is None for p in packed) or np.dtype(dtype) != np.float32:
+        return None
+    library = kernel_library()
+    return NativeDrafter(library, packed) if library else None
 
 
 def _nbytes(t: onnx.TensorProto) -> int:

@@ -99,6 +99,36 @@ def test_drafting_on_the_kernel_is_lossless_at_every_batch(int4_artifact):
 
 
 @pytest.mark.usefixtures("needs_kernel")
+def test_one_call_drafts_what_the_per_call_path_drafts(int4_artifact):
+    """NativeDrafter (every draft of a step in one kernel call) against the decoder's own loop over the MTP
+    engines (the same kernel behind ONNX Runtime): the same drafts, so the same acceptance at every position."""
+    with nextn.load(int4_artifact) as model:
+        dec = model.decoder
+        assert dec.drafter is not None
+        prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17]]
+        for k in (1, 2, 3, 4, "auto"):
+            runs = []
+            for drafter in (dec.drafter, None):
+                dec.drafter, kept = drafter, dec.drafter
+                runs.append([(out, st.drafted_per_position, st.accepted_per_position)
+                             for out, st in dec.generate_many(prompts, 16, draft=k)])  # fmt: skip
+                dec.drafter = kept
+            assert runs[0] == runs[1], k
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_a_draft_past_the_context_is_an_error(int4_artifact):
+    from nextn.runtime.decoder import _State
+
+    with nextn.load(int4_artifact) as model:
+        dec = model.decoder
+        st = _State(dec, max_len=8)
+        st.n, st.tokens = 6, [5] * 7
+        with pytest.raises(NextnError, match="could not draft 4 tokens at position 6 \\(context 8\\)"):
+            dec.drafter.draft(st, 4, 256)
+
+
+@pytest.mark.usefixtures("needs_kernel")
 def test_a_row_out_of_range_is_an_error_of_the_run(int4_artifact):
     fused = open_engines(int4_artifact, threads=1, prepack=True)
     feed = _feeds(fused.manifest["config"], np.random.default_rng(3))[1]

@@ -248,6 +248,11 @@ static int64_t task_floats(const Module *md, int64_t S, int64_t N, int64_t T) {
          (int64_t)attention_scratch_floats(&md->attn, N, md->attn.heads, T);
 }
 
+/* Scratch floats of one sequence's call: task_floats, and the routing's ids, rows and weights. */
+static int64_t scratch_floats(const Module *md, int64_t S, int64_t N, int64_t T) {
+  return task_floats(md, S, N, T) + 2 * N * (md->top_k + 2) + 2;
+}
+
 /* One sequence, all of its rows (the comment at the top). */
 static void run_sequence(void *usr, size_t index) {
   const Work *w = (const Work *)usr;
@@ -424,7 +429,7 @@ static void compute(void *kernel, void *ctx) {
   for (int64_t i = 0; ok && i < B * N; i++) ok = w.rows && w.rows[i] >= 0 && w.rows[i] < S;
   const int64_t T = P + S, heads = ok ? md->attn.heads : 0;
   int64_t *tok = ok ? malloc(sizeof(int64_t) * (size_t)(N * heads + 1)) : NULL;
-  w.per_task = ok ? task_floats(md, S, N, T) + 2 * N * (md->top_k + 2) + 2 : 0; /* + ids, rows, weights */
+  w.per_task = ok ? scratch_floats(md, S, N, T) : 0;
   w.scratch = tok ? malloc(sizeof(float) * (size_t)(B * w.per_task + 1)) : NULL;
   const int64_t shapes[4][3] = {{B, N, ok ? md->v : 0}, {B, N, ok ? md->h : 0}, {B, S, ok ? md->r : 0},
                                 {B, S, ok ? md->d : 0}};
@@ -464,3 +469,113 @@ static void *create_kernel(const CustomOp *op, const void *api, const void *info
 }
 
 CustomOp mtp_module_ops[1] = {DEFINE_OP_N(name, input_type, input_count, output_count, create_kernel, compute)};
+
+/* -- all of a step's drafts in one call (runtime/mtp_module.py's NativeDrafter) ------------------------- */
+
+/* One MTP module's packed weights (the node's inputs 7 to 10), as mtp_module.py holds them. */
+typedef struct {
+  const int64_t *meta;
+  int64_t n_meta;
+  const uint8_t *q;
+  int64_t n_q;
+  const float *f;
+  int64_t n_f;
+  const float *embed;
+  int64_t vocab, hidden;
+} MtpWeights;
+
+/* One sequence's call of module md: S rows at cache slots P .. P + S - 1 (all earlier slots its past, none
+ * padded), the outputs of rows[0 .. N). 0 where memory runs out. */
+static int call_module(const Module *md, const int64_t *ids, const float *hidden, const int64_t *pos,
+                       const int64_t *mask, int64_t S, const float *past_c, const float *past_k, int64_t P,
+                       const int64_t *rows, int64_t N, float *logits, float *hidden_out, float *new_c, float *new_k) {
+  Work w = {md, ids, pos, mask, rows, hidden, past_c, past_k, logits, hidden_out, new_c, new_k, S, P, N, NULL,
+            scratch_floats(md, S, N, P + S), NULL};
+  int64_t *tok = malloc(sizeof(int64_t) * (size_t)(N * md->attn.heads + 1));
+  w.scratch = tok ? malloc(sizeof(float) * (size_t)(w.per_task + 1)) : NULL;
+  if (w.scratch) {
+    for (int64_t i = 0; i < N * md->attn.heads + 1; i++) tok[i] = i;
+    w.tok = tok;
+    run_sequence(&w, 0);
+  }
+  const int ok = w.scratch != NULL;
+  free(tok);
+  free(w.scratch);
+  return ok;
+}
+
+static int64_t argmax(const float *x, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; i++) best = x[i] > x[best] ? i : best;
+  return best;
+}
+
+/* The decoder's drafting (runtime/decoder.py, Decoder._draft_tokens) for one sequence, every MTP call on this
+ * kernel: module k catches its cache up over slots valid[k] .. n - 1 (chunks of `chunk` slots; token t_{i+k+1}
+ * and module k-1's hidden, the trunk's for k = 0, per slot i; t_{n+j} is draft j), its last row's argmax is a
+ * draft, and valid[k] becomes n - k; past the last module L, module L-1 runs again one slot further per draft on
+ * its own hidden. tokens[i - lo] is t_i for lo <= i <= n; each module's cache (cache_c [max_len, R], cache_k
+ * [max_len, D]) and hidden_out (hidden [max_len, H]) are the sequence's own, written in place. -> the number of
+ * drafts written to drafts[], or -1 (a meta that does not fit, a slot past max_len, memory). */
+int64_t nextn_mtp_draft(const MtpWeights *mw, int64_t n_mods, float *const *cache_c, float *const *cache_k,
+                        float *const *hidden, const int64_t *tokens, int64_t lo, int64_t n, const float *trunk_hidden,
+                        int64_t *valid, int64_t k_total, int64_t chunk, int64_t max_len, int64_t *drafts) {
+  if (n_mods < 1 || n_mods > 16 || chunk < 1 || n < 1 || k_total < 0 || n + k_total > max_len) return -1;
+  Module *md = malloc(sizeof(Module) * (size_t)n_mods);
+  const int64_t rows_max = chunk < max_len ? chunk : max_len;
+  int64_t *ints = malloc(sizeof(int64_t) * (size_t)(3 * rows_max + max_len));
+  float *logits = NULL;
+  int64_t done = -1;
+  int ok = md && ints;
+  for (int64_t m = 0; ok && m < n_mods; m++) {
+    ok = read_module(&md[m], mw[m].meta, mw[m].n_meta, mw[m].q, mw[m].n_q, mw[m].f, mw[m].n_f) &&
+         mw[m].embed && mw[m].vocab == md[m].v && mw[m].hidden == md[m].h && md[m].h == md[0].h &&
+         md[m].r == md[0].r && md[m].d == md[0].d && md[m].v == md[0].v;
+    md[m].embed = mw[m].embed;
+  }
+  if (ok) logits = malloc(sizeof(float) * (size_t)(rows_max * md[0].v));
+  if (!ok || !logits) goto out;
+  const int64_t H = md[0].h, R = md[0].r, D = md[0].d, V = md[0].v, L = n_mods;
+  int64_t *ids = ints, *pos = ids + rows_max, *rows = pos + rows_max, *mask = rows + rows_max, nd = 0;
+  for (int64_t i = 0; i < max_len; i++) mask[i] = 1;
+  const float *last = NULL;
+  for (int64_t k = 0; k < (k_total < L ? k_total : L); k++) {
+    const float *src = k ? hidden[k - 1] : trunk_hidden;
+    if (valid[k] < 0 || valid[k] >= n) goto out;
+    int64_t b = valid[k], N = 0;
+    for (int64_t a = valid[k]; a < n; a += chunk) {
+      b = a + chunk < n ? a + chunk : n;
+      const int64_t S = b - a, first = k == L - 1 ? b - 1 : a;
+      N = b - first;
+      for (int64_t i = a; i < b; i++) {
+        const int64_t idx = i + k + 1;
+        if (idx <= n && idx < lo) goto out;
+        ids[i - a] = idx <= n ? tokens[idx - lo] : drafts[idx - n - 1];
+        pos[i - a] = idx;
+      }
+      for (int64_t r = 0; r < N; r++) rows[r] = first - a + r;
+      if (!call_module(&md[k], ids, src + a * H, pos, mask, S, cache_c[k], cache_k[k], a, rows, N, logits,
+                       hidden[k] + first * H, cache_c[k] + a * R, cache_k[k] + a * D))
+        goto out;
+    }
+    drafts[nd++] = argmax(logits + (N - 1) * V, V);
+    valid[k] = n - k > 0 ? n - k : 0;
+    last = hidden[k] + (b - 1) * H;
+  }
+  for (int64_t j = L, m = L - 1; j < k_total; j++) { /* recursion with the last module */
+    const int64_t slot = n - 1 + (j - m), zero = 0;
+    ids[0] = drafts[j - 1];
+    pos[0] = slot + m + 1;
+    if (!call_module(&md[m], ids, last, pos, mask, 1, cache_c[m], cache_k[m], slot, &zero, 1, logits,
+                     hidden[m] + slot * H, cache_c[m] + slot * R, cache_k[m] + slot * D))
+      goto out;
+    drafts[nd++] = argmax(logits, V);
+    last = hidden[m] + slot * H;
+  }
+  done = nd;
+out:
+  free(md);
+  free(ints);
+  free(logits);
+  return done;
+}
