@@ -23,7 +23,8 @@ Caches are preallocated per sequence ([1, max_len, R] and [1, max_len, D] per la
 engines get zero-copy views of the filled prefix and return only new entries, copied into place.
 K per step: fixed, or draft="auto" (controller.py: from measured step costs and acceptance). This file
 holds one sequence's caches and the graph calls on them; the loop over steps, for any set of sequences,
-is engine.py.
+is engine.py. Where every MTP graph runs on nextn's MtpModule kernel, a step's drafting is one call of it
+(mtp_module.NativeDrafter: the same drafts as _draft_tokens, without a Python and ONNX Runtime round per draft).
 """
 
 from __future__ import annotations
