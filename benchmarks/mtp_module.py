@@ -29,7 +29,7 @@ from nextn.runtime.api import Model
 
 
 def without_kernel(artifact: Path, threads: int) -> Model:
-    with mock.patch.object(mtp_module, "use_mtp_module", lambda model, array: False):
+    with mock.patch.object(mtp_module, "use_mtp_module", lambda model, array: None):
         return Model(artifact, threads=threads)
 
 

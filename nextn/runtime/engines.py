@@ -231,7 +231,7 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
     wanted = any(n.op_type in ("MoE", "QMoE", ATTENTION_FUNCTION) for n in model.graph.node)
     library = kernel_library() if wanted else None
     packed = mtp_module.use_mtp_module(model, read) if library else None
-    if packed is not None:
+    if packed:
         return LoadForms(model.SerializeToString(), {}, 0, {t.name for t in model.graph.initializer}, library,
                          mtp_module=packed)  # fmt: skip
     stacks = {**routed_experts.use_routed_experts(model, read), **latent_attention.use_latent_attention(model, read)

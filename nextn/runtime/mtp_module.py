@@ -241,7 +241,7 @@ def native_drafter(engines, n_mtp: int, dtype: np.dtype) -> NativeDrafter | None
     from nextn.runtime.native import kernel_library
 
     packed = [getattr(engines.get(f"mtp_{k}"), "mtp_module", None) for k in range(n_mtp)]
-    if not packed or any(p is None for p in packed) or np.dtype(dtype) != np.float32:
+    if not packed or not all(packed) or np.dtype(dtype) != np.float32:
         return None
     library = kernel_library()
     return NativeDrafter(library, packed) if library else None

@@ -50,7 +50,7 @@ def _feeds(cfg: dict, rng) -> list[dict]:
 
 
 def _without_kernel(artifact):
-    with mock.patch.object(mtp_module, "use_mtp_module", lambda model, array: False):
+    with mock.patch.object(mtp_module, "use_mtp_module", lambda model, array: None):
         return open_engines(artifact, threads=1, prepack=True)
 
 
