@@ -167,7 +167,8 @@ class DraftController:
         self.plain_until = 0  # steps before this one reuse a plain choice without recomputing it
         self.burst_k, self.burst_left = 0, 0  # a burst's depth (a probe's; 0: the level's) and steps to run
         self.drafting = 0  # drafting steps since the last plain one
-        self.measuring: set[int] = set()  # batch sizes whose saved level a plain burst was started to measure
+        # batch size -> (the step the last plain burst to measure its saved level started, bursts started)
+        self.measuring: dict[int, tuple[int, int]] = {}
         self.plain = Choice(0, float(len(rows)), 0.0, 0.0, False)
         confident = prior.trials[0] >= CONFIDENT_TRIALS
         self.interval = PROBE_FIRST * (4 if confident else 1)
@@ -190,9 +191,14 @@ class DraftController:
         key = batch or len(self.rows)  # the batch size whose step costs apply
         costs = self.costs.at(key)
         ms = costs.step
-        if not costs.measured and key not in self.measuring:  # a saved level: a plain burst measures it (costs.py)
+        # A saved level: a plain burst measures it (costs.py); once more if that burst ended without measuring it
+        # (its steps ran cold just after a prefill: decoder.steady). Not more: where steps never count (a shared
+        # pass with fixed-K rows) bursts would keep auto plain.
+        started, bursts = self.measuring.get(key, (0, 0))
+        again = self.step >= started + PROBE_BURST and not self.burst_left
+        if not costs.measured and bursts < 2 and (not bursts or again):
             self.drafting = LEVEL_EVERY
-            self.measuring.add(key)
+            self.measuring[key] = (self.step, bursts + 1)
         rate = [tokens[k] / ms[k] / (MARGIN if k else 1.0) for k in range(top + 1)]  # near-ties go to K = 0
         best = max(range(top + 1), key=rate.__getitem__)
         if best != self.best and self.best >= 0:  # the situation changed: look around again soon

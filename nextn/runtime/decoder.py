@@ -44,6 +44,7 @@ from nextn.runtime.mtp_module import native_drafter
 from nextn.runtime.sampling import AcceptRule, SamplingParams
 
 AUTO = "auto"
+SETTLE_STEPS = 4  # a sequence's first decode steps run cold and tell no step cost (Decoder.steady)
 
 
 
@@ -392,13 +393,18 @@ class Decoder:
         return all(st.n - st.mtp_valid[m] <= self.max_draft + 1 + m for m in modules)
 
     def steady(self, st: _State, k: int) -> bool:
-        """Whether a step at K = k now tells what such steps cost. A plain step: if the step before was
-        plain too (just after drafting, the CPU caches hold the MTP graphs' weights: 20-40% slower). A
-        drafting step: if the MTP modules it used were current (`ready`: a catch-up after plain steps is
-        not what a draft costs); one just after a switch of K counts, since it can only raise a ratio and
-        switching costs that much."""
+        """Whether a step at K = k now tells what such steps cost. Not the sequence's first SETTLE_STEPS decode
+        steps (the embedded model's first plain steps after a 64-token prefill took 1.2-1.5 ms, then 0.8-0.9: a
+        level measured there read plain decoding twice as dear, and auto kept whichever K it drafted first,
+        every other K's cost being read over that level). A plain step: if the step before was plain too
+        (just after drafting, the CPU caches hold the MTP graphs' weights: 20-40% slower). A drafting step: if
+        the MTP modules it used were current (`ready`: a catch-up after plain steps is not what a draft costs);
+        one just after a switch of K counts, since it can only raise a ratio and switching costs that much."""
         same = st.last_k == k
         st.last_k = k
+        st.decode_steps += 1
+        if st.decode_steps <= SETTLE_STEPS:  # just after the prompt's prefill: cold CPU caches
+            return False
         return same if k == 0 else self.ready(st, k)
 
     @staticmethod
@@ -452,6 +458,7 @@ class _State:
         """Empty, for another sequence (stale slots are never read: lengths say what is valid)."""
         self.mtp_valid = [0] * len(self.mtp_c)
         self.last_k = -1  # K of the previous step
+        self.decode_steps = 0  # decode steps since the prompt's prefill (Decoder.steady)
         self.n = 0
         self.tokens: list[int] = []
 

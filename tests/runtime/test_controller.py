@@ -7,6 +7,7 @@ import pytest
 
 from nextn.runtime.controller import (
     MARGIN,
+    PROBE_BURST,
     PROBE_FIRST,
     AcceptanceCounts,
     DraftController,
@@ -14,7 +15,7 @@ from nextn.runtime.controller import (
     expected_tokens,
 )
 from nextn.runtime.costs import RATIO_STEP, BatchCosts, CostModel, calibrate
-from nextn.runtime.decoder import Stats
+from nextn.runtime.decoder import SETTLE_STEPS, Stats
 
 
 def _costs(ratio, level=1.0, b=1):
@@ -273,11 +274,12 @@ def test_no_probe_from_plain_for_a_shared_pass_whose_modules_lag():
     assert 1 in [four.choose().k for _ in range(300)]  # (caught up, it would probe)
 
 
-def _decode(ctrl, steps: int, true_ms: list[float], before=None, accepted=None, n_mtp=None) -> list:
+def _decode(ctrl, steps: int, true_ms: list[float], before=None, accepted=None, n_mtp=None, settle: int = 0) -> list:
     """`steps` steps of one row as the step engine runs them on made-up costs: each step's choice, its cost
     `true_ms[K]` observed where decoder.steady would count it (never a probe's; a plain one only after a
     plain one), and `accepted(step, k)` drafts accepted when given. `before(step)` runs first. With `n_mtp`
-    modules, one that the last step did not run has fallen behind (decoder.ready). -> choices."""
+    modules, one that the last step did not run has fallen behind (decoder.ready). The first `settle` steps
+    count for nothing (decoder.SETTLE_STEPS: cold just after a prefill). -> choices."""
     out, last_k = [], -1
     for step in range(steps):
         if before:
@@ -286,7 +288,7 @@ def _decode(ctrl, steps: int, true_ms: list[float], before=None, accepted=None, 
             choice = ctrl.choose(ready=lambda k, last=last_k: last >= min(k, n_mtp))
         else:
             choice = ctrl.choose()
-        if not choice.probe and (choice.k or last_k == 0):
+        if not choice.probe and (choice.k or last_k == 0) and step >= settle:
             ctrl.costs.observe(1, choice.k, true_ms[choice.k])
         if accepted:
             ctrl.rows[0].observe(choice.k, accepted(step, choice.k))
@@ -424,4 +426,20 @@ def test_a_saved_level_is_measured_again_before_drafting_moves_any_ratio(tmp_pat
     ctrl.choose(batch=1)
     ctrl.burst_left = 0  # as if the burst at batch 1 were over
     ctrl.choose(batch=4)
-    assert ctrl.measuring == {1, 4} and ctrl.burst_left
+    assert set(ctrl.measuring) == {1, 4} and ctrl.burst_left
+
+
+def test_a_level_burst_that_ran_cold_is_run_once_more(tmp_path):
+    """The first decode steps after a prefill count for nothing (decoder.steady): a saved level's plain burst
+    that falls among them measures nothing, and a second one does (the embedded model's first plain steps took
+    1.2-1.5 ms against 0.8-0.9; a level measured there kept auto on whichever K it drafted first)."""
+    doc = {"batches": {"1": {"level": 2.0, "ratio": [1.0, 1.3], "trunk": [], "mtp": 0, "host": 0}}}
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps(doc))
+    costs = CostModel(None, 1, path)
+    ctrl = DraftController(costs, [SequenceAcceptance(AcceptanceCounts([100.0], [90.0]))], 1)
+    ks = [c.k for c in _decode(ctrl, 40, [1.0, 1.2], accepted=lambda step, k: k, settle=SETTLE_STEPS)]
+    assert ks[:PROBE_BURST] == [0] * PROBE_BURST and costs.batches[1].measured  # measured by the second burst
+    assert ks[PROBE_BURST : 2 * PROBE_BURST] == [0] * PROBE_BURST and costs.batches[1].level == pytest.approx(1.0)
+    assert ks[-10:] == [1] * 10  # then drafting: 1.9 tokens for 1.2
+    assert ctrl.measuring[1][1] == 2  # two bursts, not more
