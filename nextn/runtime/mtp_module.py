@@ -11,12 +11,13 @@ into one node
                     embedding, weights uint8, params fp32, meta int64) -> logits, hidden_out, new.c_kv, new.k_pe
 
 over the same inputs and outputs (export/io.py). Its weights are the graph's own values, laid out anew when the
-session opens (a private copy, as pre-packing makes): each 4- or 8-bit matrix (the head may be 8-bit) in tiles of
-16 columns for VNNI's int8 dot products (`pack_matrix`),
-the norms, rotary frequencies, router, correction bias, kv_b_proj (in the attention kernel's layout) and scalars
-in one fp32 array, and `meta` saying where each lies (META_FIELDS, then five numbers per matrix: the kernel reads
-them by position). Any other MTP graph (fp32 or int8 drafts, another structure) keeps its nodes; so does every
-graph where the kernel library cannot be built.
+session opens (a private copy, as pre-packing makes): each 4- or 8-bit matrix (the head may be 8-bit) in tiles
+of 16 columns for VNNI's int8 dot products (`pack_matrix`); the norms, rotary frequencies, router, correction
+bias, kv_b_proj (in the attention kernel's layout) and scalars in one fp32 array; and `meta` saying where each
+lies (META_FIELDS, then six numbers per matrix: the kernel reads them by position). Any other MTP graph (fp32 or
+int8 drafts, another structure, over MAX_GRAPH_BYTES) keeps its nodes; so does every graph where the kernel
+library cannot be built. Where every MTP graph of an artifact is on the kernel, the decoder drafts through
+NativeDrafter: a step's drafts in one call of the same kernel.
 
 The kernel rounds each activation row to int8 per block as MatMulNBits and QMoE at accuracy level 4 do, and
 sums the products in int32: the two agree to fp32 rounding (tests/runtime/test_mtp_module.py: 1e-4 of the
