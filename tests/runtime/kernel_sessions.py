@@ -1,5 +1,6 @@
-"""Shared by the kernels' tests (test_routed_experts.py, test_latent_attention.py): a graph rewritten onto
-nextn's kernels as a session that pre-packs would, and an ONNX Runtime session for it."""
+"""Shared by the tests of the rewrites a pre-packing session applies (test_routed_experts.py,
+test_latent_attention.py, test_expert_halves.py): a graph rewritten as that session would, and an ONNX Runtime
+session for it."""
 
 from typing import Callable
 
@@ -14,7 +15,7 @@ KERNEL_OPS = {(native.DOMAIN, op) for module in (routed_experts, latent_attentio
 
 
 def on_kernel(model: onnx.ModelProto, rewrite: Callable) -> tuple[onnx.ModelProto, dict]:
-    """A copy of `model` after `rewrite(model, array)` (use_routed_experts, use_latent_attention), its
+    """A copy of `model` after `rewrite(model, array)` (use_routed_experts, use_latent_attention, halve_experts), its
     initializers laid out anew as the session would get them. -> the copy, the new layouts by name."""
     out = onnx.ModelProto()
     out.CopyFrom(model)

@@ -9,6 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 from nextn.calib.rewrite import pack_qmoe, quantize_rtn
 from nextn.runtime.expert_halves import halve_experts
 
+from kernel_sessions import on_kernel  # tests/runtime: a graph rewritten as a pre-packing session does
+
 E, H, I, N, K = 8, 64, 128, 5, 3  # experts, hidden, expert width, tokens, picked per token
 MOE_ATTRS = dict(k=K, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
                  normalize_routing_weights=0)  # fmt: skip
@@ -38,14 +40,7 @@ def _run(model: onnx.ModelProto, feed: dict, threads: int) -> np.ndarray:
 
 
 def _halved(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    halves = halve_experts(out, arrays.__getitem__)
-    for t in out.graph.initializer:
-        if t.name in halves:
-            t.CopyFrom(numpy_helper.from_array(halves[t.name], t.name))
-    return out, halves
+    return on_kernel(model, halve_experts)
 
 
 def _qmoe(rng, bits: int, block: int) -> onnx.ModelProto:

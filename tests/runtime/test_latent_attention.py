@@ -1,8 +1,6 @@
 """nextn's latent-attention kernel (runtime/latent_attention.py, kernels/latent_attention.c): the exported
 MlaAttention function's values in one node, and the same for a query whatever else is in the call."""
 
-from unittest import mock
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -11,7 +9,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from nextn.export.latent_attention import INPUTS, function_body
 from nextn.runtime import latent_attention, native
-from nextn.runtime.engines import open_engines
 
 from kernel_sessions import kernel_session, on_kernel  # tests/runtime: shared with the other kernel's tests
 
@@ -122,31 +119,6 @@ def test_a_weight_another_node_reads_keeps_the_function():
     with_library = ort.InferenceSession(rewritten.SerializeToString(), so, providers=["CPUExecutionProvider"])
     feed = _feed(rng, 1, 2, 5, 2, 16, 8, 24)
     assert np.array_equal(with_library.run(None, feed)[0], kernel_session(model).run(None, feed)[0])
-
-
-@pytest.mark.usefixtures("needs_kernel")
-def test_the_tiny_trunk_and_mtp_on_the_kernel_give_the_functions_logits(tiny_moe_forms):
-    from nextn.export import io
-
-    _, artifact = tiny_moe_forms["fused"]
-    kernel = open_engines(artifact, prepack=True)
-    with mock.patch.object(native, "kernel_library", lambda: None):
-        plain = open_engines(artifact, prepack=True)
-    cfg = plain.manifest["config"]
-    assert kernel["trunk"].attention_kernels == cfg["num_hidden_layers"] and kernel["mtp_0"].attention_kernels == 1
-    assert plain["trunk"].attention_kernels == 0
-    rng = np.random.default_rng(5)
-    for s in (1, 4):
-        past = [(rng.standard_normal((2, 6, cfg["kv_lora_rank"]), dtype=np.float32),
-                 rng.standard_normal((2, 6, cfg["qk_rope_head_dim"]), dtype=np.float32))
-                for _ in range(cfg["num_hidden_layers"])]  # fmt: skip
-        feed = io.trunk_feed(rng.integers(0, cfg["vocab_size"], (2, s)), np.arange(6, 6 + s)[None].repeat(2, 0),
-                             np.ones((2, 6 + s), np.int64), past)  # fmt: skip
-        want, got = plain["trunk"].run(feed), kernel["trunk"].run(feed)
-        for a, b in zip(want, got):
-            assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(a).max()))
-    kernel.close()
-    plain.close()
 
 
 def test_a_node_off_the_kernels_contract_keeps_the_function():

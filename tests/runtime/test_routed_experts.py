@@ -122,7 +122,9 @@ def test_without_a_compiler_the_graph_keeps_onnxruntimes_moe(tmp_path, monkeypat
 
 
 @pytest.mark.usefixtures("needs_kernel")
-def test_the_trunk_on_the_kernel_gives_the_same_logits(tiny_moe_forms):
+def test_the_trunk_on_the_kernels_gives_the_same_logits(tiny_moe_forms):
+    """The tiny trunk with its experts and attention on nextn's kernels, and without them (ONNX Runtime's MoE, the
+    attention's ONNX function): the same logits (one comparison serves both kernels' rewrites)."""
     from nextn.export import io
 
     _, artifact = tiny_moe_forms["fused"]
@@ -132,6 +134,8 @@ def test_the_trunk_on_the_kernel_gives_the_same_logits(tiny_moe_forms):
     cfg = moe.manifest["config"]
     assert kernel["trunk"].routed_experts == cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]
     assert moe["trunk"].routed_experts == 0
+    assert kernel["trunk"].attention_kernels == cfg["num_hidden_layers"] and kernel["mtp_0"].attention_kernels == 1
+    assert moe["trunk"].attention_kernels == 0
     rng = np.random.default_rng(5)
     for s in (1, 4):
         past = [(rng.standard_normal((2, 6, cfg["kv_lora_rank"]), dtype=np.float32),
