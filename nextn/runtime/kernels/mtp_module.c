@@ -253,6 +253,27 @@ static int64_t scratch_floats(const Module *md, int64_t S, int64_t N, int64_t T)
   return task_floats(md, S, N, T) + 2 * N * (md->top_k + 2) + 2;
 }
 
+/* The scratch of `sequences` tasks (w's shapes) and the row indices 0, 1, ... the attention reads; 0, nothing left
+ * allocated, where memory runs out. */
+static int alloc_work(Work *w, int64_t sequences) {
+  const int64_t count = w->n * w->md->attn.heads + 1;
+  int64_t *tok = malloc(sizeof(int64_t) * (size_t)count);
+  w->per_task = scratch_floats(w->md, w->s, w->n, w->p + w->s);
+  w->scratch = tok ? malloc(sizeof(float) * (size_t)(sequences * w->per_task + 1)) : NULL;
+  if (!w->scratch) {
+    free(tok);
+    return 0;
+  }
+  for (int64_t i = 0; i < count; i++) tok[i] = i;
+  w->tok = tok;
+  return 1;
+}
+
+static void free_work(Work *w) {
+  free((void *)w->tok);
+  free(w->scratch);
+}
+
 /* One sequence, all of its rows (the comment at the top). */
 static void run_sequence(void *usr, size_t index) {
   const Work *w = (const Work *)usr;
@@ -427,26 +448,19 @@ static void compute(void *kernel, void *ctx) {
            N <= S && (B * S == 0 || (w.ids && w.pos && w.mask && w.hidden && (P == 0 || (w.past_c && w.past_k))));
   for (int64_t i = 0; ok && i < B * S; i++) ok = w.ids[i] >= 0 && w.ids[i] < md->v;
   for (int64_t i = 0; ok && i < B * N; i++) ok = w.rows && w.rows[i] >= 0 && w.rows[i] < S;
-  const int64_t T = P + S, heads = ok ? md->attn.heads : 0;
-  int64_t *tok = ok ? malloc(sizeof(int64_t) * (size_t)(N * heads + 1)) : NULL;
-  w.per_task = ok ? scratch_floats(md, S, N, T) : 0;
-  w.scratch = tok ? malloc(sizeof(float) * (size_t)(B * w.per_task + 1)) : NULL;
+  ok = ok && alloc_work(&w, B);
   const int64_t shapes[4][3] = {{B, N, ok ? md->v : 0}, {B, N, ok ? md->h : 0}, {B, S, ok ? md->r : 0},
                                 {B, S, ok ? md->d : 0}};
   void *out[4] = {NULL};
   float **dest[4] = {&w.logits, &w.hidden_out, &w.new_c, &w.new_k};
-  for (int i = 0; w.scratch && i < 4; i++) {
+  for (int i = 0; ok && i < 4; i++) {
     Status *s = FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, (size_t)i, shapes[i], 3, &out[i]);
     if (s) { release_status(api, s); out[i] = NULL; }
     *dest[i] = out[i] ? data_of(api, out[i]) : NULL;
   }
-  if (w.scratch && (B * S == 0 || (w.new_c && w.new_k && (N == 0 || (w.logits && w.hidden_out))))) {
-    for (int64_t i = 0; i < N * heads + 1; i++) tok[i] = i;
-    w.tok = tok;
+  if (ok && (B * S == 0 || (w.new_c && w.new_k && (N == 0 || (w.logits && w.hidden_out)))))
     parallel_for(api, ctx, run_sequence, (size_t)B, &w);
-  }
-  free(tok);
-  free(w.scratch);
+  if (ok) free_work(&w);
   free(md);
 }
 
@@ -489,19 +503,11 @@ typedef struct {
 static int call_module(const Module *md, const int64_t *ids, const float *hidden, const int64_t *pos,
                        const int64_t *mask, int64_t S, const float *past_c, const float *past_k, int64_t P,
                        const int64_t *rows, int64_t N, float *logits, float *hidden_out, float *new_c, float *new_k) {
-  Work w = {md, ids, pos, mask, rows, hidden, past_c, past_k, logits, hidden_out, new_c, new_k, S, P, N, NULL,
-            scratch_floats(md, S, N, P + S), NULL};
-  int64_t *tok = malloc(sizeof(int64_t) * (size_t)(N * md->attn.heads + 1));
-  w.scratch = tok ? malloc(sizeof(float) * (size_t)(w.per_task + 1)) : NULL;
-  if (w.scratch) {
-    for (int64_t i = 0; i < N * md->attn.heads + 1; i++) tok[i] = i;
-    w.tok = tok;
-    run_sequence(&w, 0);
-  }
-  const int ok = w.scratch != NULL;
-  free(tok);
-  free(w.scratch);
-  return ok;
+  Work w = {md, ids, pos, mask, rows, hidden, past_c, past_k, logits, hidden_out, new_c, new_k, S, P, N, NULL, 0, NULL};
+  if (!alloc_work(&w, 1)) return 0;
+  run_sequence(&w, 0);
+  free_work(&w);
+  return 1;
 }
 
 static int64_t argmax(const float *x, int64_t n) {
