@@ -46,7 +46,10 @@ def _feed(rng, b: int, s: int, p: int, nh: int, dn: int, d: int, r: int, pad: bo
             "new_k": rng.standard_normal((b, s, d), dtype=np.float32)}  # fmt: skip
 
 
-SHAPES = [(4, 32, 16, 32, 64, 40), (3, 8, 6, 5, 37, 9), (16, 64, 32, 64, 256, 300), (2, 16, 8, 16, 24, 0)]
+# (4, .., 64, 40) and (3, .., 64, 7): the scores' in-register form (R 64, D 16), the latter with odd row and entry
+# counts; (16, .., 256, 300): four rows at a time; the others: score_dot one by one
+SHAPES = [(4, 32, 16, 32, 64, 40), (3, 16, 16, 16, 64, 7), (16, 64, 32, 64, 256, 300), (3, 8, 6, 5, 37, 9),
+          (2, 16, 8, 16, 24, 0)]
 
 
 @pytest.mark.usefixtures("needs_kernel")

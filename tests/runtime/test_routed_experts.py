@@ -67,19 +67,28 @@ def test_the_kernel_computes_onnxruntimes_moe(e, h, i, k, normalize):
         assert np.array_equal(got2.run(None, feed)[0], out), n  # the threads share the tasks, not the sums
 
 
-@pytest.mark.usefixtures("needs_kernel")
-def test_bf16_weights_are_read_as_bf16_and_give_the_same_output():
-    rng = np.random.default_rng(6)
-    model = _moe_graph(rng, 8, 64, 48, 2, 0)
+def _as_bf16_values(model: onnx.ModelProto) -> onnx.ModelProto:
     for t in model.graph.initializer:  # a bf16 checkpoint exported in fp32: values with zero low halves
         w = numpy_helper.to_array(t)
         t.CopyFrom(numpy_helper.from_array((w.view(np.uint32) & 0xFFFF0000).view(np.float32), t.name))
+    return model
+
+
+@pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.parametrize("e,h,i", [(8, 64, 48), (8, 256, 96), (4, 200, 72)])
+def test_bf16_weights_are_read_as_bf16_and_give_the_same_output(e, h, i):
+    # bf16 chunks of 32k columns widen pairs of columns (kernels/routed_experts.c): (256, 96) is the embedded
+    # model's, in 96-wide chunks at 1-4 tokens; (200, 72): a pair chunk, then a 16-wide one, then a tail
+    rng = np.random.default_rng(6)
+    model = _as_bf16_values(_moe_graph(rng, e, h, i, 2, 0))
     rewritten, stacks = _on_kernel(model)
     assert rewritten.graph.node[0].op_type == routed_experts.OP_TYPE_BF16
-    assert stacks["fc1"].dtype == np.uint16 and stacks["fc1"].shape == (8, 2, 64, 48) and stacks["fc2"].shape == (8, 48, 64)
-    feed = {"x": rng.standard_normal((5, 64)).astype(np.float32), "probs": _probs(rng, 5, 8, 2, 2)}
-    want = kernel_session(model).run(None, feed)[0]
-    assert np.abs(kernel_session(rewritten).run(None, feed)[0] - want).max() < 1e-5 * np.abs(want).max()
+    assert stacks["fc1"].dtype == np.uint16 and stacks["fc1"].shape == (e, 2, h, i) and stacks["fc2"].shape == (e, i, h)
+    want, got = kernel_session(model), kernel_session(rewritten)
+    for n in (1, 2, 3, 4, 5):
+        feed = {"x": rng.standard_normal((n, h)).astype(np.float32), "probs": _probs(rng, n, e, 2, 2)}
+        ref = want.run(None, feed)[0]
+        assert np.abs(got.run(None, feed)[0] - ref).max() < 1e-5 * np.abs(ref).max(), n
     # one weight that is not a bf16 value: the node stays fp32
     w = numpy_helper.to_array(model.graph.initializer[0]).copy()
     w.flat[0] = np.float32(1.0000001)
@@ -88,10 +97,12 @@ def test_bf16_weights_are_read_as_bf16_and_give_the_same_output():
 
 
 @pytest.mark.usefixtures("needs_kernel")
-def test_a_tokens_output_does_not_depend_on_the_other_tokens():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_tokens_output_does_not_depend_on_the_other_tokens(bf16):
     # A verify pass and a one-token step must agree bit for bit on the same token (greedy stays identical).
     rng = np.random.default_rng(3)
-    session = kernel_session(_on_kernel(_moe_graph(rng, 8, 64, 48, 2, 0))[0])
+    model = _moe_graph(rng, 8, 64, 48, 2, 0)
+    session = kernel_session(_on_kernel(_as_bf16_values(model) if bf16 else model)[0])
     x, probs = rng.standard_normal((7, 64)).astype(np.float32), _probs(rng, 7, 8, 2, 2)
     together = session.run(None, {"x": x, "probs": probs})[0]
     for t in range(7):

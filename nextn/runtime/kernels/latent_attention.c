@@ -128,6 +128,112 @@ static inline const float *entry(const float *past, const float *new_, int64_t j
   return j < p ? past + j * width : new_ + (j - p) * width;
 }
 
+/* The lanes of four accumulators, each totalled as score_dot totals its one: (8 + 8), (4 + 4), then
+ * (0 + 2) + (1 + 3). */
+static inline v4 total4(v16 a, v16 b, v16 c, v16 d) {
+  const v16 ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                 __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const v16 cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+                 __builtin_shufflevector(c, d, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const v16 q = __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+                __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const v16 pairs = q + __builtin_shufflevector(q, q, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  const v16 t = pairs + __builtin_shufflevector(pairs, pairs, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return __builtin_shufflevector(t, t, 0, 4, 8, 12);
+}
+
+/* score [rows, T] for R and D multiples of 16: score_dot's sums, in its order, four rows at a time, each cache
+ * entry's vectors loaded once for the four (a block past the last row repeats the last row; its sums are
+ * dropped). */
+static void scores_by_four(const float *q_lat, const float *q_rot, int64_t rows, int64_t gh, int64_t R, int64_t D,
+                           const float *past_c, const float *past_k, int64_t P, const float *new_c,
+                           const float *new_k, int64_t N, const uint8_t *mask, float scale, float *score) {
+  const int64_t T = P + N;
+  for (int64_t j = 0; j < T; j++) {
+    const float *c = entry(past_c, new_c, j, P, R), *k = entry(past_k, new_k, j, P, D);
+    for (int64_t r0 = 0; r0 < rows; r0 += 4) {
+      const float *ql[4], *qr[4];
+      for (int b = 0; b < 4; b++) {
+        const int64_t row = r0 + b < rows ? r0 + b : rows - 1;
+        ql[b] = q_lat + row * R;
+        qr[b] = q_rot + row * D;
+      }
+      v16 acc[4] = {{0}}, odd[4] = {{0}};
+      int64_t i = 0;
+      for (; i + 32 <= R; i += 32) {
+        const v16 c0 = load16(c + i), c1 = load16(c + i + 16);
+        for (int b = 0; b < 4; b++) {
+          acc[b] += load16(ql[b] + i) * c0;
+          odd[b] += load16(ql[b] + i + 16) * c1;
+        }
+      }
+      for (int b = 0; b < 4; b++) acc[b] += odd[b];
+      for (; i < R; i += 16) {
+        const v16 c0 = load16(c + i);
+        for (int b = 0; b < 4; b++) acc[b] += load16(ql[b] + i) * c0;
+      }
+      for (i = 0; i < D; i += 16) {
+        const v16 k0 = load16(k + i);
+        for (int b = 0; b < 4; b++) acc[b] += load16(qr[b] + i) * k0;
+      }
+      const v4 t = total4(acc[0], acc[1], acc[2], acc[3]);
+      for (int b = 0; b < 4 && r0 + b < rows; b++) {
+        const int64_t row = r0 + b;
+        score[row * T + j] = mask[(row / gh) * T + j] ? t[b] * scale : -FLT_MAX;
+      }
+    }
+  }
+}
+
+/* scores_by_four's sums for R = 16 NR and D = 16 ND known when compiled (small latent widths): two rows' query
+ * vectors held in registers against two cache entries at a time, so that each score costs its FMAs and a
+ * quarter of the totalling, not reloads of the query (a block past the last row or entry repeats it; its sums
+ * are dropped). The same sums in the same order as score_dot. */
+static inline __attribute__((always_inline)) void scores_in_registers(
+    const int NR, const int ND, const float *q_lat, const float *q_rot, int64_t rows, int64_t gh, const float *past_c,
+    const float *past_k, int64_t P, const float *new_c, const float *new_k, int64_t N, const uint8_t *mask,
+    float scale, float *score) {
+  const int64_t T = P + N, R = 16 * NR, D = 16 * ND;
+  for (int64_t r0 = 0; r0 < rows; r0 += 2) {
+    const int64_t r1 = r0 + 1 < rows ? r0 + 1 : r0;
+    v16 q[2][NR + ND];
+    for (int i = 0; i < NR; i++) q[0][i] = load16(q_lat + r0 * R + 16 * i), q[1][i] = load16(q_lat + r1 * R + 16 * i);
+    for (int i = 0; i < ND; i++)
+      q[0][NR + i] = load16(q_rot + r0 * D + 16 * i), q[1][NR + i] = load16(q_rot + r1 * D + 16 * i);
+    const uint8_t *m0 = mask + (r0 / gh) * T, *m1 = mask + (r1 / gh) * T;
+    for (int64_t j0 = 0; j0 < T; j0 += 2) {
+      const int64_t j1 = j0 + 1 < T ? j0 + 1 : j0;
+      const float *c[2] = {entry(past_c, new_c, j0, P, R), entry(past_c, new_c, j1, P, R)};
+      const float *k[2] = {entry(past_k, new_k, j0, P, D), entry(past_k, new_k, j1, P, D)};
+      v16 acc[4] = {{0}}, odd[4] = {{0}}; /* (row, entry): 2 b + e */
+      int i = 0;
+      for (; i + 2 <= NR; i += 2)
+        for (int e = 0; e < 2; e++) {
+          const v16 c0 = load16(c[e] + 16 * i), c1 = load16(c[e] + 16 * i + 16);
+          for (int b = 0; b < 2; b++) acc[2 * b + e] += q[b][i] * c0, odd[2 * b + e] += q[b][i + 1] * c1;
+        }
+      for (int x = 0; x < 4; x++) acc[x] += odd[x];
+      for (; i < NR; i++)
+        for (int e = 0; e < 2; e++) {
+          const v16 c0 = load16(c[e] + 16 * i);
+          for (int b = 0; b < 2; b++) acc[2 * b + e] += q[b][i] * c0;
+        }
+      for (int d = 0; d < ND; d++)
+        for (int e = 0; e < 2; e++) {
+          const v16 k0 = load16(k[e] + 16 * d);
+          for (int b = 0; b < 2; b++) acc[2 * b + e] += q[b][NR + d] * k0;
+        }
+      const v4 t = total4(acc[0], acc[1], acc[2], acc[3]);
+      score[r0 * T + j0] = m0[j0] ? t[0] * scale : -FLT_MAX;
+      if (j1 != j0) score[r0 * T + j1] = m0[j1] ? t[1] * scale : -FLT_MAX;
+      if (r1 != r0) {
+        score[r1 * T + j0] = m1[j0] ? t[2] * scale : -FLT_MAX;
+        if (j1 != j0) score[r1 * T + j1] = m1[j1] ? t[3] * scale : -FLT_MAX;
+      }
+    }
+  }
+}
+
 size_t attention_scratch_floats(const AttentionDims *a, int64_t s, int64_t heads, int64_t t) {
   return (size_t)(s * heads * (3 * a->r + a->d + t));
 }
@@ -155,14 +261,19 @@ void attend_heads(const AttentionDims *a, int64_t h0, int64_t h1, const float *q
       }
     }
   }
-  for (int64_t j = 0; j < T; j++) { /* scores: each cache entry read once for the group's rows */
-    const float *c = entry(past_c, new_c, j, P, R), *k = entry(past_k, new_k, j, P, D);
-    for (int64_t row = 0; row < rows; row++) {
-      const int64_t s = row / gh;
-      score[row * T + j] =
-          mask[s * T + j] ? score_dot(q_lat + row * R, c, R, q_rot + row * D, k, D) * a->scale : -FLT_MAX;
+  if (R == 64 && D == 16)
+    scores_in_registers(4, 1, q_lat, q_rot, rows, gh, past_c, past_k, P, new_c, new_k, N, mask, a->scale, score);
+  else if (R % 16 == 0 && D % 16 == 0)
+    scores_by_four(q_lat, q_rot, rows, gh, R, D, past_c, past_k, P, new_c, new_k, N, mask, a->scale, score);
+  else
+    for (int64_t j = 0; j < T; j++) { /* scores: each cache entry read once for the group's rows */
+      const float *c = entry(past_c, new_c, j, P, R), *k = entry(past_k, new_k, j, P, D);
+      for (int64_t row = 0; row < rows; row++) {
+        const int64_t s = row / gh;
+        score[row * T + j] =
+            mask[s * T + j] ? score_dot(q_lat + row * R, c, R, q_rot + row * D, k, D) * a->scale : -FLT_MAX;
+      }
     }
-  }
   for (int64_t row = 0; row < rows; row++) { /* softmax over each row */
     float *sc = score + row * T, top = -FLT_MAX, total = 0.0f;
     for (int64_t j = 0; j < T; j++) top = sc[j] > top ? sc[j] : top;
