@@ -106,6 +106,33 @@ static inline float exp_nonpositive(float x) {
   return x <= -87.0f ? 0.0f : p * scale;
 }
 
+/* The largest of x[0 .. n) (exact in any order), in 16 lanes: one chain of scalar comparisons was a tenth of
+ * the kernel's time. */
+static inline float max_of(const float *x, int64_t n) {
+  float lane[16], top = -FLT_MAX;
+  for (int l = 0; l < 16; l++) lane[l] = -FLT_MAX;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; l++) lane[l] = x[j + l] > lane[l] ? x[j + l] : lane[l];
+  for (; j < n; j++) top = x[j] > top ? x[j] : top;
+  for (int l = 0; l < 16; l++) top = lane[l] > top ? lane[l] : top;
+  return top;
+}
+
+/* The sum of x[0 .. n) >= 0 in 16 lanes (lane l: x[l], x[l + 16], ...), the lanes then added pairwise (8 + 8, 4 +
+ * 4, 2 + 2, 1 + 1). Entries past n would add zeros to their lanes, so a row's total is the same whatever the
+ * masked entries after its last one. */
+static inline float sum_of(const float *x, int64_t n) {
+  float lane[16] = {0};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; l++) lane[l] += x[j + l];
+  for (int l = 0; j + l < n; l++) lane[l] += x[j + l];
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; l++) lane[l] += lane[l + w];
+  return lane[0];
+}
+
 typedef struct {
   const void *const *api;
   AttentionDims dims;
@@ -275,11 +302,10 @@ void attend_heads(const AttentionDims *a, int64_t h0, int64_t h1, const float *q
       }
     }
   for (int64_t row = 0; row < rows; row++) { /* softmax over each row */
-    float *sc = score + row * T, top = -FLT_MAX, total = 0.0f;
-    for (int64_t j = 0; j < T; j++) top = sc[j] > top ? sc[j] : top;
+    float *sc = score + row * T;
+    const float top = max_of(sc, T);
     for (int64_t j = 0; j < T; j++) sc[j] = exp_nonpositive(sc[j] - top);
-    for (int64_t j = 0; j < T; j++) total += sc[j];
-    const float inv = 1.0f / total;
+    const float inv = 1.0f / sum_of(sc, T);
     for (int64_t j = 0; j < T; j++) sc[j] *= inv;
   }
   /* o_lat = p_past past_c + p_new new_c, each part a product over its entries in order (the cache entries
