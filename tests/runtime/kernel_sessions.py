@@ -1,6 +1,6 @@
 """Shared by the tests of the rewrites a pre-packing session applies (test_routed_experts.py,
-test_latent_attention.py, test_expert_halves.py): a graph rewritten as that session would, and an ONNX Runtime
-session for it."""
+test_latent_attention.py, test_expert_halves.py, test_bf16_matmul.py): a graph rewritten as that session would,
+and an ONNX Runtime session for it."""
 
 from typing import Callable
 
@@ -8,10 +8,10 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from nextn.runtime import latent_attention, native, routed_experts
+from nextn.runtime import bf16_matmul, latent_attention, native, routed_experts
 
 KERNEL_OPS = {(native.DOMAIN, op) for module in (routed_experts, latent_attention)
-              for op in (module.OP_TYPE, module.OP_TYPE_BF16)}  # fmt: skip
+              for op in (module.OP_TYPE, module.OP_TYPE_BF16)} | {(native.DOMAIN, bf16_matmul.OP_TYPE)}  # fmt: skip
 
 
 def on_kernel(model: onnx.ModelProto, rewrite: Callable) -> tuple[onnx.ModelProto, dict]:

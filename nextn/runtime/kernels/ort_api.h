@@ -105,5 +105,6 @@ void parallel_for(const void *const *api, void *ctx, void (*fn)(void *, size_t),
 extern CustomOp routed_experts_ops[2];
 extern CustomOp latent_attention_ops[2];
 extern CustomOp mtp_module_ops[1];
+extern CustomOp bf16_matmul_ops[1];
 
 #endif

@@ -1,0 +1,74 @@
+"""Products with bf16 weights read as bf16, on nextn's kernel (`kernels/bf16_matmul.c`), in place of fp32 `MatMul`.
+
+A bf16 checkpoint (DeepSeek-V3's, the embedded model's) exported in fp32 has weights whose values are all
+bfloat16 ones: their low 16 bits are zero. ONNX Runtime's MatMul reads those 4 bytes a weight; the kernel reads
+the 2 that matter and widens them to the same fp32 values, so the products are the same fp32 arithmetic over
+half the bytes (only the order of the sums differs from MLAS's: each output is summed over K in order, the same
+for a row whatever the other rows of the call).
+
+A session that pre-packs (engines._load_forms) rewrites, after sibling products are merged,
+
+    MatMul(x [..., K], W [K, N] fp32 initializer, every value a bf16 one, no other node reading it)
+ -> nextn.Bf16MatMul(x, W's bf16 bit patterns [K N] uint16, in column blocks of BLOCK, n = N)
+
+Products that only feed a router stay as exported (their scores pick experts: calib/rewrite.py). The blocks
+are copies made when the session opens (half the bytes of the fp32 weights they replace, which the session then
+no longer reads).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from nextn.calib.rewrite import feeds_only_routers, initializers_read_once
+from nextn.runtime.native import DOMAIN
+from nextn.runtime.routed_experts import bf16_bits, is_bf16
+
+OP_TYPE = "Bf16MatMul"
+BLOCK = 128  # columns a task reads front to back (kernels/bf16_matmul.c's BLOCK)
+
+
+def use_bf16_matmul(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
+    """Rewrite, in place, every MatMul of `model` whose weight is a 2-D fp32 initializer of bf16 values that no
+    other node reads, unless it only feeds a router. `array(name)` reads an initializer. -> the kernel's blocks by
+    initializer name (uint16 [K N]), to hand to the session in place of the file's."""
+    inits = initializers_read_once(model)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    blocks: dict[str, np.ndarray] = {}
+    nodes = []
+    for node in model.graph.node:
+        w = inits.get(node.input[1]) if node.domain == "" and node.op_type == "MatMul" else None
+        router = w is not None and feeds_only_routers([r for o in node.output for r in readers.get(o, [])])
+        if w is None or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT or router:
+            nodes.append(node)
+            continue
+        values = array(w.name)
+        if not is_bf16(values):
+            nodes.append(node)
+            continue
+        blocks[w.name] = column_blocks(bf16_bits(values))
+        del w.dims[:]
+        w.dims.append(values.size)
+        w.data_type = onnx.TensorProto.UINT16
+        nodes.append(helper.make_node(OP_TYPE, list(node.input), list(node.output), name=node.name, domain=DOMAIN,
+                                      n=int(values.shape[1])))  # fmt: skip
+    if blocks:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        del model.graph.value_info[:]
+        if not any(o.domain == DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return blocks
+
+
+def column_blocks(w: np.ndarray) -> np.ndarray:
+    """W [K, N] -> [K N]: its columns in blocks of BLOCK (the last one narrower), each block a row-major
+    [K, width] array, the blocks one after another."""
+    return np.concatenate([w[:, c : c + BLOCK].ravel() for c in range(0, w.shape[1], BLOCK)])

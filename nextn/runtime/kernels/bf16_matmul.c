@@ -1,0 +1,97 @@
+/* nextn.Bf16MatMul: y = x W for a constant W whose values are all bfloat16 ones, read as bf16.
+ *
+ * Why: a bf16 checkpoint (DeepSeek-V3's, the embedded model's) exported in fp32 has weights whose low 16 bits
+ * are zero. ONNX Runtime's MatMul reads them as fp32: twice the bytes a decode step needs to read. This kernel
+ * reads the bf16 bit patterns and widens them to the same fp32 values (exact), so the arithmetic is fp32 as
+ * before, over half the bytes. Measured on the embedded model's shapes (one thread, weights in cache): 0.4-0.5x
+ * MLAS's time at one row, 0.85-0.9x at four (BENCHMARKS.md).
+ *
+ * Inputs (bf16_matmul.py rewrites MatMul nodes to this op when a session opens):
+ *   x  [..., K]  fp32
+ *   w  [K N]     uint16  W's bf16 bit patterns in column blocks of BLOCK columns: block b holds columns
+ *                        [b BLOCK, min(N, (b + 1) BLOCK)) as a row-major [K, width] array, the blocks one after
+ *                        another, so a task reads its block front to back
+ *   attribute n: N
+ *   output  [..., N]
+ * Tasks are (column block, group of up to ROWS_PER_TASK rows), on the session's intra-op threads. Each output
+ * value is a sum over K in order (products.h), whatever the other rows of the call and the threads: a row's
+ * output does not depend on how many rows share the call (a verify pass and a one-token step agree bit for bit).
+ */
+#include <stdlib.h>
+
+#include "ort_api.h"
+#include "products.h"
+
+enum { BLOCK = 128, ROWS_PER_TASK = 64, SMALL = 1 << 18 /* multiply-adds */ };
+
+typedef struct {
+  const void *const *api;
+  int64_t n;
+} Kernel;
+
+typedef struct {
+  const float *x;
+  const uint16_t *w;
+  float *y;
+  int64_t k, n, rows, blocks;
+  const int64_t *tok; /* 0 .. ROWS_PER_TASK - 1 */
+} Work;
+
+static void run_task(void *usr, size_t index) {
+  const Work *w = (const Work *)usr;
+  const int64_t b = (int64_t)index % w->blocks, r0 = (int64_t)index / w->blocks * ROWS_PER_TASK;
+  const int64_t c0 = b * BLOCK, width = w->n - c0 < BLOCK ? w->n - c0 : BLOCK;
+  const int64_t m = w->rows - r0 < ROWS_PER_TASK ? w->rows - r0 : ROWS_PER_TASK;
+  tokens_times_bf16(w->w + w->k * c0, w->k, width, w->x + r0 * w->k, w->k, w->tok, m, w->y + r0 * w->n + c0, w->n);
+}
+
+/* A call with shapes off the contract leaves the output unset, which fails the run. */
+static void compute(void *kernel, void *ctx) {
+  const Kernel *kn = (const Kernel *)kernel;
+  const void *const *api = kn->api;
+  const void *in[2];
+  if (!inputs_of(api, ctx, 2, in)) return;
+  int64_t xd[MAX_DIMS], wd[MAX_DIMS];
+  size_t xn, wn;
+  if (!shape_of(api, in[0], xd, &xn) || !shape_of(api, in[1], wd, &wn) || xn < 1 || wn != 1) return;
+  const int64_t k = xd[xn - 1], n = kn->n;
+  if (k < 1 || n < 1 || wd[0] != k * n) return;
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < xn; i++) rows *= xd[i];
+  const float *x = data_of(api, in[0]);
+  const uint16_t *w = data_of(api, in[1]);
+  int64_t yd[MAX_DIMS];
+  for (size_t i = 0; i < xn; i++) yd[i] = xd[i];
+  yd[xn - 1] = n;
+  int64_t *tok = malloc(sizeof(int64_t) * ROWS_PER_TASK);
+  void *out = NULL;
+  Status *s = (x || !rows) && w && tok ? FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, yd, xn, &out)
+                                       : NULL;
+  float *y = !s && out ? data_of(api, out) : NULL;
+  release_status(api, s);
+  if (y && rows) {
+    for (int64_t i = 0; i < ROWS_PER_TASK; i++) tok[i] = i;
+    Work work = {x, w, y, k, n, rows, (n + BLOCK - 1) / BLOCK, tok};
+    const size_t tasks = (size_t)(work.blocks * ((rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK));
+    if (rows * k * n < SMALL) /* handing a task to another thread costs more than it saves */
+      for (size_t i = 0; i < tasks; i++) run_task(&work, i);
+    else
+      parallel_for(api, ctx, run_task, tasks, &work);
+  }
+  free(tok);
+}
+
+static const char *name(const CustomOp *op) { (void)op; return "Bf16MatMul"; }
+static int input_type(const CustomOp *op, size_t i) { (void)op; return i == 1 ? ELEMENT_UINT16 : ELEMENT_FLOAT; }
+static size_t input_count(const CustomOp *op) { (void)op; return 2; }
+
+static void *create_kernel(const CustomOp *op, const void *api, const void *info) {
+  (void)op;
+  Kernel *kn = calloc(1, sizeof(Kernel));
+  if (!kn) return NULL;
+  kn->api = (const void *const *)api;
+  kn->n = attribute_int(kn->api, info, "n", 0); /* bf16_matmul.py writes n >= 1; compute checks it */
+  return kn;
+}
+
+CustomOp bf16_matmul_ops[1] = {DEFINE_OP(name, input_type, input_count, create_kernel, compute)};
