@@ -34,6 +34,7 @@ from nextn.calib import experts as fused
 from nextn.calib.rewrite import apply_nbits, apply_qdq, apply_qmoe, find_experts, find_linears, quantize_rtn, weight_kn
 from nextn.errors import NextnError
 from nextn.export.exporter import COPIED, Steps, check_output, move_into_place
+from nextn.export.latent_attention import OP_TYPE as ATTENTION_OP
 from nextn.export.manifest import read_manifest, tool_versions, write_manifest
 from nextn.export.stream import DeferredWeights
 from nextn.export.writer import pack_weights
@@ -200,6 +201,7 @@ def calibrate_artifact(
 
         step("quality report: agreement")
         rep = _report(root, manifest, tmp, new, cal, ev, opts, schemes, kept, step, reference)
+        rep["attention_bf16"] = sum(d.get("attention_bf16", 0) for d in details.values())
         new["quantization"]["report"] = rep
         (tmp / REPORT).write_text(json.dumps(rep, indent=2))
         write_manifest(tmp, new, hashed=new["files"])  # only the report file is new
@@ -302,12 +304,44 @@ def _quantize_graph(src: Path, dst: Path, scheme: str, found, ranges: dict | seq
     if moes and scheme in SCHEMES:  # an "fp32" MTP graph keeps everything float, experts included
         gptq_experts = gptq_out if scheme == "int4" else None  # int8's QMoE experts are round-to-nearest
         detail["experts"] = _quantize_experts(model, scheme, moes, gptq_experts, opts, kept, graph, read, spill)
+    if scheme in SCHEMES:
+        detail["attention_bf16"] = _attention_weights_to_bf16(model, read, spill)
     if stream:
         streaming.save_streamed(model, dst, read, spill)
     else:
         onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=f"{dst.name}.data", size_threshold=streaming.SIZE_THRESHOLD)  # fmt: skip
     return detail
+
+
+def _attention_weights_to_bf16(model: onnx.ModelProto, read, spill) -> int:
+    """Round each attention node's kv_b_proj to bfloat16 values, in place. -> how many were not already.
+
+    kv_b_proj's products run inside the attention (W_UK and W_UV per head), not as a linear the schemes
+    quantize, so it stayed fp32: on issue 14's 1 GB checkpoint 25 of the 107 MB an int4 token reads. Its
+    values rounded to bf16 (8 significant bits, relative error <= 2^-9, finer than any scheme's weights) are
+    read by the runtime's attention kernel as bf16 (runtime/latent_attention.py): half the bytes. A bf16
+    checkpoint's are bf16 values already and do not change."""
+    changed = 0
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        t = inits.get(node.input[-1]) if node.op_type == ATTENTION_OP and len(node.input) == 9 else None
+        if t is None or t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        w = read(t)
+        rounded = round_to_bf16(w)
+        if np.array_equal(rounded, w):
+            continue
+        new = onnx.numpy_helper.from_array(rounded, t.name)
+        t.CopyFrom(spill(new) if spill is not None else new)
+        changed += 1
+    return changed
+
+
+def round_to_bf16(w: np.ndarray) -> np.ndarray:
+    """fp32 values rounded to the nearest bfloat16 ones (ties to even), still fp32."""
+    bits = np.ascontiguousarray(w, np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)).view(np.float32)
 
 
 def _input_stats(ranges: dict | sequential.Quantized, graph: str, lin, model, read) -> observe.TensorStats:

@@ -132,6 +132,8 @@ def format_report(r: dict) -> str:
                          f"tok/s ({d['speedup'][kk]:.2f}x; median TPOT over {d['prompts']} prompts)")  # fmt: skip
     z = r["size"]
     lines.append(f"size        {z['fp32_bytes'] / 2**20:.1f} MiB -> {z['bytes'] / 2**20:.1f} MiB ({z['ratio']:.2f}x smaller)")
+    if r.get("attention_bf16"):
+        lines.append(f"attention   kv_b_proj of {r['attention_bf16']} layer(s) rounded to bf16 values (read as bf16)")
     if r["kept_float"]:
         lines.append(f"kept float  {len(r['kept_float'])} linear(s) / fused MoE node(s): " + "; ".join(
             f"{x['graph']}/{x['node']} ({x['reason']})" for x in r["kept_float"][:4]) + (" ..." if len(r["kept_float"]) > 4 else ""))  # fmt: skip

@@ -10,7 +10,7 @@ import onnx
 import pytest
 
 import nextn
-from nextn.calib.calibrate import REPORT, CalibOptions, calibrate_artifact
+from nextn.calib.calibrate import REPORT, CalibOptions, calibrate_artifact, round_to_bf16
 from nextn.errors import NextnError
 from nextn.export.manifest import read_manifest
 
@@ -81,6 +81,34 @@ def test_report_fields(calibrated):
     assert rep["size"]["bytes"] < rep["size"]["fp32_bytes"]
     assert rep["calibration"]["sequences"] == 6 and rep["evaluation"]["sequences"] == 2
     assert rep["passed"] is True
+
+
+def test_attention_weights_are_rounded_to_bf16_values(calibrated, tiny_artifact):
+    # kv_b_proj is no linear a scheme quantizes; a quantized artifact keeps it as bf16 values, which the runtime's
+    # attention kernel reads in half the bytes (the tiny checkpoint is fp32, so every one changes)
+    scheme, out, manifest = calibrated
+    layers = 0
+    for g in manifest["graphs"].values():
+        source, quantized = (onnx.load(str(root / g["file"])) for root in (tiny_artifact, out))
+        before = {t.name: onnx.numpy_helper.to_array(t) for t in source.graph.initializer}
+        after = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer}
+        for node in (n for n in source.graph.node if n.op_type == "MlaAttention"):
+            w = node.input[-1]
+            assert after[w].dtype == np.float32 and not np.array_equal(after[w], before[w])
+            assert np.array_equal(after[w], round_to_bf16(before[w])), w
+            layers += 1
+    assert layers and manifest["quantization"]["report"]["attention_bf16"] == layers
+
+
+def test_round_to_bf16_is_round_to_nearest_even():
+    import torch
+
+    rng = np.random.default_rng(4)
+    w = np.concatenate([rng.standard_normal(1000).astype(np.float32) * 10.0 ** rng.integers(-8, 8, 1000),
+                        np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 0.0, -0.0], np.float32)])  # fmt: skip
+    want = torch.from_numpy(w).to(torch.bfloat16).float().numpy()  # torch rounds to nearest, ties to even
+    assert np.array_equal(round_to_bf16(w), want)
+    assert round_to_bf16(np.float32([1 + 2**-8]))[0] == 1.0  # a tie: to the even bf16 (1.0, not 1 + 2^-7)
 
 
 def test_mtp_graphs_may_keep_fp32(tiny_artifact, data_file, tmp_path):
