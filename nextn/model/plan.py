@@ -11,7 +11,9 @@ config implies (model/weights.py) and the forms calibrate writes (calib/rewrite.
     int4         linears MatMulNBits 4-bit per block of 64 (fp32 scale, 4-bit zero point, the last block
                  padded), the output head 8-bit; routed experts QMoE 4-bit per block
     all          the embedding, norms, the MoE router and kv_b_proj (MLA's absorbed W_UK / W_UV) stay fp32
-                 (bf16 in a bf16 export)
+                 (bf16 in a bf16 export); int8 and int4 round kv_b_proj to bf16 values, which the runtime's
+                 attention kernel reads in 2 bytes (a bf16 checkpoint's fp32 export is read the same way,
+                 bench/floor.py counts it from the stored values; this plan, from the config, does not)
 
 Bytes one decoded token reads: the trunk's weights with routed experts at top_k / n_routed and the
 embedding at one row (bench/floor.py counts the same from a stored graph). The decode floor is those bytes
@@ -131,7 +133,7 @@ def plan(cfg: ModelConfig, bandwidth_gbs: float, context: int = 4096) -> dict:
         size = sum(tensor_bytes(sch, cfg, n, s) for n, s in all_t.items())
         read = 0.0
         for n, s in trunk_t.items():
-            b = tensor_bytes(sch, cfg, n, s)
+            b = tensor_bytes(sch, cfg, n, s) / (2 if name in ("int8", "int4") and "kv_b_proj" in n else 1)
             read += b * share if ".mlp.experts." in n else b / cfg.vocab_size if "embed_tokens" in n else b
         kv_bytes = kv_elem * (2 if name == "bf16" else 4)
         quantized = name in ("int8", "int4")

@@ -41,6 +41,22 @@ def test_int4_counts_its_packed_weights_scales_and_zero_points(tiny_artifact, tm
             nbits += np.prod(b.dims) + 4 * np.prod(s.dims) + np.prod(z.dims)
     assert got.by_op["MatMulNBits"] == nbits
     assert got.total < trunk_read_bytes(tiny_artifact).total / 2
+    # kv_b_proj: bf16 values in a quantized artifact, which the attention kernel reads in half the bytes
+    assert got.by_op["MlaAttention"] == trunk_read_bytes(tiny_artifact).by_op["MlaAttention"] // 2
+
+
+def test_a_bf16_checkpoints_weights_count_as_the_kernels_read_them(tmp_path):
+    from nextn.export.exporter import ExportOptions, export_checkpoint
+    from nextn.testing import tiny_config, write_random_checkpoint
+
+    art = {}
+    for weights in ("float32", "bfloat16"):  # the same shapes, exported in fp32 both
+        ckpt = write_random_checkpoint(tmp_path / weights, tiny_config(), weights=weights)
+        export_checkpoint(ckpt, tmp_path / f"{weights}.onnx", ExportOptions())
+        art[weights] = trunk_read_bytes(tmp_path / f"{weights}.onnx").by_op
+    for op in ("MatMul", "MoE", "MlaAttention"):  # router products stay fp32: MatMul a little over half
+        assert art["bfloat16"][op] < 0.55 * art["float32"][op] and art["bfloat16"][op] >= art["float32"][op] // 2, op
+    assert art["bfloat16"]["Gather"] == art["float32"]["Gather"]  # the embedding is read by no kernel
 
 
 def test_read_bandwidth_is_a_rate():
