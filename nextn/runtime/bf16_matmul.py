@@ -26,7 +26,7 @@ from onnx import helper
 
 from nextn.calib.rewrite import feeds_only_routers, initializers_read_once
 from nextn.runtime.native import DOMAIN
-from nextn.runtime.routed_experts import bf16_bits, is_bf16
+from nextn.runtime.routed_experts import bf16_bits, column_blocks, is_bf16
 
 OP_TYPE = "Bf16MatMul"
 BLOCK = 128  # columns a task reads front to back (kernels/bf16_matmul.c's BLOCK)
@@ -53,7 +53,7 @@ def use_bf16_matmul(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) 
         if not is_bf16(values):
             nodes.append(node)
             continue
-        blocks[w.name] = column_blocks(bf16_bits(values))
+        blocks[w.name] = column_blocks(bf16_bits(values), BLOCK)
         del w.dims[:]
         w.dims.append(values.size)
         w.data_type = onnx.TensorProto.UINT16
@@ -66,9 +66,3 @@ def use_bf16_matmul(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) 
         if not any(o.domain == DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return blocks
-
-
-def column_blocks(w: np.ndarray) -> np.ndarray:
-    """W [K, N] -> [K N]: its columns in blocks of BLOCK (the last one narrower), each block a row-major
-    [K, width] array, the blocks one after another."""
-    return np.concatenate([w[:, c : c + BLOCK].ravel() for c in range(0, w.shape[1], BLOCK)])

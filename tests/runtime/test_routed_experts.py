@@ -47,15 +47,17 @@ def _probs(rng, n: int, e: int, k: int, picked: int) -> np.ndarray:
 @pytest.mark.usefixtures("needs_kernel")
 @pytest.mark.parametrize("e,h,i,k,normalize",
                          [(8, 256, 96, 2, 0), (16, 40, 24, 3, 1), (4, 200, 72, 4, 0), (6, 48, 15, 2, 0),
-                          (70, 16, 8, 65, 0)])  # fmt: skip
+                          (70, 16, 8, 65, 0), (4, 520, 300, 2, 0)])  # fmt: skip
 def test_the_kernel_computes_onnxruntimes_moe(e, h, i, k, normalize):
     # (40, 24), (200, 72): widths that leave columns after the kernel's chunks and its 16-wide loop; 15: an odd
     # expert width, in one part (the others in two, which the threads share); k 65: more picks than the kernel
-    # once clamped k to (64)
+    # once clamped k to (64); (520, 300): parts large enough to be stored in column blocks, the last narrower
     rng = np.random.default_rng(e + h)
     model = _moe_graph(rng, e, h, i, k, normalize)
     rewritten, stacks = _on_kernel(model)
     assert [(n.domain, n.op_type) for n in rewritten.graph.node] == [(native.DOMAIN, routed_experts.OP_TYPE)]
+    block = helper.get_attribute_value(next(a for a in rewritten.graph.node[0].attribute if a.name == "block_cols"))
+    assert block == (routed_experts.BLOCK_COLS if h * i * 4 >= routed_experts.BLOCKED_BYTES else 0)
     parts = 2 if i % 2 == 0 else 1
     assert stacks["fc1"].shape == (e, parts, h, 2 * i // parts) and stacks["fc2"].shape == (e, i, h)
     want, got, got2 = kernel_session(model), kernel_session(rewritten), kernel_session(rewritten, threads=2)
@@ -75,10 +77,11 @@ def _as_bf16_values(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 @pytest.mark.usefixtures("needs_kernel")
-@pytest.mark.parametrize("e,h,i", [(8, 64, 48), (8, 256, 96), (4, 200, 72)])
+@pytest.mark.parametrize("e,h,i", [(8, 64, 48), (8, 256, 96), (4, 200, 72), (4, 1040, 300)])
 def test_bf16_weights_are_read_as_bf16_and_give_the_same_output(e, h, i):
     # bf16 chunks of 32k columns widen pairs of columns (kernels/routed_experts.c): (256, 96) is the embedded
-    # model's, in 96-wide chunks at 1-4 tokens; (200, 72): a pair chunk, then a 16-wide one, then a tail
+    # model's, in 96-wide chunks at 1-4 tokens; (200, 72): a pair chunk, then a 16-wide one, then a tail;
+    # (1040, 300): parts stored in column blocks
     rng = np.random.default_rng(6)
     model = _as_bf16_values(_moe_graph(rng, e, h, i, 2, 0))
     rewritten, stacks = _on_kernel(model)

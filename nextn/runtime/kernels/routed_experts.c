@@ -13,8 +13,8 @@
  *   input        [..., H] fp32        the tokens (any leading shape; N = numel / H rows)
  *   router_probs [N, E]   fp32        a softmax over each row picks the top k experts and weighs them
  *   fc1          [E, P, H, 2J]        per expert and part p of its I = P J units: the gate's J columns, then the
- *                                     up's (units [p J, (p + 1) J))
- *   fc2          [E, I, H]
+ *                                     up's (units [p J, (p + 1) J)); each [H, 2J] stored in column blocks
+ *   fc2          [E, I, H]            each part's [J, H] rows stored in column blocks (blocked_times)
  *   attributes   k, normalize_routing_weights (renormalize the k weights to sum to 1)
  *   output       [..., H]  = sum over the k picked experts e of weight_e * (silu(x fc1_gate) * (x fc1_up)) fc2
  * routed_experts.py lays the MoE's stacks out so when a session opens.
@@ -213,9 +213,25 @@ typedef struct {
   const char *fc1, *fc2; /* fc1 [E, P, H, 2J]: per part the gate's J columns, then the up's; fc2 [E, I, H] */
   size_t elem;           /* bytes of a weight */
   int64_t hidden, inter, parts, width; /* H, I, P, J = I / P */
+  int64_t block;         /* the parts' column blocks (0: whole rows; blocked_times) */
   const int64_t *tokens;
   Task *tasks;
 } Work;
+
+/* times() over a [rows, n] matrix stored in column blocks of `block` (0: whole rows; routed_experts.py lays each
+ * expert part's fc1 and fc2 out so where they are large, and says so in the node's block_cols: block b, columns
+ * [b block, ...), a row-major [rows, width] array, the blocks one after another). A block's chunks then read
+ * memory front to back at every token count; over whole rows the chunk passes of 2-4 tokens read each row in
+ * strided pieces, which DRAM-resident weights (issue 14's 1 GB checkpoint) streamed at 12-15 GB/s against 20-24
+ * (BENCHMARKS.md). Each column's sums are the same. */
+static void blocked_times(TokensTimes times, size_t elem, int64_t block, const char *w, int64_t rows, int64_t n,
+                          const float *x, int64_t ldx, const int64_t *tok, int64_t m, float *out, int64_t ldo) {
+  if (block <= 0) block = n;
+  for (int64_t c0 = 0; c0 < n; c0 += block) {
+    const int64_t width = n - c0 < block ? n - c0 : block;
+    times(w + (size_t)(rows * c0) * elem, rows, width, x, ldx, tok, m, out + c0, ldo);
+  }
+}
 
 static void run_task(void *usr, size_t index) {
   static const int64_t own[4] = {0, 1, 2, 3};
@@ -225,20 +241,21 @@ static void run_task(void *usr, size_t index) {
   float *h1 = t->scratch, *act = h1 + m * j2, *out = act + m * w->width;
   const char *fc1 = w->fc1 + (size_t)((t->expert * w->parts + t->part) * h * j2) * w->elem;
   const char *fc2 = w->fc2 + (size_t)((t->expert * w->inter + t->part * w->width) * h) * w->elem;
-  w->times(fc1, h, j2, w->x, h, w->tokens + t->first, m, h1, j2);
+  blocked_times(w->times, w->elem, w->block, fc1, h, j2, w->x, h, w->tokens + t->first, m, h1, j2);
   for (int64_t r = 0; r < m; r++) {
     const float *g = h1 + r * j2, *u = g + w->width;
     float *a = act + r * w->width;
     for (int64_t i = 0; i < w->width; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
   }
   for (int64_t r = 0; r < m; r += 4) /* act's rows are its own tokens 0..m-1 */
-    w->times(fc2, w->width, h, act + r * w->width, w->width, own, m - r < 4 ? m - r : 4, out + r * h, h);
+    blocked_times(w->times, w->elem, w->block, fc2, w->width, h, act + r * w->width, w->width, own, m - r < 4 ? m - r : 4,
+                  out + r * h, h);
 }
 
 /* -- the op ----------------------------------------------------------------------------------------------- */
 typedef struct {
   const void *const *api;
-  int64_t k;
+  int64_t k, block_cols;
   int normalize;
   TokensTimes times; /* by the weights' element type */
 } Kernel;
@@ -268,7 +285,7 @@ static void compute(void *kernel, void *ctx) {
   }
   Work w = {kn->times, data_of(api, in[0]), data_of(api, in[2]), data_of(api, in[3]),
             kn->times == tokens_times_bf16 ? sizeof(uint16_t) : sizeof(float), hidden, inter, parts,
-            inter / parts, NULL, NULL};
+            inter / parts, kn->block_cols, NULL, NULL};
   const float *probs = data_of(api, in[1]);
   if (!w.x || !probs || !w.fc1 || !w.fc2) return;
   /* Everything that can fail before the output exists: a failed call leaves it unset, which fails the run (a node that
@@ -333,5 +350,6 @@ static void *create_kernel(const CustomOp *op, const void *api, const void *info
   kn->times = op == &routed_experts_ops[1] ? tokens_times_bf16 : tokens_times_f32;
   kn->k = attribute_int(kn->api, info, "k", 0); /* routed_experts.py rewrites only nodes with 1 <= k; compute checks k <= E */
   kn->normalize = attribute_int(kn->api, info, "normalize_routing_weights", 0) != 0;
+  kn->block_cols = attribute_int(kn->api, info, "block_cols", 0); /* routed_experts.py's layout of the stacks */
   return kn;
 }
