@@ -314,8 +314,9 @@ DRAFT_THREADS = 1
 # The graph rewrites a pre-packing session applies when it opens (_load_forms), numbered: step costs measured
 # with other forms (the costs cache, keyed by `setup`) are measured again. 1: experts in halves, siblings merged;
 # 2: fp32 routed experts on nextn's kernel; 3: the attention on nextn's kernel; 4: int4 MTP graphs as one node;
-# 5: a step's drafts in one call of it (mtp_module.NativeDrafter); 6: bf16 weights' products on nextn's kernel.
-LOAD_FORMS = 6
+# 5: a step's drafts in one call of it (mtp_module.NativeDrafter); 6: bf16 weights' products on nextn's kernel;
+# 7: large routed experts in column blocks.
+LOAD_FORMS = 7
 
 # Pre-packing keeps a second, per-session copy of the weights: worth it (BENCHMARKS.md: up to 1.4x per
 # decode step on small models) while that copy is a small share of the machine's memory.
