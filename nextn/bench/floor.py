@@ -69,18 +69,15 @@ def _read_as_bf16(model, root: Path) -> set[str]:
     a router's, a MoE (its two stacks) or the attention (kv_b_proj)."""
     import onnx
 
-    from nextn.calib.rewrite import feeds_only_routers
+    from nextn.calib.rewrite import is_router_product, node_readers
     from nextn.calib.streaming import TensorReader
     from nextn.runtime.routed_experts import is_bf16
 
     inits = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
-    readers: dict[str, list] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = node_readers(model)
     wanted = set()
     for node in model.graph.node:
-        if node.op_type == "MatMul" and not feeds_only_routers([r for o in node.output for r in readers.get(o, [])]):
+        if node.op_type == "MatMul" and not is_router_product(node, readers):
             wanted.add(node.input[1])
         elif node.op_type == "MoE" and len(node.input) > 4:
             wanted.update((node.input[2], node.input[4]))

@@ -75,14 +75,25 @@ def feeds_only_routers(users: list[onnx.NodeProto]) -> bool:
     return bool(users) and all(c.op_type in ROUTER_OPS for c in users)
 
 
+def node_readers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Each value's name -> the nodes that read it, in graph order."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
+def is_router_product(node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """feeds_only_routers for what reads `node`'s outputs (`readers`: node_readers of its graph)."""
+    return feeds_only_routers([r for o in node.output for r in readers.get(o, [])])
+
+
 def find_linears(model: onnx.ModelProto) -> tuple[list[Linear], list[str]]:
     """The graph's quantizable linears, and the names of the router linears left in float."""
     inits = {t.name: t for t in model.graph.initializer}
     outputs = {o.name for o in model.graph.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    readers = node_readers(model)
     found, routers = [], []
     for node in model.graph.node:
         if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
@@ -95,7 +106,7 @@ def find_linears(model: onnx.ModelProto) -> tuple[list[Linear], list[str]]:
             plain = attrs.get("alpha", 1.0) == 1.0 and not attrs.get("transA", 0) and len(node.input) == 2
             if not plain or not attrs.get("transB", 0):
                 continue
-        if feeds_only_routers(consumers.get(node.output[0], [])):
+        if is_router_product(node, readers):  # MatMul and Gemm have one output
             routers.append(node.name)
             continue
         transposed = node.op_type == "Gemm"

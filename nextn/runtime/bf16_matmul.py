@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from nextn.calib.rewrite import feeds_only_routers, initializers_read_once
-from nextn.runtime.native import DOMAIN
+from nextn.calib.rewrite import initializers_read_once, is_router_product, node_readers
+from nextn.runtime.native import DOMAIN, use_kernel_nodes
 from nextn.runtime.routed_experts import bf16_bits, column_blocks, is_bf16
 
 OP_TYPE = "Bf16MatMul"
@@ -37,16 +37,12 @@ def use_bf16_matmul(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) 
     other node reads, unless it only feeds a router. `array(name)` reads an initializer. -> the kernel's blocks by
     initializer name (uint16 [K N]), to hand to the session in place of the file's."""
     inits = initializers_read_once(model)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = node_readers(model)
     blocks: dict[str, np.ndarray] = {}
     nodes = []
     for node in model.graph.node:
         w = inits.get(node.input[1]) if node.domain == "" and node.op_type == "MatMul" else None
-        router = w is not None and feeds_only_routers([r for o in node.output for r in readers.get(o, [])])
-        if w is None or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT or router:
+        if w is None or len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT or is_router_product(node, readers):
             nodes.append(node)
             continue
         values = array(w.name)
@@ -60,9 +56,5 @@ def use_bf16_matmul(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) 
         nodes.append(helper.make_node(OP_TYPE, list(node.input), list(node.output), name=node.name, domain=DOMAIN,
                                       n=int(values.shape[1])))  # fmt: skip
     if blocks:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        del model.graph.value_info[:]
-        if not any(o.domain == DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        use_kernel_nodes(model, nodes)
     return blocks

@@ -240,15 +240,13 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
                          mtp_module=packed)  # fmt: skip
     stacks = {**routed_experts.use_routed_experts(model, read), **latent_attention.use_latent_attention(model, read)
               } if library else {}  # fmt: skip
-    on_kernel = [n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type != ATTENTION_FUNCTION]
-    experts = sum(t in (routed_experts.OP_TYPE, routed_experts.OP_TYPE_BF16) for t in on_kernel)
-    attention = sum(t in (latent_attention.OP_TYPE, latent_attention.OP_TYPE_BF16) for t in on_kernel)
     stacks.update(halve_experts(model, read))
     merged = merge_sibling_matmuls(model, read)
     stored.update({t.name: t for t in model.graph.initializer})  # the merged products' weights, in the graph
-    products = bf16_matmul.use_bf16_matmul(model, read) if library else {}
-    stacks.update(products)
-    on_kernel += [bf16_matmul.OP_TYPE] * len(products)
+    stacks.update(bf16_matmul.use_bf16_matmul(model, read) if library else {})
+    on_kernel = [n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type != ATTENTION_FUNCTION]
+    experts = sum(t in (routed_experts.OP_TYPE, routed_experts.OP_TYPE_BF16) for t in on_kernel)
+    attention = sum(t in (latent_attention.OP_TYPE, latent_attention.OP_TYPE_BF16) for t in on_kernel)
     inline = [n for n in stacks if stored[n].data_location != onnx.TensorProto.EXTERNAL]
     for name in inline:  # a small stack stored in the graph: its new layout goes there too (the mapping has none)
         stored[name].CopyFrom(onnx.numpy_helper.from_array(stacks.pop(name), name))
@@ -256,7 +254,7 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
         return LoadForms(str(path), {}, 0, None)
     kept = {t.name for t in model.graph.initializer}
     return LoadForms(model.SerializeToString(), stacks, merged, kept, library if on_kernel else None, experts,
-                     attention, len(products))  # fmt: skip
+                     attention, on_kernel.count(bf16_matmul.OP_TYPE))  # fmt: skip
 
 
 class TorchEngine(Engine):

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from nextn.calib.rewrite import MS_DOMAIN, feeds_only_routers
+from nextn.calib.rewrite import MS_DOMAIN, is_router_product, node_readers
 
 MERGED_SUFFIX = ".merged"
 
@@ -35,10 +35,7 @@ def merge_sibling_matmuls(model: onnx.ModelProto, array: Callable[[str], np.ndar
     weight (same input) in `model`, in place; the merged weights go into the graph itself (they are the
     siblings' bytes, a small share of a model's). `array(name)` reads an initializer. -> groups merged."""
     inits = {t.name: t for t in model.graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = node_readers(model)
     groups: dict[tuple, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         key = _merge_key(node, inits, readers)
@@ -75,7 +72,7 @@ def merge_sibling_matmuls(model: onnx.ModelProto, array: Callable[[str], np.ndar
 
 def _merge_key(node: onnx.NodeProto, inits: dict, readers: dict) -> tuple | None:
     """What siblings must share to merge (None: this node never merges)."""
-    if feeds_only_routers([r for o in node.output for r in readers.get(o, [])]):
+    if is_router_product(node, readers):
         return None
     if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits":
         if len(node.input) != 4 or not all(i in inits for i in node.input[1:]):

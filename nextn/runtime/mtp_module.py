@@ -41,7 +41,7 @@ from nextn.export import io
 from nextn.export.latent_attention import DOMAIN as ATTENTION_DOMAIN
 from nextn.export.latent_attention import OP_TYPE as ATTENTION_OP
 from nextn.runtime.latent_attention import kernel_layout
-from nextn.runtime.native import DOMAIN
+from nextn.runtime.native import DOMAIN, use_kernel_nodes
 
 OP_TYPE = "MtpModule"
 VERSION = 1
@@ -176,13 +176,11 @@ def use_mtp_module(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -
     node = helper.make_node(OP_TYPE, [*inputs, parts.embedding, f"{prefix}weights", f"{prefix}params", f"{prefix}meta"],
                             [o.name for o in model.graph.output], name=OP_TYPE, domain=DOMAIN)  # fmt: skip
     kept = [t for t in model.graph.initializer if t.name == parts.embedding]
-    del model.graph.node[:], model.graph.initializer[:], model.graph.value_info[:], model.functions[:]
-    model.graph.node.append(node)
+    del model.graph.initializer[:], model.functions[:]
+    use_kernel_nodes(model, [node])
     model.graph.initializer.extend([*kept, numpy_helper.from_array(weights, f"{prefix}weights"),
                                     numpy_helper.from_array(params, f"{prefix}params"),
                                     numpy_helper.from_array(meta, f"{prefix}meta")])  # fmt: skip
-    if not any(o.domain == DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return PackedModule(weights, params, meta, np.ascontiguousarray(array(parts.embedding), np.float32))
 
 

@@ -72,3 +72,15 @@ def _cpu_flags() -> bytes:
     import platform
 
     return platform.processor().encode()
+
+
+def use_kernel_nodes(model, nodes: list) -> None:
+    """Install `nodes` (some of them on nextn's kernels) as `model`'s graph, in place: its stored value shapes
+    forgotten (the rewrites change them; ONNX Runtime infers them again) and nextn's domain imported."""
+    from onnx import helper
+
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    del model.graph.value_info[:]
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, 1))

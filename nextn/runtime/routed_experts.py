@@ -31,7 +31,7 @@ import onnx
 from onnx import helper
 
 from nextn.calib.rewrite import MS_DOMAIN, initializers_read_once
-from nextn.runtime.native import DOMAIN
+from nextn.runtime.native import DOMAIN, use_kernel_nodes
 
 OP_TYPE = "RoutedExperts"  # fp32 stacks
 OP_TYPE_BF16 = "RoutedExpertsBf16"  # stacks of bf16 values, stored as their uint16 bit patterns
@@ -64,11 +64,7 @@ def use_routed_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray
                                       list(node.output), name=node.name, domain=DOMAIN, block_cols=block,
                                       **attrs))  # fmt: skip
     if stacks:
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        del model.graph.value_info[:]
-        if not any(o.domain == DOMAIN for o in model.opset_import):
-            model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+        use_kernel_nodes(model, nodes)
     return stacks
 
 

@@ -4,6 +4,7 @@ and an ONNX Runtime session for it."""
 
 from typing import Callable
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
@@ -34,3 +35,8 @@ def kernel_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSes
     if any((n.domain, n.op_type) in KERNEL_OPS for n in model.graph.node):
         so.register_custom_ops_library(str(native.kernel_library()))
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def bf16_values(w: np.ndarray) -> np.ndarray:
+    """fp32 values cut to bf16 ones (low 16 bits zero): a bf16 checkpoint's weights as exported in fp32."""
+    return (np.ascontiguousarray(w, np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)

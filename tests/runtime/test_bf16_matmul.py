@@ -11,13 +11,11 @@ from onnx import TensorProto, helper, numpy_helper
 from nextn.runtime import bf16_matmul, native
 from nextn.runtime.engines import open_engines
 
-from kernel_sessions import kernel_session, on_kernel  # tests/runtime: shared with the other kernels' tests
+from kernel_sessions import bf16_values, kernel_session, on_kernel  # tests/runtime: shared by the kernels' tests
 
 
 def _bf16_values(rng, shape) -> np.ndarray:
-    """Random fp32 values that are bf16 ones (low 16 bits zero): a bf16 checkpoint exported in fp32."""
-    w = rng.standard_normal(shape).astype(np.float32) * 0.1
-    return (w.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    return bf16_values(rng.standard_normal(shape).astype(np.float32) * 0.1)
 
 
 def _matmul_graph(w: np.ndarray, then: str | None = None) -> onnx.ModelProto:

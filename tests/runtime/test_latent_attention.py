@@ -10,14 +10,14 @@ from onnx import TensorProto, helper, numpy_helper
 from nextn.export.latent_attention import INPUTS, function_body
 from nextn.runtime import latent_attention, native
 
-from kernel_sessions import kernel_session, on_kernel  # tests/runtime: shared with the other kernel's tests
+from kernel_sessions import bf16_values, kernel_session, on_kernel  # tests/runtime: shared by the kernels' tests
 
 
 def _attention_graph(rng, nh: int, dn: int, d: int, dv: int, r: int, bf16: bool = False) -> onnx.ModelProto:
     """One nextn.MlaAttention node as the export writes it, with its function."""
     w = (rng.standard_normal((nh * (dn + dv), r)) * 0.2).astype(np.float32)
-    if bf16:  # a bf16 checkpoint exported in fp32: values with zero low halves
-        w = (w.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    if bf16:
+        w = bf16_values(w)
     attrs = dict(num_heads=nh, nope_dim=dn, rope_dim=d, v_dim=dv, latent_dim=r, scale=0.3)
     node = helper.make_node("MlaAttention", list(INPUTS), ["y"], domain="nextn", name="attn", **attrs)
     ins = [helper.make_tensor_value_info(n, TensorProto.BOOL if n == "mask" else TensorProto.FLOAT, None)

@@ -13,7 +13,7 @@ from nextn.calib.rewrite import MS_DOMAIN
 from nextn.runtime import native, routed_experts
 from nextn.runtime.engines import open_engines
 
-from kernel_sessions import kernel_session, on_kernel  # tests/runtime: shared with the other kernel's tests
+from kernel_sessions import bf16_values, kernel_session, on_kernel  # tests/runtime: shared by the kernels' tests
 
 
 
@@ -70,9 +70,8 @@ def test_the_kernel_computes_onnxruntimes_moe(e, h, i, k, normalize):
 
 
 def _as_bf16_values(model: onnx.ModelProto) -> onnx.ModelProto:
-    for t in model.graph.initializer:  # a bf16 checkpoint exported in fp32: values with zero low halves
-        w = numpy_helper.to_array(t)
-        t.CopyFrom(numpy_helper.from_array((w.view(np.uint32) & 0xFFFF0000).view(np.float32), t.name))
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(bf16_values(numpy_helper.to_array(t)), t.name))
     return model
 
 

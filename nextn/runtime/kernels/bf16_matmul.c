@@ -27,6 +27,7 @@ enum { BLOCK = 128, ROWS_PER_TASK = 64, SMALL = 1 << 18 /* multiply-adds */ };
 typedef struct {
   const void *const *api;
   int64_t n;
+  int64_t tok[ROWS_PER_TASK]; /* 0 .. ROWS_PER_TASK - 1: a task's rows, as tokens_times indexes them */
 } Kernel;
 
 typedef struct {
@@ -63,22 +64,18 @@ static void compute(void *kernel, void *ctx) {
   int64_t yd[MAX_DIMS];
   for (size_t i = 0; i < xn; i++) yd[i] = xd[i];
   yd[xn - 1] = n;
-  int64_t *tok = malloc(sizeof(int64_t) * ROWS_PER_TASK);
   void *out = NULL;
-  Status *s = (x || !rows) && w && tok ? FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, yd, xn, &out)
-                                       : NULL;
+  Status *s = (x || !rows) && w ? FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, yd, xn, &out) : NULL;
   float *y = !s && out ? data_of(api, out) : NULL;
   release_status(api, s);
   if (y && rows) {
-    for (int64_t i = 0; i < ROWS_PER_TASK; i++) tok[i] = i;
-    Work work = {x, w, y, k, n, rows, (n + BLOCK - 1) / BLOCK, tok};
+    Work work = {x, w, y, k, n, rows, (n + BLOCK - 1) / BLOCK, kn->tok};
     const size_t tasks = (size_t)(work.blocks * ((rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK));
     if (rows * k * n < SMALL) /* handing a task to another thread costs more than it saves */
       for (size_t i = 0; i < tasks; i++) run_task(&work, i);
     else
       parallel_for(api, ctx, run_task, tasks, &work);
   }
-  free(tok);
 }
 
 static const char *name(const CustomOp *op) { (void)op; return "Bf16MatMul"; }
@@ -91,6 +88,7 @@ static void *create_kernel(const CustomOp *op, const void *api, const void *info
   if (!kn) return NULL;
   kn->api = (const void *const *)api;
   kn->n = attribute_int(kn->api, info, "n", 0); /* bf16_matmul.py writes n >= 1; compute checks it */
+  for (int64_t i = 0; i < ROWS_PER_TASK; i++) kn->tok[i] = i;
   return kn;
 }
 

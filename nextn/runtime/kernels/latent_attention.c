@@ -37,15 +37,8 @@
 #include "products.h"
 #include "attention.h"
 
-typedef float v16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
-
-static inline v16 load16(const float *p) {
-  v16 v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
 
 /* x1 . y1 + x2 . y2 (a score: latent part and rotary part): the products of whole 16-wide chunks summed in 16
  * lanes (the latent part's pairs of chunks in two accumulators, then added), the lanes added pairwise (8 + 8,

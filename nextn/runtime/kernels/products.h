@@ -3,6 +3,15 @@
 #define NEXTN_PRODUCTS_H
 
 #include <stdint.h>
+#include <string.h>
+
+/* 16 fp32 lanes, and 16 floats loaded into them (any alignment). */
+typedef float v16 __attribute__((vector_size(64)));
+static inline v16 load16(const float *p) {
+  v16 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
 
 /* out[t * ldo + c] = sum over r of x[tok[t] * ldx + r] * W[r][c], for t < m and c < n; W [rows, n] row-major, of
  * fp32 or of bf16 bit patterns. A token's sums run over r in order, whatever the other tokens of the call: its

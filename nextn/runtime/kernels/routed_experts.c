@@ -45,17 +45,11 @@ static inline float load_bf16(const uint16_t *p, int64_t i) { /* bf16 is fp32's 
   return f;
 }
 
-typedef float v16 __attribute__((vector_size(64)));
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 
-/* 16 weights as fp32 lanes: loaded, or widened from bf16 (one vector conversion and shift, where a per-element
- * load let the compiler widen them one at a time). */
-static inline v16 load16_f32(const float *p) {
-  v16 v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
+/* 16 bf16 weights widened to fp32 lanes (one vector conversion and shift, where a per-element load let the
+ * compiler widen them one at a time; fp32 weights: products.h's load16). */
 static inline v16 load16_bf16(const uint16_t *p) {
 #ifdef __AVX512F__ /* one widening load and a shift (gcc splits the generic form below into 256-bit halves) */
   return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
@@ -160,11 +154,11 @@ static inline void store_interleaved(float *out, v16 even, v16 odd) {
   static void NAME##_group(const WT *w, int64_t rows, int64_t n, const float *x, int64_t ldx, const int64_t *tok, \
                            int64_t g, float *out, int64_t ldo) {                                                \
     int64_t c0 = 0;                                                                                              \
-    if (g == 1) { CHUNKS(NAME, 1, 256) CHUNKS(NAME, 1, 192) CHUNKS(NAME, 1, 128) CHUNKS(NAME, 1, 96) CHUNKS(NAME, 1, 64)             \
-                  CHUNKS(NAME, 1, 16) }                                                                          \
+    if (g == 1) { CHUNKS(NAME, 1, 256) CHUNKS(NAME, 1, 192) CHUNKS(NAME, 1, 128) CHUNKS(NAME, 1, 96)             \
+                  CHUNKS(NAME, 1, 64) CHUNKS(NAME, 1, 16) }                                                      \
     else if (g == 2) { CHUNKS(NAME, 2, 128) CHUNKS(NAME, 2, 96) CHUNKS(NAME, 2, 64) CHUNKS(NAME, 2, 16) }        \
-    else if (g == 3) { CHUNKS(NAME, 3, 96) CHUNKS(NAME, 3, 64) CHUNKS(NAME, 3, 16) }                                                 \
-    else { CHUNKS(NAME, 4, 96) CHUNKS(NAME, 4, 64) CHUNKS(NAME, 4, 16) }                                                             \
+    else if (g == 3) { CHUNKS(NAME, 3, 96) CHUNKS(NAME, 3, 64) CHUNKS(NAME, 3, 16) }                              \
+    else { CHUNKS(NAME, 4, 96) CHUNKS(NAME, 4, 64) CHUNKS(NAME, 4, 16) }                                          \
     NAME##_tail(w, rows, n, c0, x, ldx, tok, g, out, ldo);                                                       \
   }                                                                                                              \
   /* out[t] = x[tok[t]] @ W for m tokens, in groups of up to 4. */                                               \
@@ -173,7 +167,7 @@ static inline void store_interleaved(float *out, v16 even, v16 odd) {
     for (int64_t j = 0; j < m; j += 4)                                                                           \
       NAME##_group((const WT *)weights, rows, n, x, ldx, tok + j, m - j < 4 ? m - j : 4, out + j * ldo, ldo);    \
   }
-DEFINE_TOKENS_TIMES(tokens_times_f32, float, load_f32, load16_f32, DEFINE_CHUNK)
+DEFINE_TOKENS_TIMES(tokens_times_f32, float, load_f32, load16, DEFINE_CHUNK)
 DEFINE_TOKENS_TIMES(tokens_times_bf16, uint16_t, load_bf16, load16_bf16, DEFINE_CHUNK_PAIRS)
 
 /* The top k of a softmax over row [E] -> experts [k], weights [k] (normalized to sum 1 if asked). */
@@ -248,8 +242,8 @@ static void run_task(void *usr, size_t index) {
     for (int64_t i = 0; i < w->width; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
   }
   for (int64_t r = 0; r < m; r += 4) /* act's rows are its own tokens 0..m-1 */
-    blocked_times(w->times, w->elem, w->block, fc2, w->width, h, act + r * w->width, w->width, own, m - r < 4 ? m - r : 4,
-                  out + r * h, h);
+    blocked_times(w->times, w->elem, w->block, fc2, w->width, h, act + r * w->width, w->width, own,
+                  m - r < 4 ? m - r : 4, out + r * h, h);
 }
 
 /* -- the op ----------------------------------------------------------------------------------------------- */
