@@ -205,7 +205,7 @@ class LoadForms:
     merged: int  # groups of sibling products merged
     kept: set[str] | None  # the initializers the graph still reads (None: all)
     library: Path | None = None  # nextn's kernel library, where nodes run on it (to register)
-    routed_experts: int = 0  # MoE nodes now nextn.RoutedExperts(Bf16)
+    routed_experts: int = 0  # MoE / QMoE nodes now nextn.RoutedExperts(Bf16) / QRoutedExperts
     attention: int = 0  # MlaAttention nodes now nextn.LatentAttention(Bf16)
     bf16_matmuls: int = 0  # MatMul nodes now nextn.Bf16MatMul
     mtp_module: object = None  # mtp_module.PackedModule: the whole (int4 MTP) graph now one nextn.MtpModule node
@@ -213,7 +213,7 @@ class LoadForms:
 
 def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
     """The graph at `path` in the forms that suit the CPU: an int4 MTP graph as one node on nextn's kernel
-    (mtp_module.py), or the attention and the fp32 routed experts on nextn's kernels (latent_attention.py,
+    (mtp_module.py), or the attention and the routed experts (fp32, bf16, 4- and 8-bit) on nextn's kernels (latent_attention.py,
     routed_experts.py; where a C compiler built them), the other routed experts in halves for ONNX Runtime's
     threads (expert_halves.py), sibling products merged (merged_matmuls.py), then products whose weights are
     bf16 values on nextn's kernel (bf16_matmul.py)."""
@@ -238,14 +238,14 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
     if packed:
         return LoadForms(model.SerializeToString(), {}, 0, {t.name for t in model.graph.initializer}, library,
                          mtp_module=packed)  # fmt: skip
-    stacks = {**routed_experts.use_routed_experts(model, read), **latent_attention.use_latent_attention(model, read)
-              } if library else {}  # fmt: skip
+    stacks = {**routed_experts.use_routed_experts(model, read), **routed_experts.use_quantized_experts(model, read),
+              **latent_attention.use_latent_attention(model, read)} if library else {}  # fmt: skip
     stacks.update(halve_experts(model, read))
     merged = merge_sibling_matmuls(model, read)
     stored.update({t.name: t for t in model.graph.initializer})  # the merged products' weights, in the graph
     stacks.update(bf16_matmul.use_bf16_matmul(model, read) if library else {})
     on_kernel = [n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type != ATTENTION_FUNCTION]
-    experts = sum(t in (routed_experts.OP_TYPE, routed_experts.OP_TYPE_BF16) for t in on_kernel)
+    experts = sum(t in (routed_experts.OP_TYPE, routed_experts.OP_TYPE_BF16, routed_experts.OP_TYPE_Q) for t in on_kernel)
     attention = sum(t in (latent_attention.OP_TYPE, latent_attention.OP_TYPE_BF16) for t in on_kernel)
     inline = [n for n in stacks if stored[n].data_location != onnx.TensorProto.EXTERNAL]
     for name in inline:  # a small stack stored in the graph: its new layout goes there too (the mapping has none)
@@ -313,8 +313,8 @@ DRAFT_THREADS = 1
 # with other forms (the costs cache, keyed by `setup`) are measured again. 1: experts in halves, siblings merged;
 # 2: fp32 routed experts on nextn's kernel; 3: the attention on nextn's kernel; 4: int4 MTP graphs as one node;
 # 5: a step's drafts in one call of it (mtp_module.NativeDrafter); 6: bf16 weights' products on nextn's kernel;
-# 7: large routed experts in column blocks.
-LOAD_FORMS = 7
+# 7: large routed experts in column blocks; 8: 4- and 8-bit routed experts (QMoE) on nextn's kernel.
+LOAD_FORMS = 8
 
 # Pre-packing keeps a second, per-session copy of the weights: worth it (BENCHMARKS.md: up to 1.4x per
 # decode step on small models) while that copy is a small share of the machine's memory.

@@ -42,6 +42,7 @@ from nextn.export.latent_attention import DOMAIN as ATTENTION_DOMAIN
 from nextn.export.latent_attention import OP_TYPE as ATTENTION_OP
 from nextn.runtime.latent_attention import kernel_layout
 from nextn.runtime.native import DOMAIN, use_kernel_nodes
+from nextn.runtime.packed_blocks import BlockMatrix, from_nbits, pack_matrix
 
 OP_TYPE = "MtpModule"
 VERSION = 1
@@ -51,7 +52,6 @@ VERSION = 1
 # issue 14's 1 GB checkpoint's: ~30 MB); a DeepSeek-V3 MTP module (~6 GB at 4 bits) reads its weights'
 # bytes for most of a draft and keeps ONNX Runtime's nodes.
 MAX_GRAPH_BYTES = 256 << 20
-TILE = 16  # columns per tile of a packed matrix
 # meta's first numbers, in the order the kernel reads them (META_* in kernels/mtp_module.c): the version, the
 # dimensions, then the offsets of the fp32 parameters; then per matrix (MATRICES, then fc1 and fc2 of each expert)
 # K, N, block size, bits, byte offset, float offset.
@@ -66,74 +66,6 @@ NORMS = {"enorm": ".enorm.weight", "hnorm": ".hnorm.weight", "input_layernorm": 
          "post_attention_layernorm": ".post_attention_layernorm.weight",
          "head_norm": ".shared_head.norm.weight"}  # fmt: skip
 MS = "com.microsoft"
-
-
-@dataclass
-class BlockMatrix:
-    """W [K, N] of 4- or 8-bit values: W = (q - zero) scale, per block of `block` rows and per column."""
-
-    q: np.ndarray  # [N, K] uint8, 0 .. 2^bits - 1
-    scale: np.ndarray  # [N, blocks] fp32
-    zero: np.ndarray  # [N, blocks] fp32
-    block: int
-    bits: int = 4
-
-    @property
-    def k(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def n(self) -> int:
-        return self.q.shape[0]
-
-    def dequantize(self) -> np.ndarray:
-        """W [K, N] fp32."""
-        blocks = np.arange(self.k) // self.block
-        return ((self.q.astype(np.float32) - self.zero[:, blocks]) * self.scale[:, blocks]).T
-
-    def columns(self, order: np.ndarray) -> BlockMatrix:
-        return BlockMatrix(self.q[order], self.scale[order], self.zero[order], self.block, self.bits)
-
-
-def from_nbits(b: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, k: int, n: int, block: int,
-               bits: int = 4) -> BlockMatrix:  # fmt: skip
-    """MatMulNBits' (and each QMoE expert's) layout -> BlockMatrix: B [N, blocks, block bits / 8] (4 bits: element
-    2j in the low nibble), scales [N blocks], zero points [N ceil(blocks bits / 8)] (4 bits: two per byte; none:
-    the middle of the range)."""
-    blocks = -(-k // block)
-    b = b.reshape(n, blocks * block * bits // 8)
-    if bits == 4:
-        q = np.empty((n, blocks * block), np.uint8)
-        q[:, 0::2], q[:, 1::2] = b & 15, b >> 4
-    else:
-        q = b
-    if zero_points is None:
-        zero = np.full((n, blocks), 2 ** (bits - 1), np.uint8)
-    elif bits == 4:
-        zp = zero_points.reshape(n, -1)
-        zero = np.stack([zp & 15, zp >> 4], axis=-1).reshape(n, -1)[:, :blocks]
-    else:
-        zero = zero_points.reshape(n, blocks)
-    return BlockMatrix(np.ascontiguousarray(q[:, :k]), scales.reshape(n, blocks).astype(np.float32),
-                       zero.astype(np.float32), block, bits)  # fmt: skip
-
-
-def pack_matrix(m: BlockMatrix) -> tuple[np.ndarray, np.ndarray]:
-    """The kernel's layout, for VNNI's 4-way int8 products: bytes [tiles, K / 8, 16, 4] at 4 bits (byte (c, j)
-    of a group of 8 rows k: column 16t + c at row k + j in its low nibble, at k + 4 + j in its high one), [tiles,
-    K / 4, 16, 4] at 8 bits (byte (c, j): column 16t + c at row 4g + j); and floats [tiles, blocks, 32] (16
-    scales, then 16 zero * scale); columns past N are zeros."""
-    tiles = -(-m.n // TILE)
-    pad = ((0, tiles * TILE - m.n), (0, 0))
-    if m.bits == 4:
-        q = np.pad(m.q, pad).reshape(tiles, TILE, m.k // 8, 2, 4)  # [tiles, c, group, half, j]
-        data = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).transpose(0, 2, 1, 3)  # [tiles, group, c, j]
-    else:
-        data = np.pad(m.q, pad).reshape(tiles, TILE, m.k // 4, 4).transpose(0, 2, 1, 3)
-    scale = np.pad(m.scale, pad)
-    zs = (np.pad(m.zero, pad) * scale).astype(np.float32)
-    floats = np.stack([scale.reshape(tiles, TILE, -1), zs.reshape(tiles, TILE, -1)], axis=1)  # [tiles, 2, c, blocks]
-    return np.ascontiguousarray(data).reshape(-1), np.ascontiguousarray(floats.transpose(0, 3, 1, 2)).reshape(-1)
 
 
 @dataclass

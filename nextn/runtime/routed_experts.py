@@ -32,9 +32,11 @@ from onnx import helper
 
 from nextn.calib.rewrite import MS_DOMAIN, initializers_read_once
 from nextn.runtime.native import DOMAIN, use_kernel_nodes
+from nextn.runtime.packed_blocks import BlockMatrix, from_nbits, pack_matrix
 
 OP_TYPE = "RoutedExperts"  # fp32 stacks
 OP_TYPE_BF16 = "RoutedExpertsBf16"  # stacks of bf16 values, stored as their uint16 bit patterns
+OP_TYPE_Q = "QRoutedExperts"  # 4- or 8-bit blockwise experts (a QMoE's), packed for VNNI (kernels/qmm.h)
 
 
 def use_routed_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
@@ -66,6 +68,101 @@ def use_routed_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray
     if stacks:
         use_kernel_nodes(model, nodes)
     return stacks
+
+
+def use_quantized_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
+    """Rewrite, in place, every QMoE node of the form nextn's calibration writes (4- or 8-bit experts, accuracy
+    level 4, SwiGLU interleaved, no biases) whose weights no other node reads:
+
+        com.microsoft.QMoE(x, router_probs, fc1_q, fc1_scales, "", fc2_q, fc2_scales, "", ..., fc1_zp, fc2_zp)
+     -> nextn.QRoutedExperts(x, router_probs, weights [E, P, bytes], params [E, P, floats])
+
+    each expert in P parts of its units (quantized_stacks), the same weights and the same per-block int8 rounding
+    of the activations as the op's, so the two agree to fp32 rounding. -> the new stacks by name (fc1_q's and
+    fc1_scales' names; fc2's and the zero points' initializers leave the graph)."""
+    inits = initializers_read_once(model)
+    stacks: dict[str, np.ndarray] = {}
+    nodes, dropped = [], set()
+    for node in model.graph.node:
+        attrs = _plain_qmoe_attributes(node)
+        ins = list(node.input) + [""] * (13 - len(node.input))
+        weights = [ins[i] for i in (2, 3, 5, 6, 11, 12) if ins[i]]
+        if attrs is None or not all(w in inits for w in weights):
+            nodes.append(node)
+            continue
+        packed = quantized_stacks(*(array(ins[i]) if ins[i] else None for i in (2, 3, 11, 5, 6, 12)),
+                                  attrs["block_size"], attrs["bits"])  # fmt: skip
+        if packed is None:
+            nodes.append(node)
+            continue
+        (data, params), inter = packed
+        for name, w in ((ins[2], data), (ins[3], params)):
+            stacks[name] = w
+            del inits[name].dims[:]
+            inits[name].dims.extend(w.shape)
+            inits[name].data_type = onnx.TensorProto.UINT8 if w.dtype == np.uint8 else onnx.TensorProto.FLOAT
+        dropped.update(w for w in weights if w not in (ins[2], ins[3]))
+        nodes.append(helper.make_node(OP_TYPE_Q, [ins[0], ins[1], ins[2], ins[3]], list(node.output), name=node.name,
+                                      domain=DOMAIN, k=attrs["k"], normalize_routing_weights=attrs["normalize"],
+                                      bits=attrs["bits"], block_size=attrs["block_size"], inter=inter))  # fmt: skip
+    if stacks:
+        kept = [t for t in model.graph.initializer if t.name not in dropped]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        use_kernel_nodes(model, nodes)
+    return stacks
+
+
+def quantized_stacks(fc1_q, fc1_scales, fc1_zero, fc2_q, fc2_scales, fc2_zero, block: int, bits: int):
+    """A QMoE's experts (fc1 [E, 2I, H bits / 8] gate/up rows interleaved, fc2 [E, H, I bits / 8], scales and
+    zero points in MatMulNBits' layout) -> ((weights uint8 [E, P, bytes], params fp32 [E, P, floats]), I): per
+    expert and part p of P = 2 (1 where I / 2 is not a whole number of blocks) of its units, the packed fc1 of the
+    part's gate columns then its up ones ([H, 2J]), then the packed fc2 of its rows ([J, H]). None where the
+    kernel's products cannot take the shapes (qmm.h: K a multiple of 8)."""
+    per_byte, (n_experts, two_i), hidden = 8 // bits, fc1_q.shape[:2], fc2_q.shape[1]
+    inter = two_i // 2
+    parts = 2 if inter % 2 == 0 and (inter // 2) % block == 0 else 1
+    width = inter // parts
+    stored = fc1_q.shape[2] * per_byte, fc2_q.shape[2] * per_byte  # K of each, padded to whole blocks
+    if (hidden % 8 or width % 8 or block % 8 or fc2_q.shape[0] != n_experts
+            or stored != (-(-hidden // block) * block, -(-inter // block) * block)):  # fmt: skip
+        return None
+    data, params = [], []
+    for e in range(n_experts):
+        fc1 = from_nbits(fc1_q[e], fc1_scales[e], None if fc1_zero is None else fc1_zero[e], hidden, two_i, block, bits)
+        fc2 = from_nbits(fc2_q[e], fc2_scales[e], None if fc2_zero is None else fc2_zero[e], inter, hidden, block,
+                         bits)  # fmt: skip
+        for p in range(parts):
+            units = np.arange(p * width, (p + 1) * width)
+            rows = slice(p * width, (p + 1) * width)
+            blocks = slice(p * width // block, -(-(p + 1) * width // block))
+            down = BlockMatrix(fc2.q[:, rows], fc2.scale[:, blocks], fc2.zero[:, blocks], block, bits)
+            pieces = [pack_matrix(fc1.columns(np.concatenate([2 * units, 2 * units + 1]))), pack_matrix(down)]
+            data.append(np.concatenate([q for q, _ in pieces]))
+            params.append(np.concatenate([f for _, f in pieces]))
+    shape = (n_experts, parts)
+    return (np.stack(data).reshape(*shape, -1), np.stack(params).reshape(*shape, -1)), inter
+
+
+def _plain_qmoe_attributes(node: onnx.NodeProto) -> dict | None:
+    """k, normalize, bits and block_size of a QMoE node the kernel computes as the op does (SwiGLU interleaved,
+    alpha 1, beta 0, no clamp, no biases, no fc3, 4 or 8 bits in blocks, activations rounded to int8 per block:
+    accuracy level 4), else None."""
+    if node.domain != MS_DOMAIN or node.op_type != "QMoE" or len(node.input) < 7:
+        return None
+    ins = list(node.input) + [""] * (13 - len(node.input))
+    if any(ins[i] for i in (4, 7, 8, 9, 10)) or not ins[3] or not ins[6]:  # biases, fc3; the scales
+        return None
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    act = a.get("activation_type", b"")
+    act = act.decode() if isinstance(act, bytes) else act
+    if (act != "swiglu" or a.get("swiglu_fusion") != 1 or a.get("activation_alpha", 1.0) != 1.0
+            or a.get("activation_beta", 0.0) != 0.0 or "swiglu_limit" in a or a.get("k", 0) < 1
+            or a.get("expert_weight_bits") not in (4, 8) or a.get("block_size", 0) < 8
+            or a.get("accuracy_level") != 4):  # fmt: skip
+        return None
+    return {"k": int(a["k"]), "normalize": int(a.get("normalize_routing_weights", 0)),
+            "bits": int(a["expert_weight_bits"]), "block_size": int(a["block_size"])}  # fmt: skip
 
 
 def is_bf16(w: np.ndarray) -> bool:

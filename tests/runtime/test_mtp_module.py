@@ -14,7 +14,7 @@ from nextn.calib.calibrate import CalibOptions, calibrate_artifact
 from nextn.calib.rewrite import pack_matmulnbits, quantize_rtn
 from nextn.errors import NextnError
 from nextn.export import io
-from nextn.runtime import mtp_module, native
+from nextn.runtime import mtp_module, native, packed_blocks
 from nextn.runtime.engines import open_engines
 
 SOURCE = Path(mtp_module.__file__).with_name("kernels") / "mtp_module.c"
@@ -81,16 +81,29 @@ def test_the_generic_products_match_the_vnni_ones(int4_artifact):
             portable = open_engines(int4_artifact, threads=1, prepack=True)
     finally:
         native.kernel_library.cache_clear()
-    assert portable["mtp_0"].mtp_module
+    assert portable["mtp_0"].mtp_module and portable["trunk"].routed_experts
     for feed in _feeds(fused.manifest["config"], np.random.default_rng(2))[:3]:
         for a, b in zip(portable["mtp_0"].run(feed), fused["mtp_0"].run(feed)):
             assert np.abs(a - b).max() <= 1e-5 * (np.abs(b).max() + 1e-6)
+    feed = _trunk_feed(fused.manifest["config"], np.random.default_rng(3), 3)  # the trunk's QRoutedExperts
+    for a, b in zip(portable["trunk"].run(feed), fused["trunk"].run(feed)):
+        assert np.abs(a - b).max() <= 1e-5 * (np.abs(b).max() + 1e-6)
+
+
+def _trunk_feed(cfg: dict, rng, s: int, past_len: int = 5) -> dict:
+    """A trunk feed: two rows of s new tokens after past_len random cache entries."""
+    past = [(rng.standard_normal((2, past_len, cfg["kv_lora_rank"]), dtype=np.float32),
+             rng.standard_normal((2, past_len, cfg["qk_rope_head_dim"]), dtype=np.float32))
+            for _ in range(cfg["num_hidden_layers"])]  # fmt: skip
+    return io.trunk_feed(rng.integers(0, cfg["vocab_size"], (2, s)), np.arange(past_len, past_len + s)[None].repeat(2, 0),
+                         np.ones((2, past_len + s), np.int64), past)  # fmt: skip
 
 
 @pytest.mark.usefixtures("needs_kernel")
 def test_drafting_on_the_kernel_is_lossless_at_every_batch(int4_artifact):
     with nextn.load(int4_artifact) as model:
         assert model.engines["mtp_0"].mtp_module
+        assert model.engines["trunk"].routed_experts  # the trunk's QMoE on nextn.QRoutedExperts: verify = plain too
         prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16, 17]]
         plain = [out for out, _ in model.decoder.generate_many(prompts, 14, draft=0)]
         for k in (1, 3, "auto"):
@@ -117,6 +130,27 @@ def test_one_call_drafts_what_the_per_call_path_drafts(int4_artifact):
 
 
 @pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.usefixtures("needs_kernel")
+def test_the_int4_trunk_on_quantized_experts_gives_qmoes_logits(int4_artifact):
+    """The int4 trunk with its QMoE nodes on nextn.QRoutedExperts and on ONNX Runtime: the same logits to fp32
+    rounding (routed_experts.use_quantized_experts)."""
+    from nextn.runtime import routed_experts
+
+    kernel = open_engines(int4_artifact, prepack=True)
+    with mock.patch.object(routed_experts, "use_quantized_experts", lambda model, array: {}):
+        qmoe = open_engines(int4_artifact, prepack=True)
+    cfg = qmoe.manifest["config"]
+    assert kernel["trunk"].routed_experts == cfg["num_hidden_layers"] - cfg["first_k_dense_replace"]
+    assert any(n.op_type == "QMoE" for n in onnx.load(str(int4_artifact / "trunk.onnx"), load_external_data=False).graph.node)
+    rng = np.random.default_rng(8)
+    for s in (1, 4, 9):
+        feed = _trunk_feed(cfg, rng, s)
+        for a, b in zip(qmoe["trunk"].run(feed), kernel["trunk"].run(feed)):
+            assert np.abs(a - b).max() <= 1e-4 * max(1.0, float(np.abs(a).max())), s
+    kernel.close()
+    qmoe.close()
+
+
 def test_a_draft_past_the_context_is_an_error(int4_artifact):
     from nextn.runtime.decoder import _State
 
@@ -161,10 +195,10 @@ def test_packed_matrices_hold_the_calibrated_values():
     w = rng.standard_normal((96, 40)).astype(np.float32)  # K 96: a last block of 32 rows after one of 64
     bw = quantize_rtn(w, 64)
     b, scales, zp = pack_matmulnbits(bw)
-    m = mtp_module.from_nbits(b, scales, zp, 96, 40, 64)
+    m = packed_blocks.from_nbits(b, scales, zp, 96, 40, 64)
     np.testing.assert_array_equal(m.dequantize(), bw.dequantize())
-    data, floats = mtp_module.pack_matrix(m)
-    tiles, t = 3, mtp_module.TILE  # 40 columns: 3 tiles of 16, the last 8 zeros
+    data, floats = packed_blocks.pack_matrix(m)
+    tiles, t = 3, packed_blocks.TILE  # 40 columns: 3 tiles of 16, the last 8 zeros
     bytes_ = data.reshape(tiles, 96 // 8, t, 4)
     q = np.zeros((tiles * t, 96), np.uint8)  # read back: column c of tile i at row 8g + j (low) and 8g + 4 + j (high)
     for j in range(4):

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from nextn.calib.rewrite import MS_DOMAIN
+from nextn.calib.rewrite import MS_DOMAIN, apply_qmoe, quantize_rtn
 from nextn.runtime import native, routed_experts
 from nextn.runtime.engines import open_engines
 
@@ -30,6 +30,15 @@ def _moe_graph(rng, e: int, h: int, i: int, k: int, normalize: int, **extra) -> 
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(a, n) for n, a in weights.items()])  # fmt: skip
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS_DOMAIN, 1)])
+
+
+def _qmoe_graph(rng, e: int, h: int, i: int, k: int, bits: int, block: int, accuracy_level: int = 4):
+    """_moe_graph's experts quantized as nextn's calibration does (round to nearest, asymmetric blocks): QMoE."""
+    model = _moe_graph(rng, e, h, i, k, 0)
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    experts = tuple([quantize_rtn(w.T, block, bits) for w in arrays[name]] for name in ("fc1", "fc2"))
+    apply_qmoe(model, {"moe": experts}, accuracy_level=accuracy_level)
+    return model
 
 
 def _on_kernel(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
@@ -99,12 +108,16 @@ def test_bf16_weights_are_read_as_bf16_and_give_the_same_output(e, h, i):
 
 
 @pytest.mark.usefixtures("needs_kernel")
-@pytest.mark.parametrize("bf16", [False, True])
-def test_a_tokens_output_does_not_depend_on_the_other_tokens(bf16):
+@pytest.mark.parametrize("form", ["fp32", "bf16", "int4", "int8"])
+def test_a_tokens_output_does_not_depend_on_the_other_tokens(form):
     # A verify pass and a one-token step must agree bit for bit on the same token (greedy stays identical).
     rng = np.random.default_rng(3)
-    model = _moe_graph(rng, 8, 64, 48, 2, 0)
-    session = kernel_session(_on_kernel(_as_bf16_values(model) if bf16 else model)[0])
+    if form.startswith("int"):
+        rewritten = on_kernel(_qmoe_graph(rng, 8, 64, 64, 2, int(form[3:]), 32), routed_experts.use_quantized_experts)[0]
+    else:
+        model = _moe_graph(rng, 8, 64, 48, 2, 0)
+        rewritten = _on_kernel(_as_bf16_values(model) if form == "bf16" else model)[0]
+    session = kernel_session(rewritten)
     x, probs = rng.standard_normal((7, 64)).astype(np.float32), _probs(rng, 7, 8, 2, 2)
     together = session.run(None, {"x": x, "probs": probs})[0]
     for t in range(7):
@@ -120,6 +133,38 @@ def test_only_moe_nodes_the_kernel_computes_exactly_are_rewritten():
     shared = _moe_graph(rng, 4, 32, 16, 2, 0)  # a stack another node also reads keeps its layout
     shared.graph.node.append(helper.make_node("Identity", ["fc2"], ["fc2_copy"]))
     assert _on_kernel(shared)[0].graph.node[0].op_type == "MoE"
+
+
+@pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.parametrize("e,h,i,k,bits,block",
+                         [(8, 64, 48, 2, 4, 16), (4, 128, 128, 2, 4, 64), (6, 64, 64, 3, 8, 32), (4, 208, 80, 4, 4, 16),
+                          (4, 112, 96, 2, 8, 16)])  # fmt: skip
+def test_quantized_experts_compute_onnxruntimes_qmoe(e, h, i, k, bits, block):
+    # (64, 48) at 16: two parts of 24 units that are not whole blocks, so one part; (128, 128) and (64, 64): two
+    # parts of whole blocks; (208, 80) and (112, 96) at 16: odd block counts, one part of 80 and two of 48
+    rng = np.random.default_rng(e + h + bits)
+    model = _qmoe_graph(rng, e, h, i, k, bits, block)
+    rewritten, stacks = on_kernel(model, routed_experts.use_quantized_experts)
+    node = rewritten.graph.node[0]
+    assert (node.domain, node.op_type) == (native.DOMAIN, routed_experts.OP_TYPE_Q)
+    assert len(rewritten.graph.initializer) == 2 and len(stacks) == 2  # fc2 and the zero points went into them
+    parts = 2 if i % 2 == 0 and (i // 2) % block == 0 else 1
+    assert {a.shape[:2] for a in stacks.values()} == {(e, parts)}
+    want, got, got2 = kernel_session(model), kernel_session(rewritten), kernel_session(rewritten, threads=2)
+    for n in (1, 2, 3, 4, 5, 9, 33):
+        feed = {"x": rng.standard_normal((n, h)).astype(np.float32), "probs": _probs(rng, n, e, k, k)}
+        ref, out = want.run(None, feed)[0], got.run(None, feed)[0]
+        assert np.abs(out - ref).max() < 1e-5 * np.abs(ref).max(), n  # the same int8 rounding, sums in other orders
+        assert np.array_equal(got2.run(None, feed)[0], out), n
+
+
+def test_only_qmoe_nodes_the_kernel_computes_as_onnxruntime_are_rewritten():
+    rng = np.random.default_rng(7)
+    full_precision = _qmoe_graph(rng, 4, 32, 16, 2, 4, 16, accuracy_level=0)  # fp32 activations: not the kernel's
+    assert on_kernel(full_precision, routed_experts.use_quantized_experts)[0].graph.node[0].op_type == "QMoE"
+    shared = _qmoe_graph(rng, 4, 32, 16, 2, 4, 16)  # a stack another node also reads keeps its layout
+    shared.graph.node.append(helper.make_node("Identity", [shared.graph.node[0].input[5]], ["fc2_copy"]))
+    assert on_kernel(shared, routed_experts.use_quantized_experts)[0].graph.node[0].op_type == "QMoE"
 
 
 def test_without_a_compiler_the_graph_keeps_onnxruntimes_moe(tmp_path, monkeypatch, caplog):

@@ -81,7 +81,7 @@ Status *RegisterCustomOps(void *options, const ApiBase *base) {
   have_parallel_for = base->GetApi(18) != NULL;
   void *domain = NULL;
   Status *s = FN(api, CreateDomainFn, API_CREATE_CUSTOM_OP_DOMAIN)("nextn", &domain);
-  for (int i = 0; !s && i < 2; i++) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &routed_experts_ops[i]);
+  for (int i = 0; !s && i < 3; i++) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &routed_experts_ops[i]);
   for (int i = 0; !s && i < 2; i++) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &latent_attention_ops[i]);
   if (!s) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &mtp_module_ops[0]);
   if (!s) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &bf16_matmul_ops[0]);

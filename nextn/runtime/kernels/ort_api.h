@@ -102,7 +102,7 @@ float attribute_float(const void *const *api, const void *info, const char *name
 void parallel_for(const void *const *api, void *ctx, void (*fn)(void *, size_t), size_t n, void *usr);
 
 /* Each kernel file's descriptors, registered by ort_api.c. */
-extern CustomOp routed_experts_ops[2];
+extern CustomOp routed_experts_ops[3];
 extern CustomOp latent_attention_ops[2];
 extern CustomOp mtp_module_ops[1];
 extern CustomOp bf16_matmul_ops[1];

@@ -35,6 +35,7 @@
 
 #include "ort_api.h"
 #include "products.h"
+#include "qmm.h"
 
 /* -- the arithmetic --------------------------------------------------------------------------------------- */
 static inline float load_f32(const float *p, int64_t i) { return p[i]; }
@@ -198,8 +199,10 @@ static void route(const float *row, int64_t n_experts, int64_t k, int normalize,
  * then added in task order, so the result depends neither on the threads nor on the other tokens. */
 typedef struct {
   int64_t expert, part, first, m; /* its tokens: tokens[first : first + m] */
-  float *scratch;                 /* h1 [m, 2J], act [m, J], out [m, H] */
+  float *scratch;                 /* TASK_FLOATS(m) floats: x [m, H] (4- and 8-bit only), h1 [m, 2J], act [m, J] */
+  float *out;                     /* [m, H] its partial outputs */
 } Task;
+#define TASK_FLOATS(m, hidden, width) ((m) * (2 * (hidden) + 3 * (width)))
 
 typedef struct {
   TokensTimes times;
@@ -208,6 +211,9 @@ typedef struct {
   size_t elem;           /* bytes of a weight */
   int64_t hidden, inter, parts, width; /* H, I, P, J = I / P */
   int64_t block;         /* the parts' column blocks (0: whole rows; blocked_times) */
+  int64_t bits;          /* 4 or 8: QRoutedExperts' packed parts (run_task_q); 0: fp32 or bf16 stacks */
+  const uint8_t *packed; /* QRoutedExperts: weights [E, P, part bytes], params [E, P, part floats] */
+  const float *params;
   const int64_t *tokens;
   Task *tasks;
 } Work;
@@ -227,67 +233,80 @@ static void blocked_times(TokensTimes times, size_t elem, int64_t block, const c
   }
 }
 
+/* act [m, J] = silu(gate) * up of h1 [m, 2J] (each row: the gate's J columns, then the up's). */
+static void swiglu_rows(const float *h1, int64_t m, int64_t width, float *act) {
+  for (int64_t r = 0; r < m; r++) {
+    const float *g = h1 + r * 2 * width, *u = g + width;
+    float *a = act + r * width;
+    for (int64_t i = 0; i < width; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+  }
+}
+
 static void run_task(void *usr, size_t index) {
   static const int64_t own[4] = {0, 1, 2, 3};
   const Work *w = (const Work *)usr;
   const Task *t = &w->tasks[index];
   const int64_t h = w->hidden, j2 = 2 * w->width, m = t->m;
-  float *h1 = t->scratch, *act = h1 + m * j2, *out = act + m * w->width;
+  float *h1 = t->scratch, *act = h1 + m * j2;
   const char *fc1 = w->fc1 + (size_t)((t->expert * w->parts + t->part) * h * j2) * w->elem;
   const char *fc2 = w->fc2 + (size_t)((t->expert * w->inter + t->part * w->width) * h) * w->elem;
   blocked_times(w->times, w->elem, w->block, fc1, h, j2, w->x, h, w->tokens + t->first, m, h1, j2);
-  for (int64_t r = 0; r < m; r++) {
-    const float *g = h1 + r * j2, *u = g + w->width;
-    float *a = act + r * w->width;
-    for (int64_t i = 0; i < w->width; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-  }
+  swiglu_rows(h1, m, w->width, act);
   for (int64_t r = 0; r < m; r += 4) /* act's rows are its own tokens 0..m-1 */
     blocked_times(w->times, w->elem, w->block, fc2, w->width, h, act + r * w->width, w->width, own,
-                  m - r < 4 ? m - r : 4, out + r * h, h);
+                  m - r < 4 ? m - r : 4, t->out + r * h, h);
 }
 
-/* -- the op ----------------------------------------------------------------------------------------------- */
+/* -- 4- and 8-bit experts (QRoutedExperts) ------------------------------------------------------------------
+ * Each (expert, part) is two packed matrices (qmm.h), one after the other in weights [E, P, part bytes] and
+ * params [E, P, part floats]: fc1's [H, 2J] (the part's gate columns, then its up ones), then fc2's [J, H]
+ * (routed_experts.py's quantized_stacks writes them from QMoE's). */
+static int64_t packed_bytes(int64_t k, int64_t n, int64_t bits) { return (n + TILE - 1) / TILE * 2 * bits * k; }
+static int64_t packed_floats(int64_t k, int64_t n, int64_t block) {
+  return (n + TILE - 1) / TILE * ((k + block - 1) / block) * 2 * TILE;
+}
+static QMat packed_matrix(int64_t k, int64_t n, int64_t block, int64_t bits, const uint8_t *q, const float *s) {
+  const QMat m = {k, n, block, (k + block - 1) / block, (n + TILE - 1) / TILE, bits, q, s};
+  return m;
+}
+
+static void run_task_q(void *usr, size_t index) {
+  const Work *w = (const Work *)usr;
+  const Task *t = &w->tasks[index];
+  const int64_t h = w->hidden, j = w->width, m = t->m, part = t->expert * w->parts + t->part;
+  const int64_t bytes1 = packed_bytes(h, 2 * j, w->bits), floats1 = packed_floats(h, 2 * j, w->block);
+  const int64_t part_bytes = bytes1 + packed_bytes(j, h, w->bits);
+  const int64_t part_floats = floats1 + packed_floats(j, h, w->block);
+  const uint8_t *q = w->packed + part * part_bytes;
+  const float *s = w->params + part * part_floats;
+  const QMat fc1 = packed_matrix(h, 2 * j, w->block, w->bits, q, s);
+  const QMat fc2 = packed_matrix(j, h, w->block, w->bits, q + bytes1, s + floats1);
+  float *x = t->scratch, *h1 = x + m * h, *act = h1 + m * 2 * j;
+  for (int64_t r = 0; r < m; r++) memcpy(x + r * h, w->x + w->tokens[t->first + r] * h, sizeof(float) * (size_t)h);
+  qmm(&fc1, x, h, m, h1, 2 * j);
+  swiglu_rows(h1, m, j, act);
+  qmm(&fc2, act, j, m, t->out, h);
+}
+
+/* -- the ops ---------------------------------------------------------------------------------------------- */
 typedef struct {
   const void *const *api;
-  int64_t k, block_cols;
+  int64_t k, block_cols, bits, block_size, inter;
   int normalize;
   TokensTimes times; /* by the weights' element type */
 } Kernel;
 
-/* The shapes are checked when routed_experts.py rewrites the graph; a call with others leaves the output unset,
- * which fails the run (a node that reads it, or OrtEngine.run for a graph output). */
-static void compute(void *kernel, void *ctx) {
-  const Kernel *kn = (const Kernel *)kernel;
+/* Route each of the rows to its k experts, run the (expert, part) tasks on the threads and add their outputs in
+ * task order into the op's output (shape xd). A call that fails before the output exists leaves it unset, which
+ * fails the run (a node that reads it, or OrtEngine.run for a graph output): never a partial or zero output. */
+static void run_experts(const Kernel *kn, void *ctx, const int64_t *xd, size_t xn, int64_t rows, const float *probs,
+                        int64_t n_experts, Work *w, void (*task)(void *, size_t)) {
   const void *const *api = kn->api;
-  const void *in[4];
-  if (!inputs_of(api, ctx, 4, in)) return;
-  int64_t xd[MAX_DIMS], rd[MAX_DIMS], f1[MAX_DIMS], f2[MAX_DIMS];
-  size_t xn, rn, n1, n2;
-  if (!shape_of(api, in[0], xd, &xn) || !shape_of(api, in[1], rd, &rn) || !shape_of(api, in[2], f1, &n1) ||
-      !shape_of(api, in[3], f2, &n2) || xn < 1 || rn != 2 || n1 != 4 || n2 != 3)
-    return;
-  const int64_t hidden = xd[xn - 1], n_experts = f1[0], parts = f1[1], inter = f2[1], k = kn->k;
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < xn; i++) rows *= xd[i];
-  if (rd[0] != rows || rd[1] != n_experts || parts < 1 || inter % parts || f1[2] != hidden ||
-      f1[3] != 2 * inter / parts || f2[0] != n_experts || f2[2] != hidden || k < 1 || k > n_experts)
-    return;
-  void *out = NULL;
-  if (rows == 0) { /* no tokens: an empty output */
-    release_status(api, FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, xd, xn, &out));
-    return;
-  }
-  Work w = {kn->times, data_of(api, in[0]), data_of(api, in[2]), data_of(api, in[3]),
-            kn->times == tokens_times_bf16 ? sizeof(uint16_t) : sizeof(float), hidden, inter, parts,
-            inter / parts, kn->block_cols, NULL, NULL};
-  const float *probs = data_of(api, in[1]);
-  if (!w.x || !probs || !w.fc1 || !w.fc2) return;
-  /* Everything that can fail before the output exists: a failed call leaves it unset, which fails the run (a node that
-   * reads it, or OrtEngine.run for a graph output) (never a partial or zero output). */
-  const int64_t per_token = parts * (3 * w.width + hidden); /* scratch floats of one token in one expert's parts */
+  const int64_t k = kn->k, hidden = w->hidden, parts = w->parts;
   int64_t *picked = malloc(sizeof(int64_t) * (size_t)(2 * rows * k)), *tokens = picked + rows * k;
-  float *weights = malloc(sizeof(float) * (size_t)(2 * rows * k + rows * k * per_token));
+  float *weights = malloc(sizeof(float) * (size_t)(2 * rows * k + parts * TASK_FLOATS(rows * k, hidden, w->width)));
   Task *tasks = malloc(sizeof(Task) * (size_t)(n_experts * parts));
+  void *out = NULL;
   Status *s = picked && weights && tasks ? FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, xd, xn, &out)
                                          : NULL;
   float *y = !s && out ? data_of(api, out) : NULL;
@@ -304,22 +323,20 @@ static void compute(void *kernel, void *ctx) {
       for (int64_t j = 0; j < k; j++)
         if (picked[t * k + j] == e) { tokens[used + m] = t; token_weight[used + m] = weights[t * k + j]; m++; }
     for (int64_t p = 0; m && p < parts; p++) {
-      tasks[n_tasks] = (Task){e, p, used, m, scratch};
-      scratch += m * (3 * w.width + hidden);
-      n_tasks++;
+      tasks[n_tasks++] = (Task){e, p, used, m, scratch, scratch + m * (hidden + 3 * w->width)};
+      scratch += TASK_FLOATS(m, hidden, w->width);
     }
     used += m;
   }
-  w.tokens = tokens;
-  w.tasks = tasks;
-  parallel_for(api, ctx, run_task, n_tasks, &w);
+  w->tokens = tokens;
+  w->tasks = tasks;
+  parallel_for(api, ctx, task, n_tasks, w);
   for (size_t i = 0; i < n_tasks; i++) { /* in task order: expert, then part */
     const Task *t = &tasks[i];
-    const float *o = t->scratch + t->m * 3 * w.width;
     for (int64_t r = 0; r < t->m; r++) {
       float *yt = y + tokens[t->first + r] * hidden;
-      const float wr = token_weight[t->first + r];
-      for (int64_t c = 0; c < hidden; c++) yt[c] += wr * o[r * hidden + c];
+      const float wr = token_weight[t->first + r], *o = t->out + r * hidden;
+      for (int64_t c = 0; c < hidden; c++) yt[c] += wr * o[c];
     }
   }
   free(picked);
@@ -327,15 +344,79 @@ static void compute(void *kernel, void *ctx) {
   free(tasks);
 }
 
+/* The inputs' shapes and data, checked (routed_experts.py checks them when it rewrites the graph; a call with
+ * others leaves the output unset, which fails the run). -> 0 where they do not fit; an empty call gets its
+ * empty output here. */
+static int read_inputs(const void *const *api, void *ctx, const void **in, int64_t dims[4][MAX_DIMS],
+                       size_t ranks[4], const size_t want[4], int64_t *rows) {
+  if (!inputs_of(api, ctx, 4, in)) return 0;
+  for (int i = 0; i < 4; i++)
+    if (!shape_of(api, in[i], dims[i], &ranks[i]) || (want[i] && ranks[i] != want[i])) return 0;
+  if (ranks[0] < 1) return 0;
+  *rows = 1;
+  for (size_t i = 0; i + 1 < ranks[0]; i++) *rows *= dims[0][i];
+  if (dims[1][0] != *rows) return 0;
+  if (*rows == 0) { /* no tokens: an empty output */
+    void *out = NULL;
+    release_status(api, FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, dims[0], ranks[0], &out));
+    return 0;
+  }
+  for (int i = 0; i < 4; i++)
+    if (!data_of(api, in[i])) return 0;
+  return 1;
+}
+
+static void compute(void *kernel, void *ctx) {
+  const Kernel *kn = (const Kernel *)kernel;
+  static const size_t want[4] = {0, 2, 4, 3};
+  const void *in[4];
+  int64_t d[4][MAX_DIMS], rows;
+  size_t nd[4];
+  if (!read_inputs(kn->api, ctx, in, d, nd, want, &rows)) return;
+  const int64_t hidden = d[0][nd[0] - 1], n_experts = d[2][0], parts = d[2][1], inter = d[3][1], k = kn->k;
+  if (d[1][1] != n_experts || parts < 1 || inter % parts || d[2][2] != hidden || d[2][3] != 2 * inter / parts ||
+      d[3][0] != n_experts || d[3][2] != hidden || k < 1 || k > n_experts)
+    return;
+  Work w = {kn->times, data_of(kn->api, in[0]), data_of(kn->api, in[2]), data_of(kn->api, in[3]),
+            kn->times == tokens_times_bf16 ? sizeof(uint16_t) : sizeof(float), hidden, inter, parts,
+            inter / parts, kn->block_cols, 0, NULL, NULL, NULL, NULL};
+  run_experts(kn, ctx, d[0], nd[0], rows, data_of(kn->api, in[1]), n_experts, &w, run_task);
+}
+
+/* QRoutedExperts: x, router_probs, weights uint8 [E, P, part bytes], params fp32 [E, P, part floats]; attributes
+ * k, normalize_routing_weights, bits, block_size, inter (I, in P parts of J). */
+static void compute_q(void *kernel, void *ctx) {
+  const Kernel *kn = (const Kernel *)kernel;
+  static const size_t want[4] = {0, 2, 3, 3};
+  const void *in[4];
+  int64_t d[4][MAX_DIMS], rows;
+  size_t nd[4];
+  if (!read_inputs(kn->api, ctx, in, d, nd, want, &rows)) return;
+  const int64_t hidden = d[0][nd[0] - 1], n_experts = d[2][0], parts = d[2][1], inter = kn->inter, k = kn->k;
+  const int64_t j = parts > 0 ? inter / parts : 0, bits = kn->bits, block = kn->block_size;
+  if (d[1][1] != n_experts || parts < 1 || inter < 1 || inter % parts || j % 8 || hidden % 8 || block < 8 ||
+      block % 8 || (parts > 1 && j % block) || (bits != 4 && bits != 8) || k < 1 || k > n_experts ||
+      d[3][0] != n_experts || d[3][1] != parts ||
+      d[2][2] != packed_bytes(hidden, 2 * j, bits) + packed_bytes(j, hidden, bits) ||
+      d[3][2] != packed_floats(hidden, 2 * j, block) + packed_floats(j, hidden, block))
+    return;
+  Work w = {NULL, data_of(kn->api, in[0]), NULL, NULL, 1, hidden, inter, parts, j, block, bits,
+            data_of(kn->api, in[2]), data_of(kn->api, in[3]), NULL, NULL};
+  run_experts(kn, ctx, d[0], nd[0], rows, data_of(kn->api, in[1]), n_experts, &w, run_task_q);
+}
+
 static const char *name_f32(const CustomOp *op) { (void)op; return "RoutedExperts"; }
 static const char *name_bf16(const CustomOp *op) { (void)op; return "RoutedExpertsBf16"; }
+static const char *name_q(const CustomOp *op) { (void)op; return "QRoutedExperts"; }
 static int input_type_bf16(const CustomOp *op, size_t i) { (void)op; return i < 2 ? ELEMENT_FLOAT : ELEMENT_UINT16; }
+static int input_type_q(const CustomOp *op, size_t i) { (void)op; return i == 2 ? ELEMENT_UINT8 : ELEMENT_FLOAT; }
 static size_t input_count(const CustomOp *op) { (void)op; return 4; }
 
 static void *create_kernel(const CustomOp *op, const void *api, const void *info);
 
-CustomOp routed_experts_ops[2] = {DEFINE_OP(name_f32, op_float_type, input_count, create_kernel, compute),
-                                  DEFINE_OP(name_bf16, input_type_bf16, input_count, create_kernel, compute)};
+CustomOp routed_experts_ops[3] = {DEFINE_OP(name_f32, op_float_type, input_count, create_kernel, compute),
+                                  DEFINE_OP(name_bf16, input_type_bf16, input_count, create_kernel, compute),
+                                  DEFINE_OP(name_q, input_type_q, input_count, create_kernel, compute_q)};
 
 static void *create_kernel(const CustomOp *op, const void *api, const void *info) {
   Kernel *kn = calloc(1, sizeof(Kernel));
@@ -345,5 +426,8 @@ static void *create_kernel(const CustomOp *op, const void *api, const void *info
   kn->k = attribute_int(kn->api, info, "k", 0); /* routed_experts.py rewrites only nodes with 1 <= k; compute checks k <= E */
   kn->normalize = attribute_int(kn->api, info, "normalize_routing_weights", 0) != 0;
   kn->block_cols = attribute_int(kn->api, info, "block_cols", 0); /* routed_experts.py's layout of the stacks */
+  kn->bits = attribute_int(kn->api, info, "bits", 0);           /* QRoutedExperts' */
+  kn->block_size = attribute_int(kn->api, info, "block_size", 0);
+  kn->inter = attribute_int(kn->api, info, "inter", 0);
   return kn;
 }
