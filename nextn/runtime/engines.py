@@ -245,7 +245,7 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
     stored.update({t.name: t for t in model.graph.initializer})  # the merged products' weights, in the graph
     stacks.update(bf16_matmul.use_bf16_matmul(model, read) if library else {})
     on_kernel = [n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type != ATTENTION_FUNCTION]
-    experts = sum(t in (routed_experts.OP_TYPE, routed_experts.OP_TYPE_BF16, routed_experts.OP_TYPE_Q) for t in on_kernel)
+    experts = sum(t in routed_experts.OP_TYPES for t in on_kernel)
     attention = sum(t in (latent_attention.OP_TYPE, latent_attention.OP_TYPE_BF16) for t in on_kernel)
     inline = [n for n in stacks if stored[n].data_location != onnx.TensorProto.EXTERNAL]
     for name in inline:  # a small stack stored in the graph: its new layout goes there too (the mapping has none)

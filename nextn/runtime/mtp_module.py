@@ -43,6 +43,7 @@ from nextn.export.latent_attention import OP_TYPE as ATTENTION_OP
 from nextn.runtime.latent_attention import kernel_layout
 from nextn.runtime.native import DOMAIN, use_kernel_nodes
 from nextn.runtime.packed_blocks import BlockMatrix, from_nbits, pack_matrix
+from nextn.runtime.routed_experts import plain_swiglu
 
 OP_TYPE = "MtpModule"
 VERSION = 1
@@ -334,10 +335,7 @@ def _moe_parts(g: _Graph, qmoe: onnx.NodeProto):
     """(router [E, H], bias, experts, top_k, n_group, topk_group, routed scale) of the graph's QMoE and its router,
     or None where they are not DeepSeek-V3's routing and SwiGLU experts in 4 bits."""
     a = _attrs(qmoe)
-    swiglu = (a.get("activation_type") in (b"swiglu", "swiglu") and a.get("swiglu_fusion") == 1
-              and a.get("activation_alpha", 1.0) == 1.0 and a.get("activation_beta", 0.0) == 0.0
-              and "swiglu_limit" not in a and a.get("expert_weight_bits") in (4, 8)
-              and a.get("normalize_routing_weights", 0) == 0)  # fmt: skip
+    swiglu = plain_swiglu(a) and a.get("expert_weight_bits") in (4, 8) and a.get("normalize_routing_weights", 0) == 0
     ins = list(qmoe.input) + [""] * (13 - len(qmoe.input))
     router = g.producer.get(ins[1])
     logits = g.producer.get(router.input[0]) if router is not None else None

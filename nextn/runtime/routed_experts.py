@@ -37,6 +37,7 @@ from nextn.runtime.packed_blocks import BlockMatrix, from_nbits, pack_matrix
 OP_TYPE = "RoutedExperts"  # fp32 stacks
 OP_TYPE_BF16 = "RoutedExpertsBf16"  # stacks of bf16 values, stored as their uint16 bit patterns
 OP_TYPE_Q = "QRoutedExperts"  # 4- or 8-bit blockwise experts (a QMoE's), packed for VNNI (kernels/qmm.h)
+OP_TYPES = (OP_TYPE, OP_TYPE_BF16, OP_TYPE_Q)
 
 
 def use_routed_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
@@ -154,11 +155,7 @@ def _plain_qmoe_attributes(node: onnx.NodeProto) -> dict | None:
     if any(ins[i] for i in (4, 7, 8, 9, 10)) or not ins[3] or not ins[6]:  # biases, fc3; the scales
         return None
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-    act = a.get("activation_type", b"")
-    act = act.decode() if isinstance(act, bytes) else act
-    if (act != "swiglu" or a.get("swiglu_fusion") != 1 or a.get("activation_alpha", 1.0) != 1.0
-            or a.get("activation_beta", 0.0) != 0.0 or "swiglu_limit" in a or a.get("k", 0) < 1
-            or a.get("expert_weight_bits") not in (4, 8) or a.get("block_size", 0) < 8
+    if (not plain_swiglu(a) or a.get("expert_weight_bits") not in (4, 8) or a.get("block_size", 0) < 8
             or a.get("accuracy_level") != 4):  # fmt: skip
         return None
     return {"k": int(a["k"]), "normalize": int(a.get("normalize_routing_weights", 0)),
@@ -227,9 +224,16 @@ def _plain_moe_attributes(node: onnx.NodeProto) -> dict | None:
     if ins[3] or any(ins[5:]):  # fc1 bias, fc2 bias, fc3 and its bias
         return None
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-    act = a.get("activation_type", b"")
-    act = act.decode() if isinstance(act, bytes) else act
-    if (act != "swiglu" or a.get("swiglu_fusion") != 1 or a.get("activation_alpha") != 1.0
-            or a.get("activation_beta") != 0.0 or "swiglu_limit" in a or a.get("k", 0) < 1):  # fmt: skip
+    if not plain_swiglu(a):
         return None
     return {"k": int(a["k"]), "normalize_routing_weights": int(a.get("normalize_routing_weights", 0))}
+
+
+def plain_swiglu(attrs: dict) -> bool:
+    """A MoE / QMoE node's attributes (name -> value) say what nextn's kernels compute: SwiGLU with gate and up
+    rows interleaved, silu(gate) * up exactly (activation_alpha 1 and activation_beta 0, both stated, as nextn's
+    export writes them), no clamp, and k >= 1."""
+    act = attrs.get("activation_type", b"")
+    act = act.decode() if isinstance(act, bytes) else act
+    return (act == "swiglu" and attrs.get("swiglu_fusion") == 1 and attrs.get("activation_alpha") == 1.0
+            and attrs.get("activation_beta") == 0.0 and "swiglu_limit" not in attrs and attrs.get("k", 0) >= 1)  # fmt: skip

@@ -11,9 +11,8 @@ from onnx import numpy_helper
 
 from nextn.runtime import bf16_matmul, latent_attention, native, routed_experts
 
-KERNEL_OPS = {(native.DOMAIN, op) for module in (routed_experts, latent_attention)
-              for op in (module.OP_TYPE, module.OP_TYPE_BF16)} | {(native.DOMAIN, bf16_matmul.OP_TYPE),
-                                                                   (native.DOMAIN, routed_experts.OP_TYPE_Q)}  # fmt: skip
+KERNEL_OPS = {(native.DOMAIN, op) for op in (*routed_experts.OP_TYPES, latent_attention.OP_TYPE,
+                                            latent_attention.OP_TYPE_BF16, bf16_matmul.OP_TYPE)}  # fmt: skip
 
 
 def on_kernel(model: onnx.ModelProto, rewrite: Callable) -> tuple[onnx.ModelProto, dict]:

@@ -278,14 +278,10 @@ static int read_module(Module *md, const int64_t *meta, int64_t n_meta, const ui
     const int64_t want_k = i < MAT_EXPERTS ? shapes[i][0] : (i - MAT_EXPERTS) % 2 ? md->inter : md->h;
     const int64_t want_n = i < MAT_EXPERTS ? shapes[i][1] : (i - MAT_EXPERTS) % 2 ? md->h : 2 * md->inter;
     if (k != want_k || n != want_n || block < 1 || (bits != 4 && bits != 8)) return 0;
-    QMat *qm = &md->mat[i];
-    qm->k = k, qm->n = n, qm->block = block, qm->bits = bits;
-    qm->blocks = (k + block - 1) / block, qm->tiles = (n + TILE - 1) / TILE;
-    if (k % 8 || block % 8 || m[4] < 0 || m[5] < 0 || m[4] + qm->tiles * 2 * bits * k > n_q ||
-        m[5] + qm->tiles * qm->blocks * 2 * TILE > n_f)
+    if (k % 8 || block % 8 || m[4] < 0 || m[5] < 0 || m[4] + qmat_bytes(k, n, bits) > n_q ||
+        m[5] + qmat_floats(k, n, block) > n_f)
       return 0;
-    qm->q = q + m[4];
-    qm->s = f + m[5];
+    md->mat[i] = qmat(k, n, block, bits, q + m[4], f + m[5]);
   }
   const int64_t floats[][2] = {{META_F_ENORM, md->h}, {META_F_HNORM, md->h}, {META_F_IN_LN, md->h},
                                {META_F_KV_LN, md->r}, {META_F_Q_LN, md->q_lora}, {META_F_POST_LN, md->h},

@@ -29,6 +29,16 @@ typedef struct {
 
 enum { TILE = 16, ROWS = 4 };
 
+/* A packed K x N matrix: its bytes (tiles x 2 bits K), its floats (tiles x blocks x 32), and the QMat over them. */
+static inline int64_t qmat_bytes(int64_t k, int64_t n, int64_t bits) { return (n + TILE - 1) / TILE * 2 * bits * k; }
+static inline int64_t qmat_floats(int64_t k, int64_t n, int64_t block) {
+  return (n + TILE - 1) / TILE * ((k + block - 1) / block) * 2 * TILE;
+}
+static inline QMat qmat(int64_t k, int64_t n, int64_t block, int64_t bits, const uint8_t *q, const float *s) {
+  const QMat m = {k, n, block, (k + block - 1) / block, (n + TILE - 1) / TILE, bits, q, s};
+  return m;
+}
+
 /* An activation row rounded to int8 per block of the matrix (symmetric: scale max|x| / 127), with each block's
  * scale and the sum of its int8 values; MatMulNBits at accuracy level 4 rounds its activations the same way. */
 static void quantize_row(const QMat *m, const float *x, int8_t *xq, float *scale, int32_t *sum) {

@@ -212,8 +212,9 @@ typedef struct {
   int64_t hidden, inter, parts, width; /* H, I, P, J = I / P */
   int64_t block;         /* the parts' column blocks (0: whole rows; blocked_times) */
   int64_t bits;          /* 4 or 8: QRoutedExperts' packed parts (run_task_q); 0: fp32 or bf16 stacks */
-  const uint8_t *packed; /* QRoutedExperts: weights [E, P, part bytes], params [E, P, part floats] */
+  const uint8_t *packed; /* QRoutedExperts: weights [E, P, part_bytes], params [E, P, part_floats] */
   const float *params;
+  int64_t part_bytes, part_floats;
   const int64_t *tokens;
   Task *tasks;
 } Work;
@@ -261,26 +262,15 @@ static void run_task(void *usr, size_t index) {
  * Each (expert, part) is two packed matrices (qmm.h), one after the other in weights [E, P, part bytes] and
  * params [E, P, part floats]: fc1's [H, 2J] (the part's gate columns, then its up ones), then fc2's [J, H]
  * (routed_experts.py's quantized_stacks writes them from QMoE's). */
-static int64_t packed_bytes(int64_t k, int64_t n, int64_t bits) { return (n + TILE - 1) / TILE * 2 * bits * k; }
-static int64_t packed_floats(int64_t k, int64_t n, int64_t block) {
-  return (n + TILE - 1) / TILE * ((k + block - 1) / block) * 2 * TILE;
-}
-static QMat packed_matrix(int64_t k, int64_t n, int64_t block, int64_t bits, const uint8_t *q, const float *s) {
-  const QMat m = {k, n, block, (k + block - 1) / block, (n + TILE - 1) / TILE, bits, q, s};
-  return m;
-}
-
 static void run_task_q(void *usr, size_t index) {
   const Work *w = (const Work *)usr;
   const Task *t = &w->tasks[index];
   const int64_t h = w->hidden, j = w->width, m = t->m, part = t->expert * w->parts + t->part;
-  const int64_t bytes1 = packed_bytes(h, 2 * j, w->bits), floats1 = packed_floats(h, 2 * j, w->block);
-  const int64_t part_bytes = bytes1 + packed_bytes(j, h, w->bits);
-  const int64_t part_floats = floats1 + packed_floats(j, h, w->block);
-  const uint8_t *q = w->packed + part * part_bytes;
-  const float *s = w->params + part * part_floats;
-  const QMat fc1 = packed_matrix(h, 2 * j, w->block, w->bits, q, s);
-  const QMat fc2 = packed_matrix(j, h, w->block, w->bits, q + bytes1, s + floats1);
+  const uint8_t *q = w->packed + part * w->part_bytes;
+  const float *s = w->params + part * w->part_floats;
+  const QMat fc1 = qmat(h, 2 * j, w->block, w->bits, q, s); /* fc2 right after it */
+  const QMat fc2 =
+      qmat(j, h, w->block, w->bits, q + qmat_bytes(h, 2 * j, w->bits), s + qmat_floats(h, 2 * j, w->block));
   float *x = t->scratch, *h1 = x + m * h, *act = h1 + m * 2 * j;
   for (int64_t r = 0; r < m; r++) memcpy(x + r * h, w->x + w->tokens[t->first + r] * h, sizeof(float) * (size_t)h);
   qmm(&fc1, x, h, m, h1, 2 * j);
@@ -379,7 +369,7 @@ static void compute(void *kernel, void *ctx) {
     return;
   Work w = {kn->times, data_of(kn->api, in[0]), data_of(kn->api, in[2]), data_of(kn->api, in[3]),
             kn->times == tokens_times_bf16 ? sizeof(uint16_t) : sizeof(float), hidden, inter, parts,
-            inter / parts, kn->block_cols, 0, NULL, NULL, NULL, NULL};
+            inter / parts, kn->block_cols, 0, NULL, NULL, 0, 0, NULL, NULL};
   run_experts(kn, ctx, d[0], nd[0], rows, data_of(kn->api, in[1]), n_experts, &w, run_task);
 }
 
@@ -396,12 +386,13 @@ static void compute_q(void *kernel, void *ctx) {
   const int64_t j = parts > 0 ? inter / parts : 0, bits = kn->bits, block = kn->block_size;
   if (d[1][1] != n_experts || parts < 1 || inter < 1 || inter % parts || j % 8 || hidden % 8 || block < 8 ||
       block % 8 || (parts > 1 && j % block) || (bits != 4 && bits != 8) || k < 1 || k > n_experts ||
-      d[3][0] != n_experts || d[3][1] != parts ||
-      d[2][2] != packed_bytes(hidden, 2 * j, bits) + packed_bytes(j, hidden, bits) ||
-      d[3][2] != packed_floats(hidden, 2 * j, block) + packed_floats(j, hidden, block))
+      d[3][0] != n_experts || d[3][1] != parts)
     return;
+  const int64_t part_bytes = qmat_bytes(hidden, 2 * j, bits) + qmat_bytes(j, hidden, bits);
+  const int64_t part_floats = qmat_floats(hidden, 2 * j, block) + qmat_floats(j, hidden, block);
+  if (d[2][2] != part_bytes || d[3][2] != part_floats) return;
   Work w = {NULL, data_of(kn->api, in[0]), NULL, NULL, 1, hidden, inter, parts, j, block, bits,
-            data_of(kn->api, in[2]), data_of(kn->api, in[3]), NULL, NULL};
+            data_of(kn->api, in[2]), data_of(kn->api, in[3]), part_bytes, part_floats, NULL, NULL};
   run_experts(kn, ctx, d[0], nd[0], rows, data_of(kn->api, in[1]), n_experts, &w, run_task_q);
 }
 
