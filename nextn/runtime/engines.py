@@ -153,6 +153,8 @@ class OrtEngine(Engine):
         self.routed_experts = 0  # MoE nodes on nextn's kernel (routed_experts.py)
         self.attention_kernels = 0  # attention layers on nextn's kernel (latent_attention.py)
         self.bf16_matmuls = 0  # products of bf16 weights on nextn's kernel (bf16_matmul.py)
+        self.int8_matmuls = 0  # int8 Q/DQ linears on nextn's kernel (int8_matmul.py)
+        self.nbits_matmuls = 0  # MatMulNBits on nextn's kernel (nbits_matmul.py)
         self.mtp_module = None  # the whole graph on nextn's kernel: its mtp_module.PackedModule
         if shared is not None and device == "cpu":
             kept = None
@@ -160,7 +162,8 @@ class OrtEngine(Engine):
                 forms = _load_forms(path, shared)
                 model, kept, self.merged = forms.model, forms.kept, forms.merged
                 self.routed_experts, self.attention_kernels = forms.routed_experts, forms.attention
-                self.bf16_matmuls = forms.bf16_matmuls
+                self.bf16_matmuls, self.int8_matmuls = forms.bf16_matmuls, forms.int8_matmuls
+                self.nbits_matmuls = forms.nbits_matmuls
                 self.mtp_module = forms.mtp_module
                 self.halves = {n: (a, ort.OrtValue.ortvalue_from_numpy(a)) for n, a in forms.stacks.items()}
                 if forms.library:
@@ -208,19 +211,21 @@ class LoadForms:
     routed_experts: int = 0  # MoE / QMoE nodes now nextn.RoutedExperts(Bf16) / QRoutedExperts
     attention: int = 0  # MlaAttention nodes now nextn.LatentAttention(Bf16)
     bf16_matmuls: int = 0  # MatMul nodes now nextn.Bf16MatMul
+    int8_matmuls: int = 0  # int8 Q/DQ MatMuls now nextn.Int8MatMul
+    nbits_matmuls: int = 0  # MatMulNBits now nextn.NBitsMatMul
     mtp_module: object = None  # mtp_module.PackedModule: the whole (int4 MTP) graph now one nextn.MtpModule node
 
 
 def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
     """The graph at `path` in the forms that suit the CPU: an int4 MTP graph as one node on nextn's kernel
     (mtp_module.py), or the attention and the routed experts (fp32, bf16, 4- and 8-bit) on nextn's kernels (latent_attention.py,
-    routed_experts.py; where a C compiler built them), the other routed experts in halves for ONNX Runtime's
+    routed_experts.py) and an int8 artifact's linears (int8_matmul.py), where a C compiler built them; the other routed experts in halves for ONNX Runtime's
     threads (expert_halves.py), sibling products merged (merged_matmuls.py), then products whose weights are
     bf16 values on nextn's kernel (bf16_matmul.py)."""
     import onnx
 
     from nextn.export.latent_attention import OP_TYPE as ATTENTION_FUNCTION
-    from nextn.runtime import bf16_matmul, latent_attention, mtp_module, routed_experts
+    from nextn.runtime import bf16_matmul, int8_matmul, latent_attention, mtp_module, nbits_matmul, routed_experts
     from nextn.runtime.expert_halves import halve_experts
     from nextn.runtime.merged_matmuls import merge_sibling_matmuls
     from nextn.runtime.native import DOMAIN, kernel_library
@@ -232,21 +237,24 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
         mapped = shared.entries(path).get(name)
         return mapped[0] if mapped else onnx.numpy_helper.to_array(stored[name], str(path.parent))
 
-    wanted = any(n.op_type in ("MoE", "QMoE", "MatMul", ATTENTION_FUNCTION) for n in model.graph.node)
+    wanted = any(n.op_type in ("MoE", "QMoE", "MatMul", "MatMulNBits", ATTENTION_FUNCTION) for n in model.graph.node)
     library = kernel_library() if wanted else None
     packed = mtp_module.use_mtp_module(model, read) if library else None
     if packed:
         return LoadForms(model.SerializeToString(), {}, 0, {t.name for t in model.graph.initializer}, library,
                          mtp_module=packed)  # fmt: skip
     stacks = {**routed_experts.use_routed_experts(model, read), **routed_experts.use_quantized_experts(model, read),
-              **latent_attention.use_latent_attention(model, read)} if library else {}  # fmt: skip
+              **latent_attention.use_latent_attention(model, read),
+              **int8_matmul.use_int8_matmul(model, read)} if library else {}  # fmt: skip
     stacks.update(halve_experts(model, read))
     merged = merge_sibling_matmuls(model, read)
     stored.update({t.name: t for t in model.graph.initializer})  # the merged products' weights, in the graph
     stacks.update(bf16_matmul.use_bf16_matmul(model, read) if library else {})
+    stacks.update(nbits_matmul.use_nbits_matmul(model, read) if library else {})
     on_kernel = [n.op_type for n in model.graph.node if n.domain == DOMAIN and n.op_type != ATTENTION_FUNCTION]
     experts = sum(t in routed_experts.OP_TYPES for t in on_kernel)
     attention = sum(t in (latent_attention.OP_TYPE, latent_attention.OP_TYPE_BF16) for t in on_kernel)
+    stored.update({t.name: t for t in model.graph.initializer})  # rewrites that drop initializers copy the rest
     inline = [n for n in stacks if stored[n].data_location != onnx.TensorProto.EXTERNAL]
     for name in inline:  # a small stack stored in the graph: its new layout goes there too (the mapping has none)
         stored[name].CopyFrom(onnx.numpy_helper.from_array(stacks.pop(name), name))
@@ -254,7 +262,8 @@ def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
         return LoadForms(str(path), {}, 0, None)
     kept = {t.name for t in model.graph.initializer}
     return LoadForms(model.SerializeToString(), stacks, merged, kept, library if on_kernel else None, experts,
-                     attention, on_kernel.count(bf16_matmul.OP_TYPE))  # fmt: skip
+                     attention, on_kernel.count(bf16_matmul.OP_TYPE), on_kernel.count(int8_matmul.OP_TYPE),
+                     on_kernel.count(nbits_matmul.OP_TYPE))  # fmt: skip
 
 
 class TorchEngine(Engine):
@@ -313,8 +322,9 @@ DRAFT_THREADS = 1
 # with other forms (the costs cache, keyed by `setup`) are measured again. 1: experts in halves, siblings merged;
 # 2: fp32 routed experts on nextn's kernel; 3: the attention on nextn's kernel; 4: int4 MTP graphs as one node;
 # 5: a step's drafts in one call of it (mtp_module.NativeDrafter); 6: bf16 weights' products on nextn's kernel;
-# 7: large routed experts in column blocks; 8: 4- and 8-bit routed experts (QMoE) on nextn's kernel.
-LOAD_FORMS = 8
+# 7: large routed experts in column blocks; 8: 4- and 8-bit routed experts (QMoE) on nextn's kernel; 9: int8 Q/DQ
+# linears on nextn's kernel; 10: MatMulNBits on nextn's kernel.
+LOAD_FORMS = 10
 
 # Pre-packing keeps a second, per-session copy of the weights: worth it (BENCHMARKS.md: up to 1.4x per
 # decode step on small models) while that copy is a small share of the machine's memory.

@@ -74,11 +74,16 @@ def _cpu_flags() -> bytes:
     return platform.processor().encode()
 
 
-def use_kernel_nodes(model, nodes: list) -> None:
+def use_kernel_nodes(model, nodes: list, dropped: set[str] | frozenset = frozenset()) -> None:
     """Install `nodes` (some of them on nextn's kernels) as `model`'s graph, in place: its stored value shapes
-    forgotten (the rewrites change them; ONNX Runtime infers them again) and nextn's domain imported."""
+    forgotten (the rewrites change them; ONNX Runtime infers them again), the `dropped` initializers (those the
+    kernels' copies replace) gone and nextn's domain imported."""
     from onnx import helper
 
+    if dropped:
+        kept = [t for t in model.graph.initializer if t.name not in dropped]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     del model.graph.value_info[:]

@@ -107,10 +107,7 @@ def use_quantized_experts(model: onnx.ModelProto, array: Callable[[str], np.ndar
                                       domain=DOMAIN, k=attrs["k"], normalize_routing_weights=attrs["normalize"],
                                       bits=attrs["bits"], block_size=attrs["block_size"], inter=inter))  # fmt: skip
     if stacks:
-        kept = [t for t in model.graph.initializer if t.name not in dropped]
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
-        use_kernel_nodes(model, nodes)
+        use_kernel_nodes(model, nodes, dropped)
     return stacks
 
 

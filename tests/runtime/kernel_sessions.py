@@ -1,5 +1,5 @@
 """Shared by the tests of the rewrites a pre-packing session applies (test_routed_experts.py,
-test_latent_attention.py, test_expert_halves.py, test_bf16_matmul.py): a graph rewritten as that session would,
+test_latent_attention.py, test_expert_halves.py, test_bf16_matmul.py, test_int8_matmul.py): a graph rewritten as that session would,
 and an ONNX Runtime session for it."""
 
 from typing import Callable
@@ -9,10 +9,11 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from nextn.runtime import bf16_matmul, latent_attention, native, routed_experts
+from nextn.runtime import bf16_matmul, int8_matmul, latent_attention, native, nbits_matmul, routed_experts
 
 KERNEL_OPS = {(native.DOMAIN, op) for op in (*routed_experts.OP_TYPES, latent_attention.OP_TYPE,
-                                            latent_attention.OP_TYPE_BF16, bf16_matmul.OP_TYPE)}  # fmt: skip
+                                            latent_attention.OP_TYPE_BF16, bf16_matmul.OP_TYPE,
+                                            int8_matmul.OP_TYPE, nbits_matmul.OP_TYPE)}  # fmt: skip
 
 
 def on_kernel(model: onnx.ModelProto, rewrite: Callable) -> tuple[onnx.ModelProto, dict]:
@@ -35,6 +36,18 @@ def kernel_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSes
     if any((n.domain, n.op_type) in KERNEL_OPS for n in model.graph.node):
         so.register_custom_ops_library(str(native.kernel_library()))
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def trunk_feed(cfg: dict, rng, s: int, past_len: int = 5, batch: int = 1) -> dict:
+    """A trunk feed: `batch` rows of s random new tokens after past_len random cache entries."""
+    from nextn.export import io
+
+    past = [(rng.standard_normal((batch, past_len, cfg["kv_lora_rank"]), dtype=np.float32),
+             rng.standard_normal((batch, past_len, cfg["qk_rope_head_dim"]), dtype=np.float32))
+            for _ in range(cfg["num_hidden_layers"])]  # fmt: skip
+    positions = np.arange(past_len, past_len + s)[None].repeat(batch, 0)
+    return io.trunk_feed(rng.integers(0, cfg["vocab_size"], (batch, s)), positions,
+                         np.ones((batch, past_len + s), np.int64), past)  # fmt: skip
 
 
 def bf16_values(w: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from nextn.runtime import bf16_matmul, native
 from nextn.runtime.engines import open_engines
 
-from kernel_sessions import bf16_values, kernel_session, on_kernel  # tests/runtime: shared by the kernels' tests
+from kernel_sessions import bf16_values, kernel_session, on_kernel, trunk_feed  # tests/runtime: shared by the kernels' tests
 
 
 def _bf16_values(rng, shape) -> np.ndarray:
@@ -80,7 +80,6 @@ def test_only_bf16_weights_no_other_node_reads_are_rewritten():
 def test_a_bf16_checkpoint_decodes_on_the_kernel_as_without_it(tmp_path):
     """A bf16 checkpoint exported in fp32: its trunk's products on the kernel give the logits ONNX Runtime's
     MatMul gives, and drafting stays lossless (greedy tokens at K = 2 equal K = 0's)."""
-    from nextn.export import io
     from nextn.export.exporter import ExportOptions, export_checkpoint
     from nextn.runtime.api import Model
     from nextn.testing import tiny_config, write_random_checkpoint
@@ -95,11 +94,7 @@ def test_a_bf16_checkpoint_decodes_on_the_kernel_as_without_it(tmp_path):
     cfg = kernel.manifest["config"]
     rng = np.random.default_rng(3)
     for s in (1, 4):
-        past = [(rng.standard_normal((1, 5, cfg["kv_lora_rank"]), dtype=np.float32),
-                 rng.standard_normal((1, 5, cfg["qk_rope_head_dim"]), dtype=np.float32))
-                for _ in range(cfg["num_hidden_layers"])]  # fmt: skip
-        feed = io.trunk_feed(rng.integers(0, cfg["vocab_size"], (1, s)), np.arange(5, 5 + s)[None],
-                             np.ones((1, 5 + s), np.int64), past)  # fmt: skip
+        feed = trunk_feed(cfg, rng, s)
         for a, b in zip(matmul["trunk"].run(feed), kernel["trunk"].run(feed)):
             assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(a).max()))
     kernel.close()

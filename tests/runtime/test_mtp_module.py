@@ -17,6 +17,8 @@ from nextn.export import io
 from nextn.runtime import mtp_module, native, packed_blocks
 from nextn.runtime.engines import open_engines
 
+from kernel_sessions import trunk_feed  # tests/runtime: shared by the kernels' tests
+
 SOURCE = Path(mtp_module.__file__).with_name("kernels") / "mtp_module.c"
 
 
@@ -85,18 +87,9 @@ def test_the_generic_products_match_the_vnni_ones(int4_artifact):
     for feed in _feeds(fused.manifest["config"], np.random.default_rng(2))[:3]:
         for a, b in zip(portable["mtp_0"].run(feed), fused["mtp_0"].run(feed)):
             assert np.abs(a - b).max() <= 1e-5 * (np.abs(b).max() + 1e-6)
-    feed = _trunk_feed(fused.manifest["config"], np.random.default_rng(3), 3)  # the trunk's QRoutedExperts
+    feed = trunk_feed(fused.manifest["config"], np.random.default_rng(3), 3, batch=2)  # the trunk's QRoutedExperts
     for a, b in zip(portable["trunk"].run(feed), fused["trunk"].run(feed)):
         assert np.abs(a - b).max() <= 1e-5 * (np.abs(b).max() + 1e-6)
-
-
-def _trunk_feed(cfg: dict, rng, s: int, past_len: int = 5) -> dict:
-    """A trunk feed: two rows of s new tokens after past_len random cache entries."""
-    past = [(rng.standard_normal((2, past_len, cfg["kv_lora_rank"]), dtype=np.float32),
-             rng.standard_normal((2, past_len, cfg["qk_rope_head_dim"]), dtype=np.float32))
-            for _ in range(cfg["num_hidden_layers"])]  # fmt: skip
-    return io.trunk_feed(rng.integers(0, cfg["vocab_size"], (2, s)), np.arange(past_len, past_len + s)[None].repeat(2, 0),
-                         np.ones((2, past_len + s), np.int64), past)  # fmt: skip
 
 
 @pytest.mark.usefixtures("needs_kernel")
@@ -144,7 +137,7 @@ def test_the_int4_trunk_on_quantized_experts_gives_qmoes_logits(int4_artifact):
     assert any(n.op_type == "QMoE" for n in onnx.load(str(int4_artifact / "trunk.onnx"), load_external_data=False).graph.node)
     rng = np.random.default_rng(8)
     for s in (1, 4, 9):
-        feed = _trunk_feed(cfg, rng, s)
+        feed = trunk_feed(cfg, rng, s, batch=2)
         for a, b in zip(qmoe["trunk"].run(feed), kernel["trunk"].run(feed)):
             assert np.abs(a - b).max() <= 1e-4 * max(1.0, float(np.abs(a).max())), s
     kernel.close()

@@ -85,5 +85,7 @@ Status *RegisterCustomOps(void *options, const ApiBase *base) {
   for (int i = 0; !s && i < 2; i++) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &latent_attention_ops[i]);
   if (!s) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &mtp_module_ops[0]);
   if (!s) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &bf16_matmul_ops[0]);
+  if (!s) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &int8_matmul_ops[0]);
+  if (!s) s = FN(api, DomainAddFn, API_CUSTOM_OP_DOMAIN_ADD)(domain, &nbits_matmul_ops[0]);
   return s ? s : FN(api, AddDomainFn, API_ADD_CUSTOM_OP_DOMAIN)(options, domain);
 }

@@ -34,7 +34,7 @@ enum {
   API_RELEASE_STATUS = 93, API_RELEASE_TENSOR_TYPE_AND_SHAPE_INFO = 99,
   API_KERNEL_CONTEXT_PARALLEL_FOR = 274, /* version 18 */
 };
-enum { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2, ELEMENT_UINT16 = 4, ELEMENT_INT64 = 7, ELEMENT_BOOL = 9, MAX_DIMS = 8 };
+enum { ELEMENT_FLOAT = 1, ELEMENT_UINT8 = 2, ELEMENT_UINT16 = 4, ELEMENT_INT32 = 6, ELEMENT_INT64 = 7, ELEMENT_BOOL = 9, MAX_DIMS = 8 };
 
 #define FN(api, type, index) ((type)((api)[index]))
 
@@ -106,5 +106,7 @@ extern CustomOp routed_experts_ops[3];
 extern CustomOp latent_attention_ops[2];
 extern CustomOp mtp_module_ops[1];
 extern CustomOp bf16_matmul_ops[1];
+extern CustomOp int8_matmul_ops[1];
+extern CustomOp nbits_matmul_ops[1];
 
 #endif

@@ -122,7 +122,7 @@ static inline __attribute__((always_inline)) void qmm_tile(const QMat *m, int64_
 }
 
 /* y [rows, N] (row stride ldy) = x [rows, K] (row stride ldx) W, ROWS rows at a time. */
-static void qmm(const QMat *m, const float *x, int64_t ldx, int64_t rows, float *y, int64_t ldy) {
+static inline void qmm(const QMat *m, const float *x, int64_t ldx, int64_t rows, float *y, int64_t ldy) {
   int8_t xq[ROWS * m->k];
   float xs[ROWS * m->blocks];
   int32_t xsum[ROWS * m->blocks];
