@@ -25,6 +25,7 @@ import numpy as np
 
 from nextn.errors import NextnError
 from nextn.export.manifest import read_manifest
+from nextn.runtime import huge_pages
 
 log = logging.getLogger(__name__)
 
@@ -323,8 +324,9 @@ DRAFT_THREADS = 1
 # 2: fp32 routed experts on nextn's kernel; 3: the attention on nextn's kernel; 4: int4 MTP graphs as one node;
 # 5: a step's drafts in one call of it (mtp_module.NativeDrafter); 6: bf16 weights' products on nextn's kernel;
 # 7: large routed experts in column blocks; 8: 4- and 8-bit routed experts (QMoE) on nextn's kernel; 9: int8 Q/DQ
-# linears on nextn's kernel; 10: MatMulNBits on nextn's kernel.
-LOAD_FORMS = 10
+# linears on nextn's kernel; 10: MatMulNBits on nextn's kernel; 11: the sessions' new memory on huge pages
+# (huge_pages.py).
+LOAD_FORMS = 11
 
 # Pre-packing keeps a second, per-session copy of the weights: worth it (BENCHMARKS.md: up to 1.4x per
 # decode step on small models) while that copy is a small share of the machine's memory.
@@ -372,7 +374,9 @@ def open_engines(
             log.warning("%s: a quantized artifact without pre-packing runs its quantized products ~40x slower "
                         "(ONNX Runtime dequantizes every weight at every call)", root)
         shared = SharedWeights(root / manifest["weights"]["file"])
-        with shared.dropping_pages() if prepack and device == "cpu" else contextlib.nullcontext():
+        on_cpu = prepack and device == "cpu"
+        with (shared.dropping_pages() if on_cpu else contextlib.nullcontext(),
+              huge_pages.collapsing_new_memory() if on_cpu else contextlib.nullcontext()):  # fmt: skip
             engines = {n: OrtEngine(n, *io[n], root / g["file"], device, threads if n == "trunk" else DRAFT_THREADS,
                                     shared, prepack, load_forms=prepack)
                        for n, g in graphs.items()}  # fmt: skip
