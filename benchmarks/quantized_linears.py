@@ -42,7 +42,8 @@ def trunk(artifact: str, threads: int, rounds: int) -> None:
         latents = [io.past(i)[0] for i in range(cfg["num_hidden_layers"])]
         nudged = dict(fs[0], **{n: np.nextafter(fs[0][n], np.inf).astype(np.float32) for n in latents})
         itself = ort_ops["trunk"].run(nudged)[0]
-        runs = {n: (lambda e=e: [e["trunk"].run(f) for f in fs] and len(fs)) for n, e in (("ort", ort_ops), ("kernel", kernel))}
+        runs = {n: (lambda e=e: [e["trunk"].run(f) for f in fs] and len(fs))
+                for n, e in (("ort", ort_ops), ("kernel", kernel))}  # fmt: skip
         ms = alternate(runs, rounds if s < 64 else max(2, rounds // 3))
         print(f"  {s} token(s): ONNX Runtime {ms['ort']:.2f} ms, kernels {ms['kernel']:.2f} ms "
               f"({ms['kernel'] / ms['ort']:.2f}x); logits {_apart(got, want):.1e} apart (ONNX Runtime with its cache "

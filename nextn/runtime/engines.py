@@ -219,10 +219,11 @@ class LoadForms:
 
 def _load_forms(path: Path, shared: SharedWeights) -> LoadForms:
     """The graph at `path` in the forms that suit the CPU: an int4 MTP graph as one node on nextn's kernel
-    (mtp_module.py), or the attention and the routed experts (fp32, bf16, 4- and 8-bit) on nextn's kernels (latent_attention.py,
-    routed_experts.py) and an int8 artifact's linears (int8_matmul.py), where a C compiler built them; the other routed experts in halves for ONNX Runtime's
-    threads (expert_halves.py), sibling products merged (merged_matmuls.py), then products whose weights are
-    bf16 values on nextn's kernel (bf16_matmul.py)."""
+    (mtp_module.py), or, where a C compiler built nextn's kernels, the attention, the routed experts (fp32, bf16,
+    4- and 8-bit) and int8 Q/DQ linears on them (latent_attention.py, routed_experts.py, int8_matmul.py); the other
+    routed experts in halves for ONNX Runtime's threads (expert_halves.py), sibling products merged
+    (merged_matmuls.py), then products whose weights are bf16 values and MatMulNBits on nextn's kernels
+    (bf16_matmul.py, nbits_matmul.py)."""
     import onnx
 
     from nextn.export.latent_attention import OP_TYPE as ATTENTION_FUNCTION

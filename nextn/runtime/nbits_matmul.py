@@ -68,7 +68,9 @@ def _plain_attributes(node: onnx.NodeProto, inits: dict) -> tuple[int, int, int,
     if not all(name in inits for name in node.input[1:] if name) or not node.input[2]:
         return None
     zero = inits.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-    if inits[node.input[1]].data_type != onnx.TensorProto.UINT8 or (zero is not None and zero.data_type != onnx.TensorProto.UINT8):
+    if inits[node.input[1]].data_type != onnx.TensorProto.UINT8:
+        return None
+    if zero is not None and zero.data_type != onnx.TensorProto.UINT8:
         return None  # float zero points: not qmm's integer form
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
     k, n, block = (int(a.get(x, 0)) for x in ("K", "N", "block_size"))

@@ -66,8 +66,9 @@ static void compute(void *kernel, void *ctx) {
   if (!shape_of(api, in[0], xd, &xn) || !shape_of(api, in[1], qd, &qn) || !shape_of(api, in[2], sd, &sn) || xn < 1 ||
       qn != 1 || sn != 1)
     return;
-  if (xd[xn - 1] != kn->k || kn->k % 8 || kn->block < 8 || kn->block % 8 || kn->n < 1 || (kn->bits != 4 && kn->bits != 8) ||
-      qd[0] != qmat_bytes(kn->k, kn->n, kn->bits) || sd[0] != qmat_floats(kn->k, kn->n, kn->block))
+  if (xd[xn - 1] != kn->k || kn->k % 8 || kn->block < 8 || kn->block % 8 || kn->n < 1 ||
+      (kn->bits != 4 && kn->bits != 8) || qd[0] != qmat_bytes(kn->k, kn->n, kn->bits) ||
+      sd[0] != qmat_floats(kn->k, kn->n, kn->block))
     return;
   const QMat m = qmat(kn->k, kn->n, kn->block, kn->bits, data_of(api, in[1]), data_of(api, in[2]));
   int64_t rows = 1, yd[MAX_DIMS];
@@ -84,7 +85,8 @@ static void compute(void *kernel, void *ctx) {
   if (y && rows) {
     float *xs = (float *)(xq + rows * m.k); /* K is a multiple of 8: aligned for floats */
     int32_t *xsum = (int32_t *)(xs + rows * m.blocks);
-    for (int64_t r = 0; r < rows; r++) quantize_row(&m, x + r * m.k, xq + r * m.k, xs + r * m.blocks, xsum + r * m.blocks);
+    for (int64_t r = 0; r < rows; r++)
+      quantize_row(&m, x + r * m.k, xq + r * m.k, xs + r * m.blocks, xsum + r * m.blocks);
     Work work = {m, xq, xs, xsum, y, rows, (m.tiles + TILES_PER_TASK - 1) / TILES_PER_TASK};
     const size_t tasks = (size_t)(work.blocks * ((rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK));
     if (rows * m.k * m.n * m.bits / 8 < SMALL) /* handing a task to another thread costs more than it saves */
