@@ -50,6 +50,17 @@ def trunk_feed(cfg: dict, rng, s: int, past_len: int = 5, batch: int = 1) -> dic
                          np.ones((batch, past_len + s), np.int64), past)  # fmt: skip
 
 
+def assert_drafting_is_lossless(artifact, rng) -> None:
+    """Greedy tokens at K = 2 equal K = 0's on `artifact`, opened as `nextn run` opens it (pre-packing: kernels on)."""
+    from nextn.runtime.api import Model
+
+    model = Model(artifact, prepack=True)
+    prompt = [int(t) for t in rng.integers(2, model.engines.manifest["config"]["vocab_size"], 9)]
+    plain = model.generate(prompt, max_new_tokens=24, draft=0).token_ids
+    assert len(plain) > 1 and model.generate(prompt, max_new_tokens=24, draft=2).token_ids == plain
+    model.engines.close()
+
+
 def bf16_values(w: np.ndarray) -> np.ndarray:
     """fp32 values cut to bf16 ones (low 16 bits zero): a bf16 checkpoint's weights as exported in fp32."""
     return (np.ascontiguousarray(w, np.float32).view(np.uint32) & 0xFFFF0000).view(np.float32)

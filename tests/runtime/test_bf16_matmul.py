@@ -11,7 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from nextn.runtime import bf16_matmul, native
 from nextn.runtime.engines import open_engines
 
-from kernel_sessions import bf16_values, kernel_session, on_kernel, trunk_feed  # tests/runtime: shared by the kernels' tests
+from kernel_sessions import (  # tests/runtime: shared by the kernels' tests
+    assert_drafting_is_lossless, bf16_values, kernel_session, on_kernel, trunk_feed)
 
 
 def _bf16_values(rng, shape) -> np.ndarray:
@@ -81,7 +82,6 @@ def test_a_bf16_checkpoint_decodes_on_the_kernel_as_without_it(tmp_path):
     """A bf16 checkpoint exported in fp32: its trunk's products on the kernel give the logits ONNX Runtime's
     MatMul gives, and drafting stays lossless (greedy tokens at K = 2 equal K = 0's)."""
     from nextn.export.exporter import ExportOptions, export_checkpoint
-    from nextn.runtime.api import Model
     from nextn.testing import tiny_config, write_random_checkpoint
 
     ckpt = write_random_checkpoint(tmp_path / "ckpt", tiny_config(), weights="bfloat16")
@@ -99,8 +99,4 @@ def test_a_bf16_checkpoint_decodes_on_the_kernel_as_without_it(tmp_path):
             assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(a).max()))
     kernel.close()
     matmul.close()
-    model = Model(artifact, prepack=True)
-    prompt = [int(t) for t in rng.integers(2, cfg["vocab_size"], 9)]
-    plain = model.generate(prompt, max_new_tokens=24, draft=0).token_ids
-    assert len(plain) > 1 and model.generate(prompt, max_new_tokens=24, draft=2).token_ids == plain
-    model.engines.close()
+    assert_drafting_is_lossless(artifact, rng)

@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from nextn.calib.rewrite import apply_qdq, find_linears
 from nextn.runtime import int8_matmul, native
 
-from kernel_sessions import kernel_session, on_kernel, trunk_feed  # tests/runtime: shared by the kernels' tests
+from kernel_sessions import (  # tests/runtime: shared by the kernels' tests
+    assert_drafting_is_lossless, kernel_session, on_kernel, trunk_feed)
 
 
 def _qdq_graph(rng, k: int, ns: tuple[int, ...], amax: float = 2.0) -> onnx.ModelProto:
@@ -119,7 +120,6 @@ def test_an_int8_artifact_decodes_on_the_kernel_as_without_it(tiny_artifact, tmp
     """The tiny artifact calibrated to int8: its trunk's linears on the kernel give ONNX Runtime's logits bit for
     bit, and drafting stays lossless on it (greedy tokens at K = 2 equal K = 0's)."""
     from nextn.calib.calibrate import CalibOptions, calibrate_artifact
-    from nextn.runtime.api import Model
     from nextn.runtime.engines import open_engines
 
     data = tmp_path / "calib.txt"
@@ -139,8 +139,4 @@ def test_an_int8_artifact_decodes_on_the_kernel_as_without_it(tiny_artifact, tmp
             assert np.array_equal(a, b)
     kernel.close()
     fused.close()
-    model = Model(artifact, prepack=True)
-    prompt = [int(t) for t in rng.integers(2, cfg["vocab_size"], 9)]
-    plain = model.generate(prompt, max_new_tokens=24, draft=0).token_ids
-    assert len(plain) > 1 and model.generate(prompt, max_new_tokens=24, draft=2).token_ids == plain
-    model.engines.close()
+    assert_drafting_is_lossless(artifact, rng)
