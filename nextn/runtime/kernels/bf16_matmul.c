@@ -22,7 +22,10 @@
 #include "ort_api.h"
 #include "products.h"
 
-enum { BLOCK = 128, ROWS_PER_TASK = 64, SMALL = 1 << 18 /* multiply-adds */ };
+enum {
+  BLOCK = 128, ROWS_PER_TASK = 64,
+  SMALL = 1 << 18 /* multiply-adds: under it a call stays on this thread (a hand-off costs more) */
+};
 
 typedef struct {
   const void *const *api;
@@ -57,24 +60,14 @@ static void compute(void *kernel, void *ctx) {
   if (!shape_of(api, in[0], xd, &xn) || !shape_of(api, in[1], wd, &wn) || xn < 1 || wn != 1) return;
   const int64_t k = xd[xn - 1], n = kn->n;
   if (k < 1 || n < 1 || wd[0] != k * n) return;
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < xn; i++) rows *= xd[i];
+  const int64_t rows = leading_rows(xd, xn);
   const float *x = data_of(api, in[0]);
   const uint16_t *w = data_of(api, in[1]);
-  int64_t yd[MAX_DIMS];
-  for (size_t i = 0; i < xn; i++) yd[i] = xd[i];
-  yd[xn - 1] = n;
-  void *out = NULL;
-  Status *s = (x || !rows) && w ? FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, yd, xn, &out) : NULL;
-  float *y = !s && out ? data_of(api, out) : NULL;
-  release_status(api, s);
+  float *y = (x || !rows) && w ? product_output(api, ctx, xd, xn, n) : NULL;
   if (y && rows) {
     Work work = {x, w, y, k, n, rows, (n + BLOCK - 1) / BLOCK, kn->tok};
     const size_t tasks = (size_t)(work.blocks * ((rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK));
-    if (rows * k * n < SMALL) /* handing a task to another thread costs more than it saves */
-      for (size_t i = 0; i < tasks; i++) run_task(&work, i);
-    else
-      parallel_for(api, ctx, run_task, tasks, &work);
+    parallel_for_if(api, ctx, rows * k * n >= SMALL, run_task, tasks, &work);
   }
 }
 

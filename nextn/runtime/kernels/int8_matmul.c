@@ -34,7 +34,10 @@
 
 typedef int32_t quad __attribute__((may_alias, aligned(1))); /* four activations read as one operand */
 
-enum { TILE = 16, ROWS = 4, TILES_PER_TASK = 4, ROWS_PER_TASK = 64, SMALL = 1 << 16 /* weight bytes x rows */ };
+enum {
+  TILE = 16, ROWS = 4, TILES_PER_TASK = 4, ROWS_PER_TASK = 64,
+  SMALL = 1 << 16 /* weight bytes x rows: under it a call stays on this thread (a hand-off costs more) */
+};
 
 typedef struct {
   const void *const *api;
@@ -162,26 +165,17 @@ static void compute(void *kernel, void *ctx) {
     return;
   const int64_t k = xd[xn - 1], n = kn->n, k4 = (k + 3) / 4, tiles = (n + TILE - 1) / TILE;
   if (k < 1 || n < 1 || wd[0] != tiles * k4 * 64 || sd[0] != n || zd[0] != n) return;
-  int64_t rows = 1, yd[MAX_DIMS];
-  for (size_t i = 0; i + 1 < xn; i++) rows *= xd[i];
-  for (size_t i = 0; i < xn; i++) yd[i] = xd[i];
-  yd[xn - 1] = n;
+  const int64_t rows = leading_rows(xd, xn);
   const float *x = data_of(api, in[0]);
   int8_t *xs = rows ? malloc((size_t)(rows * (4 * k4 + 4))) : NULL; /* then the rows' sums */
-  void *out = NULL;
-  Status *s = (x && xs) || !rows ? FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, yd, xn, &out) : NULL;
-  float *y = !s && out ? data_of(api, out) : NULL;
-  release_status(api, s);
+  float *y = (x && xs) || !rows ? product_output(api, ctx, xd, xn, n) : NULL;
   if (y && rows) {
     int32_t *xsum = (int32_t *)(xs + rows * 4 * k4); /* 4 k4 bytes a row: the sums stay aligned */
     quantize_rows(x, rows, k, k4, kn->x_scale, kn->x_zero, xs, xsum);
     Work work = {xs, xsum, data_of(api, in[1]), data_of(api, in[2]), data_of(api, in[3]), y, k4, n, rows, tiles,
                  (tiles + TILES_PER_TASK - 1) / TILES_PER_TASK};
     const size_t tasks = (size_t)(work.blocks * ((rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK));
-    if (rows * k4 * 4 * n < SMALL) /* handing a task to another thread costs more than it saves */
-      for (size_t i = 0; i < tasks; i++) run_task(&work, i);
-    else
-      parallel_for(api, ctx, run_task, tasks, &work);
+    parallel_for_if(api, ctx, rows * k4 * 4 * n >= SMALL, run_task, tasks, &work);
   }
   free(xs);
 }

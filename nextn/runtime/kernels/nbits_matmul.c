@@ -19,7 +19,10 @@
 #include "ort_api.h"
 #include "qmm.h"
 
-enum { TILES_PER_TASK = 4, ROWS_PER_TASK = 64, SMALL = 1 << 16 /* weight bytes x rows */ };
+enum {
+  TILES_PER_TASK = 4, ROWS_PER_TASK = 64,
+  SMALL = 1 << 16 /* weight bytes x rows: under it a call stays on this thread (a hand-off costs more) */
+};
 
 typedef struct {
   const void *const *api;
@@ -71,17 +74,11 @@ static void compute(void *kernel, void *ctx) {
       sd[0] != qmat_floats(kn->k, kn->n, kn->block))
     return;
   const QMat m = qmat(kn->k, kn->n, kn->block, kn->bits, data_of(api, in[1]), data_of(api, in[2]));
-  int64_t rows = 1, yd[MAX_DIMS];
-  for (size_t i = 0; i + 1 < xn; i++) rows *= xd[i];
-  for (size_t i = 0; i < xn; i++) yd[i] = xd[i];
-  yd[xn - 1] = m.n;
+  const int64_t rows = leading_rows(xd, xn);
   const float *x = data_of(api, in[0]);
   /* the rounded rows, then per row and block their scales and sums */
   int8_t *xq = rows ? malloc((size_t)(rows * (m.k + 8 * m.blocks))) : NULL;
-  void *out = NULL;
-  Status *s = (x && xq) || !rows ? FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, yd, xn, &out) : NULL;
-  float *y = !s && out ? data_of(api, out) : NULL;
-  release_status(api, s);
+  float *y = (x && xq) || !rows ? product_output(api, ctx, xd, xn, m.n) : NULL;
   if (y && rows) {
     float *xs = (float *)(xq + rows * m.k); /* K is a multiple of 8: aligned for floats */
     int32_t *xsum = (int32_t *)(xs + rows * m.blocks);
@@ -89,10 +86,7 @@ static void compute(void *kernel, void *ctx) {
       quantize_row(&m, x + r * m.k, xq + r * m.k, xs + r * m.blocks, xsum + r * m.blocks);
     Work work = {m, xq, xs, xsum, y, rows, (m.tiles + TILES_PER_TASK - 1) / TILES_PER_TASK};
     const size_t tasks = (size_t)(work.blocks * ((rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK));
-    if (rows * m.k * m.n * m.bits / 8 < SMALL) /* handing a task to another thread costs more than it saves */
-      for (size_t i = 0; i < tasks; i++) run_task(&work, i);
-    else
-      parallel_for(api, ctx, run_task, tasks, &work);
+    parallel_for_if(api, ctx, rows * m.k * m.n * m.bits / 8 >= SMALL, run_task, tasks, &work);
   }
   free(xq);
 }

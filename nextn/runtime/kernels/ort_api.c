@@ -49,6 +49,30 @@ float attribute_float(const void *const *api, const void *info, const char *name
   return v;
 }
 
+int64_t leading_rows(const int64_t *dims, size_t ndims) {
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < ndims; i++) rows *= dims[i];
+  return rows;
+}
+
+float *product_output(const void *const *api, void *ctx, const int64_t *xd, size_t xn, int64_t n) {
+  int64_t yd[MAX_DIMS];
+  for (size_t i = 0; i < xn; i++) yd[i] = xd[i];
+  yd[xn - 1] = n;
+  void *out = NULL;
+  Status *s = FN(api, GetOutputFn, API_KERNEL_CONTEXT_GET_OUTPUT)(ctx, 0, yd, xn, &out);
+  float *y = !s && out ? data_of(api, out) : NULL;
+  release_status(api, s);
+  return y;
+}
+
+void parallel_for_if(const void *const *api, void *ctx, int spread, void (*fn)(void *, size_t), size_t n, void *usr) {
+  if (spread)
+    parallel_for(api, ctx, fn, n, usr);
+  else
+    for (size_t i = 0; i < n; i++) fn(usr, i);
+}
+
 void parallel_for(const void *const *api, void *ctx, void (*fn)(void *, size_t), size_t n, void *usr) {
   Status *s = NULL;
   if (have_parallel_for && n > 1)

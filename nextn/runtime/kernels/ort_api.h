@@ -103,6 +103,13 @@ float attribute_float(const void *const *api, const void *info, const char *name
 /* fn(usr, i) for i in [0, n) on the session's intra-op threads, or on this thread where the runtime has no
  * KernelContext_ParallelFor or refuses it. */
 void parallel_for(const void *const *api, void *ctx, void (*fn)(void *, size_t), size_t n, void *usr);
+/* The same where `spread`, else every task on this thread (a call too small for a hand-off to pay). */
+void parallel_for_if(const void *const *api, void *ctx, int spread, void (*fn)(void *, size_t), size_t n, void *usr);
+/* The product of all but the last of `ndims` dims: the rows of an x [..., K]. */
+int64_t leading_rows(const int64_t *dims, size_t ndims);
+/* A product's output [..., n] for an x [..., K] of dims xd: its fp32 data, or NULL where the runtime gives none
+ * (an empty output, or a failure: then it stays unset, which fails the run). */
+float *product_output(const void *const *api, void *ctx, const int64_t *xd, size_t xn, int64_t n);
 
 /* Each kernel file's descriptors, registered by ort_api.c. */
 extern CustomOp routed_experts_ops[3];

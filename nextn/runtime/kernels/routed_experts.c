@@ -343,8 +343,7 @@ static int read_inputs(const void *const *api, void *ctx, const void **in, int64
   for (int i = 0; i < 4; i++)
     if (!shape_of(api, in[i], dims[i], &ranks[i]) || (want[i] && ranks[i] != want[i])) return 0;
   if (ranks[0] < 1) return 0;
-  *rows = 1;
-  for (size_t i = 0; i + 1 < ranks[0]; i++) *rows *= dims[0][i];
+  *rows = leading_rows(dims[0], ranks[0]);
   if (dims[1][0] != *rows) return 0;
   if (*rows == 0) { /* no tokens: an empty output */
     void *out = NULL;
