@@ -25,7 +25,7 @@ import onnx
 from onnx import helper
 
 from nextn.calib.rewrite import initializers_read_once, is_router_product, node_readers
-from nextn.runtime.native import DOMAIN, use_kernel_nodes
+from nextn.runtime.native import DOMAIN, retype, use_kernel_nodes
 from nextn.runtime.routed_experts import bf16_bits, column_blocks, is_bf16
 
 OP_TYPE = "Bf16MatMul"
@@ -50,9 +50,7 @@ def use_bf16_matmul(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) 
             nodes.append(node)
             continue
         blocks[w.name] = column_blocks(bf16_bits(values), BLOCK)
-        del w.dims[:]
-        w.dims.append(values.size)
-        w.data_type = onnx.TensorProto.UINT16
+        retype(w, blocks[w.name])
         nodes.append(helper.make_node(OP_TYPE, list(node.input), list(node.output), name=node.name, domain=DOMAIN,
                                       n=int(values.shape[1])))  # fmt: skip
     if blocks:

@@ -27,8 +27,8 @@ import onnx
 from onnx import helper
 
 from nextn.calib.rewrite import initializers_read_once
-from nextn.runtime.native import DOMAIN, use_kernel_nodes
-from nextn.runtime.packed_blocks import TILE
+from nextn.runtime.native import DOMAIN, retype, use_kernel_nodes
+from nextn.runtime.packed_blocks import byte_tiles
 
 OP_TYPE = "Int8MatMul"
 
@@ -50,8 +50,8 @@ def use_int8_matmul(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) 
         stacks[w_name] = pack_int8(w)
         stacks[s_name] = (np.float32(x_scale) * array(s_name).astype(np.float32)).astype(np.float32)
         stacks[z_name] = ((x_zero - 128) * w.astype(np.int32).sum(axis=0)).astype(np.int32)
-        for name, value in ((w_name, stacks[w_name]), (s_name, stacks[s_name]), (z_name, stacks[z_name])):
-            _retype(inits[name], value)
+        for name in (w_name, s_name, z_name):
+            retype(inits[name], stacks[name])
         replaced[node.name] = helper.make_node(OP_TYPE, [x, w_name, s_name, z_name], list(node.output),
                                                name=node.name, domain=DOMAIN, n=int(w.shape[1]), x_scale=float(x_scale),
                                                x_zero=int(x_zero))  # fmt: skip
@@ -67,11 +67,9 @@ def pack_int8(w: np.ndarray) -> np.ndarray:
     """W [K, N] int8 -> the kernel's tiles of W + 128, uint8 [tiles K4 64]: tile t is [K4, 16, 4], byte (g, c, j)
     the value at row 4g + j of column 16t + c (zeros past K and N, so 128 there)."""
     k, n = w.shape
-    k4, tiles = -(-k // 4), -(-n // TILE)
-    padded = np.zeros((4 * k4, tiles * TILE), np.int16)
-    padded[:k, :n] = w
-    tiled = padded.reshape(k4, 4, tiles, TILE).transpose(2, 0, 3, 1) + 128  # [tiles, K4, 16, 4]
-    return np.ascontiguousarray(tiled).reshape(-1).astype(np.uint8)
+    q = np.full((n, -(-k // 4) * 4), 128, np.uint8)  # [N, K4 4]: W + 128, exact in a byte
+    q[:, :k] = (w.T.astype(np.int16) + 128).astype(np.uint8)
+    return byte_tiles(q, pad=128)
 
 
 def _int8_linear(node, producer, inits, array):
@@ -113,12 +111,6 @@ def _scalar(array, name: str) -> np.ndarray | None:
     except KeyError:  # an activation, not an initializer
         return None
     return value.reshape(()) if value.size == 1 else None
-
-
-def _retype(tensor: onnx.TensorProto, value: np.ndarray) -> None:
-    del tensor.dims[:]
-    tensor.dims.extend(value.shape)
-    tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
 
 
 def _without_unread(model: onnx.ModelProto, nodes: list) -> list:

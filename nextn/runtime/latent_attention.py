@@ -26,7 +26,7 @@ from onnx import helper
 from nextn.calib.rewrite import initializers_read_once
 from nextn.export.latent_attention import DOMAIN as EXPORT_DOMAIN
 from nextn.export.latent_attention import OP_TYPE as EXPORT_OP_TYPE
-from nextn.runtime.native import DOMAIN
+from nextn.runtime.native import DOMAIN, retype
 from nextn.runtime.routed_experts import bf16_bits, is_bf16
 
 OP_TYPE = "LatentAttention"
@@ -51,9 +51,7 @@ def use_latent_attention(model: onnx.ModelProto, array: Callable[[str], np.ndarr
         w = kernel_layout(weight, attrs["num_heads"], attrs["nope_dim"], attrs["v_dim"])
         bf16 = is_bf16(w)
         stacks[name] = bf16_bits(w) if bf16 else w
-        del own[name].dims[:]
-        own[name].dims.extend(w.shape)
-        own[name].data_type = onnx.TensorProto.UINT16 if bf16 else onnx.TensorProto.FLOAT
+        retype(own[name], stacks[name])
         kernel = helper.make_node(OP_TYPE_BF16 if bf16 else OP_TYPE, list(node.input), list(node.output),
                                   name=node.name, domain=DOMAIN, **{k: attrs[k] for k in KERNEL_ATTRIBUTES})  # fmt: skip
         node.CopyFrom(kernel)

@@ -74,6 +74,16 @@ def _cpu_flags() -> bytes:
     return platform.processor().encode()
 
 
+def retype(tensor, value) -> None:
+    """Give an initializer's proto the shape and element type of `value`, the array a session gets in its place
+    (a kernel's layout of the same weights)."""
+    from onnx import helper
+
+    del tensor.dims[:]
+    tensor.dims.extend(value.shape)
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
+
+
 def use_kernel_nodes(model, nodes: list, dropped: set[str] | frozenset = frozenset()) -> None:
     """Install `nodes` (some of them on nextn's kernels) as `model`'s graph, in place: its stored value shapes
     forgotten (the rewrites change them; ONNX Runtime infers them again), the `dropped` initializers (those the

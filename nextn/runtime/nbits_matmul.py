@@ -25,7 +25,7 @@ import onnx
 from onnx import helper
 
 from nextn.calib.rewrite import MS_DOMAIN, initializers_read_once
-from nextn.runtime.native import DOMAIN, use_kernel_nodes
+from nextn.runtime.native import DOMAIN, retype, use_kernel_nodes
 from nextn.runtime.packed_blocks import from_nbits, pack_matrix
 
 OP_TYPE = "NBitsMatMul"
@@ -49,9 +49,7 @@ def use_nbits_matmul(model: onnx.ModelProto, array: Callable[[str], np.ndarray])
         tiles, params = pack_matrix(matrix)
         for name, value in ((b, tiles), (scales, params)):
             stacks[name] = value
-            del inits[name].dims[:]
-            inits[name].dims.append(value.size)
-            inits[name].data_type = onnx.TensorProto.UINT8 if value.dtype == np.uint8 else onnx.TensorProto.FLOAT
+            retype(inits[name], value)
         if zero:
             dropped.add(zero)
         nodes.append(helper.make_node(OP_TYPE, [node.input[0], b, scales], list(node.output), name=node.name,

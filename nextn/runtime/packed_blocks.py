@@ -69,10 +69,20 @@ def pack_matrix(m: BlockMatrix) -> tuple[np.ndarray, np.ndarray]:
     pad = ((0, tiles * TILE - m.n), (0, 0))
     if m.bits == 4:
         q = np.pad(m.q, pad).reshape(tiles, TILE, m.k // 8, 2, 4)  # [tiles, c, group, half, j]
-        data = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).transpose(0, 2, 1, 3)  # [tiles, group, c, j]
+        data = np.ascontiguousarray((q[:, :, :, 0] | (q[:, :, :, 1] << 4)).transpose(0, 2, 1, 3)).reshape(-1)
     else:
-        data = np.pad(m.q, pad).reshape(tiles, TILE, m.k // 4, 4).transpose(0, 2, 1, 3)
+        data = byte_tiles(m.q)
     scale = np.pad(m.scale, pad)
     zs = (np.pad(m.zero, pad) * scale).astype(np.float32)
     floats = np.stack([scale.reshape(tiles, TILE, -1), zs.reshape(tiles, TILE, -1)], axis=1)  # [tiles, 2, c, blocks]
-    return np.ascontiguousarray(data).reshape(-1), np.ascontiguousarray(floats.transpose(0, 3, 1, 2)).reshape(-1)
+    return data, np.ascontiguousarray(floats.transpose(0, 3, 1, 2)).reshape(-1)
+
+
+def byte_tiles(q: np.ndarray, pad: int = 0) -> np.ndarray:
+    """Bytes q [N, K] (K a multiple of 4) in VNNI tiles of 16 columns, flat: [tiles, K / 4, 16, 4], byte (g, c, j)
+    of tile t the value at row 4g + j of column 16t + c; columns past N hold `pad`. The 8-bit layout of
+    pack_matrix and of nextn.Int8MatMul's weights (int8_matmul.pack_int8)."""
+    n, k = q.shape
+    tiles = -(-n // TILE)
+    padded = np.pad(q, ((0, tiles * TILE - n), (0, 0)), constant_values=pad)
+    return np.ascontiguousarray(padded.reshape(tiles, TILE, k // 4, 4).transpose(0, 2, 1, 3)).reshape(-1)

@@ -31,7 +31,7 @@ import onnx
 from onnx import helper
 
 from nextn.calib.rewrite import MS_DOMAIN, initializers_read_once
-from nextn.runtime.native import DOMAIN, use_kernel_nodes
+from nextn.runtime.native import DOMAIN, retype, use_kernel_nodes
 from nextn.runtime.packed_blocks import BlockMatrix, from_nbits, pack_matrix
 
 OP_TYPE = "RoutedExperts"  # fp32 stacks
@@ -60,9 +60,7 @@ def use_routed_experts(model: onnx.ModelProto, array: Callable[[str], np.ndarray
         pair = transposed_stacks(fc1, fc2, block)
         for name, w in zip(weights, pair):
             stacks[name] = bf16_bits(w) if bf16 else w
-            del inits[name].dims[:]
-            inits[name].dims.extend(w.shape)
-            inits[name].data_type = onnx.TensorProto.UINT16 if bf16 else onnx.TensorProto.FLOAT
+            retype(inits[name], stacks[name])
         nodes.append(helper.make_node(OP_TYPE_BF16 if bf16 else OP_TYPE, [node.input[0], node.input[1], *weights],
                                       list(node.output), name=node.name, domain=DOMAIN, block_cols=block,
                                       **attrs))  # fmt: skip
@@ -99,9 +97,7 @@ def use_quantized_experts(model: onnx.ModelProto, array: Callable[[str], np.ndar
         (data, params), inter = packed
         for name, w in ((ins[2], data), (ins[3], params)):
             stacks[name] = w
-            del inits[name].dims[:]
-            inits[name].dims.extend(w.shape)
-            inits[name].data_type = onnx.TensorProto.UINT8 if w.dtype == np.uint8 else onnx.TensorProto.FLOAT
+            retype(inits[name], w)
         dropped.update(w for w in weights if w not in (ins[2], ins[3]))
         nodes.append(helper.make_node(OP_TYPE_Q, [ins[0], ins[1], ins[2], ins[3]], list(node.output), name=node.name,
                                       domain=DOMAIN, k=attrs["k"], normalize_routing_weights=attrs["normalize"],
