@@ -122,6 +122,7 @@ typedef struct {
   float *scratch;
   int64_t per_task;
   const int64_t *tok;
+  int64_t head_from; /* the first output row whose logits are computed (the node: 0; a catch-up's draft: N - 1) */
 } Work;
 
 static int64_t task_floats(const Module *md, int64_t S, int64_t N, int64_t T) {
@@ -248,7 +249,8 @@ static void run_sequence(void *usr, size_t index) {
     for (int64_t i = 0; i < H; i++) gath[i] = x1[r * H + i] + (moe[r * H + i] * md->routed + eo[r * H + i]);
     rms_norm(gath, f + meta[META_F_HEAD_LN], H, eps, hid + r * H);
   }
-  qmm(&md->mat[MAT_HEAD], hid, H, N, w->logits + b * N * md->v, md->v);
+  const int64_t from = w->head_from < N ? w->head_from : N - 1; /* rows before it: hidden_out only */
+  qmm(&md->mat[MAT_HEAD], hid + from * H, H, N - from, w->logits + (b * N + from) * md->v, md->v);
 }
 
 /* The module's parts from meta, checked against the sizes of the weights they lie in; 0 where any does not fit. */
@@ -380,11 +382,14 @@ typedef struct {
 } MtpWeights;
 
 /* One sequence's call of module md: S rows at cache slots P .. P + S - 1 (all earlier slots its past, none
- * padded), the outputs of rows[0 .. N). 0 where memory runs out. */
+ * padded), the outputs of rows[0 .. N): every row's hidden_out, the logits of the last only (the draft; a
+ * catch-up's earlier rows feed the next depth through hidden_out, and their head was most of a prompt's
+ * catch-up). 0 where memory runs out. */
 static int call_module(const Module *md, const int64_t *ids, const float *hidden, const int64_t *pos,
                        const int64_t *mask, int64_t S, const float *past_c, const float *past_k, int64_t P,
                        const int64_t *rows, int64_t N, float *logits, float *hidden_out, float *new_c, float *new_k) {
-  Work w = {md, ids, pos, mask, rows, hidden, past_c, past_k, logits, hidden_out, new_c, new_k, S, P, N, NULL, 0, NULL};
+  Work w = {md, ids, pos, mask, rows, hidden, past_c, past_k, logits, hidden_out, new_c, new_k, S, P, N, NULL, 0, NULL,
+            N - 1};
   if (!alloc_work(&w, 1)) return 0;
   run_sequence(&w, 0);
   free_work(&w);
