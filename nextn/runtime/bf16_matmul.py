@@ -9,7 +9,7 @@ for a row whatever the other rows of the call).
 A session that pre-packs (engines._load_forms) rewrites, after sibling products are merged,
 
     MatMul(x [..., K], W [K, N] fp32 initializer, every value a bf16 one, no other node reading it)
- -> nextn.Bf16MatMul(x, W's bf16 bit patterns [K N] uint16, in column blocks of BLOCK, n = N)
+ -> nextn.Bf16MatMul(x, W's bf16 bit patterns [K N] uint16, in column blocks of BLOCK, n = N, block = BLOCK)
 
 Products that only feed a router stay as exported (their scores pick experts: calib/rewrite.py). The blocks
 are copies made when the session opens (half the bytes of the fp32 weights they replace, which the session then
@@ -29,7 +29,11 @@ from nextn.runtime.native import DOMAIN, retype, use_kernel_nodes
 from nextn.runtime.routed_experts import bf16_bits, column_blocks, is_bf16
 
 OP_TYPE = "Bf16MatMul"
-BLOCK = 128  # columns a task reads front to back (kernels/bf16_matmul.c's BLOCK)
+# Columns a task reads front to back (the node's `block`): the widest chunk that every group of 1-4 rows runs in one
+# pass (routed_experts.c's tokens_times), so a group reads a block's rows once. With blocks of 128, groups of 4 rows
+# (a verify pass, a prefill) ran a 96- then two 16-column passes over each block's rows: the embedded trunk's 4-token
+# pass took 1.04-1.05x its time with 96, a 64-token prefill 1.32x (BENCHMARKS.md, benchmarks/bf16_blocks.py).
+BLOCK = 96
 
 
 def use_bf16_matmul(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -> dict[str, np.ndarray]:
@@ -52,7 +56,7 @@ def use_bf16_matmul(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) 
         blocks[w.name] = column_blocks(bf16_bits(values), BLOCK)
         retype(w, blocks[w.name])
         nodes.append(helper.make_node(OP_TYPE, list(node.input), list(node.output), name=node.name, domain=DOMAIN,
-                                      n=int(values.shape[1])))  # fmt: skip
+                                      n=int(values.shape[1]), block=BLOCK))  # fmt: skip
     if blocks:
         use_kernel_nodes(model, nodes)
     return blocks

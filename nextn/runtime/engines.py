@@ -326,8 +326,8 @@ DRAFT_THREADS = 1
 # 5: a step's drafts in one call of it (mtp_module.NativeDrafter); 6: bf16 weights' products on nextn's kernel;
 # 7: large routed experts in column blocks; 8: 4- and 8-bit routed experts (QMoE) on nextn's kernel; 9: int8 Q/DQ
 # linears on nextn's kernel; 10: MatMulNBits on nextn's kernel; 11: the sessions' new memory on huge pages
-# (huge_pages.py).
-LOAD_FORMS = 11
+# (huge_pages.py); 12: bf16 products' column blocks of 96 (bf16_matmul.py).
+LOAD_FORMS = 12
 
 # Pre-packing keeps a second, per-session copy of the weights: worth it (BENCHMARKS.md: up to 1.4x per
 # decode step on small models) while that copy is a small share of the machine's memory.

@@ -36,8 +36,9 @@ def _on_kernel(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
 @pytest.mark.usefixtures("needs_kernel")
 @pytest.mark.parametrize("k,n", [(256, 2048), (96, 176), (40, 300), (600, 520), (7, 5)])
 def test_the_kernel_computes_onnxruntimes_matmul(k, n):
-    # (256, 2048): the embedded model's head, 8 column blocks; (96, 176): one block of a 128-, a 32- and a 16-wide
-    # chunk; (40, 300), (600, 520): a narrower last block, with a tail of columns past the chunks; (7, 5): tails only
+    # (256, 2048): the embedded model's head, 21 column blocks and a last one of 32; (96, 176): a block, then one of
+    # 80 (a 64- and a 16-wide chunk); (40, 300), (600, 520): a narrower last block, with a tail of columns past the
+    # chunks; (7, 5): tails only
     rng = np.random.default_rng(k + n)
     model = _matmul_graph(_bf16_values(rng, (k, n)))
     rewritten, blocks = _on_kernel(model)
@@ -49,6 +50,22 @@ def test_the_kernel_computes_onnxruntimes_matmul(k, n):
         ref, out = want.run(None, {"x": x})[0], got.run(None, {"x": x})[0]
         assert out.shape == ref.shape and np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), shape
         assert np.array_equal(got2.run(None, {"x": x})[0], out), shape  # the threads share tasks, not sums
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_the_blocks_width_changes_no_output():
+    # 96 columns (the default) and 128 (what it replaced): each output is a sum over K in order either way
+    rng = np.random.default_rng(4)
+    model = _matmul_graph(_bf16_values(rng, (256, 600)))
+    sessions = []
+    for block in (96, 128):
+        with mock.patch.object(bf16_matmul, "BLOCK", block):
+            rewritten = _on_kernel(model)[0]
+        assert {a.name: a.i for a in rewritten.graph.node[0].attribute} == {"n": 600, "block": block}
+        sessions.append(kernel_session(rewritten, threads=2))
+    for rows in (1, 4, 70):
+        x = rng.standard_normal((rows, 256)).astype(np.float32)
+        assert np.array_equal(*(s.run(None, {"x": x})[0] for s in sessions)), rows
 
 
 @pytest.mark.usefixtures("needs_kernel")

@@ -8,10 +8,10 @@
  *
  * Inputs (bf16_matmul.py rewrites MatMul nodes to this op when a session opens):
  *   x  [..., K]  fp32
- *   w  [K N]     uint16  W's bf16 bit patterns in column blocks of BLOCK columns: block b holds columns
- *                        [b BLOCK, min(N, (b + 1) BLOCK)) as a row-major [K, width] array, the blocks one after
+ *   w  [K N]     uint16  W's bf16 bit patterns in column blocks of `block` columns: block b holds columns
+ *                        [b block, min(N, (b + 1) block)) as a row-major [K, width] array, the blocks one after
  *                        another, so a task reads its block front to back
- *   attribute n: N
+ *   attributes n: N; block: the blocks' width (bf16_matmul.py's BLOCK)
  *   output  [..., N]
  * Tasks are (column block, group of up to ROWS_PER_TASK rows), on the session's intra-op threads. Each output
  * value is a sum over K in order (products.h), whatever the other rows of the call and the threads: a row's
@@ -23,13 +23,13 @@
 #include "products.h"
 
 enum {
-  BLOCK = 128, ROWS_PER_TASK = 64,
+  ROWS_PER_TASK = 64,
   SMALL = 1 << 18 /* multiply-adds: under it a call stays on this thread (a hand-off costs more) */
 };
 
 typedef struct {
   const void *const *api;
-  int64_t n;
+  int64_t n, block;
   int64_t tok[ROWS_PER_TASK]; /* 0 .. ROWS_PER_TASK - 1: a task's rows, as tokens_times indexes them */
 } Kernel;
 
@@ -37,14 +37,14 @@ typedef struct {
   const float *x;
   const uint16_t *w;
   float *y;
-  int64_t k, n, rows, blocks;
+  int64_t k, n, rows, block, blocks;
   const int64_t *tok; /* 0 .. ROWS_PER_TASK - 1 */
 } Work;
 
 static void run_task(void *usr, size_t index) {
   const Work *w = (const Work *)usr;
   const int64_t b = (int64_t)index % w->blocks, r0 = (int64_t)index / w->blocks * ROWS_PER_TASK;
-  const int64_t c0 = b * BLOCK, width = w->n - c0 < BLOCK ? w->n - c0 : BLOCK;
+  const int64_t c0 = b * w->block, width = w->n - c0 < w->block ? w->n - c0 : w->block;
   const int64_t m = w->rows - r0 < ROWS_PER_TASK ? w->rows - r0 : ROWS_PER_TASK;
   tokens_times_bf16(w->w + w->k * c0, w->k, width, w->x + r0 * w->k, w->k, w->tok, m, w->y + r0 * w->n + c0, w->n);
 }
@@ -58,14 +58,14 @@ static void compute(void *kernel, void *ctx) {
   int64_t xd[MAX_DIMS], wd[MAX_DIMS];
   size_t xn, wn;
   if (!shape_of(api, in[0], xd, &xn) || !shape_of(api, in[1], wd, &wn) || xn < 1 || wn != 1) return;
-  const int64_t k = xd[xn - 1], n = kn->n;
-  if (k < 1 || n < 1 || wd[0] != k * n) return;
+  const int64_t k = xd[xn - 1], n = kn->n, block = kn->block;
+  if (k < 1 || n < 1 || block < 1 || wd[0] != k * n) return;
   const int64_t rows = leading_rows(xd, xn);
   const float *x = data_of(api, in[0]);
   const uint16_t *w = data_of(api, in[1]);
   float *y = (x || !rows) && w ? product_output(api, ctx, xd, xn, n) : NULL;
   if (y && rows) {
-    Work work = {x, w, y, k, n, rows, (n + BLOCK - 1) / BLOCK, kn->tok};
+    Work work = {x, w, y, k, n, rows, block, (n + block - 1) / block, kn->tok};
     const size_t tasks = (size_t)(work.blocks * ((rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK));
     parallel_for_if(api, ctx, rows * k * n >= SMALL, run_task, tasks, &work);
   }
@@ -80,7 +80,8 @@ static void *create_kernel(const CustomOp *op, const void *api, const void *info
   Kernel *kn = calloc(1, sizeof(Kernel));
   if (!kn) return NULL;
   kn->api = (const void *const *)api;
-  kn->n = attribute_int(kn->api, info, "n", 0); /* bf16_matmul.py writes n >= 1; compute checks it */
+  kn->n = attribute_int(kn->api, info, "n", 0); /* bf16_matmul.py writes n, block >= 1; compute checks them */
+  kn->block = attribute_int(kn->api, info, "block", 0);
   for (int64_t i = 0; i < ROWS_PER_TASK; i++) kn->tok[i] = i;
   return kn;
 }
