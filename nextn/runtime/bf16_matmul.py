@@ -32,7 +32,8 @@ OP_TYPE = "Bf16MatMul"
 # Columns a task reads front to back (the node's `block`): the widest chunk that every group of 1-4 rows runs in one
 # pass (routed_experts.c's tokens_times), so a group reads a block's rows once. With blocks of 128, groups of 4 rows
 # (a verify pass, a prefill) ran a 96- then two 16-column passes over each block's rows: the embedded trunk's 4-token
-# pass took 1.04-1.05x its time with 96, a 64-token prefill 1.32x (BENCHMARKS.md, benchmarks/bf16_blocks.py).
+# pass took 1.04-1.05x the time it takes over blocks of 96, a 64-token prefill 1.07-1.31x (BENCHMARKS.md,
+# benchmarks/bf16_blocks.py).
 BLOCK = 96
 
 
