@@ -75,6 +75,11 @@ def feeds_only_routers(users: list[onnx.NodeProto]) -> bool:
     return bool(users) and all(c.op_type in ROUTER_OPS for c in users)
 
 
+def node_attributes(node: onnx.NodeProto) -> dict:
+    """A node's attributes, name -> value."""
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
 def node_readers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
     """Each value's name -> the nodes that read it, in graph order."""
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -101,7 +106,7 @@ def find_linears(model: onnx.ModelProto) -> tuple[list[Linear], list[str]]:
         w = inits[node.input[1]]
         if len(w.dims) != 2 or w.data_type != onnx.TensorProto.FLOAT:
             continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attributes(node)
         if node.op_type == "Gemm":
             plain = attrs.get("alpha", 1.0) == 1.0 and not attrs.get("transA", 0) and len(node.input) == 2
             if not plain or not attrs.get("transB", 0):
@@ -325,7 +330,7 @@ def apply_qmoe(model: onnx.ModelProto, experts: Mapping[str, tuple[list[BlockWei
             inits += [numpy_helper.from_array(arr, f"{base}{sfx}")
                       for arr, sfx in zip(pack_qmoe(ws), ("_q", "_scales", "_zero_points"))]  # fmt: skip
             names.append(base)
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attributes(node)
         return helper.make_node(
             "QMoE", [node.input[0], node.input[1], f"{names[0]}_q", f"{names[0]}_scales", "", f"{names[1]}_q",
                      f"{names[1]}_scales", "", "", "", "", f"{names[0]}_zero_points", f"{names[1]}_zero_points"],

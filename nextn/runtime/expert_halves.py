@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from nextn.calib.rewrite import MS_DOMAIN, initializers_read_once
+from nextn.calib.rewrite import MS_DOMAIN, initializers_read_once, node_attributes
 
 HALVES_SUFFIX = ".halves"
 
@@ -75,7 +75,7 @@ def _halved_stacks(node: onnx.NodeProto, array) -> dict[str, np.ndarray] | None:
         if w2.shape[2] % 2:
             return None
         return {ins[2]: _rows_in_halves(w13), ins[4]: _columns_in_halves(w2, 2.0)}
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attributes(node)
     bits, block = attrs.get("expert_weight_bits"), attrs.get("block_size", 0)
     names = [ins[i] if len(ins) > i else "" for i in (2, 3, 5, 6, 11, 12)]
     if bits not in (4, 8) or not block or not all(names) or any(len(ins) > i and ins[i] for i in (4, 7, 8, 9, 10)):

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from nextn.calib.rewrite import initializers_read_once
+from nextn.calib.rewrite import initializers_read_once, node_attributes
 from nextn.runtime.native import DOMAIN, retype, use_kernel_nodes
 from nextn.runtime.packed_blocks import byte_tiles
 
@@ -83,11 +83,11 @@ def _int8_linear(node, producer, inits, array):
     if q is None or q.domain != "" or q.op_type != "QuantizeLinear" or list(q.input[1:]) != list(act.input[1:]):
         return None
     weights = tuple(wdq.input)
-    if not all(name in inits for name in weights) or _attrs(q) or _attrs(act):
+    if not all(name in inits for name in weights) or node_attributes(q) or node_attributes(act):
         return None
     w, s_w, z_w = (inits[name] for name in weights)
     shapes = (tuple(w.dims), tuple(s_w.dims), tuple(z_w.dims))
-    if (len(shapes[0]) != 2 or shapes[1:] != ((shapes[0][1],),) * 2 or _attrs(wdq) != {"axis": 1}
+    if (len(shapes[0]) != 2 or shapes[1:] != ((shapes[0][1],),) * 2 or node_attributes(wdq) != {"axis": 1}
             or w.data_type != onnx.TensorProto.INT8 or s_w.data_type != onnx.TensorProto.FLOAT
             or z_w.data_type != onnx.TensorProto.INT8 or np.any(array(z_w.name))):  # fmt: skip
         return None
@@ -99,10 +99,6 @@ def _int8_linear(node, producer, inits, array):
 
 def _is_dq(node) -> bool:
     return node is not None and node.domain == "" and node.op_type == "DequantizeLinear"
-
-
-def _attrs(node) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _scalar(array, name: str) -> np.ndarray | None:

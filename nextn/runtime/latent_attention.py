@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from nextn.calib.rewrite import initializers_read_once
+from nextn.calib.rewrite import initializers_read_once, node_attributes
 from nextn.export.latent_attention import DOMAIN as EXPORT_DOMAIN
 from nextn.export.latent_attention import OP_TYPE as EXPORT_OP_TYPE
 from nextn.runtime.native import DOMAIN, retype
@@ -44,7 +44,7 @@ def use_latent_attention(model: onnx.ModelProto, array: Callable[[str], np.ndarr
         name = node.input[8] if (node.domain, node.op_type) == (EXPORT_DOMAIN, EXPORT_OP_TYPE) else None
         if name not in own or own[name].data_type != onnx.TensorProto.FLOAT:
             continue  # not an attention node, or its weight is shared: it keeps the function
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attributes(node)
         weight = array(name)  # [nh (dn + dv), R]
         if not _fits(attrs, weight.shape):
             continue  # not the shapes the export writes: the function computes it (and reports what is wrong)

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from nextn.calib.rewrite import MS_DOMAIN, is_router_product, node_readers
+from nextn.calib.rewrite import MS_DOMAIN, is_router_product, node_attributes, node_readers
 
 MERGED_SUFFIX = ".merged"
 
@@ -77,7 +77,7 @@ def _merge_key(node: onnx.NodeProto, inits: dict, readers: dict) -> tuple | None
     if node.domain == MS_DOMAIN and node.op_type == "MatMulNBits":
         if len(node.input) != 4 or not all(i in inits for i in node.input[1:]):
             return None  # no bias, g_idx or missing zero points: the layouts nextn's calib writes
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = node_attributes(node)
         return ("nbits", node.input[0], attrs.get("K"), attrs.get("bits", 4), attrs.get("block_size"),
                 attrs.get("accuracy_level", 0), inits[node.input[1]].data_type)  # fmt: skip
     if node.domain == "" and node.op_type == "MatMul" and node.input[1] in inits:
@@ -102,7 +102,7 @@ def _merge(nodes: list[onnx.NodeProto], inits: dict, array) -> tuple[list[onnx.N
         # B [N, blocks, blob], scales [N * blocks], zero points [N * bytes per row]: all N-major, concatenated
         arrays = {f"{base}.{part}": np.concatenate([array(n.input[i]) for n in nodes], axis=0)
                   for i, part in ((1, "B"), (2, "scales"), (3, "zero_points"))}  # fmt: skip
-        attrs = {a.name: helper.get_attribute_value(a) for a in first.attribute}
+        attrs = node_attributes(first)
         attrs["N"] = sum(widths)
         product = helper.make_node("MatMulNBits", [first.input[0], *arrays], [wide], name=base, domain=MS_DOMAIN,
                                    **attrs)  # fmt: skip

@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from nextn.calib.rewrite import node_attributes
 from nextn.errors import NextnError
 from nextn.export import io
 from nextn.export.latent_attention import DOMAIN as ATTENTION_DOMAIN
@@ -235,7 +236,7 @@ class _Graph:
     def matrix(self, node: onnx.NodeProto | None) -> BlockMatrix | None:
         if node is None or node.op_type != "MatMulNBits" or node.domain != MS:
             return None
-        a = _attrs(node)
+        a = node_attributes(node)
         if a.get("bits") not in (4, 8) or len(node.input) < 3 or any(i not in self.inits for i in node.input[1:4] if i):
             return None
         zp = self.array(node.input[3]) if len(node.input) > 3 and node.input[3] else None
@@ -248,10 +249,6 @@ class _Graph:
             return None
         consts = [i for i in node.input if i in self.inits and self.array(i).size == 1]
         return float(self.array(consts[0]).reshape(())) if len(consts) == 1 else None
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _find_parts(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -> MtpParts | None:
@@ -309,8 +306,8 @@ def _find_parts(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -> M
     rotary = _rotary_parts(g)
     if moe is None or rotary is None or g.producer.get(io.HIDDEN_OUT) is not norms["head_norm"]:
         return None
-    a = _attrs(attention)
-    eps = {float(_attrs(n).get("epsilon", 1e-5)) for n in norms.values()}
+    a = node_attributes(attention)
+    eps = {float(node_attributes(n).get("epsilon", 1e-5)) for n in norms.values()}
     kv_b = array(attention.input[8]).astype(np.float32)
     heads, nope, v, r, d = (int(a[k]) for k in ("num_heads", "nope_dim", "v_dim", "latent_dim", "rope_dim"))
     hidden, vocab = matrices["eh_proj"].n, matrices["head"].n
@@ -334,7 +331,7 @@ def _find_parts(model: onnx.ModelProto, array: Callable[[str], np.ndarray]) -> M
 def _moe_parts(g: _Graph, qmoe: onnx.NodeProto):
     """(router [E, H], bias, experts, top_k, n_group, topk_group, routed scale) of the graph's QMoE and its router,
     or None where they are not DeepSeek-V3's routing and SwiGLU experts in 4 bits."""
-    a = _attrs(qmoe)
+    a = node_attributes(qmoe)
     swiglu = plain_swiglu(a) and a.get("expert_weight_bits") in (4, 8) and a.get("normalize_routing_weights", 0) == 0
     ins = list(qmoe.input) + [""] * (13 - len(qmoe.input))
     router = g.producer.get(ins[1])
@@ -343,7 +340,7 @@ def _moe_parts(g: _Graph, qmoe: onnx.NodeProto):
             or logits.op_type != "MatMul" or logits.input[1] not in g.inits
             or any(ins[i] for i in (4, 7, 8, 9, 10))):  # fmt: skip
         return None
-    r = _attrs(router)
+    r = node_attributes(router)
     routed = g.scalar(g.user(qmoe.output[0], "Mul"))
     if routed is None or r.get("group_topk", 2) != 2 or r.get("top_k") != a.get("k"):
         return None
@@ -374,7 +371,7 @@ def _rotary_parts(g: _Graph) -> tuple[np.ndarray, float] | None:
     """(inv_freq [D/2], the scale of cos and sin) of the k_pe rotary: RotaryEmbedding (halves layout) over
     cos(position_ids inv_freq) and sin(...), each maybe times a constant; None otherwise."""
     rotary = [n for n in g.nodes if n.op_type == "RotaryEmbedding"]
-    if len(rotary) != 1 or _attrs(rotary[0]).get("interleaved", 0) != 0 or len(rotary[0].input) != 3:
+    if len(rotary) != 1 or node_attributes(rotary[0]).get("interleaved", 0) != 0 or len(rotary[0].input) != 3:
         return None
     found = []
     for value, op in ((rotary[0].input[1], "Cos"), (rotary[0].input[2], "Sin")):

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from nextn.calib.rewrite import MS_DOMAIN, initializers_read_once
+from nextn.calib.rewrite import MS_DOMAIN, initializers_read_once, node_attributes
 from nextn.runtime.native import DOMAIN, retype, use_kernel_nodes
 from nextn.runtime.packed_blocks import from_nbits, pack_matrix
 
@@ -70,7 +70,7 @@ def _plain_attributes(node: onnx.NodeProto, inits: dict) -> tuple[int, int, int,
         return None
     if zero is not None and zero.data_type != onnx.TensorProto.UINT8:
         return None  # float zero points: not qmm's integer form
-    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    a = node_attributes(node)
     k, n, block = (int(a.get(x, 0)) for x in ("K", "N", "block_size"))
     bits = int(a.get("bits", 4))
     if bits not in (4, 8) or a.get("accuracy_level") != 4 or k % 8 or block < 8 or block % 8 or n < 1:

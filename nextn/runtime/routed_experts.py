@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from nextn.calib.rewrite import MS_DOMAIN, initializers_read_once
+from nextn.calib.rewrite import MS_DOMAIN, initializers_read_once, node_attributes
 from nextn.runtime.native import DOMAIN, retype, use_kernel_nodes
 from nextn.runtime.packed_blocks import BlockMatrix, from_nbits, pack_matrix
 
@@ -147,7 +147,7 @@ def _plain_qmoe_attributes(node: onnx.NodeProto) -> dict | None:
     ins = list(node.input) + [""] * (13 - len(node.input))
     if any(ins[i] for i in (4, 7, 8, 9, 10)) or not ins[3] or not ins[6]:  # biases, fc3; the scales
         return None
-    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    a = node_attributes(node)
     if (not plain_swiglu(a) or a.get("expert_weight_bits") not in (4, 8) or a.get("block_size", 0) < 8
             or a.get("accuracy_level") != 4):  # fmt: skip
         return None
@@ -216,7 +216,7 @@ def _plain_moe_attributes(node: onnx.NodeProto) -> dict | None:
     ins = list(node.input)
     if ins[3] or any(ins[5:]):  # fc1 bias, fc2 bias, fc3 and its bias
         return None
-    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    a = node_attributes(node)
     if not plain_swiglu(a):
         return None
     return {"k": int(a["k"]), "normalize_routing_weights": int(a.get("normalize_routing_weights", 0))}

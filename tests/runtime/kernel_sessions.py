@@ -38,6 +38,29 @@ def kernel_session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSes
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
+ROW_SHAPES = ((1,), (2,), (3,), (4,), (5,), (9,), (70,), (2, 3))  # leading dims of x [..., K]; 70: two row groups
+
+
+def assert_product_matches(model: onnx.ModelProto, rewritten: onnx.ModelProto, k: int, rng, tolerance: float) -> None:
+    """A product on nextn's kernel (`rewritten`) against ONNX Runtime's `model`, x [..., k] at every ROW_SHAPES:
+    within `tolerance` of the largest reference value, and bit for bit on two threads (they share tasks, not sums)."""
+    want, got, got2 = kernel_session(model), kernel_session(rewritten), kernel_session(rewritten, threads=2)
+    for shape in ROW_SHAPES:
+        x = rng.standard_normal((*shape, k)).astype(np.float32)
+        ref, out = want.run(None, {"x": x})[0], got.run(None, {"x": x})[0]
+        assert out.shape == ref.shape and np.abs(out - ref).max() <= tolerance * np.abs(ref).max(), shape
+        assert np.array_equal(got2.run(None, {"x": x})[0], out), shape
+
+
+def assert_rows_are_independent(session, k: int, rng) -> None:
+    """A row of x [70, k] gives the same bits alone as among the others: a verify pass and a one-token step agree
+    on the same token (greedy stays identical)."""
+    x = rng.standard_normal((70, k)).astype(np.float32)
+    together = session.run(None, {"x": x})[0]
+    for r in (0, 3, 5, 64, 69):
+        assert np.array_equal(session.run(None, {"x": x[r : r + 1]})[0][0], together[r]), r
+
+
 def trunk_feed(cfg: dict, rng, s: int, past_len: int = 5, batch: int = 1) -> dict:
     """A trunk feed: `batch` rows of s random new tokens after past_len random cache entries."""
     from nextn.export import io

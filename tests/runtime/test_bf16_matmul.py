@@ -12,7 +12,8 @@ from nextn.runtime import bf16_matmul, native
 from nextn.runtime.engines import open_engines
 
 from kernel_sessions import (  # tests/runtime: shared by the kernels' tests
-    assert_drafting_is_lossless, bf16_values, kernel_session, on_kernel, trunk_feed)
+    assert_drafting_is_lossless, assert_product_matches, assert_rows_are_independent, bf16_values, kernel_session,
+    on_kernel, trunk_feed)
 
 
 def _bf16_values(rng, shape) -> np.ndarray:
@@ -44,12 +45,7 @@ def test_the_kernel_computes_onnxruntimes_matmul(k, n):
     rewritten, blocks = _on_kernel(model)
     assert [(m.domain, m.op_type) for m in rewritten.graph.node] == [(native.DOMAIN, bf16_matmul.OP_TYPE)]
     assert blocks["w"].dtype == np.uint16 and blocks["w"].shape == (k * n,)
-    want, got, got2 = kernel_session(model), kernel_session(rewritten), kernel_session(rewritten, threads=2)
-    for shape in ((1, k), (2, k), (3, k), (4, k), (5, k), (9, k), (70, k), (2, 3, k)):  # 70: two row groups
-        x = rng.standard_normal(shape).astype(np.float32)
-        ref, out = want.run(None, {"x": x})[0], got.run(None, {"x": x})[0]
-        assert out.shape == ref.shape and np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), shape
-        assert np.array_equal(got2.run(None, {"x": x})[0], out), shape  # the threads share tasks, not sums
+    assert_product_matches(model, rewritten, k, rng, 1e-5)
 
 
 @pytest.mark.usefixtures("needs_kernel")
@@ -70,13 +66,8 @@ def test_the_blocks_width_changes_no_output():
 
 @pytest.mark.usefixtures("needs_kernel")
 def test_a_rows_output_does_not_depend_on_the_other_rows():
-    # A verify pass and a one-token step must agree bit for bit on the same token (greedy stays identical).
     rng = np.random.default_rng(1)
-    session = kernel_session(_on_kernel(_matmul_graph(_bf16_values(rng, (256, 600))))[0])
-    x = rng.standard_normal((70, 256)).astype(np.float32)
-    together = session.run(None, {"x": x})[0]
-    for r in (0, 3, 5, 64, 69):
-        assert np.array_equal(session.run(None, {"x": x[r : r + 1]})[0][0], together[r]), r
+    assert_rows_are_independent(kernel_session(_on_kernel(_matmul_graph(_bf16_values(rng, (256, 600))))[0]), 256, rng)
 
 
 def test_only_bf16_weights_no_other_node_reads_are_rewritten():

@@ -10,7 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from nextn.calib.rewrite import apply_nbits, find_linears, quantize_rtn
 from nextn.runtime import nbits_matmul, native
 
-from kernel_sessions import kernel_session, on_kernel  # tests/runtime: shared by the kernels' tests
+from kernel_sessions import (  # tests/runtime: shared by the kernels' tests
+    assert_product_matches, assert_rows_are_independent, kernel_session, on_kernel)
 
 
 def _nbits_graph(rng, k: int, n: int, block: int, bits: int, accuracy_level: int = 4) -> onnx.ModelProto:
@@ -41,23 +42,14 @@ def test_the_kernel_computes_onnxruntimes_matmulnbits(k, n, block, bits):
     rewritten, arrays = _on_kernel(model)
     assert [(m.domain, m.op_type) for m in rewritten.graph.node] == [(native.DOMAIN, nbits_matmul.OP_TYPE)]
     assert len(rewritten.graph.initializer) == 2 and set(arrays) == {t.name for t in rewritten.graph.initializer}
-    want, got, got2 = kernel_session(model), kernel_session(rewritten), kernel_session(rewritten, threads=2)
-    for shape in ((1, k), (2, k), (3, k), (4, k), (5, k), (9, k), (70, k), (2, 3, k)):  # 70: two row groups
-        x = rng.standard_normal(shape).astype(np.float32)
-        ref, out = want.run(None, {"x": x})[0], got.run(None, {"x": x})[0]
-        # the same int8 activations and weights; sums in another order: fp32 rounding
-        assert out.shape == ref.shape and np.abs(out - ref).max() <= 2e-6 * np.abs(ref).max(), shape
-        assert np.array_equal(got2.run(None, {"x": x})[0], out), shape  # the threads share tasks, not sums
+    # the same int8 activations and weights; sums in another order: fp32 rounding
+    assert_product_matches(model, rewritten, k, rng, 2e-6)
 
 
 @pytest.mark.usefixtures("needs_kernel")
 def test_a_rows_output_does_not_depend_on_the_other_rows():
     rng = np.random.default_rng(1)
-    session = kernel_session(_on_kernel(_nbits_graph(rng, 256, 600, 64, 4))[0])
-    x = rng.standard_normal((70, 256)).astype(np.float32)
-    together = session.run(None, {"x": x})[0]
-    for r in (0, 3, 5, 64, 69):
-        assert np.array_equal(session.run(None, {"x": x[r : r + 1]})[0][0], together[r]), r
+    assert_rows_are_independent(kernel_session(_on_kernel(_nbits_graph(rng, 256, 600, 64, 4))[0]), 256, rng)
 
 
 def test_only_what_the_kernel_computes_as_the_op_is_rewritten():
