@@ -2,13 +2,14 @@
 No timing assertions: figures are whatever this machine gives."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from nextn.bench.latency import batch_of, load_prompts, percentiles, summarize
-from nextn.bench.sweep import SIZES, decode_read_bytes, project
+from nextn.bench.sweep import SIZES, _auto_cell, decode_read_bytes, project
 from nextn.cli import cli
 from nextn.errors import NextnError
 from nextn.export.manifest import FORMAT_VERSION
@@ -146,6 +147,12 @@ def test_bench_at_the_backends_default_threads(tiny_artifact):
     assert "the backends' default threads" in r.output
 
 
+def test_sweep_auto_cell_shows_the_error_of_the_mean():
+    alternating = {"auto_vs_k0": 0.987, "stderr": math.log(1.02), "range": [0.85, 1.14]}
+    assert _auto_cell(alternating) == "0.99x +-2% (0.85-1.14)"
+    assert _auto_cell({"auto_vs_k0": 0.899, "range": [0.87, 1.14]}) == "0.90x (0.87-1.14)"  # an older JSON: a median
+
+
 @pytest.mark.slow
 def test_sweep_tiny(tiny_artifact, tmp_path):
     out = tmp_path / "s.json"
@@ -157,7 +164,9 @@ def test_sweep_tiny(tiny_artifact, tmp_path):
     doc = json.loads(out.read_text())
     emb, tiny = doc["rows"]
     assert emb["size"] == "embedded" and set(emb["measured_speedup"]) == {"1", "2"}
-    assert tiny["auto"]["auto_vs_k0"] > 0 and "0" in tiny["auto"]["draft_histogram"]
+    auto = tiny["auto"]  # alternating rounds: a geometric mean within their range, and its standard error
+    assert auto["rounds"] == 12 and auto["range"][0] <= auto["auto_vs_k0"] <= auto["range"][1] and auto["stderr"] >= 0
+    assert "0" in auto["draft_histogram"]
     assert tiny["size"] == "tiny" and tiny["vs_floor"] > 0 and set(tiny["verify_cost"]) == {"1", "2"}
     assert doc["copy_bandwidth_gb_s"] > 0
     q = tiny["quantized"]
