@@ -42,7 +42,9 @@ faster). While drafting, a deeper K's step cost is doubted by COST_OPTIMISM as w
 calibration that read it too dear would never be tested either; so is the first K's from plain decoding for
 a single row (a fresh clone read a 2-token step at 2.06 plain steps, and no acceptance made K = 1 worth a
 probe). The level moves with plain steps that follow plain steps only; while drafting, a plain burst every
-LEVEL_EVERY drafting steps re-measures it (its first step not counted), or after the machine sped up a stale
+LEVEL_EVERY drafting steps re-measures it (its first step not counted; the other three's median replaces it;
+the steps are counted by the cost model across generate() calls, each of which has its own controller), or
+after the machine sped up a stale
 level would keep auto drafting where plain decoding had come to win. 0.2 also ran 3 plain "anchor" steps in
 every 32 while drafting, meant to keep the level measured; flagged as probes they never did, and counting
 them was tried: a plain step amid drafting runs cold (other graphs' weights in the CPU caches, here a second
@@ -166,7 +168,7 @@ class DraftController:
         self.best = -1
         self.plain_until = 0  # steps before this one reuse a plain choice without recomputing it
         self.burst_k, self.burst_left = 0, 0  # a burst's depth (a probe's; 0: the level's) and steps to run
-        self.drafting = 0  # drafting steps since the last plain one
+        self.level_due = False  # a plain burst to measure a saved level waits for the next drafting choice
         # batch size -> (the step the last plain burst to measure its saved level started, bursts started)
         self.measuring: dict[int, tuple[int, int]] = {}
         self.plain = Choice(0, float(len(rows)), 0.0, 0.0, False)
@@ -197,7 +199,7 @@ class DraftController:
         started, bursts = self.measuring.get(key, (0, 0))
         again = self.step >= started + PROBE_BURST and not self.burst_left
         if not costs.measured and bursts < 2 and (not bursts or again):
-            self.drafting = LEVEL_EVERY
+            self.level_due = True
             self.measuring[key] = (self.step, bursts + 1)
         rate = [tokens[k] / ms[k] / (MARGIN if k else 1.0) for k in range(top + 1)]  # near-ties go to K = 0
         best = max(range(top + 1), key=rate.__getitem__)
@@ -206,21 +208,24 @@ class DraftController:
             self.next_probe = min(self.next_probe, self.step + PROBE_FIRST)
         self.best = best
         k, probe = best, False
-        if best and self.drafting >= LEVEL_EVERY and not self.burst_left:
+        if best and (self.level_due or costs.since_level >= LEVEL_EVERY) and not self.burst_left:
             # The level (a plain step's ms) moves only with plain steps, and a drafting K's ratio follows
             # what its steps cost over that level: after the machine speeds up (this VM moved 2x within
             # minutes) a stale level makes plain decoding look dearer than it is and auto keeps drafting
             # where it loses. A plain burst; its first step runs cold and is not counted (decoder.steady).
+            # The count is the machine's (costs.py), not this controller's: one per generate() call never
+            # reached LEVEL_EVERY in generations of ~40 steps, and the level stayed stale for the process.
             self.burst_k, self.burst_left = 0, PROBE_BURST
+            costs.since_level, self.level_due = 0, False  # if the burst's steps do not count, the next is as far
         if self.burst_left:  # a burst's next step, like any other at its depth
             self.burst_left -= 1
             # a probe's burst ends where the choice reaches its depth, a plain one where plain decoding wins
             if (top >= self.burst_k > best) if self.burst_k else best:
-                self.drafting = self.drafting + 1 if best and self.burst_k else 0
+                self.level_due = self.level_due and bool(best and self.burst_k)
                 self.step += 1
                 return Choice(self.burst_k, tokens[self.burst_k], ms[self.burst_k], ms[0], False)
             self.burst_left = 0
-        self.drafting = self.drafting + 1 if best else 0
+        self.level_due = self.level_due and bool(best)  # plain steps measure the level themselves
         if self.step >= self.next_probe and top > best:
             never = self.rows[active[0]].prior.trials[0] == 0
             # A probe drafts the deeper K that looks best were acceptance and cost as doubted below: one

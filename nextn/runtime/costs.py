@@ -15,7 +15,9 @@ artifact runs with draft="auto" at a batch size: a few real decode steps at ever
 prompt, through the decoder itself, in rounds; each round gives every K's ratio to K = 0 measured
 seconds apart (this VM's speed drifts 10-30% within seconds: only such paired ratios hold), and the
 median over rounds is kept. Online (decoder.steady says which steps count): plain steps after plain steps
-move the level by EMA (a plain step just after drafting finds other weights in the CPU caches); a drafting
+set the level (a plain step just after drafting finds other weights in the CPU caches), the median of the
+first LEVEL_SAMPLES after drafting replacing it and later ones moving it by EMA; once auto has opened the
+costs, plain steps at a fixed K = 0 count too (engine.py: the same passes, so the same cost); a drafting
 step moves its ratio one small step up or down toward what it cost over the level, so the ratio follows the
 median of such steps: a calibration that read drafting 20-30% too cheap (this VM can) is raised within a
 few dozen steps, and one read too dear comes down (where plain decoding wins, through the controller's
@@ -55,7 +57,7 @@ CALIB_SECONDS = 2.5  # time budget of one batch size's calibration (at least 2 r
 EMA = 0.15  # weight of each new online observation of a step's cost
 OUTLIER = 2.0  # a plain step is clipped to [1/OUTLIER, OUTLIER] x the level (a VM hiccup is one step)
 RATIO_STEP = 1.02  # a drafting step moves its ratio up or down by this factor (from 1.5 to 2.0 in 15 steps)
-LEVEL_SAMPLES = 3  # plain steps whose median replaces a saved level (a controller's plain burst counts 3)
+LEVEL_SAMPLES = 3  # plain steps whose median replaces the level after drafting or a saved one (a plain burst counts 3)
 
 
 @dataclass
@@ -75,7 +77,8 @@ class BatchCosts:
     # The median of the first LEVEL_SAMPLES plain steps counted sets it (one step can be a hiccup); until
     # then drafting steps move no ratio.
     measured: bool = True
-    samples: list[float] = field(default_factory=list)  # those first plain steps (not saved)
+    samples: list[float] = field(default_factory=list)  # plain steps since the last drafting step (not saved)
+    since_level: int = 0  # drafting steps counted since the level was set or a level burst began (not saved)
 
     @property
     def step(self) -> list[float]:
@@ -101,21 +104,32 @@ class CostModel:
         return self.batches[b]
 
     def observe(self, b: int, k: int, ms: float) -> None:
-        """One decode step of b rows at K = k took `ms` (a step that counts: decoder.steady): a plain step moves the level
-        (EMA, clipped to OUTLIER), a drafting step moves its ratio one RATIO_STEP toward what it cost."""
-        c = self.at(b)
-        if k >= len(c.ratio) or c.level <= 0:
+        """One decode step of b rows at K = k took `ms` (a step that counts: decoder.steady). Plain steps set the
+        level: the median of the first LEVEL_SAMPLES after a drafting step (a level burst) or after a saved level
+        replaces it, later ones move it by EMA (clipped to OUTLIER); a drafting step moves its ratio one
+        RATIO_STEP toward what it cost. A batch size never calibrated is not observed (plain decoding at a fixed
+        K = 0 reports its steps too, and must not start a calibration)."""
+        c = self.batches.get(b)
+        if c is None or k >= len(c.ratio) or c.level <= 0:
             return
         if k == 0:
-            if not c.measured:
-                c.samples.append(ms)
-                c.level, c.measured = statistics.median(c.samples), len(c.samples) >= LEVEL_SAMPLES
-            else:
+            # A level burst's steps replace the level outright: moved by EMA, three of them closed 39% of the
+            # gap, and the level stayed where the calibration left it when every generation was shorter than
+            # LEVEL_EVERY drafting steps (0.735 ms while plain steps took 0.57-0.67: the ratio of whichever K
+            # ran drifted down with it, and auto drafted K = 4 on 198 of 224 steps where K = 3 ran 6% faster).
+            c.samples.append(ms)
+            if not c.measured or len(c.samples) == LEVEL_SAMPLES:
+                c.level = statistics.median(c.samples)
+                c.measured = len(c.samples) >= LEVEL_SAMPLES
+                c.since_level = 0
+            elif len(c.samples) > LEVEL_SAMPLES:
                 c.level += EMA * (min(max(ms, c.level / OUTLIER), c.level * OUTLIER) - c.level)
             self.changed = True
             return
         if not c.measured:
             return
+        c.samples.clear()  # the next plain steps measure the level afresh
+        c.since_level += 1
         # The ratio follows the median of what drafting steps cost over the level: a fixed step up or down
         # (a median tracker: a hiccup moves it no more than any other step). Raising it only, by EMA, as
         # 0.2 did, tracked an upper quantile instead: on this VM's noise it crept up step after step until
@@ -142,7 +156,8 @@ class CostModel:
         """Write the refined costs (and acceptance) atomically; a cache that cannot be written is skipped."""
         if self.cache_file is None or not self.batches or not self.changed:
             return
-        doc = {"batches": {str(b): {k: v for k, v in asdict(c).items() if k not in ("seen", "measured", "samples")}
+        saved = ("level", "ratio", "trunk", "mtp", "host")
+        doc = {"batches": {str(b): {k: v for k, v in asdict(c).items() if k in saved}
                            for b, c in self.batches.items()},
                "acceptance": self.acceptance}  # fmt: skip
         try:

@@ -182,6 +182,11 @@ class Decoder:
         """The most drafts one step may take."""
         return self.max_draft if draft == AUTO else int(draft)
 
+    @property
+    def has_costs(self) -> bool:
+        """Whether a draft="auto" request has opened the step costs (plain decoding alone never does)."""
+        return self._costs is not None
+
     def costs(self) -> CostModel:
         if self._costs is None:
             cache = cost_cache_file(self.engines) if self.engines.setup is not None else None

@@ -190,9 +190,10 @@ class StepEngine:
         """One trunk pass over `rows`: draft, verify, accept per row."""
         t = time.perf_counter()
         dec = self.dec
-        ks, choice, steady = self._depths(rows)
+        ks, choice, steady = self._depths(rows)  # K per row
         drafts = [dec.draft(seq.state, k, seq.stats) if k else [] for seq, k in zip(rows, ks)]
-        starts = [seq.state.n for seq in rows]
+        states = [seq.state for seq in rows]  # a row that finishes in this step gives its caches back
+        starts = [st.n for st in states]
         tokens = [[seq.state.tokens[seq.state.n], *d] for seq, d in zip(rows, drafts)]
         logits = dec.trunk_rows([s.state for s in rows], tokens, [s.stats for s in rows])
         for seq, d, lg, n in zip(rows, drafts, logits, starts):
@@ -209,6 +210,11 @@ class StepEngine:
             self._maybe_finish(seq, len(step_tokens))
         if choice is not None and observe and steady:  # the controller's costs, from steps that tell them
             dec.costs().observe(cost_batch(len(rows)), choice.k, (time.perf_counter() - t) * 1e3)
+        elif choice is None and observe and dec.has_costs and not any(ks):
+            # Plain steps at a fixed K = 0 cost what auto's plain steps do: they keep the level current
+            # (costs.py) where auto rows run between them (a bench's rounds, a server's mixed requests).
+            if all([dec.steady(st, 0) for st in states]):  # a list: every row notes its K
+                dec.costs().observe(cost_batch(len(rows)), 0, (time.perf_counter() - t) * 1e3)
 
     def _depths(self, rows: list[Sequence]):
         """K per row for this pass: a fixed K is the row's own; draft="auto" rows share the controller's

@@ -140,11 +140,20 @@ def test_calibration_keeps_paired_ratios_and_the_level_follows(tmp_path):
     model = CostModel(run, 2, tmp_path / "costs.json")
     model.batches[1] = c
     c.level = 1.0
-    model.observe(1, 0, 3.0)  # a plain step at 3 ms: the level moves toward it
-    assert 1.0 < c.level < 3.0
+    for ms in (3.0, 2.0):  # plain steps at 2-3 ms: the level waits for a third ...
+        model.observe(1, 0, ms)
+    assert c.level == 1.0
+    model.observe(1, 0, 2.5)  # ... and their median replaces it
+    assert c.level == 2.5
+    model.observe(1, 0, 3.0)  # later plain steps move it by EMA
+    assert 2.5 < c.level < 3.0
     model.observe(1, 0, 1e6)  # a hiccup is clipped
     assert c.level <= 2 * 3.0
-    c.level = 1.0
+    model.observe(1, 1, 1.5)  # after a drafting step, the next three plain steps replace it again
+    for ms in (1.0, 9.0, 1.2):
+        model.observe(1, 0, ms)
+    assert c.level == 1.2 and c.since_level == 0
+    c.level, c.seen = 1.0, None
     model.observe(1, 2, 1.5)  # a K = 2 step cheaper than its ratio (2.0) says: the ratio comes down a step
     assert c.step == pytest.approx([1.0, 1.5, 2.0 / RATIO_STEP])
     model.observe(1, 2, 3.0)
@@ -215,7 +224,8 @@ def test_online_ratio_follows_the_median_of_noisy_steps(tmp_path):
         model.observe(1, 1, 3.0 if i % 8 == 0 else 1.5)
     assert model.batches[1].step[1] == pytest.approx(1.5, rel=0.05)
     ctrl.next_probe = 10**9
-    assert ctrl.choose().k == 1
+    # 400 drafting steps since the level was set: a plain burst re-measures it first, then K = 1
+    assert [ctrl.choose().k for _ in range(PROBE_BURST + 1)] == [0] * PROBE_BURST + [1]
 
 
 
@@ -371,6 +381,23 @@ def test_while_drafting_plain_bursts_keep_the_level_current():
     assert ks[:400].count(1) >= 380 and ks[: LEVEL_EVERY + 5].count(0) >= 4  # drafting, with a plain burst
     assert ctrl.costs.batches[1].level < 1.1
     assert ks[-200:].count(0) >= 190
+
+
+def test_level_bursts_count_drafting_steps_across_generations():
+    """Each generate() call has its own controller; generations of 40 steps never reached LEVEL_EVERY drafting
+    steps in any one of them, and the level stayed where the calibration left it (0.735 ms while plain steps
+    took 0.57-0.67 on the embedded model). The count is the cost model's: over 8 such generations plain bursts
+    re-measure the level (stale at 1.4, now 1.0)."""
+    from nextn.runtime.controller import LEVEL_EVERY
+
+    costs = _costs([1.0, 1.5], level=1.4)
+    prior = AcceptanceCounts([1e6], [0.9e6])
+    ks = []
+    for _ in range(8):
+        ctrl = DraftController(costs, [SequenceAcceptance(prior)], 1)
+        ks += [c.k for c in _decode(ctrl, 40, [1.0, 1.5])]
+    assert ks[:LEVEL_EVERY].count(0) == 0 and ks.count(0) >= 2 * PROBE_BURST
+    assert costs.batches[1].level == pytest.approx(1.0)
 
 
 def test_a_single_row_doubts_a_dear_first_draft_from_plain_decoding():

@@ -122,5 +122,22 @@ def test_streaming_generator_is_thread_free_and_can_be_abandoned(tiny_artifact):
         assert pieces[-1].finish_reason == "length" and pieces[-1].stats["new_tokens"] == 30
 
 
+def test_plain_steps_at_a_fixed_k_keep_the_level_current(tiny_artifact):
+    """Once draft="auto" has opened the step costs, plain decoding at a fixed K = 0 measures the level too (a
+    bench's K = 0 rounds between its auto rounds, a server's plain requests): after drafting, a stale level, here
+    ~1000x what a step costs, is replaced. Plain decoding alone opens no costs (it would start a calibration)."""
+    with nextn.load(tiny_artifact) as model:
+        dec = model.decoder
+        dec.generate([5, 6, 7], 12, draft=0)
+        assert not dec.has_costs
+        dec.generate([5, 6, 7], 12, draft="auto")
+        model = dec.costs()
+        costs = model.at(1)
+        model.observe(1, 1, 2000.0)  # a drafting step, as auto's rows report it, over a stale level
+        costs.level = 1000.0
+        dec.generate([5, 6, 7], 20, draft=0)  # its first counted plain steps replace the level
+        assert costs.level < 10.0 and costs.measured
+
+
 def test_cost_batch_sizes():
     assert [cost_batch(b) for b in (1, 2, 3, 4, 5, 7, 8, 15, 16, 64)] == [1, 2, 3, 4, 4, 4, 8, 8, 16, 64]
