@@ -50,7 +50,8 @@ every 32 while drafting, meant to keep the level measured; flagged as probes the
 them was tried: a plain step amid drafting runs cold (other graphs' weights in the CPU caches, here a second
 session's packed copy of the trunk) and they read the level ~35% high, which made drafting look cheap. They
 are gone (~3% of every drafting run). While plain decoding wins, the choice is recomputed every RECHECK
-steps only.
+steps only, and while drafting every RECHECK_DRAFTING (in decoding, recomputing it took ~15 us of a ~1.2 ms
+step: its Python runs cold after each trunk pass).
 
 K depends only on steps already taken, never on the step being decided, so greedy output is identical
 to K = 0 and sampling keeps the target distribution (every K is lossless on its own).
@@ -65,6 +66,7 @@ from nextn.runtime.costs import CostModel
 DECAY = 0.95  # per step: a sequence's own observations fade with a horizon of ~20 steps
 RECHECK = 8  # while plain decoding wins, the choice is recomputed every this many steps (nothing it
 # depends on moves during plain steps but the machine's level, which does not change which K wins)
+RECHECK_DRAFTING = 3  # ... and while drafting, every this many (a hard stretch of text is seen 2 steps late)
 PRIOR_WEIGHT = 12.0  # the artifact-wide rate counts as this many of a sequence's own observations
 UNTRIED_RATE = 0.5  # acceptance assumed at a position never drafted on this artifact
 PROBE_FIRST, PROBE_MAX = 8, 256  # steps between probes: first, and the cap of the doubling
@@ -166,12 +168,12 @@ class DraftController:
         prior = rows[0].prior
         self.step = 0
         self.best = -1
-        self.plain_until = 0  # steps before this one reuse a plain choice without recomputing it
+        self.kept_until = 0  # steps before this one reuse the last choice without recomputing it
+        self.kept: tuple[int, Choice] = (0, Choice(0, float(len(rows)), 0.0, 0.0, False))  # (its batch, it)
         self.burst_k, self.burst_left = 0, 0  # a burst's depth (a probe's; 0: the level's) and steps to run
         self.level_due = False  # a plain burst to measure a saved level waits for the next drafting choice
         # batch size -> (the step the last plain burst to measure its saved level started, bursts started)
         self.measuring: dict[int, tuple[int, int]] = {}
-        self.plain = Choice(0, float(len(rows)), 0.0, 0.0, False)
         confident = prior.trials[0] >= CONFIDENT_TRIALS
         self.interval = PROBE_FIRST * (4 if confident else 1)
         # Never drafted on this artifact: the first step tries every position.
@@ -182,9 +184,11 @@ class DraftController:
         """K for the next step of rows `active` (default: all), at most `limit` (the tokens still wanted).
         `ready(k)`: whether drafting k tokens needs no MTP module that has fallen behind (default: yes).
         `batch`: the batch size whose step costs apply (default: every row shares the trunk pass)."""
-        if self.step < self.plain_until and self.step < self.next_probe and not self.burst_left:
+        kept_batch, kept = self.kept
+        if (self.step < self.kept_until and self.step < self.next_probe and not self.burst_left
+                and kept_batch == (batch or len(self.rows)) and (limit is None or limit >= kept.k)):  # fmt: skip
             self.step += 1
-            return self.plain
+            return kept
         active = list(range(len(self.rows))) if active is None else active
         top = min(self.max_draft, self.max_draft if limit is None else limit)
         tokens = [0.0] * (top + 1)  # expected, summed over the active rows
@@ -252,10 +256,14 @@ class DraftController:
             self.next_probe = self.step + self.interval
             self.interval = min(2 * self.interval, PROBE_MAX)
         self.step += 1
-        if best == 0:  # plain decoding wins
-            self.plain_until = self.step + RECHECK - 1
-            self.plain = Choice(0, tokens[0], ms[0], ms[0], False)
-        return Choice(k, tokens[k], ms[k], ms[0], probe)
+        choice = Choice(k, tokens[k], ms[k], ms[0], probe)
+        if not probe and not self.burst_left:
+            # Kept for a few steps: nothing it depends on moves much in one step (a sequence's acceptance
+            # fades over ~20), and recomputing it was ~15 us of a ~1.2 ms step on the embedded model, run
+            # cold after the trunk pass (5 us alone).
+            self.kept_until = self.step + (RECHECK if best == 0 else RECHECK_DRAFTING) - 1
+            self.kept = (key, choice)
+        return choice
 
     def row_depth(self, row: SequenceAcceptance, choice: Choice, batch: int) -> int:
         """How many of the pass's `choice.k` drafts one row should take. The pass is choice.k + 1 wide

@@ -9,6 +9,7 @@ from nextn.runtime.controller import (
     MARGIN,
     PROBE_BURST,
     PROBE_FIRST,
+    RECHECK_DRAFTING,
     AcceptanceCounts,
     DraftController,
     SequenceAcceptance,
@@ -33,6 +34,20 @@ def _best(ratio, rates):
     """Brute force: the K with the most expected tokens per ms, near-ties to K = 0."""
     e = expected_tokens(rates)
     return max(range(len(ratio)), key=lambda k: e[k] / ratio[k] / (MARGIN if k else 1))
+
+
+def _next_choices(ctrl) -> list[int]:
+    """K of the next RECHECK_DRAFTING steps: a drafting choice is kept that long, so a change shows by the last."""
+    return [ctrl.choose().k for _ in range(RECHECK_DRAFTING)]
+
+
+def test_a_drafting_choice_is_kept_a_few_steps_and_the_budget_cuts_it_short():
+    ctrl = _controller([1.0, 1.2, 1.4], [0.9, 0.9], trials=1e6)
+    ctrl.next_probe = 10**9
+    first = ctrl.choose()
+    assert first.k == 2 and all(ctrl.choose() is first for _ in range(RECHECK_DRAFTING - 1))  # not recomputed
+    assert ctrl.choose() is not first  # recomputed
+    assert ctrl.choose(limit=1).k == 1  # one token still wanted: never the kept K = 2
 
 
 def test_expected_tokens_and_counts():
@@ -76,7 +91,7 @@ def test_controller_drafts_without_plain_steps_and_learns_dearer_steps():
     for _ in range(40):  # steps at K = 2 and K = 1 keep costing 4 plain steps: the calibration was wrong
         ctrl.costs.observe(1, 2, 4.0)
         ctrl.costs.observe(1, 1, 4.0)
-    assert ctrl.choose().k == 0  # plain decoding now wins
+    assert _next_choices(ctrl)[-1] == 0  # plain decoding now wins
 
 
 def test_controller_respects_the_budget_and_probes_deeper():
@@ -242,7 +257,7 @@ def test_a_few_rejections_do_not_stop_drafting_and_plain_steps_fade_them():
     assert ctrl.choose().k == 1
     for _ in range(10):
         row.observe(1, 0)
-    assert ctrl.choose().k == 0
+    assert _next_choices(ctrl)[-1] == 0
     ks = []
     for _ in range(40):
         row.observe(0, 0)
