@@ -123,6 +123,26 @@ def test_one_call_drafts_what_the_per_call_path_drafts(int4_artifact):
 
 
 @pytest.mark.usefixtures("needs_kernel")
+def test_a_reused_state_drafts_deeper_than_its_first_sequence(int4_artifact):
+    """A step engine hands a finished sequence's caches to the next one (engine._caches), and with them the
+    NativeDrafter's view of them, whose drafts buffer the first sequence's K sized: a deeper K gets a new one."""
+    from nextn.runtime.engine import Request, StepEngine
+
+    with nextn.load(int4_artifact) as model:
+        dec = model.decoder
+        first, deeper = Request([5, 6, 7, 8], 40, 2), Request([9, 10, 11], 16, 10)
+        engine = StepEngine(dec, max_batch=1)
+        for r in (first, deeper):
+            seq = engine.add(r)
+            while not seq.finished:
+                engine.step()
+        assert seq.state is None and len(engine._pool) == 1 and len(engine._pool[0].native.drafts) >= 10
+        dec.drafter, kept = None, dec.drafter
+        alone = dec.generate(deeper.prompt, 16, draft=10)
+        dec.drafter = kept
+        assert (seq.final(), seq.stats.accepted_per_position) == (alone[0], alone[1].accepted_per_position)
+
+
 @pytest.mark.usefixtures("needs_kernel")
 def test_the_int4_trunk_on_quantized_experts_gives_qmoes_logits(int4_artifact):
     """The int4 trunk with its QMoE nodes on nextn.QRoutedExperts and on ONNX Runtime: the same logits to fp32
