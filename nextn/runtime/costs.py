@@ -114,9 +114,8 @@ class CostModel:
             return
         if k == 0:
             # A level burst's steps replace the level outright: moved by EMA, three of them closed 39% of the
-            # gap, and the level stayed where the calibration left it when every generation was shorter than
-            # LEVEL_EVERY drafting steps (0.735 ms while plain steps took 0.57-0.67: the ratio of whichever K
-            # ran drifted down with it, and auto drafted K = 4 on 198 of 224 steps where K = 3 ran 6% faster).
+            # gap (and with bursts counted per generate() call, the level stayed where the calibration left it:
+            # 0.735 ms while plain steps took 0.57-0.67, and the ratio of whichever K ran drifted with it).
             c.samples.append(ms)
             if not c.measured or len(c.samples) == LEVEL_SAMPLES:
                 c.level = statistics.median(c.samples)
