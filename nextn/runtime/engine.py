@@ -191,11 +191,11 @@ class StepEngine:
         t = time.perf_counter()
         dec = self.dec
         ks, choice, steady = self._depths(rows)  # K per row
-        drafts = [dec.draft(seq.state, k, seq.stats) if k else [] for seq, k in zip(rows, ks)]
         states = [seq.state for seq in rows]  # a row that finishes in this step gives its caches back
+        drafts = [dec.draft(st, k, seq.stats) if k else [] for seq, st, k in zip(rows, states, ks)]
         starts = [st.n for st in states]
-        tokens = [[seq.state.tokens[seq.state.n], *d] for seq, d in zip(rows, drafts)]
-        logits = dec.trunk_rows([s.state for s in rows], tokens, [s.stats for s in rows])
+        tokens = [[st.tokens[st.n], *d] for st, d in zip(states, drafts)]
+        logits = dec.trunk_rows(states, tokens, [s.stats for s in rows])
         for seq, d, lg, n in zip(rows, drafts, logits, starts):
             r = seq.request
             a, tok = accept_drafts(lg, d, r.params, seq.rng, r.accept)
